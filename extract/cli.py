@@ -1,0 +1,139 @@
+"""``mmfuse extract``, ``mmfuse inspect`` and ``mmfuse report``: argument parsing and the run functions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXTRACT_EXAMPLES = """examples:
+  # MMSA layout: label.csv beside Raw/<video_id>/<clip_id>.mp4
+  mmfuse extract MOSI/label.csv --media-root MOSI/Raw --out shards/mosi \\
+      --text-model bert-base-uncased --audio-model facebook/wav2vec2-base --fps 25 --workers 4
+  # transcript-only corpus: no media needed
+  mmfuse extract transcripts.jsonl --out shards/text --modalities text
+  # two machines (or `torchrun --nproc-per-node 2 -m train.cli extract ...`): disjoint shards, one dataset
+  mmfuse extract label.csv --media-root Raw --out shards/x --rank 0 --world-size 2
+  mmfuse extract label.csv --media-root Raw --out shards/x --rank 1 --world-size 2
+
+Rerunning the same command resumes: complete shards are skipped, incomplete ones redone.
+"""
+
+
+def add_extract(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "extract",
+        help="raw videos + manifest -> WebDataset shards",
+        description="Extract BERT text, wav2vec 2.0 audio and MediaPipe face-landmark features into shards.",
+        epilog=EXTRACT_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("manifest", type=Path, help="CSV (MMSA label.csv or superset) or JSONL, one row per clip")
+    p.add_argument("--media-root", type=Path, help="directory the media paths are relative to")
+    p.add_argument("--out", type=Path, required=True, help="output directory for shards")
+    p.add_argument("--config", type=Path, help="YAML file of extraction settings (overridden by flags)")
+    p.add_argument("--text-model", help="BERT-family id or local path (default: bundled all-MiniLM-L6-v2)")
+    p.add_argument("--audio-model", help="wav2vec2/HuBERT/WavLM id or local path (default: random:wav2vec2-small)")
+    p.add_argument("--fps", type=float, help="video frame rate (default: native, capped at 30)")
+    p.add_argument("--shard-size", type=int, help="clips per shard (default 256)")
+    p.add_argument("--workers", type=int, help="decode + FaceMesh processes (default 1; 0 = inline)")
+    p.add_argument("--batch-size", type=int, help="clips per encoder batch (default 8)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--rank", type=int, help="this process's rank (default: RANK / SLURM env, else 0)")
+    p.add_argument("--world-size", type=int, help="number of ranks (default: WORLD_SIZE / SLURM env, else 1)")
+    p.add_argument("--modalities", help="comma-separated subset of text,audio,video (default all)")
+    p.add_argument("--no-raw", action="store_true", help="omit audio_wave.npy (no end-to-end audio fine-tuning)")
+    p.add_argument("--overwrite", action="store_true", help="replace shards of another feature set in --out")
+    p.set_defaults(run=run_extract_cmd)
+
+
+def run_extract_cmd(args: argparse.Namespace) -> int:
+    from extract.config import make_config, rank_from_env
+    from extract.pipeline import run_extract
+
+    rank, world = rank_from_env()
+    cfg = make_config(
+        args.config,
+        text_model=args.text_model,
+        audio_model=args.audio_model,
+        fps=args.fps,
+        shard_size=args.shard_size,
+        workers=args.workers,
+        batch_size=args.batch_size,
+        device=args.device,
+        modalities=args.modalities,
+        raw=False if args.no_raw else None,
+        overwrite=True if args.overwrite else None,
+        rank=args.rank if args.rank is not None else rank,
+        world_size=args.world_size if args.world_size is not None else world,
+    )
+    bar = _progress(args, "clips")
+    try:
+        summary = run_extract(args.manifest, args.media_root, args.out, cfg, on_clips=bar.update if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    if not args.quiet:
+        counts = "; ".join(f"{s}: " + ", ".join(f"{k} {v}" for k, v in c.items()) for s, c in summary["counts"].items())
+        print(
+            f"wrote {summary['samples_written']} samples in {summary['shards_written']} shards "
+            f"({summary['shards_this_rank'] - summary['shards_written']} already complete) to {summary['out']} "
+            f"in {summary['wall_s']:.1f} s; {counts}"
+            + ("" if summary["complete"] else " (other ranks still have shards to write)")
+        )
+    return 0
+
+
+def _progress(args: argparse.Namespace, unit: str):
+    if args.no_progress or args.quiet or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(unit=unit, dynamic_ncols=True)
+
+
+def add_inspect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "inspect",
+        help="counts by split/status, coverage, dims, provenance of a shard directory",
+        description="Summarise a shard directory; --verify reads back and validates every sample.",
+        epilog="examples:\n  mmfuse inspect shards/mosi\n  mmfuse inspect shards/mosi --verify --json > check.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("shards", type=Path, help="directory written by `mmfuse extract`")
+    p.add_argument("--verify", action="store_true", help="read and validate every sample (exit 1 on problems)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=run_inspect_cmd)
+
+
+def run_inspect_cmd(args: argparse.Namespace) -> int:
+    from shards.inspect import format_summary, inspect_dataset
+
+    summary = inspect_dataset(args.shards, verify=args.verify)
+    print(json.dumps(summary, indent=1) if args.json else format_summary(summary))
+    return 0 if summary.get("verify", {}).get("ok", True) else 1
+
+
+def add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="HTML quality report with plots and landmark overlays",
+        description="Write a self-contained HTML report (PNG plots, landmark overlays) about extraction quality.",
+        epilog="examples:\n  mmfuse report shards/mosi --out reports/mosi && open reports/mosi/index.html",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("shards", type=Path, help="directory written by `mmfuse extract`")
+    p.add_argument("--out", type=Path, required=True, help="directory for index.html and the PNG files")
+    p.add_argument("--media-root", type=Path, help="where the media are now (default: as recorded at extraction)")
+    p.add_argument("--overlays", type=int, default=4, help="clips to draw landmark overlays for (default 4)")
+    p.set_defaults(run=run_report_cmd)
+
+
+def run_report_cmd(args: argparse.Namespace) -> int:
+    from extract.report import write_report
+
+    index = write_report(args.shards, args.out, media_root=args.media_root, overlays=args.overlays)
+    if not args.quiet:
+        print(f"report written to {index}")
+    return 0

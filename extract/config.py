@@ -1,0 +1,135 @@
+"""Typed extraction settings: dataclass defaults, a YAML file of overrides, then command-line flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from extract.models import DEFAULT_AUDIO_MODEL, DEFAULT_TEXT_MODEL
+from shards.schema import MODALITIES
+
+
+class ConfigError(ValueError):
+    """Invalid settings; the message names every bad key."""
+
+
+@dataclass
+class ExtractConfig:
+    """Every setting of ``mmfuse extract``. YAML files and flags override these defaults."""
+
+    text_model: str = DEFAULT_TEXT_MODEL  # BERT-family id or local path
+    audio_model: str = DEFAULT_AUDIO_MODEL  # wav2vec2/HuBERT/WavLM id or path; random:NAME = seeded random init
+    text_layer: int = -1  # hidden-state layer (-1: last)
+    audio_layer: int = -1
+    max_text_tokens: int = 512
+    audio_chunk_s: float = 30.0  # long audio is encoded in windows of this length
+    fps: float | None = None  # None: native frame rate, capped at 30
+    shard_size: int = 256  # clips per shard
+    workers: int = 1  # decode + FaceMesh processes (0: inline)
+    batch_size: int = 8  # clips per encoder batch
+    device: str = "cpu"
+    modalities: tuple[str, ...] = MODALITIES
+    raw: bool = True  # store audio_wave.npy for end-to-end fine-tuning
+    max_duration_s: float = 3600.0  # longer clips are skipped with a recorded status
+    max_faces: int = 1  # FaceMesh faces per frame; the largest is kept
+    min_detection_confidence: float = 0.5
+    threads: int | None = None  # torch intra-op threads in the encoder process
+    rank: int = 0
+    world_size: int = 1
+    overwrite: bool = False
+
+    def validate(self) -> ExtractConfig:
+        problems = []
+        unknown = sorted(set(self.modalities) - set(MODALITIES))
+        if unknown or not self.modalities:
+            problems.append(f"modalities: {list(self.modalities)} must be a non-empty subset of {list(MODALITIES)}")
+        for name in ("shard_size", "batch_size", "max_text_tokens", "max_faces", "world_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.workers < 0:
+            problems.append(f"workers: must be >= 0, got {self.workers}")
+        if self.fps is not None and not self.fps > 0:
+            problems.append(f"fps: must be > 0, got {self.fps}")
+        if not 0 <= self.rank < self.world_size:
+            problems.append(f"rank: {self.rank} must be in [0, world_size={self.world_size})")
+        if self.audio_chunk_s < 1 or self.max_duration_s <= 0:
+            problems.append("audio_chunk_s must be >= 1 and max_duration_s > 0")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            problems.append(f"device: {self.device!r} must be cpu, cuda or cuda:N")
+        if problems:
+            raise ConfigError("invalid extraction settings:\n  " + "\n  ".join(problems))
+        return self
+
+
+def _coerce(name: str, tp: Any, value: Any) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    if origin is tuple or tp is tuple:
+        items = value.split(",") if isinstance(value, str) else list(value)
+        return tuple(str(v).strip() for v in items if str(v).strip())
+    base = next((a for a in args if a is not type(None)), tp) if args else tp
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(value).lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{value!r} is not a boolean")
+    if base in (int, float, str):
+        if base is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"{value!r} is not an integer")
+        return base(value)
+    return value
+
+
+def make_config(yaml_path: Path | str | None = None, **overrides: Any) -> ExtractConfig:
+    """Defaults <- YAML overrides <- keyword overrides (``None`` values are ignored); all problems reported."""
+    values: dict[str, Any] = {}
+    if yaml_path is not None:
+        import yaml
+
+        try:
+            loaded = yaml.safe_load(Path(yaml_path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config {yaml_path}: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config {yaml_path} must be a mapping of setting: value")
+        values.update(loaded)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    hints = typing.get_type_hints(ExtractConfig)
+    fields = {f.name for f in dataclasses.fields(ExtractConfig)}
+    problems = [f"unknown setting {k!r}" for k in sorted(set(values) - fields)]
+    kwargs = {}
+    for key in sorted(set(values) & fields):
+        try:
+            kwargs[key] = _coerce(key, hints[key], values[key])
+        except (TypeError, ValueError) as exc:
+            problems.append(f"{key}: {exc}")
+    if problems:
+        raise ConfigError(
+            "invalid extraction settings:\n  " + "\n  ".join(problems) + f"\nvalid keys: {sorted(fields)}"
+        )
+    return ExtractConfig(**kwargs).validate()
+
+
+def rank_from_env(env: dict[str, str] | None = None) -> tuple[int, int]:
+    """``(rank, world_size)`` from torchrun (RANK/WORLD_SIZE) or SLURM (array task or job step), else (0, 1)."""
+    env = dict(os.environ if env is None else env)
+    for r, w in (
+        ("RANK", "WORLD_SIZE"),
+        ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"),
+        ("SLURM_PROCID", "SLURM_NTASKS"),
+    ):
+        if r in env and w in env:
+            try:
+                return int(env[r]), int(env[w])
+            except ValueError:
+                raise ConfigError(f"{r}={env[r]!r} / {w}={env[w]!r} are not integers") from None
+    return 0, 1

@@ -1,0 +1,196 @@
+"""Decode a clip once: video frames with their own time stamps, audio at 16 kHz mono, on one clock.
+
+The clip clock starts at the container's earliest stream start (or the manifest's ``start``). A stream that
+starts late or ends early is placed at its true time: audio is silence-padded and its real span recorded, so
+the audio mask covers only real samples. decord does the decoding; PyAV (FFmpeg's libraries) probes the
+streams (decord drops an audio stream's start offset) and decodes what decord cannot read.
+
+No torch here: this module runs in worker processes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from shards.schema import SAMPLE_RATE
+
+log = logging.getLogger(__name__)
+
+NATIVE_FPS_CAP = 30.0
+FRAME_CHUNK = 32
+
+
+class DecodeError(RuntimeError):
+    """A media file, or one of its streams, cannot be decoded."""
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Stream layout of a media file, in seconds on the container clock."""
+
+    has_video: bool
+    has_audio: bool
+    video_start: float
+    video_end: float
+    audio_start: float
+    audio_end: float
+    fps: float
+    width: int
+    height: int
+
+    @property
+    def start(self) -> float:
+        starts = [s for s, ok in ((self.video_start, self.has_video), (self.audio_start, self.has_audio)) if ok]
+        return min(starts) if starts else 0.0
+
+    @property
+    def end(self) -> float:
+        ends = [e for e, ok in ((self.video_end, self.has_video), (self.audio_end, self.has_audio)) if ok]
+        return max(ends) if ends else 0.0
+
+
+def probe(path: Path) -> Probe:
+    """Open ``path`` with PyAV and read stream start times and durations; raise :class:`DecodeError`."""
+    import av
+
+    if not path.exists():
+        raise DecodeError(f"file not found: {path}")
+    if path.stat().st_size == 0:
+        raise DecodeError(f"zero-byte file: {path}")
+    try:
+        with av.open(str(path)) as container:
+            cdur = container.duration / 1e6 if container.duration else None
+            video = next((s for s in container.streams if s.type == "video"), None)
+            audio = next((s for s in container.streams if s.type == "audio"), None)
+            v0, v1 = _span(video, cdur)
+            a0, a1 = _span(audio, cdur)
+            fps = float(video.average_rate or video.guessed_rate or 0) if video is not None else 0.0
+            w = video.codec_context.width if video is not None else 0
+            h = video.codec_context.height if video is not None else 0
+    except av.FFmpegError as exc:
+        raise DecodeError(f"unreadable container {path.name}: {exc}") from exc
+    if video is None and audio is None:
+        raise DecodeError(f"no audio or video stream in {path.name}")
+    return Probe(video is not None, audio is not None, v0, v1, a0, a1, fps, w, h)
+
+
+def _span(stream, container_duration: float | None) -> tuple[float, float]:
+    if stream is None:
+        return 0.0, 0.0
+    tb = float(stream.time_base) if stream.time_base else 0.0
+    start = float(stream.start_time * tb) if stream.start_time is not None else 0.0
+    if stream.duration is not None and tb:
+        return start, start + float(stream.duration * tb)
+    return start, container_duration or start
+
+
+def clip_window(p: Probe, start: float | None, end: float | None) -> tuple[float, float]:
+    """``(t0, t1)`` of the clip on the container clock: the manifest's cut, else every stream's extent."""
+    t0 = p.start if start is None else start
+    t1 = p.end if end is None else min(end, p.end) if p.end > 0 else end
+    return t0, max(t0, t1)
+
+
+def decode_audio(path: Path, p: Probe, t0: float, t1: float) -> tuple[np.ndarray, tuple[float, float]]:
+    """Waveform ``(N,)`` float32 at 16 kHz on the clip clock, silence outside the real stream, and that span.
+
+    ``N = round((t1 - t0) * 16000)``. The span ``(a, b)`` is in clip seconds: samples in ``[a, b)`` are real.
+    """
+    real = _read_audio(path)
+    n = int(round((t1 - t0) * SAMPLE_RATE))
+    wave = np.zeros(n, dtype=np.float32)
+    offset = int(round((p.audio_start - t0) * SAMPLE_RATE))  # where sample 0 of the stream lands
+    lo, hi = max(0, offset), min(n, offset + len(real))
+    if hi > lo:
+        wave[lo:hi] = real[lo - offset : hi - offset]
+    return wave, (lo / SAMPLE_RATE, max(lo, hi) / SAMPLE_RATE)
+
+
+def _read_audio(path: Path) -> np.ndarray:
+    from decord import AudioReader, cpu
+
+    try:
+        reader = AudioReader(str(path), ctx=cpu(0), sample_rate=SAMPLE_RATE, mono=True)
+        return np.asarray(reader[:].asnumpy(), dtype=np.float32).reshape(-1)
+    except Exception as exc:  # decord raises bare RuntimeError/DECORDError
+        log.debug("decord cannot read audio of %s (%s); trying PyAV", path, exc)
+    return _read_audio_pyav(path)
+
+
+def _read_audio_pyav(path: Path) -> np.ndarray:
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                raise DecodeError(f"no audio stream in {path.name}")
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+            chunks = []
+            for frame in container.decode(audio=0):
+                chunks.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(frame))
+            chunks.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(None))
+    except av.FFmpegError as exc:
+        raise DecodeError(f"audio stream of {path.name} cannot be decoded: {exc}") from exc
+    if not chunks:
+        raise DecodeError(f"audio stream of {path.name} holds no samples")
+    return np.concatenate(chunks).astype(np.float32)
+
+
+def frame_plan(pts: np.ndarray, t0: float, t1: float, fps: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """Which decoded frames to use and their clip times.
+
+    ``pts`` are the frames' own presentation times (container clock, seconds, increasing). With ``fps`` the
+    clip is sampled on a regular grid ``t0 + k/fps`` and each grid point takes the frame on screen then (the
+    last with ``pts <= t``), which is right for variable frame rate; without it every frame in ``[t0, t1)`` is
+    kept. Returns ``(indices, times)`` with times relative to ``t0``.
+    """
+    if fps is None:
+        idx = np.flatnonzero((pts >= t0 - 1e-6) & (pts < t1 - 1e-6))
+        return idx, (pts[idx] - t0).astype(np.float32)
+    grid = t0 + np.arange(int(np.ceil((t1 - t0) * fps - 1e-6))) / fps
+    grid = grid[(grid >= pts[0] - 1e-6) & (grid < t1)] if len(pts) else grid[:0]
+    idx = np.clip(np.searchsorted(pts, grid + 1e-6, side="right") - 1, 0, max(len(pts) - 1, 0))
+    return idx, (grid - t0).astype(np.float32)
+
+
+class VideoFrames:
+    """Frames of one clip, read lazily in chunks so a long clip never sits in memory at once."""
+
+    def __init__(self, path: Path, p: Probe, t0: float, t1: float, fps: float | None) -> None:
+        from decord import VideoReader, cpu
+
+        self.path = path
+        try:
+            self._reader = VideoReader(str(path), ctx=cpu(0))
+            n = len(self._reader)
+            pts = self._reader.get_frame_timestamp(range(n))[:, 0].astype(np.float64) if n else np.zeros(0)
+        except Exception as exc:  # decord raises bare RuntimeError/DECORDError
+            raise DecodeError(f"video stream of {path.name} cannot be decoded: {exc}") from exc
+        if n and p.video_start > 1e-3 and abs(pts[0] - p.video_start) > abs(pts[0]):
+            pts = pts + p.video_start  # decord gave times relative to the stream start
+        native = p.fps or (1.0 / np.median(np.diff(pts)) if n > 1 else 0.0)
+        if fps is None and native > NATIVE_FPS_CAP:
+            fps = NATIVE_FPS_CAP
+        self.fps = fps or native
+        self.indices, self.times = frame_plan(pts, t0, t1, fps)
+        self.height, self.width = p.height, p.width
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def chunks(self, size: int = FRAME_CHUNK) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield ``(frames (n, H, W, 3) uint8 RGB, times (n,))``."""
+        for lo in range(0, len(self.indices), size):
+            idx = self.indices[lo : lo + size]
+            try:
+                frames = self._reader.get_batch(idx.tolist()).asnumpy()
+            except Exception as exc:
+                raise DecodeError(
+                    f"decoding frames of {self.path.name} failed at {self.times[lo]:.2f} s: {exc}"
+                ) from exc
+            yield frames, self.times[lo : lo + size]

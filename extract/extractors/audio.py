@@ -1,0 +1,195 @@
+"""Audio: a wav2vec 2.0-family encoder (wav2vec2, HuBERT, WavLM) at about 50 frames/s.
+
+Batching is exact: the convolutional feature encoder runs per clip (wav2vec2-base's group norm spans the
+whole time axis, so zero padding would change every frame), then the projected frames of a batch are padded
+and the transformer runs once with an attention mask. A clip's features are therefore the same whatever it is
+batched with; the tests check this against unbatched calls and against torchaudio's implementation.
+
+Long clips are cut into ``chunk_s`` windows (default 30 s) so attention memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from extract.extractors.base import DecodedClip, Extractor, ExtractorResult, ModalityFailure, check_finite
+from extract.models import (
+    DEFAULT_AUDIO_MODEL,
+    RANDOM_AUDIO_CONFIGS,
+    RANDOM_PREFIX,
+    RANDOM_SEED,
+    resolve_model,
+    weights_hash,
+)
+from shards.schema import SAMPLE_RATE
+
+
+def build_random_wav2vec2(name: str) -> Any:
+    """A wav2vec 2.0 of a named shape with seeded random weights (architecture only, not pretrained)."""
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    if name not in RANDOM_AUDIO_CONFIGS:
+        raise ValueError(f"unknown random audio model {name!r}; valid: {sorted(RANDOM_AUDIO_CONFIGS)}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_SEED)
+        return Wav2Vec2Model(Wav2Vec2Config(**RANDOM_AUDIO_CONFIGS[name]))
+
+
+class AudioExtractor(Extractor):
+    name = "speech-ssl"
+    version = "1"
+    modality = "audio"
+    members = ("audio_feat.npy", "audio_mask.npy", "audio_time.npy", "audio_wave.npy")
+
+    def __init__(
+        self,
+        model: str = DEFAULT_AUDIO_MODEL,
+        layer: int = -1,
+        batch_size: int = 8,
+        chunk_s: float = 30.0,
+        keep_wave: bool = True,
+    ):
+        self.model_id = model
+        self.layer = layer
+        self.batch_size = batch_size
+        self.keep_wave = keep_wave
+        self.device = "cpu"
+        self.do_normalize = True
+        self._model: Any = None
+        self._chunk_s = chunk_s
+
+    def setup(self, device: str = "cpu") -> None:
+        if self.model_id.startswith(RANDOM_PREFIX):
+            model = build_random_wav2vec2(self.model_id[len(RANDOM_PREFIX) :])
+            self.pretrained = False
+        else:
+            from transformers import AutoModel
+
+            path = resolve_model(self.model_id, "audio")
+            model = AutoModel.from_pretrained(path, local_files_only=True)
+            pre = path / "preprocessor_config.json"
+            if pre.is_file():
+                self.do_normalize = bool(json.loads(pre.read_text()).get("do_normalize", True))
+            self.pretrained = True
+        for part in ("feature_extractor", "feature_projection", "encoder"):
+            if not hasattr(model, part):
+                raise ValueError(f"{self.model_id}: {type(model).__name__} is not a wav2vec 2.0-family model")
+        self._model = model.eval().to(device)
+        self.device = device
+        cfg = model.config
+        self.stride = int(np.prod(cfg.conv_stride))
+        self.receptive = self._receptive_field(cfg.conv_kernel, cfg.conv_stride)
+        self.chunk = max(self.receptive, int(self._chunk_s * SAMPLE_RATE) // self.stride * self.stride)
+        self._hash = weights_hash(self._model)
+
+    @staticmethod
+    def _receptive_field(kernels: Sequence[int], strides: Sequence[int]) -> int:
+        field, jump = 1, 1
+        for k, s in zip(kernels, strides, strict=True):
+            field += (k - 1) * jump
+            jump *= s
+        return field
+
+    @property
+    def dim(self) -> int:
+        return int(self._model.config.hidden_size)
+
+    def provenance(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "model": self.model_id,
+            "pretrained": self.pretrained,
+            "architecture": type(self._model).__name__,
+            "weights_sha256": self._hash,
+            "layer": self.layer,
+            "do_normalize": self.do_normalize,
+            "chunk_samples": self.chunk,
+            "frame_stride_samples": self.stride,
+            "sample_rate": SAMPLE_RATE,
+            "dims": {"Da": self.dim},
+        }
+
+    def n_frames(self, n_samples: int) -> int:
+        n = n_samples
+        for k, s in zip(self._model.config.conv_kernel, self._model.config.conv_stride, strict=True):
+            n = (n - k) // s + 1
+        return max(n, 0)
+
+    @torch.inference_mode()
+    def __call__(self, clips: Sequence[DecodedClip]) -> list[ExtractorResult]:
+        results: list[ExtractorResult | None] = [None] * len(clips)
+        pieces: list[tuple[int, int, np.ndarray]] = []  # (clip index, chunk start sample, float wave)
+        for i, c in enumerate(clips):
+            if c.wave is None:
+                results[i] = ModalityFailure(c.status.get("audio", {}).get("error") or "no audio decoded")
+                continue
+            wave = c.wave.astype(np.float32) / 32768.0
+            if len(wave) < self.receptive:  # shorter than one frame: pad, the mask marks what is real
+                wave = np.pad(wave, (0, self.receptive - len(wave)))
+            if self.do_normalize:
+                wave = (wave - wave.mean()) / np.sqrt(wave.var() + 1e-7)
+            for lo in range(0, len(wave), self.chunk):
+                piece = wave[lo : lo + self.chunk]
+                if len(piece) >= self.receptive or lo == 0:
+                    pieces.append((i, lo, piece))
+        feats: dict[tuple[int, int], np.ndarray] = {}
+        order = sorted(range(len(pieces)), key=lambda j: len(pieces[j][2]))
+        for b in range(0, len(order), self.batch_size):
+            batch = [pieces[j] for j in order[b : b + self.batch_size]]
+            for (i, lo, _), f in zip(batch, self._encode([p for _, _, p in batch]), strict=True):
+                feats[(i, lo)] = f
+        for i, c in enumerate(clips):
+            if results[i] is not None:
+                continue
+            starts = sorted(lo for (j, lo) in feats if j == i)
+            feat = np.concatenate([feats[(i, lo)] for lo in starts])
+            frame_start = np.concatenate([lo + np.arange(len(feats[(i, lo)])) * self.stride for lo in starts]).astype(
+                np.float64
+            )
+            centre = (frame_start + self.receptive / 2) / SAMPLE_RATE
+            a, b = c.audio_span or (0.0, 0.0)
+            out = {
+                "audio_feat.npy": feat.astype(np.float16),
+                "audio_mask.npy": (centre >= a) & (centre < b),
+                "audio_time.npy": centre.astype(np.float32),
+            }
+            if self.keep_wave:
+                out["audio_wave.npy"] = c.wave.astype(np.int16)
+            results[i] = check_finite(out)
+        return results  # type: ignore[return-value]
+
+    def _encode(self, waves: list[np.ndarray]) -> list[np.ndarray]:
+        """Exact batched forward: per-clip conv features, then one masked transformer pass."""
+        m = self._model
+        projected = []
+        for w in waves:
+            x = torch.from_numpy(np.ascontiguousarray(w)).to(self.device)[None]
+            conv = m.feature_extractor(x).transpose(1, 2)  # (1, T, C)
+            proj = m.feature_projection(conv)
+            projected.append((proj[0] if isinstance(proj, tuple) else proj)[0])
+        lengths = [p.shape[0] for p in projected]
+        hidden = torch.nn.utils.rnn.pad_sequence(projected, batch_first=True)
+        mask = (
+            torch.arange(hidden.shape[1], device=hidden.device)[None]
+            < torch.tensor(lengths, device=hidden.device)[:, None]
+        )
+        captured: list[torch.Tensor] = []
+        hook = None
+        if self.layer != -1:  # hidden states of one transformer layer (1-based; negative counts from the end)
+            idx = self.layer - 1 if self.layer > 0 else len(m.encoder.layers) + self.layer
+            hook = m.encoder.layers[idx].register_forward_hook(
+                lambda _m, _i, o: captured.append(o[0] if isinstance(o, tuple) else o)
+            )
+        try:
+            out = m.encoder(hidden, attention_mask=mask)
+        finally:
+            if hook is not None:
+                hook.remove()
+        layer = (captured[-1] if captured else out.last_hidden_state).float().cpu().numpy()
+        return [layer[k, :n] for k, n in enumerate(lengths)]

@@ -1,0 +1,86 @@
+"""The one interface every extractor implements, and the decoded clip it works on.
+
+An extractor has a ``name``, a ``version``, the ``modality`` it fills, an output spec (the schema members it
+writes), ``setup(device)`` to load its model once, and ``__call__`` on a batch of decoded clips returning,
+per clip, either a dict of named arrays matching the spec or a :class:`ModalityFailure` saying why not.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from shards.schema import MEMBERS, MemberSpec
+
+
+class ExtractionError(RuntimeError):
+    """Extraction cannot go on (bad settings, missing model, disk full); the message says what to do."""
+
+
+class ModelNotFoundError(ExtractionError):
+    """A model id or path cannot be found locally (mmfuse never downloads at run time)."""
+
+
+@dataclass(frozen=True)
+class ModalityFailure:
+    """Why one modality of one clip has no features; recorded in status.jsonl and meta.json."""
+
+    error: str
+
+
+@dataclass
+class DecodedClip:
+    """One clip after decoding, on the clip clock (t = 0 at the clip start).
+
+    ``wave`` is int16 ``(N,)`` at 16 kHz with silence where the audio stream has no samples; ``audio_span`` is
+    the real part in seconds. ``frames`` is a lazy frame source (``extract.decode.VideoFrames``) in the worker
+    and ``None`` once its landmarks are computed. ``status`` maps a modality to ``{"status", "error"}``.
+    """
+
+    clip: Any  # extract.manifest.Clip
+    duration: float = 0.0
+    wave: np.ndarray | None = None
+    audio_span: tuple[float, float] | None = None
+    frames: Any = None
+    video: dict[str, np.ndarray] | None = None
+    status: dict[str, dict[str, Any]] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+ExtractorResult = dict[str, np.ndarray] | ModalityFailure
+
+
+class Extractor(ABC):
+    """Base class: a batch of decoded clips in, named arrays matching :meth:`output_spec` out."""
+
+    name: str = ""
+    version: str = ""
+    modality: str = ""
+    members: tuple[str, ...] = ()
+
+    def output_spec(self) -> dict[str, MemberSpec]:
+        return {m: MEMBERS[m] for m in self.members}
+
+    def setup(self, device: str = "cpu") -> None:  # noqa: B027 - optional hook
+        """Load models onto ``device``; called once before the first batch."""
+
+    @abstractmethod
+    def __call__(self, clips: Sequence[DecodedClip]) -> list[ExtractorResult]:
+        """One result per clip, in order."""
+
+    def provenance(self) -> dict[str, Any]:
+        """What identifies this extractor's output in the feature set (name, version, model, weights, dims)."""
+        return {"name": self.name, "version": self.version}
+
+
+def check_finite(out: dict[str, np.ndarray]) -> ExtractorResult:
+    """Turn NaN/inf in any float output into a recorded failure instead of a poisoned shard."""
+    for name, arr in out.items():
+        if arr.dtype.kind == "f" and arr.size and not np.isfinite(arr).all():
+            return ModalityFailure(f"{name} has {int((~np.isfinite(arr)).sum())} NaN/inf values")
+    return out

@@ -1,0 +1,238 @@
+"""The extraction pipeline: manifest -> plan -> decode + FaceMesh in workers -> batched encoders -> shards.
+
+Clips go to shards deterministically (per split, in manifest order, ``shard_size`` each), shards to ranks
+round-robin, so any rerun, on any number of machines, rebuilds the same plan: complete shards are skipped,
+incomplete ones redone, and every clip ends up exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from extract import EXTRACTORS
+from extract.config import ExtractConfig
+from extract.extractors.base import DecodedClip, ExtractionError, Extractor
+from extract.manifest import Clip, load_manifest
+from extract.worker import DecodeSettings, decode_clip, init_worker
+from extract.writer import clean_stale, is_complete, write_shard
+from shards.dataset import DATASET_JSON, build_dataset, feature_set_hash, shard_name
+from shards.schema import MODALITIES, SAMPLE_RATE, SCHEMA_VERSION, SPLITS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    split: str
+    index: int
+    clips: tuple[Clip, ...]
+
+    @property
+    def name(self) -> str:
+        return shard_name(self.split, self.index)
+
+
+def plan_shards(clips: Sequence[Clip], shard_size: int) -> list[ShardPlan]:
+    """Deterministic assignment: per split (train, valid, test), manifest order, ``shard_size`` clips a shard."""
+    plans = []
+    for split in SPLITS:
+        members = [c for c in clips if c.split == split]
+        for index, lo in enumerate(range(0, len(members), shard_size)):
+            plans.append(ShardPlan(split, index, tuple(members[lo : lo + shard_size])))
+    return plans
+
+
+def build_extractors(cfg: ExtractConfig) -> dict[str, Extractor]:
+    """The configured extractors, text and audio loaded onto ``cfg.device`` (video runs in the workers)."""
+    found: dict[str, Extractor] = {}
+    if "text" in cfg.modalities:
+        found["text"] = EXTRACTORS["text"](
+            model=cfg.text_model, layer=cfg.text_layer, max_tokens=cfg.max_text_tokens, batch_size=cfg.batch_size
+        )
+    if "audio" in cfg.modalities:
+        found["audio"] = EXTRACTORS["audio"](
+            model=cfg.audio_model,
+            layer=cfg.audio_layer,
+            batch_size=cfg.batch_size,
+            chunk_s=cfg.audio_chunk_s,
+            keep_wave=cfg.raw,
+        )
+    if "video" in cfg.modalities:
+        found["video"] = EXTRACTORS["facemesh"](
+            max_faces=cfg.max_faces, min_detection_confidence=cfg.min_detection_confidence
+        )
+    for ex in found.values():
+        ex.setup(cfg.device)
+    return found
+
+
+def describe_feature_set(cfg: ExtractConfig, extractors: dict[str, Extractor]) -> dict[str, Any]:
+    """Everything that determines the features' values; its hash binds shards to checkpoints."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "modalities": [m for m in MODALITIES if m in cfg.modalities],
+        "sample_rate": SAMPLE_RATE,
+        "fps": cfg.fps if cfg.fps is not None else "native (capped at 30)",
+        "extractors": {m: extractors[m].provenance() for m in MODALITIES if m in extractors},
+    }
+
+
+def check_device(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ExtractionError(f"--device {device} was asked for but CUDA is not available; use --device cpu")
+
+
+def run_extract(
+    manifest: Path | str,
+    media_root: Path | str | None,
+    out: Path | str,
+    cfg: ExtractConfig,
+    on_clips: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Extract every clip of ``manifest`` assigned to ``cfg.rank`` into ``out``; return a summary."""
+    import torch
+
+    check_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    media = bool({"audio", "video"} & set(cfg.modalities))
+    clips = load_manifest(manifest, media_root, need_media=media, need_text="text" in cfg.modalities)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tic = time.perf_counter()
+    extractors = build_extractors(cfg)
+    feature_set = describe_feature_set(cfg, extractors)
+    fs_hash = feature_set_hash(feature_set)
+    plans = plan_shards(clips, cfg.shard_size)
+    _check_out_dir(out, fs_hash, cfg.overwrite)
+    clean_stale(out, {p.name for p in plans}, remove_all=cfg.overwrite and cfg.rank == 0)
+    mine = [p for k, p in enumerate(plans) if k % cfg.world_size == cfg.rank]
+    todo = [p for p in mine if not is_complete(out, p.name, [c.key for c in p.clips], fs_hash, cfg.raw)]
+    log.info(
+        "%d clips in %d shards; rank %d/%d owns %d shards, %d already complete",
+        len(clips), len(plans), cfg.rank, cfg.world_size, len(mine), len(mine) - len(todo),
+    )  # fmt: skip
+    if on_clips is not None:
+        on_clips(sum(len(p.clips) for p in mine if p not in todo))
+    settings = DecodeSettings(
+        tuple(m for m in ("audio", "video") if m in cfg.modalities),
+        cfg.fps,
+        cfg.max_duration_s,
+        cfg.max_faces,
+        cfg.min_detection_confidence,
+    )
+    setup_s = time.perf_counter() - tic
+    written = 0
+    for plan, decoded in decode_shards(todo, settings, cfg.workers, media):
+        written += write_shard(out, plan, decoded, extractors, fs_hash, cfg)
+        if on_clips is not None:
+            on_clips(len(plan.clips))
+    dataset = build_dataset(
+        out,
+        [(p.split, p.index) for p in plans],
+        feature_set,
+        extra={
+            "manifest": str(Path(manifest).resolve()),
+            "media_root": str(Path(media_root).resolve()) if media_root else None,
+        },
+    )
+    return {
+        "out": str(out),
+        "clips": len(clips),
+        "shards_total": len(plans),
+        "shards_this_rank": len(mine),
+        "shards_written": len(todo),
+        "samples_written": written,
+        "feature_set_hash": fs_hash,
+        "complete": dataset["complete"],
+        "counts": dataset["counts"],
+        "setup_s": round(setup_s, 3),
+        "wall_s": round(time.perf_counter() - tic, 3),
+    }
+
+
+def _check_out_dir(out: Path, fs_hash: str, overwrite: bool) -> None:
+    path = out / DATASET_JSON
+    if overwrite or not path.is_file():
+        return
+    import json
+
+    try:
+        old = json.loads(path.read_text()).get("feature_set_hash")
+    except (OSError, ValueError):
+        return
+    if old and old != fs_hash:
+        raise ExtractionError(
+            f"{out} holds shards of another feature set ({old}, this run is {fs_hash}): a model, layer, fps or "
+            "modality differs. Pass --overwrite to replace them, or choose another --out."
+        )
+
+
+def decode_shards(
+    plans: Sequence[ShardPlan], settings: DecodeSettings, workers: int, media: bool
+) -> Iterator[tuple[ShardPlan, list[DecodedClip]]]:
+    """Decoded clips grouped by shard, in plan order; workers run ahead by a bounded window."""
+    if not media:
+        for plan in plans:
+            yield plan, [DecodedClip(c) for c in plan.clips]
+        return
+    if workers == 0:
+        init_worker(settings)
+        for plan in plans:
+            yield plan, [decode_clip(c, settings) for c in plan.clips]
+        return
+    jobs = [(plan, clip) for plan in plans for clip in plan.clips]
+    yield from _pooled(jobs, settings, workers)
+
+
+def _pooled(
+    jobs: list[tuple[ShardPlan, Clip]], settings: DecodeSettings, workers: int
+) -> Iterator[tuple[ShardPlan, list[DecodedClip]]]:
+    window = max(4, 4 * workers)
+    ctx = mp.get_context("spawn")  # the parent holds torch threads; forking it is unsafe
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker, initargs=(settings,))
+    pending: list[tuple[int, Future]] = []
+    attempts = [0] * len(jobs)
+    nxt = 0
+    current: list[DecodedClip] = []
+    try:
+        while nxt < len(jobs) or pending:
+            while nxt < len(jobs) and len(pending) < window:
+                pending.append((nxt, pool.submit(decode_clip, jobs[nxt][1], settings)))
+                nxt += 1
+            i, fut = pending.pop(0)
+            try:
+                decoded = fut.result()
+            except BrokenProcessPool:
+                # A decoder crashed the worker (corrupt media can do that). Restart and retry every clip in
+                # flight once; a clip that crashes twice is recorded as skipped.
+                pool.shutdown(cancel_futures=True)
+                pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker, initargs=(settings,))
+                retry = [i] + [j for j, _ in pending]
+                pending = []
+                decoded = None
+                for j in retry:
+                    attempts[j] += 1
+                if attempts[i] >= 2:
+                    decoded = DecodedClip(jobs[i][1], info={"skipped": "the decoder process crashed on this file"})
+                    retry = retry[1:]
+                pending = [(j, pool.submit(decode_clip, jobs[j][1], settings)) for j in retry]
+                if decoded is None:
+                    continue
+            current.append(decoded)
+            plan = jobs[i][0]
+            if len(current) == len(plan.clips):
+                yield plan, current
+                current = []
+    finally:
+        pool.shutdown(cancel_futures=True)

@@ -1,0 +1,110 @@
+"""Per-clip decoding and FaceMesh, run in worker processes (or inline with ``--workers 0``). No torch here."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from extract.decode import DecodeError, VideoFrames, clip_window, decode_audio, probe
+from extract.extractors.base import DecodedClip, ModalityFailure
+from extract.extractors.facemesh import FaceMeshExtractor
+from extract.manifest import Clip
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """What a worker needs: which modalities, the frame rate, limits and FaceMesh options."""
+
+    modalities: tuple[str, ...]
+    fps: float | None = None
+    max_duration_s: float = 3600.0
+    max_faces: int = 1
+    min_detection_confidence: float = 0.5
+
+
+_FACEMESH: FaceMeshExtractor | None = None
+
+
+def init_worker(settings: DecodeSettings) -> None:
+    """Process initializer: quiet MediaPipe's C++ logging and build the FaceMesh extractor once."""
+    global _FACEMESH
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    _FACEMESH = FaceMeshExtractor(settings.max_faces, settings.min_detection_confidence)
+
+
+def quantise(wave: np.ndarray) -> np.ndarray:
+    """float waveform in [-1, 1] -> int16 (what the shard stores, and what the audio encoder sees)."""
+    return np.clip(np.round(wave * 32768.0), -32768, 32767).astype(np.int16)
+
+
+def decode_clip(clip: Clip, settings: DecodeSettings) -> DecodedClip:
+    """Decode one clip and compute its landmarks; failures become statuses, never exceptions."""
+    if _FACEMESH is None:
+        init_worker(settings)
+    d = DecodedClip(clip)
+    tic = time.perf_counter()
+    try:
+        p = probe(clip.path)
+    except DecodeError as exc:
+        d.info["skipped"] = str(exc)
+        return d
+    t0, t1 = clip_window(p, clip.start, clip.end)
+    d.duration = t1 - t0
+    if clip.start is not None and clip.start >= p.end:
+        d.info["skipped"] = f"start {clip.start} s is past the end of the media ({p.end:.2f} s)"
+        return d
+    if d.duration > settings.max_duration_s:
+        d.info["skipped"] = (
+            f"clip is {d.duration:.0f} s long, over max_duration_s={settings.max_duration_s:.0f}; raise it with "
+            "--config or cut the clip with start/end columns"
+        )
+        return d
+    if "audio" in settings.modalities:
+        _decode_audio(d, p, t0, t1)
+    d.timings["decode_audio_s"] = time.perf_counter() - tic
+    if "video" in settings.modalities:
+        _landmarks(d, p, t0, t1, settings.fps)
+    d.timings["video_s"] = time.perf_counter() - tic - d.timings["decode_audio_s"]
+    wanted = [m for m in ("audio", "video") if m in settings.modalities]
+    if wanted and all(d.status[m]["status"] == "failed" for m in wanted):
+        d.info["skipped"] = "no stream could be decoded: " + "; ".join(d.status[m]["error"] for m in wanted)
+    return d
+
+
+def _decode_audio(d: DecodedClip, p, t0: float, t1: float) -> None:
+    if not p.has_audio:
+        d.status["audio"] = {"status": "failed", "error": "no audio stream"}
+        return
+    try:
+        wave, span = decode_audio(d.clip.path, p, t0, t1)
+    except DecodeError as exc:
+        d.status["audio"] = {"status": "failed", "error": str(exc)}
+        return
+    if span[1] <= span[0]:
+        d.status["audio"] = {"status": "failed", "error": "the audio stream has no samples inside the clip"}
+        return
+    d.wave, d.audio_span = quantise(wave), span
+    d.status["audio"] = {"status": "ok", "error": None, "real_span": [round(span[0], 4), round(span[1], 4)]}
+
+
+def _landmarks(d: DecodedClip, p, t0: float, t1: float, fps: float | None) -> None:
+    if not p.has_video:
+        d.status["video"] = {"status": "failed", "error": "no video stream (audio-only file)"}
+        return
+    try:
+        d.frames = VideoFrames(d.clip.path, p, t0, t1, fps)
+        d.info["fps"] = d.frames.fps
+        result = _FACEMESH([d])[0]
+    except DecodeError as exc:
+        result = ModalityFailure(str(exc))
+    finally:
+        d.frames = None  # frames never leave the worker
+    if isinstance(result, ModalityFailure):
+        d.status["video"] = {"status": "failed", "error": result.error, **d.info.get("video", {})}
+    else:
+        d.video = result
+        d.status["video"] = {"status": "ok", "error": None, **d.info.get("video", {})}

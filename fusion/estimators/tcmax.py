@@ -1,0 +1,156 @@
+"""TCMax (Yu et al., ICLR 2026): a Donsker-Varadhan lower bound on the total correlation
+TC(z_1, ..., z_M, y) = KL(p(z_1, ..., z_M, y) || p(z_1) ... p(z_M) u(y)), with the fused head as critic.
+
+    TC >= E_joint[f(z_1, ..., z_M)[y]] - log E_product[exp f(z_1, ..., z_M)[c]]
+
+Positives are the real tuples (z_1^i, ..., z_M^i, y_i). Negatives are every cross-sample recombination
+(z_1^{i_1}, ..., z_M^{i_M}) of the batch with every one of the C labels, so the label "marginal" u is
+uniform over classes, as in the published code. With that choice the quantity bounded is
+TC + KL(p(y) || u) = TC + log C - H(y), which equals TC for balanced labels.
+
+For a critic that is a sum of per-modality heads, f(z)[c] = b[c] + sum_m h_m(z_m)[c] (per-modality linear
+heads, or one concat-linear head, since W [z_1; ...; z_M] = sum_m W_m z_m), the B^M * C negatives factorise:
+
+    log sum_{i_1..i_M, c} exp(b[c] + sum_m h_m(z_m^{i_m})[c]) = logsumexp_c (b[c] + sum_m logsumexp_i h_m(z_m^i)[c])
+
+which costs O(B * C * M) (``factorised_log_partition``). Non-additive critics use K sampled recombinations
+(``TCMaxSampled``). ``brute_force_log_partition`` enumerates all B^M tuples and is meant for tests only.
+
+Shapes: ``logits`` is a sequence of M tensors (B, C), one per modality (h_m applied to that modality's
+pooled features); ``y`` is (B,) integer labels in [0, C); features for the sampled form are (B, D_m).
+Regression targets are binned by the model, not here.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from fusion.estimators.critics import Estimate
+from fusion.estimators.mine import log_mean_exp
+
+TupleCritic = Callable[[Sequence[Tensor]], Tensor]
+
+
+def _check_logits(logits: Sequence[Tensor]) -> None:
+    if len(logits) == 0:
+        raise ValueError("TCMax needs logits for at least one modality, got an empty sequence")
+    shapes = [tuple(t.shape) for t in logits]
+    if any(len(s) != 2 for s in shapes) or len({s[1] for s in shapes}) != 1:
+        raise ValueError(f"TCMax logits must all be (B, C) with the same C, got shapes {shapes}")
+
+
+def factorised_log_partition(logits: Sequence[Tensor], bias: Tensor | None = None) -> Tensor:
+    """log sum over all (i_1, ..., i_M, c) of exp(bias[c] + sum_m logits[m][i_m, c]), exactly, in O(B C M).
+
+    ``logits``: M tensors (B_m, C); ``bias``: optional (C,) shared fusion bias. Computed in float32 with
+    autocast disabled, so fp16/bf16 inputs neither overflow nor lose the logsumexp's precision.
+    """
+    _check_logits(logits)
+    with torch.autocast(device_type=logits[0].device.type, enabled=False):
+        per_class = sum(torch.logsumexp(t.float(), dim=0) for t in logits)  # (C,)
+        if bias is not None:
+            per_class = per_class + bias.float()
+        return torch.logsumexp(per_class, dim=0)
+
+
+def brute_force_log_partition(features: Sequence[Tensor], critic: TupleCritic, chunk: int = 4096) -> Tensor:
+    """The same log-partition by enumerating every tuple: log sum_{i_1..i_M, c} exp(critic(tuple)[c]).
+
+    ``features``: M tensors (B_m, D_m); ``critic`` maps M tensors (N, D_m) to (N, C) logits. Costs
+    prod(B_m) critic calls; for tests and small batches only.
+    """
+    tuples = list(itertools.product(*(range(f.shape[0]) for f in features)))
+    parts = []
+    for start in range(0, len(tuples), chunk):
+        idx = torch.tensor(tuples[start : start + chunk], device=features[0].device)
+        out = critic([f[idx[:, m]] for m, f in enumerate(features)])
+        parts.append(torch.logsumexp(out.float().reshape(-1), dim=0))
+    return torch.logsumexp(torch.stack(parts), dim=0)
+
+
+def tcmax_bound(logits: Sequence[Tensor], y: Tensor, bias: Tensor | None = None) -> Estimate:
+    """TCMax DV bound with the factorised negatives (additive critic f[c] = bias[c] + sum_m logits[m][:, c]).
+
+    ``logits``: M tensors (B, C); ``y``: (B,) int labels; ``bias``: optional (C,). Returns
+    ``Estimate(estimate, loss)``: ``estimate`` lower-bounds TC + log C - H(y) in nats (see module doc);
+    ``loss = -estimate``, minimised by the model in place of cross-entropy.
+    """
+    _check_logits(logits)
+    b, c = logits[0].shape
+    if any(t.shape[0] != b for t in logits) or y.shape != (b,):
+        raise ValueError(f"TCMax needs logits (B, C) for every modality and y (B,), got B={b}, y {tuple(y.shape)}")
+    with torch.autocast(device_type=logits[0].device.type, enabled=False):
+        fused = sum(t.float() for t in logits)
+        if bias is not None:
+            fused = fused + bias.float()
+        positive = fused.gather(1, y.long()[:, None]).mean()
+        log_mean_negative = factorised_log_partition(logits, bias) - len(logits) * math.log(b) - math.log(c)
+    estimate = positive - log_mean_negative
+    return Estimate(estimate, -estimate)
+
+
+def sampled_tc_bound(
+    critic: TupleCritic,
+    features: Sequence[Tensor],
+    y: Tensor | None = None,
+    num_negatives: int = 256,
+    generator: torch.Generator | None = None,
+) -> Estimate:
+    """DV total-correlation bound with K = ``num_negatives`` random recombinations as negatives.
+
+    ``features``: M tensors (B, D_m), row i of each from the same sample. ``critic`` maps M tensors (N, D_m)
+    to (N, C) logits when ``y`` (B,) is given (TCMax with labels: every negative tuple is scored with all C
+    labels), or to (N,) / (N, 1) scores when ``y`` is None (plain TC(z_1, ..., z_M)). Each negative draws
+    every index i_m independently and uniformly from the batch. ``estimate`` lower-bounds the total
+    correlation in nats (up to the finite-sample bias of log-mean-exp); ``loss = -estimate``.
+    """
+    if len(features) < 2 and y is None:
+        raise ValueError("total correlation needs at least two variables (or one variable and labels)")
+    b = features[0].shape[0]
+    if any(f.shape[0] != b for f in features):
+        raise ValueError(f"all features need the same batch size, got {[tuple(f.shape) for f in features]}")
+    device = features[0].device
+    idx = torch.randint(0, b, (num_negatives, len(features)), device=device, generator=generator)
+    positive_out = critic(list(features)).float()
+    negative_out = critic([f[idx[:, m]] for m, f in enumerate(features)]).float()
+    if y is None:
+        positive = positive_out.reshape(b)
+        negative_out = negative_out.reshape(num_negatives)
+    else:
+        positive = positive_out.gather(1, y.long()[:, None]).squeeze(1)
+    estimate = positive.mean() - log_mean_exp(negative_out)
+    return Estimate(estimate, -estimate)
+
+
+class TCMax(nn.Module):
+    """TCMax loss for additive heads: ``forward(logits, y, bias=None)`` -> ``Estimate`` (see ``tcmax_bound``).
+
+    Has no parameters: the model's per-modality heads are the critic. ``logits``: M tensors (B, C), already
+    masked/filled by the model for missing modalities; ``y``: (B,) class or bin indices.
+    """
+
+    def forward(self, logits: Sequence[Tensor], y: Tensor, bias: Tensor | None = None) -> Estimate:
+        return tcmax_bound(logits, y, bias)
+
+
+class TCMaxSampled(nn.Module):
+    """TCMax / TC bound for a non-additive critic with ``num_negatives`` sampled recombinations.
+
+    ``critic`` maps M tensors (N, D_m) to (N, C) logits (or (N,) scores without labels);
+    ``forward(features, y=None)`` -> ``Estimate`` (see ``sampled_tc_bound``).
+    """
+
+    def __init__(self, critic: nn.Module, num_negatives: int = 256) -> None:
+        super().__init__()
+        if num_negatives < 1:
+            raise ValueError(f"num_negatives must be >= 1, got {num_negatives}")
+        self.critic = critic
+        self.num_negatives = num_negatives
+
+    def forward(self, features: Sequence[Tensor], y: Tensor | None = None) -> Estimate:
+        return sampled_tc_bound(self.critic, features, y, self.num_negatives)

@@ -1,0 +1,168 @@
+"""Shard I/O: encode/decode members without pickle, write tars atomically, read them back.
+
+Shards are plain POSIX tars: member ``<key>.<suffix>`` per array (``.npy``) or object (``.json``), samples
+contiguous and in a fixed member order, so ``tar``, webdataset and Hugging Face ``datasets`` read them.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shards.schema import MEMBERS, SchemaError, validate_sample
+
+MEMBER_ORDER = ("meta.json", *MEMBERS)
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+class DiskFullError(OSError):
+    """Writing a shard ran out of space (or hit a file-size limit)."""
+
+
+def encode_member(name: str, value: Any) -> bytes:
+    """Bytes of one member: ``.npy`` without pickle, ``.json`` as UTF-8."""
+    if name.endswith(".json"):
+        return json.dumps(value, ensure_ascii=False, sort_keys=True, allow_nan=False).encode("utf-8")
+    if name.endswith(".npy"):
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(value), allow_pickle=False)
+        return buf.getvalue()
+    raise SchemaError(f"member {name!r}: only .npy and .json members are allowed")
+
+
+def decode_member(name: str, data: bytes) -> Any:
+    """Decode one member; never unpickles."""
+    if name.endswith(".json"):
+        return json.loads(data.decode("utf-8"))
+    if name.endswith(".npy"):
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    raise SchemaError(f"member {name!r}: only .npy and .json members are allowed")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary name, fsync, rename."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno in DISK_FULL:
+            raise DiskFullError(exc.errno, f"no space left writing {path}") from exc
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True, allow_nan=False) + "\n").encode())
+
+
+class ShardWriter:
+    """Write one shard to ``<path>.tmp-<pid>``; :meth:`commit` renames it into place.
+
+    Every sample is validated before it is written. On any error the temporary file is removed, so a
+    half-written shard never appears under its final name.
+    """
+
+    def __init__(self, path: Path | str, validate: bool = True) -> None:
+        self.path = Path(path)
+        self.tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+        self.validate = validate
+        self.keys: list[str] = []
+        self.nbytes = 0
+        self._tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
+
+    def write(self, sample: Mapping[str, Any]) -> None:
+        if self.validate:
+            validate_sample(sample)
+        key = sample["__key__"]
+        try:
+            for name in MEMBER_ORDER:
+                if name in sample:
+                    self._add(f"{key}.{name}", encode_member(name, sample[name]))
+        except OSError as exc:
+            self.abort()
+            if exc.errno in DISK_FULL:
+                raise DiskFullError(exc.errno, f"no space left writing shard {self.path}") from exc
+            raise
+        self.keys.append(key)
+
+    def _add(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mode = 0o644
+        info.mtime = 0  # reproducible bytes: same input, same shard
+        self._tar.addfile(info, io.BytesIO(data))
+        self.nbytes += len(data)
+
+    def commit(self) -> Path:
+        """Flush, fsync and rename the shard to its final name."""
+        try:
+            self._tar.close()
+            with open(self.tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(self.tmp, self.path)
+        except OSError as exc:
+            self.abort()
+            if exc.errno in DISK_FULL:
+                raise DiskFullError(exc.errno, f"no space left writing shard {self.path}") from exc
+            raise
+        return self.path
+
+    def abort(self) -> None:
+        try:
+            self._tar.close()
+        except OSError:
+            pass
+        self.tmp.unlink(missing_ok=True)
+
+
+def iter_shard(path: Path | str, validate: bool = True) -> Iterator[dict[str, Any]]:
+    """Yield decoded samples of one shard in order; errors name the shard and member."""
+    path = Path(path)
+    try:
+        tar = tarfile.open(path, "r:")
+    except (tarfile.TarError, OSError) as exc:
+        raise SchemaError(f"shard {path}: not a readable tar ({exc})") from exc
+    with tar:
+        current: dict[str, Any] | None = None
+        try:
+            for info in tar:
+                if not info.isfile():
+                    raise SchemaError(f"shard {path}: member {info.name} is not a regular file")
+                key, _, suffix = info.name.partition(".")
+                if current is not None and current["__key__"] != key:
+                    yield _finish(current, path, validate)
+                    current = None
+                if current is None:
+                    current = {"__key__": key, "__url__": str(path)}
+                if suffix in current:
+                    raise SchemaError(f"shard {path}: member {info.name} appears twice")
+                data = tar.extractfile(info).read()
+                try:
+                    current[suffix] = decode_member(suffix, data)
+                except (ValueError, OSError, UnicodeDecodeError) as exc:
+                    raise SchemaError(f"shard {path}: member {info.name} cannot be decoded ({exc})") from exc
+        except tarfile.TarError as exc:
+            raise SchemaError(f"shard {path}: truncated or corrupt tar ({exc})") from exc
+        if current is not None:
+            yield _finish(current, path, validate)
+
+
+def _finish(sample: dict[str, Any], path: Path, validate: bool) -> dict[str, Any]:
+    if validate:
+        try:
+            validate_sample(sample)
+        except SchemaError as exc:
+            raise SchemaError(f"shard {path}: {exc}") from exc
+    return sample

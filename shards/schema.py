@@ -1,0 +1,168 @@
+"""The shard sample schema (version 1), declared once and used by the writer and every reader.
+
+A sample is a dict of members keyed by their file suffix inside the tar (``"meta.json"``, ``"text_feat.npy"``, ...)
+plus ``"__key__"``. Arrays are NumPy arrays (or objects with ``.dtype``/``.shape``/``.numpy()``, such as torch
+tensors coming out of a DataLoader). Masks use one convention everywhere: ``True`` = valid.
+
+Which members a sample must carry follows from ``meta["modalities"]``: a modality whose status is ``ok`` carries all
+its required members; ``failed`` or ``absent`` modalities carry none of them.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+
+MODALITIES = ("text", "audio", "video")
+STATUSES = ("ok", "failed", "absent")
+SPLITS = ("train", "valid", "test")
+N_LANDMARKS = 478
+SAMPLE_RATE = 16000
+
+
+class SchemaError(ValueError):
+    """A sample, shard or dataset does not match the shard schema."""
+
+
+@dataclass(frozen=True)
+class MemberSpec:
+    """One array member: dtype and shape, with symbolic dims shared across members of a sample."""
+
+    dtype: str
+    shape: tuple[str | int, ...]
+    modality: str
+    required: bool
+    doc: str
+
+
+MEMBERS: dict[str, MemberSpec] = {
+    "text_ids.npy": MemberSpec("int32", ("Tt",), "text", True, "tokenizer ids incl. special tokens"),
+    "text_feat.npy": MemberSpec("float16", ("Tt", "Dt"), "text", True, "encoder hidden states"),
+    "audio_wave.npy": MemberSpec("int16", ("N",), "audio", False, "16 kHz mono waveform on the clip clock"),
+    "audio_feat.npy": MemberSpec("float16", ("Ta", "Da"), "audio", True, "wav2vec 2.0 frames"),
+    "audio_mask.npy": MemberSpec("bool", ("Ta",), "audio", True, "frame covers real audio"),
+    "audio_time.npy": MemberSpec("float32", ("Ta",), "audio", True, "frame centre time, seconds"),
+    "video_lmk.npy": MemberSpec("float16", ("Tv", N_LANDMARKS, 3), "video", True, "normalised landmarks"),
+    "video_mask.npy": MemberSpec("bool", ("Tv",), "video", True, "face present per frame"),
+    "video_time.npy": MemberSpec("float32", ("Tv",), "video", True, "frame time stamp, seconds"),
+    "video_norm.npy": MemberSpec("float32", ("Tv", 4), "video", False, "centre x, y, z and inter-ocular px"),
+    "video_geom.npy": MemberSpec("float32", ("Tv", 4), "video", False, "mouth, left/right eye openness, yaw"),
+}
+
+# Per-modality features that get train-split normalisation statistics in dataset.json.
+FEATURE_MEMBERS = {"text": "text_feat.npy", "audio": "audio_feat.npy", "video": "video_lmk.npy"}
+MASK_MEMBERS = {"audio": "audio_mask.npy", "video": "video_mask.npy"}
+
+META_REQUIRED = ("schema_version", "key", "video_id", "clip_id", "split", "modalities", "feature_set_hash")
+
+_UNSAFE = re.compile(r"[^\w\-]", re.UNICODE)
+
+
+def make_key(video_id: str, clip_id: str) -> str:
+    """Sample key ``<video_id>__<clip_id>`` with dots, slashes and other unsafe characters replaced by ``_``.
+
+    Dots must go because webdataset splits a member name at its first dot; slashes because a key is a file name.
+    """
+    parts = []
+    for part in (str(video_id), str(clip_id)):
+        part = unicodedata.normalize("NFC", part)
+        parts.append(_UNSAFE.sub("_", part))
+    return f"{parts[0]}__{parts[1]}"
+
+
+def _np(value: Any) -> np.ndarray:
+    if isinstance(value, np.ndarray):
+        return value
+    if hasattr(value, "numpy"):  # torch tensors through a DataLoader
+        return value.detach().cpu().numpy() if hasattr(value, "detach") else value.numpy()
+    raise SchemaError(f"expected an array, got {type(value).__name__}")
+
+
+def validate_meta(meta: Any, key: str | None = None) -> None:
+    """Check ``meta.json`` of one sample; raise :class:`SchemaError` listing every problem."""
+    if not isinstance(meta, Mapping):
+        raise SchemaError(f"meta.json must be an object, got {type(meta).__name__}")
+    problems = [f"meta.json lacks '{name}'" for name in META_REQUIRED if name not in meta]
+    if problems:
+        raise SchemaError(f"sample {key or meta.get('key')}: " + "; ".join(problems))
+    if meta["schema_version"] != SCHEMA_VERSION:
+        raise SchemaError(
+            f"sample {meta['key']}: schema version {meta['schema_version']} but this mmfuse reads "
+            f"version {SCHEMA_VERSION}; re-extract the corpus or use a matching mmfuse release"
+        )
+    if key is not None and meta["key"] != key:
+        problems.append(f"meta.json key {meta['key']!r} differs from the tar key {key!r}")
+    if meta["split"] not in SPLITS:
+        problems.append(f"split {meta['split']!r} is not one of {list(SPLITS)}")
+    mods = meta["modalities"]
+    if not isinstance(mods, Mapping) or set(mods) != set(MODALITIES):
+        problems.append(f"meta.json 'modalities' must have exactly the keys {list(MODALITIES)}")
+    else:
+        for name, entry in mods.items():
+            if not isinstance(entry, Mapping) or entry.get("status") not in STATUSES:
+                problems.append(f"modality {name}: status must be one of {list(STATUSES)}, got {entry!r}")
+    if problems:
+        raise SchemaError(f"sample {meta['key']}: " + "; ".join(problems))
+
+
+def validate_sample(sample: Mapping[str, Any], dims: Mapping[str, int] | None = None) -> None:
+    """Check one decoded sample against the schema; raise :class:`SchemaError` naming the sample and member.
+
+    ``dims`` optionally pins feature widths (``{"Dt": 384, "Da": 768}``) to those declared in dataset.json.
+    Float members must be finite.
+    """
+    key = sample.get("__key__")
+    if "meta.json" not in sample:
+        raise SchemaError(f"sample {key}: no meta.json member")
+    meta = sample["meta.json"]
+    validate_meta(meta, key)
+    key = meta["key"]
+    problems: list[str] = []
+    unknown = sorted(k for k in sample if not k.startswith("__") and k != "meta.json" and k not in MEMBERS)
+    if unknown:
+        problems.append(f"unknown members {unknown}")
+    bound: dict[str, int] = dict(dims or {})
+    for name, spec in MEMBERS.items():
+        status = meta["modalities"][spec.modality]["status"]
+        present = name in sample
+        if status != "ok":
+            if present:
+                problems.append(f"{name} present but modality {spec.modality} is {status}")
+            continue
+        if not present:
+            if spec.required:
+                problems.append(f"{name} missing for modality {spec.modality} with status ok")
+            continue
+        problems.extend(_check_array(name, spec, _np(sample[name]), bound))
+    if problems:
+        raise SchemaError(f"sample {key}: " + "; ".join(problems))
+
+
+def _check_array(name: str, spec: MemberSpec, arr: np.ndarray, bound: dict[str, int]) -> list[str]:
+    if arr.dtype != np.dtype(spec.dtype):
+        return [f"{name} has dtype {arr.dtype}, expected {spec.dtype}"]
+    if arr.ndim != len(spec.shape):
+        return [f"{name} has shape {arr.shape}, expected {len(spec.shape)} dims {spec.shape}"]
+    problems = []
+    for axis, (size, want) in enumerate(zip(arr.shape, spec.shape, strict=True)):
+        if isinstance(want, int):
+            if size != want:
+                problems.append(f"{name} axis {axis} is {size}, expected {want}")
+        elif bound.setdefault(want, size) != size:
+            problems.append(f"{name} axis {axis} ({want}) is {size}, expected {bound[want]} as in the other members")
+    if arr.dtype.kind == "f" and arr.size and not np.isfinite(arr).all():
+        bad = int((~np.isfinite(arr)).sum())
+        problems.append(f"{name} has {bad} NaN/inf values")
+    return problems
+
+
+def modality_available(meta: Mapping[str, Any], modality: str) -> bool:
+    """Whether a sample carries usable features for ``modality``."""
+    return meta["modalities"][modality]["status"] == "ok"

@@ -1,0 +1,71 @@
+"""The ``mmfuse`` command: one parser, subcommands from the packages that implement them.
+
+Exit codes: 0 ok, 1 failed (a clear message on stderr), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from extract.cli import add_extract, add_inspect, add_report
+
+log = logging.getLogger("mmfuse")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+    common.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    common.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser = argparse.ArgumentParser(
+        prog="mmfuse",
+        description="Raw talking-face video -> WebDataset shards -> multimodal fusion models.",
+        epilog="Run `mmfuse COMMAND --help` for a command's options and examples.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (add_extract, add_inspect, add_report):
+        add(sub)
+    for p in sub.choices.values():
+        for action in common._actions:
+            if action.dest != "help":
+                p._add_action(action)
+    return parser
+
+
+def setup_logging(level: str, quiet: bool) -> None:
+    logging.basicConfig(
+        level=logging.ERROR if quiet else getattr(logging, level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("transformers", "huggingface_hub", "absl", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("GLOG_minloglevel", "2")  # MediaPipe's C++ logging
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level, args.quiet)
+    from extract.config import ConfigError
+    from extract.extractors.base import ExtractionError
+    from extract.manifest import ManifestError
+    from shards.schema import SchemaError
+
+    try:
+        return args.run(args)
+    except (ManifestError, ConfigError, ExtractionError, SchemaError) as exc:
+        print(f"mmfuse {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"mmfuse {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
