@@ -1,0 +1,109 @@
+"""Shared fixtures: tiny encoders built from configs (odd, distinct sizes), the bundled clips, manifests."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("GLOG_minloglevel", "2")
+
+ROOT = Path(__file__).resolve().parents[1]
+MEDIA = ROOT / "examples" / "media"
+TEXT_DIM, AUDIO_DIM = 21, 27
+BUNDLED = [
+    ("grid", "bbaf2n", "bin blue at f two now", "train"),
+    ("grid", "pwij3p", "place white in j three please", "train"),
+    ("grid", "id2_vcd_swwp2s", "set white with p two soon", "valid"),
+    ("faces", "face_noface", "", "test"),
+]
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs CUDA")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_text_model(tmp_path_factory) -> Path:
+    """A 1-layer BERT of width 21 with the bundled MiniLM tokenizer, saved as a local model directory."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from extract.models import bundled_models
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tok = AutoTokenizer.from_pretrained(bundled_models()["all-MiniLM-L6-v2"])
+    torch.manual_seed(1)
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size, hidden_size=TEXT_DIM, num_hidden_layers=1, num_attention_heads=3,
+        intermediate_size=37, max_position_embeddings=64,
+    )  # fmt: skip
+    BertModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_audio_model(tmp_path_factory) -> Path:
+    """A 2-layer wav2vec 2.0 of width 27 with wav2vec2-base's group-norm feature encoder."""
+    import torch
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    path = tmp_path_factory.mktemp("tiny-w2v")
+    torch.manual_seed(2)
+    cfg = Wav2Vec2Config(
+        hidden_size=AUDIO_DIM, num_hidden_layers=2, num_attention_heads=3, intermediate_size=33,
+        conv_dim=(13,) * 7, feat_extract_norm="group", do_stable_layer_norm=False,
+        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=3,
+    )  # fmt: skip
+    Wav2Vec2Model(cfg).save_pretrained(path)
+    return path
+
+
+def write_manifest(path: Path, rows: list[dict], columns: list[str] | None = None) -> Path:
+    columns = columns or sorted({k for r in rows for k in r})
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+    return path
+
+
+def bundled_rows() -> list[dict]:
+    return [{"video_id": v, "clip_id": c, "text": t, "mode": s, "label": i - 1.5} for i, (v, c, t, s) in enumerate(BUNDLED)]
+
+
+@pytest.fixture()
+def tiny_cfg(tiny_text_model, tiny_audio_model):
+    """Factory for extraction settings that use the tiny encoders."""
+    from extract.config import make_config
+
+    def make(**kw):
+        base = {"text_model": str(tiny_text_model), "audio_model": str(tiny_audio_model), "workers": 0}
+        return make_config(None, **{**base, **kw})
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def bundled_dataset(tmp_path_factory, tiny_text_model, tiny_audio_model) -> Path:
+    """The four bundled clips extracted once with the tiny encoders (shard size 2)."""
+    from extract.config import make_config
+    from extract.pipeline import run_extract
+
+    tmp = tmp_path_factory.mktemp("bundled")
+    manifest = write_manifest(tmp / "label.csv", bundled_rows())
+    cfg = make_config(None, text_model=str(tiny_text_model), audio_model=str(tiny_audio_model), workers=0, shard_size=2)
+    run_extract(manifest, MEDIA, tmp / "out", cfg)
+    return tmp / "out"
