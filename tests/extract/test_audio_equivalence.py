@@ -1,0 +1,58 @@
+"""wav2vec 2.0 features: batched == unbatched, and the HF checkpoint == torchaudio's implementation."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from extract.extractors.audio import AudioExtractor
+from extract.extractors.base import DecodedClip
+from extract.manifest import Clip
+
+
+def _clip(n: int, seed: int) -> DecodedClip:
+    rng = np.random.default_rng(seed)
+    wave = (rng.standard_normal(n) * 3000).astype(np.int16)
+    return DecodedClip(Clip(f"k{seed}", "v", str(seed), "train", "", 1), duration=n / 16000, wave=wave, audio_span=(0.0, n / 16000))
+
+
+def test_batched_features_equal_unbatched(tiny_audio_model):
+    ex = AudioExtractor(str(tiny_audio_model), batch_size=4)
+    ex.setup("cpu")
+    clips = [_clip(n, i) for i, n in enumerate([16000, 5000, 23456, 401])]
+    batched = ex(clips)
+    for c, b in zip(clips, batched, strict=True):
+        single = ex([c])[0]
+        diff = np.abs(single["audio_feat.npy"].astype(np.float32) - b["audio_feat.npy"].astype(np.float32)).max()
+        assert diff < 2e-3, diff  # float16 storage; the float32 values agree to ~1e-6
+        assert len(b["audio_feat.npy"]) == ex.n_frames(len(c.wave))
+
+
+def test_hf_matches_torchaudio_same_weights(tiny_audio_model):
+    from torchaudio.models.wav2vec2.utils import import_huggingface_model
+    from transformers import Wav2Vec2Model
+
+    ex = AudioExtractor(str(tiny_audio_model), batch_size=2)
+    ex.setup("cpu")
+    hf = Wav2Vec2Model.from_pretrained(tiny_audio_model).eval()
+    ta = import_huggingface_model(hf).eval()
+    c = _clip(24000, 7)
+    wave = c.wave.astype(np.float32) / 32768.0
+    wave = (wave - wave.mean()) / np.sqrt(wave.var() + 1e-7)
+    with torch.inference_mode():
+        ours = ex._encode([wave])[0]
+        ref, _ = ta(torch.from_numpy(wave)[None])
+        direct = hf(torch.from_numpy(wave)[None]).last_hidden_state[0].numpy()
+    max_diff = float(np.abs(ours - ref[0].numpy()).max())
+    print(f"max |ours - torchaudio| = {max_diff:.2e}")
+    assert max_diff < 1e-4
+    assert float(np.abs(ours - direct).max()) < 1e-5
+
+
+def test_long_audio_is_chunked_with_continuous_times(tiny_audio_model):
+    ex = AudioExtractor(str(tiny_audio_model), chunk_s=1.0)
+    ex.setup("cpu")
+    out = ex([_clip(16000 * 3 + 800, 3)])[0]
+    t = out["audio_time.npy"]
+    assert np.all(np.diff(t) > 0) and t[-1] < 3.05
+    assert len(t) == 3 * ex.n_frames(16000) + ex.n_frames(800)

@@ -1,0 +1,144 @@
+"""Crash safety and scale-out: kill -9 mid-run then rerun; two ranks; feature-set hash sensitivity."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from collections import Counter
+
+import pytest
+from conftest import MEDIA, ROOT, write_manifest
+
+from extract.pipeline import run_extract
+from shards import iter_shard, load_dataset_json, read_sidecar
+
+CLIPS = ["grid/bbaf2n.mpg", "grid/pwij3p.mpg", "grid/id2_vcd_swwp2s.mpg"]
+
+
+def many_rows(n: int) -> list[dict]:
+    splits = ["train", "train", "valid", "test"]
+    return [
+        {"video_id": f"v{i % 3}", "clip_id": f"c{i}", "text": f"clip number {i}", "mode": splits[i % 4], "path": CLIPS[i % 3]}
+        for i in range(n)
+    ]
+
+
+def keys_in_shards(out) -> Counter:
+    found = Counter()
+    for tar in sorted(out.glob("*.tar")):
+        found.update(s["__key__"] for s in iter_shard(tar))
+    return found
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "train.cli", *args]
+
+
+@pytest.mark.integration
+def test_kill_mid_run_then_rerun_gives_every_clip_once(tmp_path, tiny_text_model, tiny_audio_model):
+    import webdataset as wds
+
+    manifest = write_manifest(tmp_path / "m.csv", many_rows(8))
+    out = tmp_path / "out"
+    args = cli(
+        "extract", str(manifest), "--media-root", str(MEDIA), "--out", str(out), "--shard-size", "1",
+        "--workers", "1", "--text-model", str(tiny_text_model), "--audio-model", str(tiny_audio_model), "-q",
+    )  # fmt: skip
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(out.glob("*-*.json"))) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = {p.stem for p in out.glob("*-*.json")}
+    assert 2 <= len(done_before) < 8, "the kill should land mid-run"
+    mtimes = {name: (out / f"{name}.tar").stat().st_mtime_ns for name in done_before}
+    result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert not list(out.glob("*.tmp-*"))
+    for name in done_before:  # complete shards were skipped, not rewritten
+        assert (out / f"{name}.tar").stat().st_mtime_ns == mtimes[name]
+    counts = keys_in_shards(out)
+    expected = {f"v{i % 3}__c{i}" for i in range(8)}
+    assert set(counts) == expected and set(counts.values()) == {1}
+    for tar in out.glob("*.tar"):
+        with tarfile.open(tar) as t:
+            assert len(t.getnames()) > 0
+    wds_keys = [s["__key__"] for s in wds.WebDataset([str(p) for p in sorted(out.glob("*.tar"))], shardshuffle=False)]
+    assert sorted(wds_keys) == sorted(expected)
+    ds = load_dataset_json(out)
+    assert ds["complete"] and ds["samples"] == 8
+
+
+def test_partial_shard_is_redone(tmp_path, tiny_cfg):
+    manifest = write_manifest(tmp_path / "m.csv", many_rows(4))
+    out = tmp_path / "out"
+    cfg = tiny_cfg(shard_size=2, modalities=("text", "audio"))
+    run_extract(manifest, MEDIA, out, cfg)
+    # Simulate a crash: one shard half-written under a temp name, another committed tar without its sidecar.
+    (out / "train-000000.json").unlink()
+    (out / "train-000000.tar").write_bytes(b"garbage")
+    (out / "valid-000000.tar.tmp-999").write_bytes(b"partial")
+    before = (out / "test-000000.tar").stat().st_mtime_ns
+    summary = run_extract(manifest, MEDIA, out, cfg)
+    assert summary["shards_written"] == 1 and summary["complete"]
+    assert (out / "test-000000.tar").stat().st_mtime_ns == before
+    assert not (out / "valid-000000.tar.tmp-999").exists()
+    assert set(keys_in_shards(out).values()) == {1} and sum(keys_in_shards(out).values()) == 4
+
+
+def test_two_ranks_write_disjoint_shards_covering_the_manifest(tmp_path, tiny_cfg):
+    rows = many_rows(10)
+    manifest = write_manifest(tmp_path / "m.csv", rows)
+    out = tmp_path / "out"
+    s0 = run_extract(manifest, MEDIA, out, tiny_cfg(shard_size=2, rank=0, world_size=2, modalities=("text", "audio")))
+    assert not s0["complete"]
+    rank0 = {p.name for p in out.glob("*.tar")}
+    s1 = run_extract(manifest, MEDIA, out, tiny_cfg(shard_size=2, rank=1, world_size=2, modalities=("text", "audio")))
+    assert s1["complete"]
+    rank1 = {p.name for p in out.glob("*.tar")} - rank0
+    assert rank0 and rank1 and not rank0 & rank1
+    assert {read_sidecar(out / n.replace(".tar", ".json"))["rank"] for n in rank1} == {1}
+    counts = keys_in_shards(out)
+    assert set(counts) == {f"v{i % 3}__c{i}" for i in range(10)} and set(counts.values()) == {1}
+    assert load_dataset_json(out)["samples"] == 10
+
+
+def test_rank_defaults_from_torchrun_and_slurm():
+    from extract.config import rank_from_env
+
+    assert rank_from_env({"RANK": "3", "WORLD_SIZE": "4"}) == (3, 4)
+    assert rank_from_env({"SLURM_PROCID": "1", "SLURM_NTASKS": "2"}) == (1, 2)
+    assert rank_from_env({"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "8"}) == (5, 8)
+    assert rank_from_env({}) == (0, 1)
+
+
+def test_feature_set_hash_changes_with_model_and_fps(tmp_path, tiny_cfg, tiny_text_model):
+    from extract.pipeline import build_extractors, describe_feature_set
+    from shards.dataset import feature_set_hash
+
+    def fs_hash(**kw):
+        cfg = tiny_cfg(modalities=("text", "video"), **kw)
+        return feature_set_hash(describe_feature_set(cfg, build_extractors(cfg)))
+
+    base = fs_hash()
+    assert fs_hash() == base
+    assert fs_hash(fps=25) != base
+    assert fs_hash(fps=25) != fs_hash(fps=15)
+    assert fs_hash(text_layer=0) != base
+    assert fs_hash(text_model="all-MiniLM-L6-v2") != base
+
+
+def test_refuses_other_feature_set_without_overwrite(tmp_path, tiny_cfg):
+    from extract import ExtractionError
+
+    manifest = write_manifest(tmp_path / "m.csv", many_rows(2))
+    out = tmp_path / "out"
+    run_extract(manifest, MEDIA, out, tiny_cfg(modalities=("text",)))
+    with pytest.raises(ExtractionError, match="another feature set.*--overwrite"):
+        run_extract(manifest, MEDIA, out, tiny_cfg(modalities=("text",), text_layer=0))
+    summary = run_extract(manifest, MEDIA, out, tiny_cfg(modalities=("text",), text_layer=0, overwrite=True))
+    assert summary["complete"] and summary["samples_written"] == 2
