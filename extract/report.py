@@ -41,6 +41,7 @@ class ClipStats:
     key: str
     split: str
     duration: float | None
+    text: str = ""
     face_rate: float | None = None
     av_end_gap: float | None = None  # audio real-span end minus the last video frame time, seconds
     norms: dict[str, float] = field(default_factory=dict)
@@ -104,7 +105,10 @@ def _scan(root: Path, ds: dict[str, Any], out: Path, media: Path | None, n_overl
 
 def _clip_stats(sample: dict[str, Any]) -> ClipStats:
     meta = sample["meta.json"]
-    stats = ClipStats(str(meta.get("key", sample["__key__"])), str(meta.get("split", "?")), meta.get("duration"))
+    key, text = str(meta.get("key", sample["__key__"])), str(meta.get("text") or "")
+    stats = ClipStats(
+        key, str(meta.get("split", "?")), meta.get("duration"), text[:80] + ("…" if len(text) > 80 else "")
+    )
     mask, vtime = sample.get("video_mask.npy"), sample.get("video_time.npy")
     if mask is not None and len(mask):
         stats.face_rate = float(np.mean(mask))
@@ -151,7 +155,9 @@ def _overlay(sample: dict[str, Any], media: Path | None, out: Path, index: int) 
     picks = _pick_frames(mask)
     if not picks:
         return Overlay(key, None, "no video frames")
-    if media is None or not meta.get("media"):
+    if not meta.get("media"):
+        return Overlay(key, None, "media not reachable: the sample records no media path")
+    if media is None:
         return Overlay(key, None, "media not reachable: no media root recorded (pass --media-root)")
     path = media / meta["media"]
     if not path.is_file():
@@ -309,10 +315,29 @@ def _problems(ds: dict[str, Any], status: list[dict[str, Any]], scan: Scan) -> s
     return text + "".join(f"<p class='flag'>{escape(p)}</p>\n" for p in issues)
 
 
+def _flags(ds: dict[str, Any], scan: Scan) -> list[str]:
+    """Short warnings worth a look before training."""
+    flags = [
+        f"{m} encoder {e.get('model')} is randomly initialised (pretrained: false): no learned signal"
+        for m, e in ds.get("feature_set", {}).get("extractors", {}).items()
+        if e.get("pretrained") is False
+    ]
+    low = [c.key for c in scan.clips if c.face_rate is not None and c.face_rate < 0.5]
+    far = [c.key for c in scan.clips if c.av_end_gap is not None and abs(c.av_end_gap) > 0.1]
+    if low:
+        flags.append(f"{len(low)} clip(s) with a face in fewer than half their frames: {', '.join(low[:10])}")
+    if far:
+        flags.append(
+            f"{len(far)} clip(s) whose audio ends over 0.1 s away from the last video frame: {', '.join(far[:10])}"
+        )
+    return flags
+
+
 def _render(root: Path, ds: dict[str, Any], status: list[dict[str, Any]], scan: Scan, plots: list) -> str:
     nonfinite = [[m, n, nan, inf] for m, (n, nan, inf) in scan.nonfinite.items()]
     bad = sum(nan + inf for _, _, nan, inf in nonfinite)
-    parts = [_header(root, ds, status), _problems(ds, status, scan), "<h2>Plots</h2>\n"]
+    parts = [_header(root, ds, status), "".join(f"<p class='flag'>{escape(f)}</p>\n" for f in _flags(ds, scan))]
+    parts += [_problems(ds, status, scan), "<h2>Plots</h2>\n"]
     parts += [f"<h3>{escape(cap)}</h3><img src='{escape(name)}' alt='{escape(cap)}'>\n" for name, cap in plots]
     parts.append("<h2>NaN / inf values per member</h2>\n" + _table(["member", "samples", "NaN", "inf"], nonfinite))
     parts.append(f"<p class='flag'>{bad} non-finite values</p>\n" if bad else "<p>all values finite</p>\n")
@@ -321,11 +346,13 @@ def _render(root: Path, ds: dict[str, Any], status: list[dict[str, Any]], scan: 
         img = f"<img src='{escape(ov.png)}' alt='{escape(ov.key)}'>" if ov.png else ""
         parts.append(f"<h3>{escape(ov.key)}</h3><p>{escape(ov.note)}</p>{img}\n")
     rows = [
-        [c.key, c.split, c.duration, c.face_rate, c.av_end_gap, *(c.norms.get(m) for m in NORMED)]
+        [c.key, c.split, c.text, c.duration, c.face_rate, c.av_end_gap, *(c.norms.get(m) for m in NORMED)]
         for c in scan.clips[:MAX_ROWS]
     ]
     parts.append(f"<h2>Clips ({len(scan.clips)}, first {len(rows)} listed)</h2>\n")
-    parts.append(_table(["key", "split", "duration s", "face rate", "A-V end s", *(f"|{m}|" for m in NORMED)], rows))
+    parts.append(
+        _table(["key", "split", "text", "duration s", "face rate", "A-V end s", *(f"|{m}|" for m in NORMED)], rows)
+    )
     body = "".join(parts)
     head = f"<head><meta charset='utf-8'><title>mmfuse report</title><style>{CSS}</style></head>"
     return f"<!DOCTYPE html>\n<html>{head}\n<body>{body}</body></html>\n"

@@ -18,9 +18,9 @@ class RunningStats:
 
     def update(self, rows: np.ndarray) -> None:
         """Add rows ``(N, D)`` (already restricted to valid frames)."""
-        rows = np.asarray(rows, dtype=np.float64).reshape(len(rows), -1)
         if len(rows) == 0:
             return
+        rows = np.asarray(rows, dtype=np.float64).reshape(len(rows), -1)
         self.merge(RunningStats(len(rows), rows.mean(0), ((rows - rows.mean(0)) ** 2).sum(0)))
 
     def merge(self, other: RunningStats) -> None:
