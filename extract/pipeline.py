@@ -200,7 +200,7 @@ def _pooled(
 ) -> Iterator[tuple[ShardPlan, list[DecodedClip]]]:
     window = max(4, 4 * workers)
     ctx = mp.get_context("spawn")  # the parent holds torch threads; forking it is unsafe
-    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker, initargs=(settings,))
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker, initargs=(settings, True))
     pending: list[tuple[int, Future]] = []
     attempts = [0] * len(jobs)
     nxt = 0
@@ -217,7 +217,7 @@ def _pooled(
                 # A decoder crashed the worker (corrupt media can do that). Restart and retry every clip in
                 # flight once; a clip that crashes twice is recorded as skipped.
                 pool.shutdown(cancel_futures=True)
-                pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker, initargs=(settings,))
+                pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker, initargs=(settings, True))
                 retry = [i] + [j for j, _ in pending]
                 pending = []
                 decoded = None

@@ -28,11 +28,16 @@ class DecodeSettings:
 _FACEMESH: FaceMeshExtractor | None = None
 
 
-def init_worker(settings: DecodeSettings) -> None:
-    """Process initializer: quiet MediaPipe's C++ logging and build the FaceMesh extractor once."""
+def init_worker(settings: DecodeSettings, quiet_native_logs: bool = False) -> None:
+    """Process initializer: build the FaceMesh extractor once; in worker processes, silence MediaPipe's C++
+    logging (it writes to file descriptor 2 directly; Python errors still travel back with the results)."""
     global _FACEMESH
     os.environ.setdefault("GLOG_minloglevel", "2")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if quiet_native_logs:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
     _FACEMESH = FaceMeshExtractor(settings.max_faces, settings.min_detection_confidence)
 
 

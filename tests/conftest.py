@@ -81,7 +81,9 @@ def write_manifest(path: Path, rows: list[dict], columns: list[str] | None = Non
 
 
 def bundled_rows() -> list[dict]:
-    return [{"video_id": v, "clip_id": c, "text": t, "mode": s, "label": i - 1.5} for i, (v, c, t, s) in enumerate(BUNDLED)]
+    return [
+        {"video_id": v, "clip_id": c, "text": t, "mode": s, "label": i - 1.5} for i, (v, c, t, s) in enumerate(BUNDLED)
+    ]
 
 
 @pytest.fixture()

@@ -55,6 +55,7 @@ class TextExtractor(Extractor):
             "name": self.name,
             "version": self.version,
             "model": self.model_id,
+            "pretrained": True,
             "architecture": type(self._model).__name__,
             "weights_sha256": self._hash,
             "layer": self.layer,

@@ -13,7 +13,9 @@ from extract.manifest import Clip
 def _clip(n: int, seed: int) -> DecodedClip:
     rng = np.random.default_rng(seed)
     wave = (rng.standard_normal(n) * 3000).astype(np.int16)
-    return DecodedClip(Clip(f"k{seed}", "v", str(seed), "train", "", 1), duration=n / 16000, wave=wave, audio_span=(0.0, n / 16000))
+    return DecodedClip(
+        Clip(f"k{seed}", "v", str(seed), "train", "", 1), duration=n / 16000, wave=wave, audio_span=(0.0, n / 16000)
+    )
 
 
 def test_batched_features_equal_unbatched(tiny_audio_model):

@@ -63,9 +63,7 @@ def bad_run(tmp_path_factory, tiny_text_model, tiny_audio_model):
     root = make_media(tmp / "media")
     rows = [{"video_id": v, "clip_id": c, "text": t, "path": p, "mode": "train", **extra} for v, c, t, p, extra in ROWS]
     manifest = write_manifest(tmp / "m.csv", rows, ["video_id", "clip_id", "text", "path", "mode", "start", "end"])
-    cfg = make_config(
-        None, text_model=str(tiny_text_model), audio_model=str(tiny_audio_model), workers=1, shard_size=4
-    )
+    cfg = make_config(None, text_model=str(tiny_text_model), audio_model=str(tiny_audio_model), workers=1, shard_size=4)
     run_extract(manifest, root, tmp / "out", cfg)
     status = {r["key"]: r for r in map(json.loads, (tmp / "out" / "status.jsonl").read_text().splitlines())}
     samples = {s["__key__"]: s for p in sorted((tmp / "out").glob("*.tar")) for s in iter_shard(p)}
@@ -125,7 +123,9 @@ def test_sliver_clip_keeps_audio_with_its_mask(bad_run):
 
 
 def test_very_long_clip_is_skipped_with_a_reason(tmp_path, tiny_cfg):
-    manifest = write_manifest(tmp_path / "m.csv", [{"video_id": "g", "clip_id": "a", "text": "x", "path": "grid/bbaf2n.mpg"}])
+    manifest = write_manifest(
+        tmp_path / "m.csv", [{"video_id": "g", "clip_id": "a", "text": "x", "path": "grid/bbaf2n.mpg"}]
+    )
     run_extract(manifest, MEDIA, tmp_path / "out", tiny_cfg(max_duration_s=2.0))
     rec = json.loads((tmp_path / "out" / "status.jsonl").read_text())
     assert rec["status"] == "skipped" and "over max_duration_s=2" in rec["error"]
@@ -136,7 +136,9 @@ def test_nan_features_become_a_recorded_failure(tmp_path, tiny_cfg, monkeypatch)
 
     real = text_mod.TextExtractor._encode
     monkeypatch.setattr(text_mod.TextExtractor, "_encode", lambda self, seqs: [f * np.nan for f in real(self, seqs)])
-    manifest = write_manifest(tmp_path / "m.csv", [{"video_id": "g", "clip_id": "a", "text": "x", "path": "grid/bbaf2n.mpg"}])
+    manifest = write_manifest(
+        tmp_path / "m.csv", [{"video_id": "g", "clip_id": "a", "text": "x", "path": "grid/bbaf2n.mpg"}]
+    )
     run_extract(manifest, MEDIA, tmp_path / "out", tiny_cfg(modalities=("text", "audio")))
     rec = json.loads((tmp_path / "out" / "status.jsonl").read_text())
     assert rec["status"] == "partial" and "NaN/inf" in rec["modalities"]["text"]["error"]
@@ -157,7 +159,12 @@ def test_manifest_problems_reported_together_before_work(tmp_path, tiny_cfg):
         run_extract(manifest, MEDIA, tmp_path / "out", tiny_cfg())
     msg = str(err.value)
     assert "6 problem(s)" not in msg and "nothing was extracted" in msg
-    for needle in ("duplicate key 'g__a'", "unknown split 'holdout'", "escapes the media root", "end 2.0 must be after start 5.0"):
+    for needle in (
+        "duplicate key 'g__a'",
+        "unknown split 'holdout'",
+        "escapes the media root",
+        "end 2.0 must be after start 5.0",
+    ):
         assert needle in msg
     assert msg.count("escapes the media root") == 2
     assert not (tmp_path / "out").exists()
@@ -183,7 +190,9 @@ def test_disk_full_stops_cleanly_and_rerun_resumes(tmp_path, tiny_text_model, ti
     assert "Traceback" not in res.stderr
     assert not list(out.glob("*.tmp-*"))
     assert sorted(p.name for p in out.glob("train-*")) == ["train-000000.json", "train-000000.tar"]
-    res = subprocess.run([sys.executable, "-m", "train.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-m", "train.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 0, res.stderr
     assert load_dataset_json(out)["samples"] == 4
 

@@ -88,7 +88,11 @@ def test_train_only_statistics(bundled_dataset):
     ds = load_dataset_json(bundled_dataset)
     samples = all_samples(bundled_dataset)
     train = [s for s in samples.values() if s["meta.json"]["split"] == "train"]
-    for member, mask in (("text_feat.npy", None), ("audio_feat.npy", "audio_mask.npy"), ("video_lmk.npy", "video_mask.npy")):
+    for member, mask in (
+        ("text_feat.npy", None),
+        ("audio_feat.npy", "audio_mask.npy"),
+        ("video_lmk.npy", "video_mask.npy"),
+    ):
         rows = np.concatenate(
             [s[member].astype(np.float64).reshape(len(s[member]), -1)[s[mask] if mask else slice(None)] for s in train]
         )
@@ -133,7 +137,10 @@ def test_transcript_only_extraction_needs_no_media(tmp_path, tiny_cfg):
 
     manifest = write_manifest(
         tmp_path / "t.csv",
-        [{"video_id": "v", "clip_id": str(i), "text": t, "mode": "train"} for i, t in enumerate(["héllo wörld ünïcode", "日本語のテキスト", "ok"])],
+        [
+            {"video_id": "v", "clip_id": str(i), "text": t, "mode": "train"}
+            for i, t in enumerate(["héllo wörld ünïcode", "日本語のテキスト", "ok"])
+        ],
     )
     run_extract(manifest, None, tmp_path / "out", tiny_cfg(modalities=("text",)))
     ds = load_dataset_json(tmp_path / "out")

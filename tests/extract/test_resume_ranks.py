@@ -21,7 +21,13 @@ CLIPS = ["grid/bbaf2n.mpg", "grid/pwij3p.mpg", "grid/id2_vcd_swwp2s.mpg"]
 def many_rows(n: int) -> list[dict]:
     splits = ["train", "train", "valid", "test"]
     return [
-        {"video_id": f"v{i % 3}", "clip_id": f"c{i}", "text": f"clip number {i}", "mode": splits[i % 4], "path": CLIPS[i % 3]}
+        {
+            "video_id": f"v{i % 3}",
+            "clip_id": f"c{i}",
+            "text": f"clip number {i}",
+            "mode": splits[i % 4],
+            "path": CLIPS[i % 3],
+        }
         for i in range(n)
     ]
 
