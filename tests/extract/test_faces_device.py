@@ -1,0 +1,71 @@
+"""Several faces in a frame, and the CUDA path (skipped without a GPU)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import MEDIA
+
+from extract.decode import VideoFrames, clip_window, probe
+from extract.extractors.base import DecodedClip
+from extract.extractors.facemesh import FaceMeshExtractor
+from extract.manifest import Clip
+
+
+def two_face_video(path, n=12):
+    """Side by side: speaker A (pwij3p, left, at 80 %) and speaker B (bbaf2n, right, full size)."""
+    import av
+    import cv2
+
+    def frames(name):
+        with av.open(str(MEDIA / "grid" / name)) as c:
+            return [f.to_ndarray(format="rgb24") for _, f in zip(range(n), c.decode(video=0), strict=False)]
+
+    left, right = frames("pwij3p.mpg"), frames("bbaf2n.mpg")
+    with av.open(str(path), "w") as out:
+        s = out.add_stream("mpeg4", rate=25)
+        s.width, s.height, s.pix_fmt = 720, 288, "yuv420p"
+        for a, b in zip(left, right, strict=True):
+            small = np.zeros_like(a)
+            small[29:259, 36:324] = cv2.resize(a, (288, 230))  # speaker A at 80 %
+            img = np.concatenate([small, b], axis=1)
+            for packet in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")):
+                out.mux(packet)
+        for packet in s.encode():
+            out.mux(packet)
+
+
+def landmarks(path, max_faces):
+    p = probe(path)
+    t0, t1 = clip_window(p, None, None)
+    d = DecodedClip(Clip("k", "v", "c", "train", "", 1, path=path))
+    d.frames = VideoFrames(path, p, t0, t1, None)
+    return FaceMeshExtractor(max_faces=max_faces)([d])[0], d.info["video"]
+
+
+def test_several_faces_keeps_the_largest_and_counts_them(tmp_path):
+    path = tmp_path / "two.mp4"
+    two_face_video(path)
+    out, info = landmarks(path, max_faces=2)
+    assert out["video_mask.npy"].all() and info["multi_face_frames"] == len(out["video_mask.npy"]) == 12
+    centre_x = out["video_norm.npy"][:, 0]
+    assert (centre_x > 360).all()  # the larger face, on the right half
+    _, info_one = landmarks(path, max_faces=1)
+    assert info_one["multi_face_frames"] == 0
+
+
+@pytest.mark.gpu
+def test_extract_on_cuda(tmp_path, tiny_cfg):
+    from conftest import bundled_rows, write_manifest
+
+    from extract.pipeline import run_extract
+    from shards import iter_shard
+
+    manifest = write_manifest(tmp_path / "m.csv", bundled_rows()[:2])
+    run_extract(manifest, MEDIA, tmp_path / "cpu", tiny_cfg(modalities=("text", "audio")))
+    run_extract(manifest, MEDIA, tmp_path / "gpu", tiny_cfg(modalities=("text", "audio"), device="cuda"))
+    cpu = {s["__key__"]: s for s in iter_shard(next((tmp_path / "cpu").glob("*.tar")))}
+    gpu = {s["__key__"]: s for s in iter_shard(next((tmp_path / "gpu").glob("*.tar")))}
+    for key, s in cpu.items():
+        for member in ("text_feat.npy", "audio_feat.npy"):
+            np.testing.assert_allclose(s[member].astype(np.float32), gpu[key][member].astype(np.float32), atol=2e-2)
