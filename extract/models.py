@@ -59,8 +59,9 @@ def resolve_model(model_id: str, kind: str) -> Path:
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(f"{kind} model directory {path} has no config.json; expected a saved model")
         return path.resolve()
-    if model_id in bundled_models():
-        return bundled_models()[model_id]
+    bundled = bundled_models()
+    if model_id in bundled:
+        return bundled[model_id]
     try:
         from huggingface_hub import snapshot_download
 

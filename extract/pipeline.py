@@ -7,6 +7,7 @@ incomplete ones redone, and every clip ends up exactly once.
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing as mp
 import time
@@ -165,8 +166,6 @@ def _check_out_dir(out: Path, fs_hash: str, overwrite: bool) -> None:
     path = out / DATASET_JSON
     if overwrite or not path.is_file():
         return
-    import json
-
     try:
         old = json.loads(path.read_text()).get("feature_set_hash")
     except (OSError, ValueError):
