@@ -199,7 +199,11 @@ def _pooled(
 ) -> Iterator[tuple[ShardPlan, list[DecodedClip]]]:
     window = max(4, 4 * workers)
     ctx = mp.get_context("spawn")  # the parent holds torch threads; forking it is unsafe
-    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker, initargs=(settings, True))
+
+    def new_pool() -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker, initargs=(settings, True))
+
+    pool = new_pool()
     pending: list[tuple[int, Future]] = []
     attempts = [0] * len(jobs)
     nxt = 0
@@ -216,7 +220,7 @@ def _pooled(
                 # A decoder crashed the worker (corrupt media can do that). Restart and retry every clip in
                 # flight once; a clip that crashes twice is recorded as skipped.
                 pool.shutdown(cancel_futures=True)
-                pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker, initargs=(settings, True))
+                pool = new_pool()
                 retry = [i] + [j for j, _ in pending]
                 pending = []
                 decoded = None

@@ -161,9 +161,8 @@ def _accumulate(stats: dict[str, RunningStats], sample: dict[str, Any]) -> None:
     for modality, member in FEATURE_MEMBERS.items():
         if member not in sample:
             continue
-        rows = np.asarray(sample[member], dtype=np.float64)
+        rows = sample[member]
         mask_member = MASK_MEMBERS.get(modality)
         if mask_member is not None:
             rows = rows[np.asarray(sample[mask_member], dtype=bool)]
-        rows = rows.reshape(len(rows), int(np.prod(rows.shape[1:])))
         stats.setdefault(member, RunningStats()).update(rows)

@@ -17,7 +17,7 @@ class RunningStats:
     m2: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     def update(self, rows: np.ndarray) -> None:
-        """Add rows ``(N, D)`` (already restricted to valid frames)."""
+        """Add rows ``(N, ...)``, each flattened to one vector (already restricted to valid frames)."""
         if len(rows) == 0:
             return
         rows = np.asarray(rows, dtype=np.float64).reshape(len(rows), -1)
