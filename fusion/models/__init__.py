@@ -1,0 +1,1 @@
+"""One self-contained file per fusion model; ``fusion.MODELS`` is the registry."""
