@@ -12,6 +12,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("GLOG_minloglevel", "2")
 
+
+def pytest_configure(config):
+    import torch
+
+    # The tests use tiny models: one intra-op thread is as fast, and it does not oversubscribe the cores
+    # that extraction worker processes (and parallel jobs) share.
+    torch.set_num_threads(1)
+
+
 ROOT = Path(__file__).resolve().parents[1]
 MEDIA = ROOT / "examples" / "media"
 TEXT_DIM, AUDIO_DIM = 21, 27

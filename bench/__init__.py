@@ -1,0 +1,1 @@
+"""Benchmarks (``mmfuse bench`` and ``python -m bench.synthetic``); results go to BENCHMARKS.md."""
