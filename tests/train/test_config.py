@@ -1,0 +1,69 @@
+"""Training settings: every shipped preset loads and builds its model; overrides and errors name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+import fusion
+from train.config import PRESETS, TrainConfigError, check_model_settings, make_train_config, preset_path
+
+DIMS = {"text": 21, "audio": 27, "video": 1438}
+
+
+def test_every_model_has_a_preset() -> None:
+    assert {p.stem for p in PRESETS.glob("*.yaml")} == set(fusion.MODELS)
+
+
+@pytest.mark.parametrize("name", sorted(fusion.MODELS))
+def test_every_preset_loads_and_builds(name: str) -> None:
+    config = make_train_config(name)
+    assert config.model == name
+    check_model_settings(config, DIMS)
+    model = fusion.build_model(name, **config.model_kwargs(DIMS))
+    assert model.config.dims == DIMS
+
+
+def test_precedence_defaults_preset_file_cli(tmp_path) -> None:
+    extra = tmp_path / "mine.yaml"
+    extra.write_text("lr: 0.005\nbatch_size: 8\nmodel_settings:\n  hidden: 24\n")
+    config = make_train_config("ithp", extra, ["batch_size=4", "model.beta=16", "modalities=text,audio"])
+    assert config.lr == 0.005  # file over preset (1e-4)
+    assert config.batch_size == 4  # command line over file
+    assert config.model_settings["hidden"] == 24 and config.model_settings["beta"] == 16
+    assert config.model_settings["gamma"] == 32.0  # from the preset
+    assert config.modalities == ("text", "audio")
+    assert config.encoder_lr == 1e-5 and config.mode == "frozen"
+
+
+def test_every_problem_is_reported_with_its_key() -> None:
+    with pytest.raises(TrainConfigError) as info:
+        make_train_config("late", overrides=["lr=fast", "epochs=0", "bogus=1", "model.hiden=3", "mode=e2e"])
+    message = str(info.value)
+    assert "unknown setting 'bogus'" in message
+    assert "lr: 'fast' is not a number" in message
+    with pytest.raises(TrainConfigError) as info:
+        make_train_config("late", overrides=["epochs=0", "model.hiden=3", "mode=e2e", "model.task=x"])
+    message = str(info.value)
+    assert "epochs: must be >= 1, got 0" in message
+    assert "model.hiden: not a setting of late" in message
+    assert "mode: must be one of frozen, end_to_end" in message
+    assert "model.task: not a setting of late (set it at the top level)" in message
+
+
+def test_unknown_model_and_bad_override() -> None:
+    with pytest.raises(TrainConfigError, match="model: unknown 'ithq'; valid models: bc_pmjrs"):
+        make_train_config("ithq")
+    with pytest.raises(TrainConfigError, match="is not KEY=VALUE"):
+        make_train_config("late", overrides=["lr"])
+
+
+def test_model_settings_checked_against_dims() -> None:
+    config = make_train_config("late", overrides=["model.hidden=10", "model.num_heads=3"])
+    with pytest.raises(TrainConfigError, match=r"hidden \(10\) must be a positive multiple of num_heads \(3\)"):
+        check_model_settings(config, DIMS)
+
+
+def test_presets_hold_overrides_only() -> None:
+    for name in fusion.MODELS:
+        text = preset_path(name).read_text()
+        assert "dims" not in text and "task:" not in text, name

@@ -1,0 +1,214 @@
+"""Typed training settings: dataclass defaults <- the model's YAML preset <- ``--config FILE`` <- ``key=value``.
+
+YAML files hold overrides only. Keys of the fusion model's own ``Config`` (``fusion.MODELS[name].Config``:
+hidden, num_layers, beta, ...) go under ``model_settings`` in YAML, or as ``model.KEY=VALUE`` on the command
+line. Every problem (unknown key, bad value) is collected and reported at once, naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import fusion
+from fusion.base import FusionConfigError
+
+PRESETS = Path(__file__).resolve().parent / "configs"
+MODES = ("frozen", "end_to_end")
+AMP = ("auto", "off", "bf16", "fp16")
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+class TrainConfigError(ValueError):
+    """Invalid training settings; the message names every bad key and the valid ones."""
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of ``mmfuse train``. Documented defaults; presets and flags override them."""
+
+    model: str = "late"  # a name in fusion.MODELS
+    model_settings: dict[str, Any] = field(default_factory=dict)  # overrides of the model's Config
+    mode: str = "frozen"  # frozen: features from the shards | end_to_end: text ids / waveform through the encoders
+    modalities: tuple[str, ...] = ("text", "audio", "video")
+    task: str = "regression"  # regression | classification | multilabel
+    num_classes: int = 1
+    label_key: str = ""  # which meta label is the target ("" = the dataset's main label)
+    epochs: int = 10
+    max_steps: int = 0  # > 0: stop after this many optimiser steps
+    batch_size: int = 32
+    num_workers: int = 2
+    shuffle_buffer: int = 256
+    lr: float = 1e-3  # fusion model
+    encoder_lr: float = 2e-5  # text / audio encoders in end-to-end mode
+    weight_decay: float = 0.01
+    schedule: str = "cosine"  # cosine | linear | constant, after warm-up
+    warmup_steps: int = 0
+    grad_accum: int = 1  # micro-batches per optimiser step
+    clip_norm: float = 1.0  # 0 disables clipping
+    amp: str = "auto"  # auto (bf16 on CUDA when supported, off on CPU) | off | bf16 | fp16
+    grad_checkpointing: bool = False  # encoders, end-to-end mode
+    unfreeze_top_k: int = -1  # end-to-end: train only the top k encoder layers (-1 all, 0 none)
+    unfreeze_after: int = 0  # end-to-end: encoders stay frozen for this many optimiser steps
+    eval_every: int = 1  # epochs between validation passes
+    log_every: int = 10  # optimiser steps between training log lines
+    checkpoint_every: int = 0  # optimiser steps between mid-epoch checkpoints (0: end of each epoch only)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    compile: bool = False  # torch.compile the fusion model
+    skip_bad_samples: bool = False
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.model not in fusion.MODELS:
+            out.append(f"model: unknown {self.model!r}; valid models: {', '.join(sorted(fusion.MODELS))}")
+        if self.mode not in MODES:
+            out.append(f"mode: must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if not self.modalities or set(self.modalities) - set(fusion.MODALITIES):
+            out.append(f"modalities: must be a non-empty subset of {', '.join(fusion.MODALITIES)}")
+        if self.amp not in AMP:
+            out.append(f"amp: must be one of {', '.join(AMP)}, got {self.amp!r}")
+        if self.schedule not in SCHEDULES:
+            out.append(f"schedule: must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        for name in ("epochs", "batch_size", "grad_accum", "eval_every", "log_every"):
+            if getattr(self, name) < 1:
+                out.append(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "num_workers", "warmup_steps", "unfreeze_after", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                out.append(f"{name}: must be >= 0, got {getattr(self, name)}")
+        for name in ("lr", "encoder_lr"):
+            if not getattr(self, name) > 0:
+                out.append(f"{name}: must be > 0, got {getattr(self, name)}")
+        if self.clip_norm < 0 or self.weight_decay < 0:
+            out.append("clip_norm and weight_decay must be >= 0")
+        if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
+            out.append(f"device: {self.device!r} must be auto, cpu, cuda or cuda:N")
+        if self.model in fusion.MODELS:
+            known = {f.name for f in dataclasses.fields(fusion.MODELS[self.model].Config)}
+            shared = {"dims", "task", "num_classes"}  # set from the shards and the task, not here
+            for key in sorted(set(self.model_settings) - (known - shared)):
+                hint = " (set it at the top level)" if key in shared else ""
+                out.append(
+                    f"model.{key}: not a setting of {self.model}{hint}; valid: {', '.join(sorted(known - shared))}"
+                )
+        return out
+
+    def model_kwargs(self, dims: dict[str, int]) -> dict[str, Any]:
+        """Settings for ``fusion.build_model``: the overrides plus dims and task from the data."""
+        return {**self.model_settings, "dims": dims, "task": self.task, "num_classes": self.num_classes}
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["modalities"] = list(self.modalities)
+        return out
+
+
+def _parse_override(token: str) -> tuple[str, Any]:
+    if "=" not in token:
+        raise TrainConfigError(f"override {token!r} is not KEY=VALUE")
+    key, raw = token.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _coerce(tp: Any, value: Any) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is tuple:
+        items = value.split(",") if isinstance(value, str) else list(value)
+        return tuple(str(v).strip() for v in items if str(v).strip())
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{value!r} is not a mapping")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{value!r} is not a boolean (true/false)")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{value!r} is not an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{value!r} is not a number")
+        return float(value)
+    if tp is str:
+        return str(value)
+    raise ValueError(f"unsupported type {tp}") if args else value
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise TrainConfigError(f"cannot read config {path}: {exc}") from exc
+    if not isinstance(loaded, dict):
+        raise TrainConfigError(f"config {path} must be a mapping of setting: value")
+    return loaded
+
+
+def preset_path(model: str) -> Path:
+    """The shipped YAML preset of a model (overrides only)."""
+    return PRESETS / f"{model}.yaml"
+
+
+def make_train_config(
+    model: str | None = None,
+    config_file: Path | str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    base: dict[str, Any] | None = None,
+) -> TrainConfig:
+    """Defaults <- ``base`` (e.g. a checkpoint's config) <- the model's preset <- ``config_file`` <- overrides."""
+    values: dict[str, Any] = dict(base or {})
+    settings: dict[str, Any] = dict(values.pop("model_settings", {}) or {})
+    layers: list[dict[str, Any]] = []
+    name = model or values.get("model") or "late"
+    if preset_path(name).is_file() and base is None:
+        layers.append(_read_yaml(preset_path(name)))
+    if config_file is not None:
+        layers.append(_read_yaml(Path(config_file)))
+    cli: dict[str, Any] = {"model_settings": {}}
+    for token in overrides:
+        key, value = _parse_override(token)
+        if key.startswith("model."):
+            cli["model_settings"][key[len("model.") :]] = value
+        else:
+            cli[key] = value
+    layers.append(cli)
+    for layer in layers:
+        layer = dict(layer)
+        settings.update(layer.pop("model_settings", {}) or {})
+        values.update(layer)
+    if model is not None:
+        values["model"] = model
+    values["model_settings"] = settings
+    hints = typing.get_type_hints(TrainConfig)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    problems = [f"unknown setting {k!r}" for k in sorted(set(values) - fields)]
+    kwargs: dict[str, Any] = {}
+    for key in sorted(set(values) & fields):
+        try:
+            kwargs[key] = _coerce(hints[key], values[key])
+        except ValueError as exc:
+            problems.append(f"{key}: {exc}")
+    if not problems:
+        problems = TrainConfig(**kwargs).problems()
+    if problems:
+        raise TrainConfigError("invalid training settings:\n  " + "\n  ".join(problems))
+    return TrainConfig(**kwargs)
+
+
+def check_model_settings(config: TrainConfig, dims: dict[str, int]) -> None:
+    """Build-time validation of the model settings against the data's dims (raises TrainConfigError)."""
+    try:
+        fusion.make_config(fusion.MODELS[config.model].Config, config.model_kwargs(dims))
+    except FusionConfigError as exc:
+        raise TrainConfigError(f"model settings: {exc}") from exc

@@ -1,0 +1,175 @@
+"""Trainable text and audio encoders for end-to-end fine-tuning from the raw inputs stored in the shards.
+
+Each wrapper loads exactly the model of the shards' feature set (``dataset.json``: model id or path, layer,
+normalisation, chunking) and computes the same features extraction stored, but with gradients:
+
+- ``TextEncoder``: ``text_ids`` (B, T) int64 + ``text_ids_mask`` -> hidden states of the configured layer
+  (B, T, Dt);
+- ``AudioEncoder``: ``audio_wave`` (B, N) float in [-1, 1] + ``audio_wave_mask`` -> wav2vec 2.0 frames of the
+  configured layer (B, Ta, Da): per-clip convolutional front end (so padding never changes a clip's
+  features), one masked transformer pass, clips longer than the extraction chunk encoded chunk by chunk.
+
+A test checks that, at initialisation, both reproduce the features stored in the shards. Weights are
+checked against the feature set's weight hash, so fine-tuning always starts from the extraction model.
+``set_trainable(top_k)`` freezes everything but the top ``top_k`` transformer layers (-1: all, 0: none).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from extract.extractors.audio import build_random_wav2vec2
+from extract.models import RANDOM_PREFIX, resolve_model, weights_hash
+from shards.schema import SAMPLE_RATE
+
+log = logging.getLogger(__name__)
+
+
+class EncoderMismatch(RuntimeError):
+    """The encoder found for end-to-end training is not the one the shards were extracted with."""
+
+
+def _check_hash(module: nn.Module, provenance: Mapping[str, Any], what: str) -> None:
+    expected = provenance.get("weights_sha256")
+    if expected and weights_hash(module) != expected:
+        raise EncoderMismatch(
+            f"{what} model {provenance.get('model')!r} found locally has different weights from the one the shards "
+            f"were extracted with (weights hash {expected}); point to the same checkpoint or re-extract"
+        )
+
+
+def _layer_index(layer: int, num_layers: int) -> int:
+    """0-based index into the transformer layers for a 1-based (or negative, from the end) layer number."""
+    return layer - 1 if layer > 0 else num_layers + layer
+
+
+def _set_top_k(layers: nn.ModuleList, everything: nn.Module, top_k: int) -> None:
+    if top_k < 0:
+        everything.requires_grad_(True)
+        return
+    everything.requires_grad_(False)
+    for layer in list(layers)[len(layers) - top_k :] if top_k else []:
+        layer.requires_grad_(True)
+
+
+class TextEncoder(nn.Module):
+    """The feature set's text transformer with gradients. forward(ids (B, T), mask (B, T)) -> (B, T, Dt)."""
+
+    def __init__(self, provenance: Mapping[str, Any], gradient_checkpointing: bool = False) -> None:
+        super().__init__()
+        from transformers import AutoModel
+
+        path = resolve_model(str(provenance["model"]), "text")
+        self.model = AutoModel.from_pretrained(path, local_files_only=True)
+        _check_hash(self.model, provenance, "text")
+        self.layer = int(provenance.get("layer", -1))
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.layers = self.model.encoder.layer
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    def set_trainable(self, top_k: int) -> None:
+        _set_top_k(self.layers, self.model, top_k)
+
+    def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
+        out = self.model(input_ids=ids.long(), attention_mask=mask.long(), output_hidden_states=self.layer != -1)
+        return out.last_hidden_state if self.layer == -1 else out.hidden_states[self.layer]
+
+
+class AudioEncoder(nn.Module):
+    """The feature set's wav2vec 2.0-family model with gradients.
+
+    forward(wave (B, N) float in [-1, 1], mask (B, N)) -> (frames (B, Ta, Da), frame counts (B,)).
+    """
+
+    def __init__(self, provenance: Mapping[str, Any], gradient_checkpointing: bool = False) -> None:
+        super().__init__()
+        model_id = str(provenance["model"])
+        if model_id.startswith(RANDOM_PREFIX):
+            self.model = build_random_wav2vec2(model_id[len(RANDOM_PREFIX) :])
+        else:
+            from transformers import AutoModel
+
+            self.model = AutoModel.from_pretrained(resolve_model(model_id, "audio"), local_files_only=True)
+        _check_hash(self.model, provenance, "audio")
+        cfg = self.model.config
+        self.layer = int(provenance.get("layer", -1))
+        self.do_normalize = bool(provenance.get("do_normalize", True))
+        self.stride = int(provenance.get("frame_stride_samples", 320))
+        self.chunk = int(provenance.get("chunk_samples", 30 * SAMPLE_RATE))
+        self.receptive = _receptive_field(cfg.conv_kernel, cfg.conv_stride)
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.layers = self.model.encoder.layers
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    def set_trainable(self, top_k: int) -> None:
+        _set_top_k(self.layers, self.model, top_k)
+
+    def forward(self, wave: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        m = self.model
+        pieces: list[tuple[int, Tensor]] = []  # (clip index, normalised chunk)
+        for i in range(wave.shape[0]):
+            w = wave[i, : int(mask[i].sum())].float()
+            if w.numel() < self.receptive:  # shorter than one frame: padded as extraction does
+                w = torch.nn.functional.pad(w, (0, self.receptive - w.numel()))
+            if self.do_normalize:
+                w = (w - w.mean()) / torch.sqrt(w.var(unbiased=False) + 1e-7)
+            for lo in range(0, w.numel(), self.chunk):
+                piece = w[lo : lo + self.chunk]
+                if piece.numel() >= self.receptive or lo == 0:
+                    pieces.append((i, piece))
+        projected = []
+        for _, piece in pieces:
+            conv = m.feature_extractor(piece[None]).transpose(1, 2)
+            proj = m.feature_projection(conv)
+            projected.append((proj[0] if isinstance(proj, tuple) else proj)[0])
+        lengths = torch.tensor([p.shape[0] for p in projected], device=wave.device)
+        hidden = torch.nn.utils.rnn.pad_sequence(projected, batch_first=True)
+        attn = torch.arange(hidden.shape[1], device=wave.device)[None] < lengths[:, None]
+        captured: list[Tensor] = []
+        hook = None
+        if self.layer != -1:
+            layer = self.layers[_layer_index(self.layer, len(self.layers))]
+            hook = layer.register_forward_hook(_Capture(captured))
+        try:
+            out = m.encoder(hidden, attention_mask=attn)
+        finally:
+            if hook is not None:
+                hook.remove()
+        states = captured[-1] if captured else out.last_hidden_state
+        per_clip: list[list[Tensor]] = [[] for _ in range(wave.shape[0])]
+        for k, (i, _) in enumerate(pieces):
+            per_clip[i].append(states[k, : int(lengths[k])])
+        frames = [torch.cat(parts) for parts in per_clip]
+        counts = torch.tensor([f.shape[0] for f in frames], device=wave.device)
+        return torch.nn.utils.rnn.pad_sequence(frames, batch_first=True), counts
+
+
+class _Capture:
+    """Forward hook keeping a layer's output (a class, not a lambda, so the module stays picklable)."""
+
+    def __init__(self, store: list[Tensor]) -> None:
+        self.store = store
+
+    def __call__(self, _module: nn.Module, _inputs: Any, output: Any) -> None:
+        self.store.append(output[0] if isinstance(output, tuple) else output)
+
+
+def _receptive_field(kernels, strides) -> int:
+    field, jump = 1, 1
+    for k, s in zip(kernels, strides, strict=True):
+        field += (k - 1) * jump
+        jump *= s
+    return field
