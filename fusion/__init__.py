@@ -11,10 +11,22 @@ from __future__ import annotations
 from typing import Any
 
 from fusion.base import MODALITIES, TASKS, FusionConfig, FusionConfigError, FusionModel, FusionOutput, make_config
+from fusion.models.bc_pmjrs import BCPMJRS
+from fusion.models.early import EarlyFusion
+from fusion.models.ithp import ITHP
 from fusion.models.late import LateFusion
+from fusion.models.mim import MIM
+from fusion.models.mult import MulT
+from fusion.models.tcmax import TCMax
 
 MODELS: dict[str, type[FusionModel]] = {
     "late": LateFusion,
+    "bc_pmjrs": BCPMJRS,
+    "mult": MulT,
+    "mim": MIM,
+    "ithp": ITHP,
+    "early": EarlyFusion,
+    "tcmax": TCMax,
 }
 
 

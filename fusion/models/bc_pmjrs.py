@@ -1,0 +1,277 @@
+"""BC-PMJRS (Qin, Liu, Zong, Neural Networks 2025), our reconstruction (reference/methods.md section 2.6).
+
+Only the abstract is public and the released code cannot run (below), so every choice here is ours:
+
+1. Per modality m: x_m (B, T_m, D_m) -> ``SequenceEncoder`` -> local tokens (B, T_m, H).
+2. Global tokens: ``AttentionPool`` with G learned queries per modality -> (B, G, H), computed per sample.
+3. Global-local interaction: the local tokens of m cross-attend (``CrossModalBlock``) to the G global tokens of
+   every OTHER modality the same sample has, (B, G * (M - 1), H). Cost O(T G H) instead of MulT's O(T_i T_j H).
+4. z_m = masked mean over time (B, H); p_m = Linear_m(z_m) projects into the joint space (our reading of the
+   "predefined joint representation space": a plain linear projection).
+5. Importance fusion: a per-modality MLP scores p_m; a softmax over the modalities each sample HAS gives the
+   weights; z_joint = sum_m w_m p_m (B, H). ``fusion="mean"`` averages the present p_m instead.
+6. Head: residual MLP, out = Linear(z_joint + MLP(z_joint)) -> (B,) regression, (B, C) / (B, K) logits.
+
+Losses (named; their sum is the objective; the lambdas are buffers, see LTP/LTD below):
+
+- ``task``: L1 (regression), cross-entropy (classification) or binary cross-entropy (multilabel);
+- ``mi_min`` = lambda_min * mean over modality pairs (i, j) of the CLUB upper bound on I(z_i; z_j), over the
+  samples that have both (a pair with fewer than 2 such samples is skipped). q is called frozen
+  (``frozen_call``), so this term trains only the encoders, never q;
+- ``club_fit`` = sum over pairs of CLUB's negative log-likelihood of q(z_j | z_i) with z detached: it trains only
+  the q networks (parameter group ``club``). One backward of the sum therefore gives each group its own gradient;
+- ``mi_max`` = lambda_max * InfoNCE loss between z_joint and a label embedding e(y) (MLP on the scalar label,
+  ``nn.Embedding`` for classes, Linear on the multi-hot vector), the other samples of the batch as negatives.
+
+LTP/LTD (methods.md 2.6 option B): ``end_epoch(val_metrics)`` reads ``val_metrics["task_loss"]`` (the mean
+validation task loss). If it improved on the best so far (LTP; the first epoch always does) lambda_max *= 1 + eta
+and lambda_min *= 1 - eta, otherwise (LTD) the reverse; both are clipped to ``weight_bounds``; after
+``reset_after`` consecutive moves in one direction both return to their initial values. A weight configured as 0
+stays 0. The weights, best loss and streak are buffers, so checkpoints carry them.
+
+Defects of the released code (methods.md 2.5) this reconstruction fixes: (1) the optimiser wrapper crashes at the
+first step -> plain parameter groups, the rule acts on loss weights; (2) MI_min is a clamped -BCE, identically 0
+with no gradient -> a CLUB upper bound with its own fitting loss; (3) MI_max is hard-coded to 0 -> InfoNCE with
+the label; (4) the modality-weight LTP/LTD rescales all weights equally (a no-op) -> it moves lambda_min and
+lambda_max in opposite directions; (5) the global-local step softmaxes over the BATCH axis, so a prediction
+depends on the other samples -> attention is per sample; (6) half of each modality vector is thrown away -> none
+is; (7) no missing-modality handling -> masks everywhere, absent modalities leave attention, fusion and MI terms.
+We also drop the full MulT cross-modal stack the released model runs after the global-local step, so the
+global-local interaction really is the cheap path.
+
+``faithful=True`` restores only defect 5: every token attends to the global tokens of every sample in the batch
+(the released ``[T, B, B]`` score pattern), so predictions depend on batch composition. Defects 1-4 would disable
+the method altogether and are not reproducible in a meaningful way; the rest of the model is unchanged.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from fusion.base import FusionConfig, FusionModel, FusionOutput, Inputs
+from fusion.estimators import CLUB, InfoNCE
+from fusion.layers import AttentionPool, CrossModalBlock, SequenceEncoder, frozen_call, masked_mean, task_loss
+
+VAL_LOSS_KEY = "task_loss"  # the validation metric end_epoch reads
+FUSIONS = ("importance", "mean")
+
+
+class MissingMetricError(KeyError):
+    """``end_epoch`` was given validation metrics without the key the LTP/LTD rule reads."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+@dataclass
+class BCPMJRSConfig(FusionConfig):
+    num_global: int = 2  # G: global tokens per modality (attention pooling, per sample)
+    lambda_min: float = 0.1  # initial weight of the CLUB MI-min term (0 = off; the rule keeps it 0)
+    lambda_max: float = 0.1  # initial weight of the InfoNCE MI-max term (0 = off; the rule keeps it 0)
+    ltp_eta: float = 0.1  # LTP/LTD step: a weight moves by a factor (1 +- eta) per epoch (0 = fixed weights)
+    weight_bounds: tuple[float, float] = (0.01, 1.0)  # the rule clips both weights to [low, high]
+    reset_after: int = 10  # consecutive same-direction moves after which both weights return to their initial values
+    club_hidden: int = 64  # hidden width of each CLUB q network (mean and log-variance MLPs)
+    label_embed: int = 32  # width of the label embedding e(y) the InfoNCE term pairs with z_joint
+    fusion: str = "importance"  # importance (softmax weights over present modalities) | mean (over present ones)
+
+    def problems(self) -> list[str]:
+        out = super().problems()
+        if self.num_global < 1:
+            out.append(f"num_global: must be >= 1, got {self.num_global}")
+        bounds = tuple(self.weight_bounds) if isinstance(self.weight_bounds, (list, tuple)) else ()
+        if len(bounds) != 2 or not 0.0 <= bounds[0] <= bounds[1]:
+            out.append(f"weight_bounds: must be (low, high) with 0 <= low <= high, got {self.weight_bounds!r}")
+        for name in ("lambda_min", "lambda_max"):
+            value = getattr(self, name)
+            if value < 0:
+                out.append(f"{name}: must be >= 0, got {value}")
+            elif value > 0 and len(bounds) == 2 and not bounds[0] <= value <= bounds[1]:
+                out.append(f"{name}: must be 0 (off) or inside weight_bounds {tuple(bounds)}, got {value}")
+        if not 0.0 <= self.ltp_eta < 1.0:
+            out.append(f"ltp_eta: must be in [0, 1), got {self.ltp_eta}")
+        if self.reset_after < 1:
+            out.append(f"reset_after: must be >= 1, got {self.reset_after}")
+        if self.club_hidden < 1:
+            out.append(f"club_hidden: must be >= 1, got {self.club_hidden}")
+        if self.label_embed < 1:
+            out.append(f"label_embed: must be >= 1, got {self.label_embed}")
+        if self.fusion not in FUSIONS:
+            out.append(f"fusion: must be one of {', '.join(FUSIONS)}, got {self.fusion!r}")
+        return out
+
+
+class BCPMJRS(FusionModel):
+    Config = BCPMJRSConfig
+
+    def __init__(self, config: BCPMJRSConfig) -> None:
+        super().__init__(config)
+        c, h = config, config.hidden
+        multi = len(self.modalities) > 1
+        self.encoders = nn.ModuleDict(
+            {m: SequenceEncoder(c.dims[m], h, c.num_layers, c.num_heads, c.dropout) for m in self.modalities}
+        )
+        # A single modality has no other modality to interact with: no global tokens, no importance weights.
+        others = self.modalities if multi else ()
+        self.global_pools = nn.ModuleDict({m: AttentionPool(h, c.num_global, c.num_heads, c.dropout) for m in others})
+        self.cross = nn.ModuleDict({m: CrossModalBlock(h, c.num_heads, c.dropout) for m in others})
+        self.joint_proj = nn.ModuleDict({m: nn.Linear(h, h) for m in self.modalities})
+        scored = others if c.fusion == "importance" else ()
+        self.importance = nn.ModuleDict(
+            {m: nn.Sequential(nn.Linear(h, max(h // 2, 1)), nn.ReLU(), nn.Linear(max(h // 2, 1), 1)) for m in scored}
+        )
+        self.head_mlp = nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Dropout(c.dropout), nn.Linear(h, h))
+        self.head_out = nn.Linear(h, c.out_dim)
+        self.pairs = list(itertools.combinations(self.modalities, 2))
+        self.clubs = nn.ModuleDict({f"{a}_{b}": CLUB(h, h, c.club_hidden) for a, b in self.pairs})
+        if c.task == "regression":
+            self.label_embedding: nn.Module = nn.Sequential(
+                nn.Linear(1, c.label_embed), nn.ReLU(), nn.Linear(c.label_embed, c.label_embed)
+            )
+        elif c.task == "classification":
+            self.label_embedding = nn.Embedding(c.num_classes, c.label_embed)
+        else:
+            self.label_embedding = nn.Linear(c.num_classes, c.label_embed)
+        self.infonce = InfoNCE(h, c.label_embed, critic="separable", hidden_dim=h)
+        self.register_buffer("lambda_min", torch.tensor(float(c.lambda_min)))
+        self.register_buffer("lambda_max", torch.tensor(float(c.lambda_max)))
+        self.register_buffer("best_task_loss", torch.tensor(float("inf")))
+        self.register_buffer("ltp_streak", torch.tensor(0, dtype=torch.long))  # +n: n LTP moves in a row; -n: LTD
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """``model`` (everything but the q networks) and ``club`` (the CLUB q networks, fitted by ``club_fit``)."""
+        club = {id(p) for p in self.clubs.parameters()}
+        model = [p for p in self.parameters() if p.requires_grad and id(p) not in club]
+        groups = [{"name": "model", "params": model, "lr": lr}]
+        if club:
+            groups.append({"name": "club", "params": [p for p in self.clubs.parameters() if p.requires_grad], "lr": lr})
+        return groups
+
+    def forward(self, batch: dict[str, Tensor]) -> FusionOutput:
+        inputs = self.prepare(batch)
+        local = {m: self.encoders[m](inputs.feats[m], inputs.masks[m]) for m in self.modalities}
+        tokens = self.global_local(local, inputs)
+        z = {m: masked_mean(tokens[m], inputs.masks[m]) for m in self.modalities}  # (B, H), 0 when missing
+        projected = torch.stack([self.joint_proj[m](z[m]) for m in self.modalities], 1)  # (B, M, H)
+        present = torch.stack([inputs.present[m] for m in self.modalities], 1)  # (B, M) bool
+        weights = self.fusion_weights(projected, present)  # (B, M), 0 for missing modalities
+        z_joint = (weights[..., None] * projected).sum(1)  # (B, H)
+        logits = self.head_out(z_joint + self.head_mlp(z_joint))
+        prediction = logits.squeeze(-1) if self.config.task == "regression" else logits
+
+        losses: dict[str, Tensor] = {}
+        diagnostics: dict[str, Tensor] = {}
+        if inputs.label is not None:
+            losses["task"] = task_loss(prediction, inputs.label, self.config.task)
+            if self.pairs:
+                club_fit, estimate = self.mi_min_terms(z, inputs.present, diagnostics)
+                losses["mi_min"] = self.lambda_min * estimate
+                losses["club_fit"] = club_fit
+            infonce = self.mi_max_estimate(z_joint, inputs.label, present.any(1))
+            losses["mi_max"] = self.lambda_max * -infonce
+            diagnostics["mi_max/infonce"] = infonce.detach()
+        diagnostics["lambda_min"] = self.lambda_min.detach().clone()
+        diagnostics["lambda_max"] = self.lambda_max.detach().clone()
+        with torch.no_grad():
+            for i, m in enumerate(self.modalities):
+                has = present[:, i].float()
+                diagnostics[f"importance/{m}"] = (weights[:, i] * has).sum() / has.sum().clamp_min(1.0)
+        return FusionOutput(prediction, losses, diagnostics)
+
+    def global_local(self, local: dict[str, Tensor], inputs: Inputs) -> dict[str, Tensor]:
+        """Local tokens (B, T_m, H) of each modality updated from the other modalities' global tokens."""
+        if len(self.modalities) == 1:
+            return local
+        g = self.config.num_global
+        glob = {m: self.global_pools[m](local[m], inputs.masks[m]) for m in self.modalities}  # (B, G, H)
+        out = {}
+        for m in self.modalities:
+            others = [s for s in self.modalities if s != m]
+            source = torch.cat([glob[s] for s in others], 1)  # (B, G * (M - 1), H)
+            source_mask = torch.cat([inputs.present[s][:, None].expand(-1, g) for s in others], 1)
+            if self.config.faithful:  # the released code's cross-sample attention (methods.md 2.5 #5)
+                b = source.shape[0]
+                source = source.reshape(1, -1, source.shape[-1]).expand(b, -1, -1)
+                source_mask = source_mask.reshape(1, -1).expand(b, -1)
+            out[m] = self.cross[m](local[m], inputs.masks[m], source, source_mask)
+        return out
+
+    def fusion_weights(self, projected: Tensor, present: Tensor) -> Tensor:
+        """(B, M) fusion weights summing to 1 over each sample's present modalities (all 0 for a sample with none)."""
+        if not len(self.importance):
+            has = present.float()
+            return has / has.sum(1, keepdim=True).clamp_min(1.0)
+        scores = torch.cat([self.importance[m](projected[:, i]) for i, m in enumerate(self.modalities)], 1)
+        # A large finite negative, not -inf: a sample with no modality would otherwise softmax to NaN.
+        return scores.masked_fill(~present, -1e9).softmax(1) * present
+
+    def mi_min_terms(
+        self, z: dict[str, Tensor], present: dict[str, Tensor], diagnostics: dict[str, Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """(club_fit, mean CLUB estimate) over the pairs with >= 2 samples having both modalities."""
+        zero = next(iter(z.values())).new_zeros(())
+        fits, estimates = [], []
+        for a, b in self.pairs:
+            both = present[a] & present[b]
+            if int(both.sum()) < 2:
+                continue
+            club, x, y = self.clubs[f"{a}_{b}"], z[a][both], z[b][both]
+            fits.append(club.learning_loss(x, y))  # detaches x, y: trains q only
+            estimate = frozen_call(club, x, y).estimate  # q frozen: trains the encoders only
+            estimates.append(estimate)
+            diagnostics[f"mi/{a}-{b}"] = estimate.detach()
+        if not fits:
+            return zero, zero
+        return torch.stack(fits).sum(), torch.stack(estimates).mean()
+
+    def mi_max_estimate(self, z_joint: Tensor, label: Tensor, alive: Tensor) -> Tensor:
+        """InfoNCE lower bound on I(z_joint; y) in nats over the samples with any modality (0 below 2 samples)."""
+        if int(alive.sum()) < 2:
+            return z_joint.new_zeros(())
+        if self.config.task == "regression":
+            embedded = self.label_embedding(label.float().reshape(-1, 1))
+        elif self.config.task == "classification":
+            embedded = self.label_embedding(label.long().reshape(-1))
+        else:
+            embedded = self.label_embedding(label.float())
+        return self.infonce(z_joint[alive], embedded[alive]).estimate
+
+    @torch.no_grad()
+    def end_epoch(self, val_metrics: dict[str, float]) -> dict[str, float]:
+        """LTP/LTD step on (lambda_min, lambda_max) from ``val_metrics["task_loss"]``; returns the new values."""
+        if VAL_LOSS_KEY not in val_metrics:
+            raise MissingMetricError(
+                f"BC-PMJRS end_epoch needs val_metrics[{VAL_LOSS_KEY!r}] (the mean validation task loss) for its "
+                f"LTP/LTD rule; got keys {sorted(val_metrics)}"
+            )
+        c = self.config
+        loss = float(val_metrics[VAL_LOSS_KEY])
+        improved = loss < float(self.best_task_loss)  # NaN never improves
+        if improved:
+            self.best_task_loss.fill_(loss)
+        up, down = 1.0 + c.ltp_eta, 1.0 - c.ltp_eta
+        self._move(self.lambda_max, up if improved else down, c.lambda_max)
+        self._move(self.lambda_min, down if improved else up, c.lambda_min)
+        direction = 1 if improved else -1
+        streak = int(self.ltp_streak)
+        streak = streak + direction if streak * direction > 0 else direction
+        if abs(streak) >= c.reset_after:
+            self.lambda_min.fill_(c.lambda_min)
+            self.lambda_max.fill_(c.lambda_max)
+            streak = 0
+        self.ltp_streak.fill_(streak)
+        return {
+            "lambda_min": float(self.lambda_min),
+            "lambda_max": float(self.lambda_max),
+            "ltp": float(improved),
+            "best_task_loss": float(self.best_task_loss),
+        }
+
+    def _move(self, weight: Tensor, factor: float, initial: float) -> None:
+        if initial > 0:  # a term configured off stays off
+            low, high = self.config.weight_bounds
+            weight.fill_(min(max(float(weight) * factor, low), high))

@@ -1,0 +1,273 @@
+"""MIM (Zeng, Mai, Yan, Hu, IEEE TMM 2023): unimodal purification (UPN) + knowledge-guided supervision (KGS).
+
+Per modality m: x_m (B, T, D_m) -> ``SequenceEncoder`` -> h_m (B, T, H); unmasked vector u_m = masked mean of
+tanh(h_m) (B, H). The UPN mask learner (BiLSTM over h_m, packed to the last valid step, then a per-step
+scorer MLP) gives logits alpha_m (B, T). A Hard-Concrete gate per step (Louizos et al. 2018):
+
+    training: u ~ U(1e-6, 1 - 1e-6), s = sigmoid((log u - log(1 - u) + alpha + loc_bias) / beta);
+    eval:     s = sigmoid((alpha + loc_bias) / beta) (u = 1/2: deterministic);
+    soft = clip(s * (zeta - gamma) + gamma, 0, 1), gate = 1[soft > threshold] forward, d soft backward
+    (straight-through); gate = 0 at padding steps.
+
+Purified vector p_m = sum over valid steps of tanh(gate * h_m) / number of valid steps (B, H). One head
+Linear(H -> out) per modality, shared: y_m^u = head_m(u_m), y_m^p = head_m(p_m). Fusion: "multiplication"
+ŷ = Linear(tanh(Linear(prod_m p_m))) with a missing modality contributing 1; "add" sums the present p_m.
+
+Losses (named, already weighted; "modalities" below are those some sample of the batch has):
+
+- ``task``: task loss of ŷ (L1 for regression, cross-entropy, or binary cross-entropy);
+- ``unimodal``: unimodal_weight * sum_m task loss of y_m^u over the samples that have m;
+- ``purified``: purified_weight * sum_m task loss of y_m^p, computed on a branch where h_m is detached and
+  the head is called with ``frozen_call``: its gradient reaches only the UPN mask learners;
+- ``penalty``: penalty_weight * mean_m of the L0 penalty, the mean over valid steps of
+  sigmoid(alpha + loc_bias - beta * log(-gamma / zeta)) (UPN only by construction);
+- ``intra``: intra_weight * sum_m MSE of the worse branch (y_m^p or y_m^u, by this batch's task loss) toward
+  the better one, detached;
+- ``inter``: inter_weight * 1/2 (inter_temp * a_t)^2 * sum_{s != t} KL(softmax(p_t.detach()) || softmax(p_s))
+  (batchmean over the samples with both), t = the modality with the lowest purified loss, and
+  a_m = M prod_{n != m}(1 + l_n) / sum_k prod_{n != k}(1 + l_n), l_m = L_{p,m} / sum_n L_{p,n} (detached):
+  the weights sum to M and a lower loss gives a larger weight. With fewer than two modalities the key holds
+  a zero that is still connected to the graph, so the loss keys never change between batches.
+
+Optimiser groups: "upn" (mask learners) and "model" (everything else). One backward of the summed losses
+gives "model" exactly the gradient of task + unimodal + intra + inter; "upn" gets purified + penalty and, as
+the published second optimiser step (over all parameters) did, the model losses that reach it through the
+gates.
+
+Diagnostics (detached): ``gate_rate/<m>`` (fraction of valid steps kept), ``gates/<m>`` (B, T) (0 at padding),
+``loss_u/<m>``, ``loss_p/<m>``, ``inter_weight/<m>`` and ``teacher`` (index into the model's modalities; -1
+with fewer than two). Departures from the published code (zengy268/MIM @ 08df574, see reference/methods.md §5):
+
+- one forward and one backward instead of two Adam steps and six backward calls over a stale graph;
+- the mask learner reads h_m detached, so the encoder gets no gradient through the mask learner's input;
+- the MLP across time (T -> T/5 -> T) is omitted: it needs a fixed length and our sequences vary; the
+  scorer's final ReLU is dropped too, so alpha can go negative and gates can close at eval;
+- the penalty and the purified mean run over valid steps (the published code averages over padding too);
+- gates are deterministic at eval. ``faithful=True`` restores the published sampled (stochastic) gates at eval.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from fusion.base import FusionConfig, FusionModel, FusionOutput, Inputs
+from fusion.layers import SequenceEncoder, frozen_call, last_valid_length, masked_mean, task_loss
+
+FUSIONS = ("multiplication", "add")
+
+
+@dataclass
+class MIMConfig(FusionConfig):
+    beta: float = 1 / 3  # Hard-Concrete temperature
+    gamma: float = -0.2  # lower end of the stretch interval (< 0)
+    zeta: float = 1.0  # upper end of the stretch interval
+    loc_bias: float = 3.0  # added to the gate logits: gates start open
+    threshold: float = 0.6  # forward gate = 1 where the clipped soft gate exceeds this
+    penalty_weight: float = 0.1  # weight of the L0 penalty
+    inter_temp: float = 10.0  # scales the inter-modal KL (not a softmax temperature)
+    fusion: str = "multiplication"  # multiplication | add
+    unimodal_weight: float = 1.0
+    purified_weight: float = 1.0
+    intra_weight: float = 1.0
+    inter_weight: float = 1.0
+
+    def problems(self) -> list[str]:
+        out = super().problems()
+        if self.beta <= 0:
+            out.append(f"beta: must be > 0, got {self.beta}")
+        if not self.gamma < 0 < self.zeta:
+            out.append(f"gamma ({self.gamma}) must be < 0 and zeta ({self.zeta}) > 0")
+        if not 0.0 < self.threshold < 1.0:
+            out.append(f"threshold: must be in (0, 1), got {self.threshold}")
+        if self.fusion not in FUSIONS:
+            out.append(f"fusion: must be one of {', '.join(FUSIONS)}, got {self.fusion!r}")
+        for key in (
+            "penalty_weight",
+            "inter_temp",
+            "unimodal_weight",
+            "purified_weight",
+            "intra_weight",
+            "inter_weight",
+        ):
+            if getattr(self, key) < 0:
+                out.append(f"{key}: must be >= 0, got {getattr(self, key)}")
+        return out
+
+
+def hard_concrete_gate(alpha: Tensor, mask: Tensor, config: MIMConfig, u: Tensor | None = None) -> Tensor:
+    """Straight-through Hard-Concrete gate (B, T) from logits alpha (B, T): exactly 0/1 forward, the clipped
+    soft gate's gradient backward, 0 at invalid steps. ``u`` (B, T) in (0, 1) is the noise; None = u = 1/2."""
+    logits = alpha + config.loc_bias
+    if u is not None:
+        logits = logits + torch.log(u) - torch.log1p(-u)
+    soft = (torch.sigmoid(logits / config.beta) * (config.zeta - config.gamma) + config.gamma).clamp(0.0, 1.0)
+    hard = (soft > config.threshold).to(soft.dtype)
+    return (hard + (soft - soft.detach())) * mask.to(soft.dtype)  # bracketed: the forward value stays exact
+
+
+def l0_penalty(alpha: Tensor, mask: Tensor, config: MIMConfig) -> Tensor:
+    """Mean over valid steps of P(gate != 0) = sigmoid(alpha + loc_bias - beta log(-gamma / zeta)) -> 0-dim."""
+    shift = config.loc_bias - config.beta * math.log(-config.gamma / config.zeta)
+    weights = mask.to(alpha.dtype)
+    return (torch.sigmoid(alpha + shift) * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+def inter_weights(losses: Tensor) -> Tensor:
+    """KGS weights (M,) from purified losses (M,): a_m = M prod_{n!=m}(1+l_n) / sum_k prod_{n!=k}(1+l_n),
+    l = losses / sum(losses). They sum to M; a lower loss gets a larger weight."""
+    lam = 1.0 + losses / losses.sum().clamp_min(1e-12)
+    others = torch.stack([torch.cat([lam[:k], lam[k + 1 :]]).prod() for k in range(len(lam))])
+    return len(lam) * others / others.sum()
+
+
+class MaskLearner(nn.Module):
+    """UPN mask learner: BiLSTM over h (B, T, H) up to the last valid step, then a per-step scorer -> (B, T)."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        half = (hidden + 1) // 2
+        self.lstm = nn.LSTM(hidden, half, batch_first=True, bidirectional=True)
+        self.scorer = nn.Sequential(nn.Linear(2 * half, half), nn.ReLU(), nn.Linear(half, 1))
+
+    def forward(self, h: Tensor, mask: Tensor) -> Tensor:
+        lengths = last_valid_length(mask).cpu()  # trailing padding never reaches the backward direction
+        packed = pack_padded_sequence(h, lengths, batch_first=True, enforce_sorted=False)
+        seq, _ = pad_packed_sequence(self.lstm(packed)[0], batch_first=True, total_length=h.shape[1])
+        return self.scorer(seq).squeeze(-1)
+
+
+def _masked_mse(prediction: Tensor, target: Tensor, weight: Tensor) -> Tensor:
+    """Mean squared error averaged over outputs and over the samples with ``weight`` (B,) -> 0-dim."""
+    per_sample = (prediction - target).pow(2).reshape(len(prediction), -1).mean(1)
+    weight = weight.to(per_sample.dtype)
+    return (per_sample * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+class MIM(FusionModel):
+    Config = MIMConfig
+
+    def __init__(self, config: MIMConfig) -> None:
+        super().__init__(config)
+        c = config
+        self.encoders = nn.ModuleDict(
+            {m: SequenceEncoder(c.dims[m], c.hidden, c.num_layers, c.num_heads, c.dropout) for m in self.modalities}
+        )
+        self.upn = nn.ModuleDict({m: MaskLearner(c.hidden) for m in self.modalities})
+        self.heads = nn.ModuleDict({m: nn.Linear(c.hidden, c.out_dim) for m in self.modalities})
+        self.fusion_proj = nn.Linear(c.hidden, c.hidden)
+        self.fusion_out = nn.Linear(c.hidden, c.out_dim)
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        """Two groups: "upn" (the mask learners: purified + penalty + model losses through the gates), "model"."""
+        upn = [p for p in self.upn.parameters() if p.requires_grad]
+        ids = {id(p) for p in upn}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
+        return [{"name": "upn", "params": upn, "lr": lr}, {"name": "model", "params": rest, "lr": lr}]
+
+    def forward(self, batch: dict[str, Tensor]) -> FusionOutput:
+        inputs = self.prepare(batch)
+        c = self.config
+        sample_gates = self.training or c.faithful
+        pooled, y_u, y_p, y_upn, penalties, gates = {}, {}, {}, {}, {}, {}
+        for m in self.modalities:
+            mask = inputs.masks[m]
+            h = self.encoders[m](inputs.feats[m], mask)
+            alpha = self.upn[m](h.detach(), mask)
+            u = torch.rand_like(alpha) * (1 - 2e-6) + 1e-6 if sample_gates else None
+            gate = hard_concrete_gate(alpha, mask, c, u)
+            count = mask.sum(1, keepdim=True).clamp_min(1).to(h.dtype)
+            pooled[m] = torch.tanh(gate[..., None] * h).sum(1) / count  # gate = 0 at padding: tanh(0) = 0
+            upn_pooled = torch.tanh(gate[..., None] * h.detach()).sum(1) / count
+            y_u[m] = self._squeeze(self.heads[m](masked_mean(torch.tanh(h), mask)))
+            y_p[m] = self._squeeze(self.heads[m](pooled[m]))
+            y_upn[m] = self._squeeze(frozen_call(self.heads[m], upn_pooled))  # same value as y_p, UPN-only grad
+            penalties[m] = l0_penalty(alpha, mask, c)
+            gates[m] = gate
+        prediction = self._squeeze(self.fusion_out(torch.tanh(self.fusion_proj(self._fuse(pooled, inputs.present)))))
+
+        diagnostics: dict[str, Tensor] = {}
+        for m in self.modalities:
+            valid = inputs.masks[m].sum().clamp_min(1)
+            diagnostics[f"gate_rate/{m}"] = (gates[m].detach().sum() / valid).float()
+            diagnostics[f"gates/{m}"] = gates[m].detach()
+        losses: dict[str, Tensor] = {}
+        if inputs.label is not None:
+            losses, teacher = self._losses(prediction, inputs, pooled, y_u, y_p, y_upn, penalties, diagnostics)
+            diagnostics["teacher"] = torch.tensor(float(teacher), device=prediction.device)
+        return FusionOutput(prediction, losses, diagnostics)
+
+    def _squeeze(self, out: Tensor) -> Tensor:
+        return out.squeeze(-1) if self.config.task == "regression" else out
+
+    def _fuse(self, pooled: dict[str, Tensor], present: dict[str, Tensor]) -> Tensor:
+        """(B, H) fused vector: product of the present purified vectors (missing = 1) or their sum."""
+        if self.config.fusion == "multiplication":
+            fused = torch.ones_like(next(iter(pooled.values())))
+            for m, p in pooled.items():
+                fused = fused * torch.where(present[m][:, None], p, torch.ones_like(p))
+            return fused
+        return sum(p * present[m][:, None].to(p.dtype) for m, p in pooled.items())
+
+    def _losses(
+        self,
+        prediction: Tensor,
+        inputs: Inputs,
+        pooled: dict[str, Tensor],
+        y_u: dict[str, Tensor],
+        y_p: dict[str, Tensor],
+        y_upn: dict[str, Tensor],
+        penalties: dict[str, Tensor],
+        diagnostics: dict[str, Tensor],
+    ) -> tuple[dict[str, Tensor], int]:
+        """The named, weighted losses and the index (in ``self.modalities``) of the inter-modal teacher (-1:
+        none). Per-modality unimodal / purified losses go into ``diagnostics``."""
+        c, label, present = self.config, inputs.label, inputs.present
+        active = [m for m in self.modalities if bool(present[m].any())]
+        zero = prediction.sum() * 0.0  # connected to the graph, so every key always backpropagates
+        loss_u = {m: task_loss(y_u[m], label, c.task, present[m]) for m in active}
+        loss_p = {m: task_loss(y_upn[m], label, c.task, present[m]) for m in active}
+        for m in active:
+            diagnostics[f"loss_u/{m}"] = loss_u[m].detach()
+            diagnostics[f"loss_p/{m}"] = loss_p[m].detach()
+
+        intra = zero
+        for m in active:  # the better branch in this batch teaches the other
+            better_purified = bool(loss_p[m].detach() < loss_u[m].detach())
+            student, teacher = (y_u[m], y_p[m]) if better_purified else (y_p[m], y_u[m])
+            intra = intra + _masked_mse(student, teacher.detach(), present[m])
+
+        inter, teacher_index = zero, -1
+        if len(active) >= 2:
+            lp = torch.stack([loss_p[m].detach() for m in active])
+            weights = inter_weights(lp)
+            t = int(lp.argmin())
+            target = pooled[active[t]].detach().softmax(-1)
+            kl = zero
+            for s in active:
+                if s == active[t]:
+                    continue
+                both = (present[active[t]] & present[s]).to(target.dtype)
+                per_sample = F.kl_div(pooled[s].log_softmax(-1), target, reduction="none").sum(-1)
+                kl = kl + (per_sample * both).sum() / both.sum().clamp_min(1.0)
+            inter = 0.5 * (c.inter_temp * weights[t]) ** 2 * kl
+            teacher_index = self.modalities.index(active[t])
+            for i, m in enumerate(active):
+                diagnostics[f"inter_weight/{m}"] = weights[i]
+
+        penalty = torch.stack([penalties[m] for m in active]).mean() if active else zero
+        losses = {
+            "task": task_loss(prediction, label, c.task),
+            "unimodal": c.unimodal_weight * (sum(loss_u.values()) if active else zero),
+            "purified": c.purified_weight * (sum(loss_p.values()) if active else zero),  # UPN-only graph
+            "penalty": c.penalty_weight * penalty,
+            "intra": c.intra_weight * intra,
+            "inter": c.inter_weight * inter,
+        }
+        return losses, teacher_index
