@@ -11,6 +11,7 @@ import os
 import sys
 
 from extract.cli import add_extract, add_inspect, add_report
+from train.commands import add_eval, add_train
 
 log = logging.getLogger("mmfuse")
 
@@ -26,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `mmfuse COMMAND --help` for a command's options and examples.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_extract, add_inspect, add_report):
+    for add in (add_extract, add_inspect, add_report, add_train, add_eval):
         add(sub)
     for p in sub.choices.values():
         for action in common._actions:
@@ -57,10 +58,26 @@ def main(argv: list[str] | None = None) -> int:
     from extract.extractors.base import ExtractionError
     from extract.manifest import ManifestError
     from shards.schema import SchemaError
+    from train.checkpoint import CheckpointError
+    from train.collate import DataError
+    from train.config import TrainConfigError
+    from train.encoders import EncoderMismatch
+    from train.runtime import RunDirError
 
+    handled = (
+        ManifestError,
+        ConfigError,
+        ExtractionError,
+        SchemaError,
+        TrainConfigError,
+        CheckpointError,
+        DataError,
+        EncoderMismatch,
+        RunDirError,
+    )
     try:
         return args.run(args)
-    except (ManifestError, ConfigError, ExtractionError, SchemaError) as exc:
+    except handled as exc:
         print(f"mmfuse {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -38,7 +38,7 @@ class TrainConfig:
     modalities: tuple[str, ...] = ("text", "audio", "video")
     task: str = "regression"  # regression | classification | multilabel
     num_classes: int = 1
-    label_key: str = ""  # which meta label is the target ("" = the dataset's main label)
+    label_key: str = "label"  # key of meta.json's labels used as the target ("label": MMSA sentiment)
     epochs: int = 10
     max_steps: int = 0  # > 0: stop after this many optimiser steps
     batch_size: int = 32

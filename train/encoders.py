@@ -70,7 +70,10 @@ class TextEncoder(nn.Module):
         self.layer = int(provenance.get("layer", -1))
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
-        self.layers = self.model.encoder.layer
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.encoder.layer
 
     @property
     def dim(self) -> int:
@@ -108,7 +111,10 @@ class AudioEncoder(nn.Module):
         self.receptive = _receptive_field(cfg.conv_kernel, cfg.conv_stride)
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
-        self.layers = self.model.encoder.layers
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.encoder.layers
 
     @property
     def dim(self) -> int:

@@ -1,0 +1,172 @@
+"""Training on the bundled shards: outputs, resume equality, end-to-end vs frozen encoders, refusals, CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from shards.dataset import FeatureSetMismatch
+from train.checkpoint import CheckpointError, load_checkpoint
+from train.cli import main
+from train.config import make_train_config
+from train.logs import RunLog
+from train.runtime import RunDirError
+from train.trainer import fit
+
+FAST = ["batch_size=1", "num_workers=0", "log_every=1", "model.hidden=12", "model.num_heads=3", "device=cpu"]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+
+
+def test_frozen_run_writes_every_output(bundled_dataset: Path, tmp_path: Path) -> None:
+    config = make_train_config("late", overrides=[*FAST, "epochs=2"])
+    final = fit(config, bundled_dataset, tmp_path / "run")
+    run = tmp_path / "run"
+    for name in (
+        "config.json",
+        "metrics.jsonl",
+        "curves.png",
+        "final.json",
+        "checkpoints/best.pt",
+        "checkpoints/last.pt",
+    ):
+        assert (run / name).is_file(), name
+    assert any((run / "events").iterdir())
+    assert set(losses(run)) == {1, 2, 3, 4}  # 2 train clips, batch 1, 2 epochs
+    assert final["selected_by"] == "valid mae"
+    assert final["test"]["n"] == 1 and final["valid"]["n"] == 1
+    record = json.loads((run / "config.json").read_text())
+    assert record["config"]["model"] == "late" and len(record["feature_set_hash"]) == 16
+    ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert ckpt["state"]["step"] == 4 and ckpt["state"]["epoch"] == 2 and ckpt["dims"]["video"] == 478 * 3 + 4
+    with pytest.raises(RunDirError, match="already exists and is not empty; pass --resume"):
+        fit(config, bundled_dataset, run)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_gives_the_same_losses(bundled_dataset: Path, tmp_path: Path, monkeypatch) -> None:
+    config = make_train_config("late", overrides=[*FAST, "epochs=3", "checkpoint_every=1", "model.dropout=0.3"])
+    fit(config, bundled_dataset, tmp_path / "straight")
+    expected = losses(tmp_path / "straight")
+    assert len(expected) == 6
+
+    original = RunLog.train
+
+    def stop_at_step_4(self, step, *args):  # dies before step 4 is logged; last.pt holds step 3 (mid-epoch)
+        if step == 4:
+            raise Interrupt()
+        return original(self, step, *args)
+
+    monkeypatch.setattr(RunLog, "train", stop_at_step_4)
+    with pytest.raises(Interrupt):
+        fit(config, bundled_dataset, tmp_path / "resumed")
+    monkeypatch.setattr(RunLog, "train", original)
+    assert load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["state"]["step"] == 3
+    fit(config, bundled_dataset, tmp_path / "resumed", resume=True)
+    got = losses(tmp_path / "resumed")
+    assert got.keys() == expected.keys()
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], abs=1e-6), step
+
+
+def test_resume_without_a_checkpoint_is_refused(bundled_dataset: Path, tmp_path: Path) -> None:
+    config = make_train_config("late", overrides=FAST)
+    with pytest.raises(RunDirError, match="last.pt not found; start a new run without --resume"):
+        fit(config, bundled_dataset, tmp_path / "nothing", resume=True)
+
+
+def encoder_params(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def test_end_to_end_fine_tunes_encoders_and_frozen_does_not(bundled_dataset: Path, tmp_path: Path) -> None:
+    from transformers import AutoModel
+
+    e2e = make_train_config("late", overrides=[*FAST, "epochs=1", "mode=end_to_end", "encoder_lr=0.01"])
+    fit(e2e, bundled_dataset, tmp_path / "e2e")
+    state = load_checkpoint(tmp_path / "e2e" / "checkpoints" / "last.pt")["model"]
+    provenance = json.loads((bundled_dataset / "dataset.json").read_text())["feature_set"]["extractors"]
+    text = AutoModel.from_pretrained(provenance["text"]["model"])
+    before = text.state_dict()
+    after = encoder_params(state, "encoders.text.model.")
+    assert after, "the checkpoint holds the fine-tuned text encoder"
+    changed = [k for k, v in after.items() if not torch.equal(v, before[k[len("encoders.text.model.") :]])]
+    assert any("encoder.layer.0" in k for k in changed)
+    assert encoder_params(state, "encoders.audio.")
+
+    frozen = make_train_config("late", overrides=[*FAST, "epochs=1"])
+    fit(frozen, bundled_dataset, tmp_path / "frozen")
+    state = load_checkpoint(tmp_path / "frozen" / "checkpoints" / "last.pt")["model"]
+    assert not encoder_params(state, "encoders.")  # frozen mode trains on the stored features only
+
+
+def test_unfreeze_schedule_and_top_k(bundled_dataset: Path, tmp_path: Path) -> None:
+    provenance = json.loads((bundled_dataset / "dataset.json").read_text())["feature_set"]["extractors"]
+    from train.encoders import AudioEncoder
+
+    reference = AudioEncoder(provenance["audio"]).state_dict()
+    late = make_train_config("late", overrides=[*FAST, "epochs=1", "mode=end_to_end", "unfreeze_after=100"])
+    fit(late, bundled_dataset, tmp_path / "late")
+    state = encoder_params(load_checkpoint(tmp_path / "late" / "checkpoints" / "last.pt")["model"], "encoders.audio.")
+    assert all(torch.equal(v, reference[k[len("encoders.audio.") :]]) for k, v in state.items())
+
+    top = make_train_config(
+        "late", overrides=[*FAST, "epochs=1", "mode=end_to_end", "unfreeze_top_k=1", "encoder_lr=0.01"]
+    )
+    fit(top, bundled_dataset, tmp_path / "top")
+    state = encoder_params(load_checkpoint(tmp_path / "top" / "checkpoints" / "last.pt")["model"], "encoders.audio.")
+    moved = {k for k, v in state.items() if not torch.equal(v, reference[k[len("encoders.audio.") :]])}
+    assert moved and all(".encoder.layers.1." in k for k in moved)  # only the top of the 2 layers trains
+
+
+def test_feature_set_mismatch_is_refused(bundled_dataset: Path, tmp_path: Path, capsys) -> None:
+    config = make_train_config("late", overrides=[*FAST, "epochs=1"])
+    fit(config, bundled_dataset, tmp_path / "run")
+    other = tmp_path / "other"
+    shutil.copytree(bundled_dataset, other)
+    ds = json.loads((other / "dataset.json").read_text())
+    ds["feature_set_hash"] = "0" * 16
+    (other / "dataset.json").write_text(json.dumps(ds))
+    ckpt = tmp_path / "run" / "checkpoints" / "best.pt"
+    assert main(["eval", "--checkpoint", str(ckpt), "--shards", str(other)]) == 1
+    err = capsys.readouterr().err
+    assert "feature set" in err and "0000000000000000" in err
+    with pytest.raises(FeatureSetMismatch):
+        fit(config, other, tmp_path / "run", resume=True)
+
+
+def test_eval_cli_json_and_missing_modalities(bundled_dataset: Path, tmp_path: Path, capsys) -> None:
+    config = make_train_config("late", overrides=[*FAST, "epochs=1"])
+    fit(config, bundled_dataset, tmp_path / "run")
+    ckpt = str(tmp_path / "run" / "checkpoints" / "best.pt")
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", ckpt, "--shards", str(bundled_dataset), "--split", "train", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    expected = {"mae", "corr", "acc2_has0", "f1_has0", "acc2_non0", "f1_non0", "acc5", "acc7", "n", "split"}
+    assert expected <= set(result) and result["n"] == 2 and result["split"] == "train"
+    assert main(["eval", "--checkpoint", ckpt, "--shards", str(bundled_dataset), "--missing", "all", "--json"]) == 0
+    every = json.loads(capsys.readouterr().out)["missing"]
+    assert set(every) == {"none", "t", "a", "v", "ta", "tv", "av"}
+    assert main(["eval", "--checkpoint", ckpt, "--shards", str(bundled_dataset), "--missing", "tav"]) == 1
+    assert "removes every modality" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(tmp_path / "none.pt"), "--shards", str(bundled_dataset)]) == 1
+    assert "not found" in capsys.readouterr().err
+
+
+def test_checkpoints_never_unpickle(tmp_path: Path) -> None:
+    import pickle
+
+    path = tmp_path / "evil.pt"
+    path.write_bytes(pickle.dumps({"mmfuse_checkpoint": 1, "x": print}))
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        load_checkpoint(path)

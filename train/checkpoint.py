@@ -1,0 +1,61 @@
+"""Checkpoints: everything needed to resume a run or to run the model on new data, and nothing executable.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, saved with ``torch.save`` and
+read with ``torch.load(weights_only=True)``, so loading one never runs code. It holds the network state
+(fusion model and, end to end, the encoders), optimiser, scheduler, every rank's RNG state, the step and
+data position, the resolved training config, the fusion model's config, input dims, and the feature set
+(with its hash and train-split statistics) the shards were extracted with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable, or not an mmfuse checkpoint."""
+
+
+def save_checkpoint(path: Path, net, optimizer, scheduler, state: dict[str, Any], config, dataset, dims, rngs) -> None:
+    """Write atomically (temporary file + rename): an interrupted save never leaves a half checkpoint."""
+    obj = {
+        "mmfuse_checkpoint": CHECKPOINT_VERSION,
+        "model": net.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "state": state,
+        "rng": rngs,
+        "config": config.to_dict(),
+        "model_name": config.model,
+        "model_config": dataclasses.asdict(net.fusion.config),
+        "dims": dict(dims),
+        "feature_set_hash": dataset["feature_set_hash"],
+        "feature_set": dataset.get("feature_set", {}),
+        "stats": dataset.get("stats", {}),
+        "torch_version": str(torch.__version__),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path | str) -> dict[str, Any]:
+    """Read a checkpoint without executing anything (``weights_only=True``); clear errors otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt or foreign files
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(obj, dict) or obj.get("mmfuse_checkpoint") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path} is not an mmfuse checkpoint (version {CHECKPOINT_VERSION})")
+    return obj

@@ -1,0 +1,323 @@
+"""Sample and batch stages of the training data pipeline: shard sample → model inputs → padded, normalised batch.
+
+The batch format is the contract with ``fusion`` (see ``fusion/base.py``): per modality ``m`` in use, ``m``
+(B, T, D) float32 and ``m_mask`` (B, T) bool, True = valid step; a sample lacking the modality has an all-False
+mask (one zero row if it has no steps at all), it is never dropped. With ``raw=True`` also ``text_ids`` (B, T)
+int64 and ``audio_wave`` (B, N) float32 in [-1, 1], each with its ``_mask``. ``label`` (B,) float32 (NaN = no
+label) and ``key`` (list of B sample keys) complete it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from shards.dataset import load_dataset_json
+from shards.io import decode_member
+from shards.schema import FEATURE_MEMBERS, MASK_MEMBERS, MODALITIES, N_LANDMARKS, SchemaError, validate_sample
+
+log = logging.getLogger(__name__)
+
+GEOM_DIM = 4  # video_geom.npy: mouth, left/right eye openness, yaw
+GEOM_EXTRACTORS = ("mediapipe-facemesh",)  # video extractors that store video_geom.npy for every ok sample
+RAW_MEMBERS = {"text": "text_ids.npy", "audio": "audio_wave.npy"}
+RAW_INPUTS = {"text": "text_ids", "audio": "audio_wave"}
+STD_FLOOR = 1e-6  # a feature whose train std is below this is only centred (divided by 1)
+BAD = "__bad__"  # marker member of a sample that failed decoding or validation (with skip_bad_samples)
+
+
+class DataError(ValueError):
+    """The data pipeline cannot be built or fed as asked (config, split, labels, statistics)."""
+
+
+def _dataset(dataset: Mapping[str, Any] | str | Path) -> Mapping[str, Any]:
+    return dataset if isinstance(dataset, Mapping) else load_dataset_json(dataset)
+
+
+def has_video_geom(dataset: Mapping[str, Any] | str | Path) -> bool:
+    """Whether the shards' video extractor stores ``video_geom.npy`` (decided from dataset.json alone)."""
+    video = _dataset(dataset).get("feature_set", {}).get("extractors", {}).get("video", {})
+    return video.get("name") in GEOM_EXTRACTORS
+
+
+def feature_dims(
+    dataset: Mapping[str, Any] | str | Path, modalities: Sequence[str] = MODALITIES, video_geom: bool | None = None
+) -> dict[str, int]:
+    """Input width per modality, for ``FusionConfig.dims``, from dataset.json (a dict or the shard dir).
+
+    text = Dt, audio = Da, video = 478 * 3 landmark coordinates (+ 4 geometry features when ``video_geom``,
+    by default when the video extractor stores them).
+    """
+    ds = _dataset(dataset)
+    dims, stats = ds.get("dims", {}), ds.get("stats", {})
+    out: dict[str, int] = {}
+    for m in modalities:
+        if m == "video":
+            geom = has_video_geom(ds) if video_geom is None else video_geom
+            out[m] = int(dims.get("landmarks", N_LANDMARKS)) * 3 + (GEOM_DIM if geom else 0)
+            continue
+        sym = {"text": "Dt", "audio": "Da"}.get(m)
+        if sym is None:
+            raise DataError(f"unknown modality {m!r}; valid: {', '.join(MODALITIES)}")
+        if sym in dims:
+            out[m] = int(dims[sym])
+        elif FEATURE_MEMBERS[m] in stats:
+            out[m] = len(stats[FEATURE_MEMBERS[m]]["mean"])
+        else:
+            raise DataError(f"dataset.json has no width for {m} ({sym} in 'dims'): were the shards extracted with {m}?")
+    return out
+
+
+class SafeDecode:
+    """Stage: ``.npy`` / ``.json`` members decoded with ``shards.io.decode_member`` (no pickle)."""
+
+    def __init__(self, skip_bad: bool) -> None:
+        self.skip_bad = skip_bad
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        if BAD in sample:
+            return sample
+        out = {k: v for k, v in sample.items() if k.startswith("__")}
+        for name, data in sample.items():
+            if name.startswith("__"):
+                continue
+            try:
+                out[name] = decode_member(name, data)
+            except (ValueError, OSError, UnicodeDecodeError) as exc:
+                msg = f"shard {sample['__shard__']}: member {sample['__key__']}.{name} cannot be decoded ({exc})"
+                return _bad(sample, SchemaError(msg), self.skip_bad)
+        return out
+
+
+class Validate:
+    """Stage: ``validate_sample`` with widths and feature-set hash pinned to dataset.json's; errors name the shard."""
+
+    def __init__(self, dataset: Mapping[str, Any], skip_bad: bool) -> None:
+        self.dims = {k: int(v) for k, v in dataset.get("dims", {}).items() if k in ("Dt", "Da")}
+        self.fs_hash, self.skip_bad = dataset.get("feature_set_hash"), skip_bad
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        if BAD in sample:
+            return sample
+        try:
+            validate_sample(sample, self.dims)
+            got = sample["meta.json"]["feature_set_hash"]
+            if self.fs_hash is not None and got != self.fs_hash:
+                raise SchemaError(
+                    f"sample {sample['__key__']}: meta.json feature_set_hash {got} differs from dataset.json's "
+                    f"{self.fs_hash}; the shard comes from another extraction: re-extract it or remove it"
+                )
+        except SchemaError as exc:
+            return _bad(sample, SchemaError(f"shard {sample['__shard__']}: {exc}"), self.skip_bad)
+        return sample
+
+
+def reason(exc: BaseException) -> str:
+    return str(exc.args[0]) if exc.args else type(exc).__name__
+
+
+def _bad(sample: Mapping[str, Any], error: SchemaError, skip: bool) -> dict[str, Any]:
+    if not skip:
+        raise error
+    return {"__key__": sample["__key__"], "__shard__": sample["__shard__"], BAD: str(error)}
+
+
+class SelectModalities:
+    """Stage: drop the members of modalities (and raw inputs) the model does not use."""
+
+    def __init__(self, modalities: Sequence[str], raw: bool) -> None:
+        self.modalities, self.raw = tuple(modalities), raw
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        if BAD in sample:
+            return sample
+        keep = {}
+        for name, value in sample.items():
+            modality = name.split("_", 1)[0]
+            if modality in MODALITIES and (modality not in self.modalities or (not self.raw and _is_raw(name))):
+                continue
+            keep[name] = value
+        return keep
+
+
+def _is_raw(name: str) -> bool:
+    return name in RAW_MEMBERS.values()
+
+
+def _label(meta: Mapping[str, Any], label_key: str) -> float:
+    value = (meta.get("labels") or {}).get(label_key)
+    if value is None:
+        return math.nan
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise DataError(
+            f"sample {meta.get('key')}: label {label_key!r} is {value!r}, not a number; choose a numeric "
+            f"label_key (this sample has {sorted(meta.get('labels') or {})})"
+        )
+    return float(value)
+
+
+def _steps(feat: np.ndarray | None, mask: np.ndarray | None, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(T, D) float32 features and (T,) bool mask, or one zero row with a False mask when missing."""
+    if feat is None or len(feat) == 0:
+        return np.zeros((1, width), np.float32), np.zeros(1, bool)
+    feat = np.asarray(feat, np.float32).reshape(len(feat), -1)
+    mask = np.ones(len(feat), bool) if mask is None else np.asarray(mask, bool)
+    return feat, mask
+
+
+class ToInputs:
+    """Stage: a validated shard sample → model inputs (NumPy): features, masks, raw inputs, label, key."""
+
+    def __init__(
+        self, modalities: Sequence[str], dims: Mapping[str, int], raw: bool, label_key: str, video_geom: bool
+    ) -> None:
+        self.modalities, self.dims, self.raw = tuple(modalities), dict(dims), raw
+        self.label_key, self.video_geom = label_key, video_geom
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        if BAD in sample:
+            return sample
+        meta = sample["meta.json"]
+        out: dict[str, Any] = {"key": meta["key"], "label": _label(meta, self.label_key)}
+        for m in self.modalities:
+            ok = meta["modalities"][m]["status"] == "ok"
+            feat = sample.get(FEATURE_MEMBERS[m]) if ok else None
+            mask = sample.get(MASK_MEMBERS[m]) if ok and m in MASK_MEMBERS else None
+            if m == "video" and feat is not None:
+                feat = feat.reshape(len(feat), -1).astype(np.float32)
+                if self.video_geom:
+                    geom = sample.get("video_geom.npy", np.zeros((len(feat), GEOM_DIM), np.float32))
+                    feat = np.concatenate([feat, geom.astype(np.float32)], axis=1)
+            out[m], out[f"{m}_mask"] = _steps(feat, mask, self.dims[m])
+            if self.raw and m in RAW_INPUTS:
+                out.update(self._raw(m, sample.get(RAW_MEMBERS[m]) if ok else None))
+        return out
+
+    @staticmethod
+    def _raw(modality: str, value: np.ndarray | None) -> dict[str, np.ndarray]:
+        name = RAW_INPUTS[modality]
+        if value is None or len(value) == 0:
+            values = np.zeros(1, np.int64 if modality == "text" else np.float32)
+            return {name: values, f"{name}_mask": np.zeros(1, bool)}
+        values = value.astype(np.int64) if modality == "text" else value.astype(np.float32) / 32768.0
+        return {name: values, f"{name}_mask": np.ones(len(values), bool)}
+
+
+def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Stage: model-input samples → one batch: every ``x`` with an ``x_mask`` padded with zeros to the longest.
+
+    Returns torch tensors ``x`` (B, T, ...) and ``x_mask`` (B, T) bool (False on padding), ``label`` (B,)
+    float32 and ``key`` (list of str).
+    """
+    if not samples:
+        raise DataError("cannot collate an empty batch")
+    first = samples[0]
+    batch: dict[str, Any] = {"key": [str(s["key"]) for s in samples]}
+    batch["label"] = torch.tensor([float(s["label"]) for s in samples], dtype=torch.float32)
+    for name in first:
+        if name.startswith("__") or name.endswith("_mask") or name in ("key", "label"):
+            continue
+        if f"{name}_mask" not in first:
+            raise DataError(f"input {name!r} has no {name}_mask; every sequence input needs a mask")
+        arrays = [np.asarray(s[name]) for s in samples]
+        length = max(len(a) for a in arrays)
+        values = np.zeros((len(arrays), length, *arrays[0].shape[1:]), arrays[0].dtype)
+        mask = np.zeros((len(arrays), length), bool)
+        for i, (a, s) in enumerate(zip(arrays, samples, strict=True)):
+            values[i, : len(a)] = a
+            mask[i, : len(a)] = s[f"{name}_mask"]
+        batch[name], batch[f"{name}_mask"] = torch.from_numpy(values), torch.from_numpy(mask)
+    return batch
+
+
+class DropBad:
+    """Stage (main process): count, log and drop bad-sample markers; ``errors`` lists this epoch's messages."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+
+    def __call__(self, samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        self.errors.clear()
+        for sample in samples:
+            if BAD in sample:
+                self.errors.append(sample[BAD])
+                log.warning("skipped bad sample (%d so far): %s", len(self.errors), sample[BAD])
+                continue
+            yield sample
+
+
+class Equalise:
+    """Stage (main process): exactly ``n`` batches; a rank that runs short (bad samples skipped) repeats its first."""
+
+    def __init__(self, n: int, keep: int = 4) -> None:
+        self.n, self.keep = n, keep
+
+    def __call__(self, batches: Iterable[list[dict[str, Any]]]) -> Iterator[list[dict[str, Any]]]:
+        first: list[list[dict[str, Any]]] = []
+        count, source = 0, iter(batches)
+        while count < self.n:  # never pull more than n batches: the rest of the rank's data is not read
+            batch = next(source, None)
+            if batch is None:
+                break
+            if len(first) < self.keep:
+                first.append(batch)
+            count += 1
+            yield batch
+        if count < self.n:
+            if not first:
+                raise DataError(f"this rank produced no batch but {self.n} are needed to match the other ranks")
+            log.warning("rank ran %d batches short (bad samples skipped); repeating its first batches", self.n - count)
+            for i in range(self.n - count):
+                yield first[i % len(first)]
+
+
+class Normalise:
+    """Stage: ``(x - mean) / std`` per feature dimension at valid positions; masked positions stay 0.
+
+    Statistics are dataset.json's train-split ones; a std below ``STD_FLOOR`` divides by 1. The 4 video
+    geometry features have no stored statistics and pass unchanged.
+    """
+
+    def __init__(self, mean: Mapping[str, np.ndarray], std: Mapping[str, np.ndarray]) -> None:
+        self.mean = {m: torch.as_tensor(np.asarray(v, np.float32)) for m, v in mean.items()}
+        self.std = {
+            m: torch.as_tensor(np.where(np.asarray(v) < STD_FLOOR, 1.0, v).astype(np.float32)) for m, v in std.items()
+        }
+
+    @classmethod
+    def from_dataset(
+        cls, dataset: Mapping[str, Any] | str | Path, modalities: Sequence[str], video_geom: bool | None = None
+    ) -> Normalise:
+        """Train-split statistics of ``modalities`` from dataset.json; a clear error when any are missing."""
+        ds = _dataset(dataset)
+        dims = feature_dims(ds, modalities, video_geom)
+        mean, std = {}, {}
+        for m in modalities:
+            member = FEATURE_MEMBERS[m]
+            entry = ds.get("stats", {}).get(member)
+            if not entry or not entry.get("count"):
+                raise DataError(
+                    f"dataset.json has no train-split statistics for {member}: the shards need a train split with "
+                    f"{m} features to normalise, or set normalise=False"
+                )
+            mu, sd = np.asarray(entry["mean"], np.float64), np.asarray(entry["std"], np.float64)
+            extra = dims[m] - len(mu)
+            if extra == GEOM_DIM and m == "video":
+                mu, sd = np.concatenate([mu, np.zeros(GEOM_DIM)]), np.concatenate([sd, np.ones(GEOM_DIM)])
+            elif extra:
+                raise DataError(f"statistics of {member} have width {len(mu)} but {m} inputs have {dims[m]}")
+            mean[m], std[m] = mu, sd
+        return cls(mean, std)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        for m, mean in self.mean.items():
+            if m in batch:
+                x, valid = batch[m], batch[f"{m}_mask"].unsqueeze(-1)
+                batch[m] = torch.where(valid, (x - mean) / self.std[m], torch.zeros((), dtype=x.dtype))
+        return batch

@@ -1,0 +1,166 @@
+"""``mmfuse train`` and ``mmfuse eval``: argument parsing and reporting around train.trainer."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from train.config import TrainConfigError, make_train_config
+
+SHORT = {"t": "text", "a": "audio", "v": "video"}
+
+TRAIN_EXAMPLES = """examples:
+  mmfuse train --shards shards/ --model tcmax --run-dir runs/tcmax
+  mmfuse train --shards shards/ --model ithp --run-dir runs/ithp mode=end_to_end epochs=3 model.beta=16
+  mmfuse train --shards shards/ --model late --run-dir runs/late --seeds 1,2,3,4,5
+  mmfuse train --shards shards/ --model late --run-dir runs/late --resume
+  torchrun --nproc-per-node 2 $(which mmfuse) train --shards shards/ --model mult --run-dir runs/mult
+"""
+
+EVAL_EXAMPLES = """examples:
+  mmfuse eval --checkpoint runs/tcmax/checkpoints/best.pt --shards shards/ --split test --json
+  mmfuse eval --checkpoint runs/tcmax/checkpoints/best.pt --shards shards/ --missing a    # audio removed
+  mmfuse eval --checkpoint runs/tcmax/checkpoints/best.pt --shards shards/ --missing all  # every subset
+"""
+
+
+def add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a fusion model by streaming shards",
+        description="Train a registered fusion model on shards written by `mmfuse extract`, frozen features or "
+        "end to end. Settings: defaults <- the model's preset <- --config <- KEY=VALUE (model.KEY for the model).",
+        epilog=TRAIN_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--shards", required=True, type=Path, help="shard directory (with dataset.json)")
+    p.add_argument("--model", default=None, help="model name (fusion.MODELS); default: late, or the resumed run's")
+    p.add_argument("--run-dir", required=True, type=Path, help="output directory; never overwritten silently")
+    p.add_argument("--config", type=Path, default=None, help="YAML file of setting overrides")
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds: one run each, then a mean ± std table")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="setting overrides, e.g. epochs=5 model.hidden=32")
+    p.set_defaults(run=run_train)
+
+
+def add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="score a checkpoint on a split, optionally with modalities removed",
+        description="Evaluate a checkpoint on any split of shards with the same feature set.",
+        epilog=EVAL_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--checkpoint", required=True, type=Path)
+    p.add_argument("--shards", required=True, type=Path)
+    p.add_argument("--split", default="test")
+    p.add_argument("--missing", default="", help="modalities to remove: t, a, v, ta, ...; 'all' = every subset")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.set_defaults(run=run_eval)
+
+
+def _resumed_config(run_dir: Path) -> dict[str, Any] | None:
+    record = run_dir / "config.json"
+    return json.loads(record.read_text())["config"] if record.is_file() else None
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from train.trainer import fit
+
+    base = _resumed_config(args.run_dir) if args.resume else None
+    if args.resume and base is None:
+        raise TrainConfigError(f"--resume: {args.run_dir / 'config.json'} not found; nothing to resume")
+    if base is not None and args.model and args.model != base["model"]:
+        raise TrainConfigError(f"--resume: the run in {args.run_dir} trains {base['model']}, not {args.model}")
+    config = make_train_config(args.model, args.config, args.overrides, base=base)
+    if not args.seeds:
+        final = fit(config, args.shards, args.run_dir, resume=args.resume)
+        _print_final(args.run_dir, final)
+        return 0
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    results = {}
+    for seed in seeds:
+        seeded = make_train_config(config.model, None, [f"seed={seed}"], base=config.to_dict())
+        run_dir = args.run_dir / f"seed-{seed}"
+        results[seed] = fit(seeded, args.shards, run_dir, resume=args.resume and run_dir.is_dir())
+    table = seeds_table(results)
+    args.run_dir.mkdir(parents=True, exist_ok=True)
+    (args.run_dir / "seeds.md").write_text(table + "\n")
+    (args.run_dir / "seeds.json").write_text(json.dumps({str(k): v for k, v in results.items()}, indent=2) + "\n")
+    print(table)
+    print(f"runs: {args.run_dir}/seed-*; table: {args.run_dir / 'seeds.md'}")
+    return 0
+
+
+def seeds_table(results: dict[int, dict[str, Any]]) -> str:
+    """Markdown table of test metrics, mean ± std over seeds (each run selected on validation)."""
+    keys = sorted({k for r in results.values() for k, v in r.get("test", {}).items() if isinstance(v, float)})
+    lines = [
+        f"test metrics over seeds {', '.join(map(str, results))} (each selected on validation)",
+        "",
+        "| metric | mean ± std |",
+        "|---|---|",
+    ]
+    for key in keys:
+        values = [r["test"][key] for r in results.values() if not math.isnan(r["test"].get(key, math.nan))]
+        if not values:
+            continue
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        lines.append(f"| {key} | {statistics.fmean(values):.4f} ± {spread:.4f} |")
+    return "\n".join(lines)
+
+
+def _print_final(run_dir: Path, final: dict[str, Any]) -> None:
+    test = final.get("test") or {}
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in test.items() if isinstance(v, float))
+    print(f"selected step {final['selected_step']} by {final['selected_by']}; test: {shown or 'no test split'}")
+    print(f"run directory: {run_dir} (metrics.jsonl, curves.png, events/, checkpoints/best.pt, final.json)")
+
+
+def missing_sets(spec: str, modalities: tuple[str, ...]) -> list[tuple[str, ...]]:
+    """The modality sets to remove for ``--missing``: '' -> [()], 'ta' -> [(text, audio)], 'all' -> every
+    proper subset of the model's modalities (including the empty one)."""
+    if spec == "all":
+        return [combo for r in range(len(modalities)) for combo in itertools.combinations(modalities, r)]
+    bad = sorted(set(spec) - set(SHORT))
+    if bad:
+        raise TrainConfigError(f"--missing {spec!r}: use letters t, a, v (e.g. ta) or 'all'")
+    removed = tuple(SHORT[c] for c in SHORT if c in spec)
+    if removed and set(removed) >= set(modalities):
+        raise TrainConfigError(f"--missing {spec!r} removes every modality the model uses ({', '.join(modalities)})")
+    return [removed]
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from shards.dataset import check_feature_set, load_dataset_json
+    from train.checkpoint import load_checkpoint
+    from train.pipeline import FusionPipeline
+    from train.trainer import evaluate
+
+    ckpt = load_checkpoint(args.checkpoint)
+    dataset = load_dataset_json(args.shards)
+    check_feature_set(ckpt["feature_set_hash"], dataset, what=f"checkpoint {args.checkpoint}")
+    config = make_train_config(ckpt["model_name"], None, ["num_workers=0", "device=cpu"], base=ckpt["config"])
+    net = FusionPipeline(config, ckpt["dims"], {"feature_set": ckpt["feature_set"], "stats": ckpt["stats"]})
+    net.load_state_dict(ckpt["model"])
+    results = {}
+    for removed in missing_sets(args.missing, tuple(net.fusion.modalities)):
+        name = "".join(m[0] for m in removed) or "none"
+        results[name] = evaluate(net, args.shards, args.split, config, drop=removed)
+    if args.json:
+        if len(results) == 1:
+            ((name, metrics),) = results.items()
+            print(json.dumps({**metrics, "split": args.split, "missing": name}))
+        else:
+            print(json.dumps({"split": args.split, "missing": results}))
+        return 0
+    for name, metrics in results.items():
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+        print(f"{args.split} (removed: {name}): n={metrics.get('n', 0)} {shown}", file=sys.stdout)
+    return 0

@@ -1,0 +1,100 @@
+"""The trainable network: optional text / audio encoders (end-to-end mode) in front of a fusion model.
+
+``FusionPipeline.forward(batch)`` takes a loader batch (train/collate.py) and returns the fusion model's
+``FusionOutput``. In end-to-end mode the text features are recomputed from ``text_ids`` and the audio
+features from ``audio_wave`` with gradients, then standardised with the same train-split statistics the
+frozen features get, so at initialisation both modes feed the fusion model identical inputs. Video always
+uses the stored landmarks. One module, so DDP wraps it whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import fusion
+from fusion.base import FusionOutput
+from shards.schema import FEATURE_MEMBERS
+from train.config import TrainConfig
+from train.encoders import AudioEncoder, TextEncoder
+
+
+class FusionPipeline(nn.Module):
+    def __init__(self, config: TrainConfig, dims: dict[str, int], dataset: Mapping[str, Any]) -> None:
+        super().__init__()
+        self.fusion = fusion.build_model(config.model, **config.model_kwargs(dims))
+        self.encoders = nn.ModuleDict()
+        self.end_to_end = config.mode == "end_to_end"
+        if self.end_to_end:
+            extractors = dataset.get("feature_set", {}).get("extractors", {})
+            if "text" in config.modalities and "text" in extractors:
+                self.encoders["text"] = TextEncoder(extractors["text"], config.grad_checkpointing)
+            if "audio" in config.modalities and "audio" in extractors:
+                self.encoders["audio"] = AudioEncoder(extractors["audio"], config.grad_checkpointing)
+        stats = dataset.get("stats", {})
+        for m in self.encoders:
+            mean, std = _stats(stats, FEATURE_MEMBERS[m])
+            self.register_buffer(f"{m}_mean", mean)
+            self.register_buffer(f"{m}_std", std)
+
+    def set_encoders_trainable(self, top_k: int) -> None:
+        """-1: every encoder layer trains; k >= 0: only the top k transformer layers (0 = frozen)."""
+        for enc in self.encoders.values():
+            enc.set_trainable(top_k)
+
+    def param_groups(self, lr: float, encoder_lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        """The fusion model's own groups, then one per encoder; no weight decay on biases and norms."""
+        groups = []
+        for g in self.fusion.param_groups(lr):
+            groups += _split_decay({**g, "name": f"fusion.{g['name']}"}, weight_decay)
+        for m, enc in self.encoders.items():
+            groups += _split_decay(
+                {"name": f"{m}_encoder", "params": list(enc.parameters()), "lr": encoder_lr}, weight_decay
+            )
+        return [g for g in groups if g["params"]]
+
+    def forward(self, batch: dict[str, Any]) -> FusionOutput:
+        if self.end_to_end:
+            batch = dict(batch)
+            if "text" in self.encoders and "text_ids" in batch:
+                feats = self.encoders["text"](batch["text_ids"], batch["text_ids_mask"])
+                batch["text"] = self._standardise("text", feats, batch["text_ids_mask"])
+                batch["text_mask"] = batch["text_ids_mask"] & batch["text_mask"].any(1, keepdim=True)
+            if "audio" in self.encoders and "audio_wave" in batch:
+                frames, _ = self.encoders["audio"](batch["audio_wave"], batch["audio_wave_mask"])
+                mask = batch["audio_mask"]
+                frames = _fit_length(frames, mask.shape[1])
+                batch["audio"] = self._standardise("audio", frames, mask)
+        return self.fusion(batch)
+
+    def _standardise(self, m: str, x: Tensor, mask: Tensor) -> Tensor:
+        mean, std = getattr(self, f"{m}_mean"), getattr(self, f"{m}_std")
+        return torch.where(mask[..., None], (x.float() - mean) / std, torch.zeros((), device=x.device))
+
+
+def _stats(stats: Mapping[str, Any], member: str) -> tuple[Tensor, Tensor]:
+    entry = stats.get(member)
+    if not entry:
+        raise ValueError(f"dataset.json has no train statistics for {member}; end-to-end mode standardises with them")
+    mean = torch.tensor(entry["mean"], dtype=torch.float32)
+    std = torch.tensor(entry["std"], dtype=torch.float32)
+    return mean, torch.where(std > 1e-6, std, torch.ones_like(std))
+
+
+def _fit_length(x: Tensor, length: int) -> Tensor:
+    """Crop or zero-pad the time axis of (B, T, D) to ``length`` (the stored mask's padded length)."""
+    if x.shape[1] >= length:
+        return x[:, :length]
+    return torch.nn.functional.pad(x, (0, 0, 0, length - x.shape[1]))
+
+
+def _split_decay(group: dict[str, Any], weight_decay: float) -> list[dict[str, Any]]:
+    decay = [p for p in group["params"] if p.dim() >= 2]
+    no_decay = [p for p in group["params"] if p.dim() < 2]
+    out = [{**group, "params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        out.append({**group, "name": group["name"] + ".no_decay", "params": no_decay, "weight_decay": 0.0})
+    return out

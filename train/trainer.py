@@ -1,0 +1,319 @@
+"""``fit``: the training loop, written out in one place (forward, losses, backward, clip, step, log, evaluate,
+checkpoint), and ``evaluate``, which every command that scores a model goes through.
+
+Run directory (``--run-dir``)::
+
+    config.json        resolved settings, git revision, shard fingerprint (feature-set hash, dataset counts)
+    metrics.jsonl      one JSON object per training log line and per evaluation
+    events/            TensorBoard event files
+    curves.png         learning curves (loss, validation metric)
+    checkpoints/last.pt, best.pt   model, optimiser, scheduler, RNG, step and data position, config, feature set
+    final.json         test metrics of the best (validation-selected) checkpoint
+
+Selection is on the validation split only (``train.metrics.SELECTION``); the test split is evaluated once,
+with the selected checkpoint, at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from fusion.layers import task_loss
+from shards.dataset import check_feature_set, load_dataset_json
+from train.checkpoint import load_checkpoint, save_checkpoint
+from train.collate import feature_dims
+from train.config import TrainConfig, check_model_settings
+from train.data import DataConfig, make_loader, num_batches
+from train.logs import RunLog
+from train.metrics import SELECTION, task_metrics
+from train.pipeline import FusionPipeline
+from train.runtime import (
+    Dist,
+    amp_dtype,
+    git_revision,
+    prepare_run_dir,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    setup_distributed,
+    teardown_distributed,
+    write_json,
+)
+
+log = logging.getLogger(__name__)
+
+
+def data_config(config: TrainConfig, *, workers: int | None = None) -> DataConfig:
+    return DataConfig(
+        batch_size=config.batch_size,
+        num_workers=config.num_workers if workers is None else workers,
+        shuffle_buffer=config.shuffle_buffer,
+        modalities=tuple(config.modalities),
+        raw=config.mode == "end_to_end",
+        label_key=config.label_key,
+        seed=config.seed,
+        skip_bad_samples=config.skip_bad_samples,
+    )
+
+
+def lr_lambda(config: TrainConfig, total_steps: int):
+    """Multiplier of the base learning rates at each optimiser step: linear warm-up, then the schedule."""
+
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        if config.schedule == "constant" or total_steps <= config.warmup_steps:
+            return 1.0
+        progress = min(1.0, (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps))
+        if config.schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def fit(config: TrainConfig, shards: Path | str, run_dir: Path | str, resume: bool = False) -> dict[str, Any]:
+    """Train ``config.model`` on the shards; returns the final test metrics (validation-selected)."""
+    shards, run_dir = Path(shards), Path(run_dir)
+    d = setup_distributed(config.device)
+    try:
+        return _fit(config, shards, run_dir, resume, d)
+    finally:
+        teardown_distributed(d)
+
+
+def _fit(config: TrainConfig, shards: Path, run_dir: Path, resume: bool, d: Dist) -> dict[str, Any]:
+    dataset = load_dataset_json(shards)
+    dims = feature_dims(dataset, config.modalities)
+    check_model_settings(config, dims)
+    if d.main:
+        prepare_run_dir(run_dir, resume)
+    _barrier(d)
+    checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.pt") if resume else None
+    if checkpoint is not None:
+        check_feature_set(checkpoint["feature_set_hash"], dataset, what=f"the run in {run_dir}")
+    seed_everything(config.seed)
+    net = FusionPipeline(config, dims, dataset).to(d.device)
+    data = data_config(config)
+    batches_per_epoch = num_batches(shards, "train", data, train=True, rank=d.rank, world_size=d.world_size)
+    steps_per_epoch = max(1, batches_per_epoch // config.grad_accum)
+    total_steps = config.max_steps or config.epochs * steps_per_epoch
+    optimizer = torch.optim.AdamW(net.param_groups(config.lr, config.encoder_lr, config.weight_decay))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total_steps))
+    state = {"step": 0, "epoch": 0, "batch": 0, "best": None, "best_step": -1}
+    if checkpoint is not None:
+        net.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        state.update(checkpoint["state"])
+        set_rng_state(checkpoint["rng"][min(d.rank, len(checkpoint["rng"]) - 1)])
+    model: torch.nn.Module = net
+    if d.enabled:
+        model = DistributedDataParallel(net, find_unused_parameters=True)
+    if config.compile:
+        model = torch.compile(model)
+    autocast = amp_dtype(config.amp, d.device)
+    scaler = torch.amp.GradScaler("cuda", enabled=autocast == torch.float16)
+    run_log = RunLog(run_dir, enabled=d.main)
+    if d.main and checkpoint is None:
+        write_json(run_dir / "config.json", _run_record(config, dataset, dims, shards, d))
+    select_key, larger_is_better = SELECTION[config.task]
+    log.info(
+        "training %s (%s) on %s: %d steps, %d per epoch",
+        config.model,
+        config.mode,
+        shards,
+        total_steps,
+        steps_per_epoch,
+    )
+
+    started = time.perf_counter()
+    while state["step"] < total_steps and state["epoch"] < config.epochs:
+        epoch = state["epoch"]
+        loader = make_loader(
+            shards,
+            "train",
+            data,
+            train=True,
+            epoch=epoch,
+            rank=d.rank,
+            world_size=d.world_size,
+            skip_batches=state["batch"],
+        )
+        net.train()
+        optimizer.zero_grad(set_to_none=True)  # no micro-batch gradient carries over an epoch boundary
+        for batch in loader:
+            if net.end_to_end:  # the freeze / unfreeze schedule of the encoders
+                net.set_encoders_trainable(config.unfreeze_top_k if state["step"] >= config.unfreeze_after else 0)
+            batch = _to_device(_labelled(batch), d.device)
+            if batch["label"].numel() == 0:  # nothing to learn from (unlabelled samples are kept out of losses)
+                state["batch"] += 1
+                continue
+            with torch.autocast(d.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+                out = model(batch)
+            loss = sum(out.losses.values())
+            scaler.scale(loss / config.grad_accum).backward()
+            state["batch"] += 1
+            if state["batch"] % config.grad_accum:
+                continue
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), config.clip_norm or float("inf"))
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            state["step"] += 1
+            if state["step"] % config.log_every == 0 or state["step"] == 1:
+                run_log.train(
+                    state["step"],
+                    epoch,
+                    float(loss.detach()),
+                    out.losses,
+                    out.diagnostics,
+                    float(grad_norm),
+                    scheduler.get_last_lr(),
+                    time.perf_counter() - started,
+                )
+            if config.checkpoint_every and state["step"] % config.checkpoint_every == 0:
+                _save(run_dir / "checkpoints" / "last.pt", net, optimizer, scheduler, state, config, dataset, dims, d)
+            if state["step"] >= total_steps:
+                break
+        stopped = state["step"] >= total_steps
+        if not stopped or state["batch"] >= batches_per_epoch:  # the epoch ran to its end
+            state["epoch"], state["batch"] = epoch + 1, 0
+        if not stopped and (epoch + 1) % config.eval_every:
+            _save(run_dir / "checkpoints" / "last.pt", net, optimizer, scheduler, state, config, dataset, dims, d)
+            continue
+        metrics = evaluate(net, shards, "valid", config, d)
+        run_log.eval(state["step"], epoch, "valid", metrics)
+        changed = net.fusion.end_epoch(metrics)
+        if changed:
+            run_log.note(state["step"], "end_epoch", changed)
+        score = metrics.get(select_key, math.nan)
+        best = state["best"]
+        if not math.isnan(score) and (best is None or (score > best if larger_is_better else score < best)):
+            state["best"], state["best_step"] = score, state["step"]
+            _save(run_dir / "checkpoints" / "best.pt", net, optimizer, scheduler, state, config, dataset, dims, d)
+        _save(run_dir / "checkpoints" / "last.pt", net, optimizer, scheduler, state, config, dataset, dims, d)
+
+    best_path = run_dir / "checkpoints" / "best.pt"
+    if not best_path.is_file():  # no validation split or no finite score: the last state is the selection
+        best_path = run_dir / "checkpoints" / "last.pt"
+        _save(best_path, net, optimizer, scheduler, state, config, dataset, dims, d)
+    _barrier(d)
+    net.load_state_dict(load_checkpoint(best_path)["model"])
+    final = {"selected_step": state["best_step"], "selected_by": f"valid {select_key}"}
+    for split in ("valid", "test"):
+        final[split] = evaluate(net, shards, split, config, d)
+        run_log.eval(state["step"], state["epoch"], f"{split} (selected)", final[split])
+    if d.main:
+        write_json(run_dir / "final.json", final)
+        run_log.curves(select_key)
+    run_log.close()
+    return final
+
+
+@torch.no_grad()
+def evaluate(
+    net: FusionPipeline,
+    shards: Path,
+    split: str,
+    config: TrainConfig,
+    d: Dist | None = None,
+    drop: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """Metrics of ``net`` on every labelled sample of ``split`` (each once across ranks); ``drop`` removes
+    modalities from every batch (incomplete-modality evaluation). Empty dict when the split has no samples."""
+    d = d or Dist()
+    data = data_config(config, workers=min(config.num_workers, 1))
+    dataset = load_dataset_json(shards)
+    if not any(s.get("split") == split for s in dataset.get("shards", [])):
+        return {}
+    net.eval()
+    preds, labels = [], []
+    autocast = amp_dtype(config.amp, d.device)
+    for batch in make_loader(shards, split, data, train=False, rank=d.rank, world_size=d.world_size):
+        batch = _to_device(_labelled(batch), d.device)
+        if batch["label"].numel() == 0:
+            continue
+        for m in drop:
+            batch = {k: v for k, v in batch.items() if not k.startswith(m)}
+        with torch.autocast(d.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            out = net(batch)
+        preds.append(out.prediction.float().cpu())
+        labels.append(batch["label"].cpu())
+    preds, labels = _gather(preds, d), _gather(labels, d)
+    net.train()
+    if preds is None or len(labels) == 0:
+        return {}
+    metrics = task_metrics(config.task, preds, labels)
+    metrics["task_loss"] = float(task_loss(preds, labels, config.task))
+    metrics["n"] = int(len(labels))
+    return metrics
+
+
+def _gather(parts: list[torch.Tensor], d: Dist) -> torch.Tensor | None:
+    local = torch.cat(parts) if parts else None
+    if not d.enabled:
+        return local
+    gathered: list[Any] = [None] * d.world_size
+    dist.all_gather_object(gathered, local)
+    parts = [g for g in gathered if g is not None]
+    return torch.cat(parts) if parts else None
+
+
+def _labelled(batch: dict[str, Any]) -> dict[str, Any]:
+    """The rows of a batch that have a finite label (unlabelled samples cannot be trained or scored)."""
+    label = batch["label"]
+    finite = torch.isfinite(label) if label.dim() == 1 else torch.isfinite(label).all(-1)
+    if bool(finite.all()):
+        return batch
+    index = finite.nonzero().squeeze(1)
+    out = {k: v[index] for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    out["key"] = [batch["key"][i] for i in index.tolist()]
+    return out
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    pin = device.type == "cuda"
+    return {
+        k: (v.pin_memory().to(device, non_blocking=True) if pin else v.to(device)) if isinstance(v, torch.Tensor) else v
+        for k, v in batch.items()
+    }
+
+
+def _barrier(d: Dist) -> None:
+    if d.enabled:
+        dist.barrier()
+
+
+def _save(path: Path, net, optimizer, scheduler, state, config, dataset, dims, d: Dist) -> None:
+    rngs: list[Any] = [rng_state()]
+    if d.enabled:  # every rank's RNG, so each resumes its own stream
+        rngs = [None] * d.world_size
+        dist.all_gather_object(rngs, rng_state())
+    if d.main:
+        save_checkpoint(path, net, optimizer, scheduler, dict(state), config, dataset, dims, rngs)
+    _barrier(d)
+
+
+def _run_record(config: TrainConfig, dataset: dict[str, Any], dims: dict[str, int], shards: Path, d: Dist) -> dict:
+    return {
+        "config": config.to_dict(),
+        "git_revision": git_revision(),
+        "shards": str(shards.resolve()),
+        "feature_set_hash": dataset["feature_set_hash"],
+        "dataset_counts": dataset.get("counts", {}),
+        "dims": dims,
+        "world_size": d.world_size,
+        "device": str(d.device),
+        "torch": str(torch.__version__),
+    }
