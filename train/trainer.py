@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from fusion.layers import task_loss
 from shards.dataset import check_feature_set, load_dataset_json
 from train.checkpoint import load_checkpoint, save_checkpoint
-from train.collate import feature_dims
+from train.collate import DataError, feature_dims
 from train.config import TrainConfig, check_model_settings
 from train.data import DataConfig, make_loader, num_batches
 from train.logs import RunLog
@@ -104,7 +104,13 @@ def _fit(config: TrainConfig, shards: Path, run_dir: Path, resume: bool, d: Dist
     net = FusionPipeline(config, dims, dataset).to(d.device)
     data = data_config(config)
     batches_per_epoch = num_batches(shards, "train", data, train=True, rank=d.rank, world_size=d.world_size)
-    steps_per_epoch = max(1, batches_per_epoch // config.grad_accum)
+    if batches_per_epoch < config.grad_accum:
+        raise DataError(
+            f"the train split of {shards} gives {batches_per_epoch} full batch(es) of {config.batch_size} per rank "
+            f"(world size {d.world_size}), fewer than one optimiser step (grad_accum={config.grad_accum}); "
+            "lower batch_size or grad_accum"
+        )
+    steps_per_epoch = batches_per_epoch // config.grad_accum
     total_steps = config.max_steps or config.epochs * steps_per_epoch
     optimizer = torch.optim.AdamW(net.param_groups(config.lr, config.encoder_lr, config.weight_decay))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total_steps))
@@ -213,7 +219,7 @@ def _fit(config: TrainConfig, shards: Path, run_dir: Path, resume: bool, d: Dist
     final = {"selected_step": state["best_step"], "selected_by": f"valid {select_key}"}
     for split in ("valid", "test"):
         final[split] = evaluate(net, shards, split, config, d)
-        run_log.eval(state["step"], state["epoch"], f"{split} (selected)", final[split])
+        run_log.eval(state["best_step"], state["epoch"], f"{split} (selected)", final[split])
     if d.main:
         write_json(run_dir / "final.json", final)
         run_log.curves(select_key)

@@ -79,6 +79,14 @@ def test_resume_gives_the_same_losses(bundled_dataset: Path, tmp_path: Path, mon
         assert got[step] == pytest.approx(expected[step], abs=1e-6), step
 
 
+def test_too_few_samples_for_one_step_is_an_error(bundled_dataset: Path, tmp_path: Path) -> None:
+    from train.collate import DataError
+
+    config = make_train_config("late", overrides=[*FAST, "batch_size=4"])
+    with pytest.raises(DataError, match="gives 0 full batch\\(es\\) of 4 per rank .* lower batch_size"):
+        fit(config, bundled_dataset, tmp_path / "run")
+
+
 def test_resume_without_a_checkpoint_is_refused(bundled_dataset: Path, tmp_path: Path) -> None:
     config = make_train_config("late", overrides=FAST)
     with pytest.raises(RunDirError, match="last.pt not found; start a new run without --resume"):
