@@ -178,3 +178,30 @@ def test_checkpoints_never_unpickle(tmp_path: Path) -> None:
     path.write_bytes(pickle.dumps({"mmfuse_checkpoint": 1, "x": print}))
     with pytest.raises(CheckpointError, match="cannot read checkpoint"):
         load_checkpoint(path)
+
+
+def test_gradient_accumulation_matches_one_big_batch(bundled_dataset: Path, tmp_path: Path) -> None:
+    common = [*FAST, "epochs=1", "model.dropout=0.0", "clip_norm=0", "schedule=constant"]
+    fit(make_train_config("late", overrides=[*common, "batch_size=2"]), bundled_dataset, tmp_path / "big")
+    fit(make_train_config("late", overrides=[*common, "grad_accum=2"]), bundled_dataset, tmp_path / "accum")
+    big = load_checkpoint(tmp_path / "big" / "checkpoints" / "last.pt")
+    accum = load_checkpoint(tmp_path / "accum" / "checkpoints" / "last.pt")
+    assert big["state"]["step"] == accum["state"]["step"] == 1
+    for key, value in big["model"].items():
+        # Attention's key bias has no true gradient (softmax ignores a shift shared by all keys): its gradient
+        # is rounding noise, which Adam's normalisation turns into full-size steps of either sign.
+        if not key.endswith("in_proj_bias"):
+            torch.testing.assert_close(accum["model"][key], value, atol=1e-6, rtol=1e-5, msg=key)
+
+
+def test_seeds_give_a_mean_std_table(bundled_dataset: Path, tmp_path: Path, capsys) -> None:
+    argv = ["train", "--shards", str(bundled_dataset), "--model", "late", "--run-dir", str(tmp_path / "seeds")]
+    assert main([*argv, "--seeds", "1,2", *FAST, "epochs=1"]) == 0
+    runs = json.loads((tmp_path / "seeds" / "seeds.json").read_text())
+    assert set(runs) == {"1", "2"}
+    assert json.loads((tmp_path / "seeds" / "seed-2" / "config.json").read_text())["config"]["seed"] == 2
+    maes = [runs[s]["test"]["mae"] for s in ("1", "2")]
+    table = (tmp_path / "seeds" / "seeds.md").read_text()
+    mean, std = sum(maes) / 2, abs(maes[0] - maes[1]) / 2**0.5
+    assert f"| mae | {mean:.4f} ± {std:.4f} |" in table
+    assert "seeds 1, 2" in capsys.readouterr().out
