@@ -45,6 +45,11 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", type=Path, default=None, help="YAML file of setting overrides")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
     p.add_argument("--seeds", default=None, help="comma-separated seeds: one run each, then a mean ± std table")
+    p.add_argument(
+        "--skip-bad-samples",
+        action="store_true",
+        help="skip (count and log) corrupt or foreign samples instead of stopping with an error naming them",
+    )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="setting overrides, e.g. epochs=5 model.hidden=32")
     p.set_defaults(run=run_train)
 
@@ -78,7 +83,8 @@ def run_train(args: argparse.Namespace) -> int:
         raise TrainConfigError(f"--resume: {args.run_dir / 'config.json'} not found; nothing to resume")
     if base is not None and args.model and args.model != base["model"]:
         raise TrainConfigError(f"--resume: the run in {args.run_dir} trains {base['model']}, not {args.model}")
-    config = make_train_config(args.model, args.config, args.overrides, base=base)
+    overrides = [*args.overrides, *(["skip_bad_samples=true"] if args.skip_bad_samples else [])]
+    config = make_train_config(args.model, args.config, overrides, base=base)
     if not args.seeds:
         final = fit(config, args.shards, args.run_dir, resume=args.resume)
         _print_final(args.run_dir, final)

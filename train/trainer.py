@@ -192,6 +192,11 @@ def _fit(config: TrainConfig, shards: Path, run_dir: Path, resume: bool, d: Dist
                 _save(run_dir / "checkpoints" / "last.pt", net, optimizer, scheduler, state, config, dataset, dims, d)
             if state["step"] >= total_steps:
                 break
+        if loader.bad_samples:  # only with skip_bad_samples; otherwise the first bad sample raised
+            run_log.note(state["step"], "skipped", {"epoch": epoch, "count": len(loader.bad_samples)})
+            log.warning(
+                "epoch %d: skipped %d bad sample(s): %s", epoch, len(loader.bad_samples), loader.bad_samples[:3]
+            )
         stopped = state["step"] >= total_steps
         if not stopped or state["batch"] >= batches_per_epoch:  # the epoch ran to its end
             state["epoch"], state["batch"] = epoch + 1, 0
