@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -205,3 +206,27 @@ def test_seeds_give_a_mean_std_table(bundled_dataset: Path, tmp_path: Path, caps
     mean, std = sum(maes) / 2, abs(maes[0] - maes[1]) / 2**0.5
     assert f"| mae | {mean:.4f} ± {std:.4f} |" in table
     assert "seeds 1, 2" in capsys.readouterr().out
+
+
+def test_bad_sample_stops_training_unless_skipped(bundled_dataset: Path, tmp_path: Path, capsys) -> None:
+    import tarfile
+
+    shards = tmp_path / "shards"
+    shutil.copytree(bundled_dataset, shards)
+    src = shards / "train-000000.tar"
+    dst = tmp_path / "rewritten.tar"
+    with tarfile.open(src) as tin, tarfile.open(dst, "w") as tout:
+        for info in tin.getmembers():
+            data = tin.extractfile(info).read()
+            if info.name == "grid__bbaf2n.audio_feat.npy":
+                data = b"\x93NUMPY garbage"
+                info.size = len(data)
+            tout.addfile(info, io.BytesIO(data))
+    dst.replace(src)
+    argv = ["train", "--shards", str(shards), "--model", "late", *FAST, "epochs=1"]
+    assert main([*argv, "--run-dir", str(tmp_path / "strict")]) == 1
+    err = capsys.readouterr().err
+    assert "train-000000.tar" in err and "audio_feat.npy" in err
+    assert main([*argv, "--run-dir", str(tmp_path / "lenient"), "--skip-bad-samples"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "lenient" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["count"] for r in records if r["kind"] == "skipped"] == [1]
