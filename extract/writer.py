@@ -47,7 +47,7 @@ def clean_stale(out: Path, planned: set[str], remove_all: bool) -> None:
             path.unlink(missing_ok=True)
 
 
-def _modality_status(d: DecodedClip, modality: str, cfg: ExtractConfig, result: Any) -> dict[str, Any]:
+def modality_status(d: DecodedClip, modality: str, cfg: ExtractConfig, result: Any) -> dict[str, Any]:
     if modality not in cfg.modalities:
         return {"status": "absent", "error": None}
     if isinstance(result, ModalityFailure):
@@ -85,8 +85,8 @@ def write_shard(
                 continue
             k = index[id(d)]
             per = {m: results[m][k] if m in results else None for m in MODALITIES}
-            mods = {m: _modality_status(d, m, cfg, per[m]) for m in MODALITIES}
-            sample: dict[str, Any] = {"__key__": c.key, "meta.json": _meta(d, mods, fs_hash, cfg)}
+            mods = {m: modality_status(d, m, cfg, per[m]) for m in MODALITIES}
+            sample: dict[str, Any] = {"__key__": c.key, "meta.json": sample_meta(d, mods, fs_hash, cfg)}
             for m in MODALITIES:
                 if mods[m]["status"] == "ok":
                     sample.update(per[m])
@@ -133,7 +133,7 @@ def write_shard(
     return len(writer.keys)
 
 
-def _meta(d: DecodedClip, mods: dict[str, Any], fs_hash: str, cfg: ExtractConfig) -> dict[str, Any]:
+def sample_meta(d: DecodedClip, mods: dict[str, Any], fs_hash: str, cfg: ExtractConfig) -> dict[str, Any]:
     c = d.clip
     return {
         "schema_version": SCHEMA_VERSION,

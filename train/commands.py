@@ -23,6 +23,14 @@ TRAIN_EXAMPLES = """examples:
   torchrun --nproc-per-node 2 $(which mmfuse) train --shards shards/ --model mult --run-dir runs/mult
 """
 
+PREDICT_EXAMPLES = """examples:
+  mmfuse predict --checkpoint runs/tcmax/checkpoints/best.pt clip.mp4 --text "what a great movie"
+  mmfuse predict --checkpoint runs/tcmax/checkpoints/best.pt clip.mov --json   # no transcript: text masked
+
+The clip goes through exactly the extraction pipeline of the checkpoint's feature set (same models, layers,
+fps, FaceMesh options); a machine whose models differ is refused with the differing fields named.
+"""
+
 EVAL_EXAMPLES = """examples:
   mmfuse eval --checkpoint runs/tcmax/checkpoints/best.pt --shards shards/ --split test --json
   mmfuse eval --checkpoint runs/tcmax/checkpoints/best.pt --shards shards/ --missing a    # audio removed
@@ -68,6 +76,23 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--missing", default="", help="modalities to remove: t, a, v, ta, ...; 'all' = every subset")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(run=run_eval)
+
+
+def add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="predict one raw clip with a checkpoint",
+        description="Decode and encode one video as `mmfuse extract` would for the checkpoint's feature set, "
+        "then print the network's prediction. Missing modalities (no transcript, audio or face) are masked.",
+        epilog=PREDICT_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--checkpoint", required=True, type=Path)
+    p.add_argument("video", type=Path, metavar="VIDEO", help="media file (mp4, avi, mpg, mov, ...)")
+    p.add_argument("--text", default=None, help="the clip's transcript; without it the text modality is masked")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.set_defaults(run=run_predict)
 
 
 def _resumed_config(run_dir: Path) -> dict[str, Any] | None:
@@ -169,4 +194,12 @@ def run_eval(args: argparse.Namespace) -> int:
     for name, metrics in results.items():
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
         print(f"{args.split} (removed: {name}): n={metrics.get('n', 0)} {shown}", file=sys.stdout)
+    return 0
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from train.predict import format_result, predict_clip
+
+    result = predict_clip(args.checkpoint, args.video, args.text, args.device)
+    print(json.dumps(result) if args.json else format_result(result))
     return 0

@@ -1,0 +1,122 @@
+"""``mmfuse predict``: a raw clip through the checkpoint's extraction pipeline gives the shards' prediction."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from shards.dataset import FeatureSetMismatch, feature_set_hash
+from tests.conftest import MEDIA
+from train.checkpoint import load_checkpoint
+from train.cli import main
+from train.config import make_train_config
+from train.data import make_loader
+from train.pipeline import FusionPipeline
+from train.predict import feature_set_diff, predict_clip
+from train.trainer import data_config, fit
+
+FAST = ["batch_size=1", "num_workers=0", "log_every=1", "model.hidden=12", "model.num_heads=3", "device=cpu"]
+GRID = MEDIA / "grid" / "bbaf2n.mpg"
+GRID_TEXT = "bin blue at f two now"
+NOFACE = MEDIA / "faces" / "face_noface.mov"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(bundled_dataset: Path, tmp_path_factory) -> Path:
+    """A late-fusion model trained one epoch (frozen features) on the bundled shards."""
+    run = tmp_path_factory.mktemp("predict") / "run"
+    fit(make_train_config("late", overrides=[*FAST, "epochs=1"]), bundled_dataset, run)
+    return run / "checkpoints" / "last.pt"
+
+
+def shard_prediction(checkpoint: Path, shards: Path, split: str, key: str) -> float:
+    """The trained network's prediction for sample ``key`` as read from the shards (the training pipeline)."""
+    ckpt = load_checkpoint(checkpoint)
+    config = make_train_config(ckpt["model_name"], None, ["num_workers=0", "device=cpu"], base=ckpt["config"])
+    net = FusionPipeline(config, ckpt["dims"], {"feature_set": ckpt["feature_set"], "stats": ckpt["stats"]})
+    net.load_state_dict(ckpt["model"])
+    net.eval()
+    with torch.no_grad():
+        for batch in make_loader(shards, split, data_config(config, workers=0), train=False):
+            if key in batch["key"]:
+                return float(net(batch).prediction[batch["key"].index(key)])
+    raise AssertionError(f"{key} not in split {split}")
+
+
+def test_prediction_equals_the_shard_sample(checkpoint: Path, bundled_dataset: Path) -> None:
+    expected = shard_prediction(checkpoint, bundled_dataset, "train", "grid__bbaf2n")
+    result = predict_clip(checkpoint, GRID, GRID_TEXT)
+    p = result["prediction"]
+    assert p["task"] == "regression"
+    assert p["score"] == pytest.approx(expected, abs=1e-3)
+    assert p["sentiment"] == ("positive" if p["score"] > 0 else "negative")
+    assert p["acc7_class"] == round(max(-3.0, min(3.0, p["score"])))
+    assert {m: s["status"] for m, s in result["modalities"].items()} == {"text": "ok", "audio": "ok", "video": "ok"}
+    assert result["feature_set_hash"] == load_checkpoint(checkpoint)["feature_set_hash"]
+
+
+def test_missing_face_and_transcript_are_masked_as_in_the_shards(checkpoint: Path, bundled_dataset: Path) -> None:
+    # face_noface.mov: no face in most frames, audio from 2.43 s; its manifest transcript is empty (text masked)
+    expected = shard_prediction(checkpoint, bundled_dataset, "test", "faces__face_noface")
+    result = predict_clip(checkpoint, NOFACE)
+    assert result["prediction"]["score"] == pytest.approx(expected, abs=1e-3)
+    mods = result["modalities"]
+    assert mods["text"] == {"status": "absent", "error": "no transcript given (pass --text)"}
+    assert mods["audio"]["status"] == "ok" and mods["audio"]["real_span"][0] == pytest.approx(2.43, abs=0.05)
+    assert mods["video"]["status"] == "ok" and mods["video"]["face_frames"] < mods["video"]["frames"]
+
+
+def test_cli_text_and_json_outputs(checkpoint: Path, capsys) -> None:
+    assert main(["predict", "--checkpoint", str(checkpoint), str(GRID), "--text", GRID_TEXT, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) == {"video", "prediction", "modalities", "feature_set_hash", "model"}
+    assert result["video"] == str(GRID) and result["model"] == "late" and len(result["feature_set_hash"]) == 16
+    score = result["prediction"]["score"]
+    assert main(["predict", "--checkpoint", str(checkpoint), str(GRID), "--text", GRID_TEXT]) == 0
+    out = capsys.readouterr().out
+    assert f"score {score:+.4f}" in out and "text: ok" in out and "feature set " + result["feature_set_hash"] in out
+    assert main(["predict", "--checkpoint", str(checkpoint), str(GRID)]) == 0  # no --text: text masked
+    out = capsys.readouterr().out
+    assert "score " in out and "text: absent (no transcript given (pass --text); masked)" in out
+
+
+def test_altered_feature_set_hash_is_refused(checkpoint: Path, tmp_path: Path, capsys) -> None:
+    ckpt = load_checkpoint(checkpoint)
+    real = ckpt["feature_set_hash"]
+    ckpt["feature_set_hash"] = "0123456789abcdef"
+    torch.save(ckpt, tmp_path / "altered.pt")
+    assert main(["predict", "--checkpoint", str(tmp_path / "altered.pt"), str(GRID), "--text", GRID_TEXT]) == 1
+    err = capsys.readouterr().err
+    assert "feature-set mismatch" in err and "0123456789abcdef" in err and real in err
+    assert "does not hash to its feature_set_hash" in err
+
+
+def test_other_weights_are_refused_naming_the_field(checkpoint: Path, tmp_path: Path) -> None:
+    ckpt = load_checkpoint(checkpoint)
+    real = ckpt["feature_set_hash"]
+    ckpt["feature_set"]["extractors"]["text"]["weights_sha256"] = "feedfacefeedface"
+    ckpt["feature_set_hash"] = feature_set_hash(ckpt["feature_set"])
+    torch.save(ckpt, tmp_path / "other.pt")
+    with pytest.raises(FeatureSetMismatch, match="extractors.text.weights_sha256: 'feedfacefeedface'") as info:
+        predict_clip(tmp_path / "other.pt", GRID, GRID_TEXT)
+    assert ckpt["feature_set_hash"] in str(info.value) and real in str(info.value)
+
+
+def test_feature_set_diff_lists_nested_keys() -> None:
+    a = {"fps": 25, "extractors": {"text": {"model": "x", "layer": -1}, "audio": {"model": "w"}}}
+    b = {"fps": 25, "extractors": {"text": {"model": "y", "layer": -1}}, "sample_rate": 16000}
+    assert feature_set_diff(a, b) == ["extractors.audio", "extractors.text.model", "sample_rate"]
+    assert feature_set_diff(a, a) == []
+
+
+def test_unreadable_video_and_missing_checkpoint_exit_1(checkpoint: Path, tmp_path: Path, capsys) -> None:
+    fake = tmp_path / "notes.mp4"
+    fake.write_text("this is not a video\n")
+    assert main(["predict", "--checkpoint", str(checkpoint), str(fake), "--text", "hello"]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # (model-loading progress may come first)
+    assert last.startswith("mmfuse predict: error: cannot decode") and "unreadable container notes.mp4" in last
+    assert main(["predict", "--checkpoint", str(tmp_path / "none.pt"), str(GRID)]) == 1
+    assert "not found" in capsys.readouterr().err

@@ -1,0 +1,251 @@
+"""``mmfuse predict``: one raw clip through exactly the checkpoint's extraction pipeline and network.
+
+The extraction settings are rebuilt from the feature set the checkpoint records (models, layers, fps,
+modalities, FaceMesh options), the extractors are loaded, and the feature set they describe must hash to the
+checkpoint's ``feature_set_hash`` — otherwise (e.g. the local weights differ) prediction is refused naming
+what differs. The clip is decoded and encoded as ``mmfuse extract`` would, its sample members are built in
+memory (no shard is written), then the training stages ToInputs → collate → Normalise feed the network.
+A modality the clip lacks (no transcript, no audio stream, no face) is masked, never fatal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from extract.config import ExtractConfig, make_config
+from extract.extractors.base import DecodedClip, ExtractionError, Extractor, ModalityFailure
+from extract.manifest import Clip
+from extract.pipeline import build_extractors, check_device, describe_feature_set
+from extract.worker import DecodeSettings, decode_clip, init_worker
+from extract.writer import modality_status, sample_meta  # the exact meta.json / statuses extraction writes
+from shards.dataset import FeatureSetMismatch, feature_set_hash
+from shards.schema import MODALITIES, SAMPLE_RATE, make_key, validate_sample
+from train.checkpoint import load_checkpoint
+from train.collate import Normalise, SelectModalities, ToInputs, collate, has_video_geom
+from train.config import TrainConfig, make_train_config
+from train.pipeline import FusionPipeline
+
+NO_TEXT = "no transcript given (pass --text)"
+
+
+def feature_set_diff(expected: Mapping[str, Any], got: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two feature-set dicts, e.g. ``extractors.text.weights_sha256``.
+
+    Nested dicts are compared key by key; a key present on one side only counts as differing.
+    """
+    out = []
+    for key in sorted(set(expected) | set(got)):
+        a, b = expected.get(key, "<absent>"), got.get(key, "<absent>")
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += feature_set_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}")
+    return out
+
+
+def _lookup(tree: Mapping[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree.get(part, "<absent>") if isinstance(tree, Mapping) else "<absent>"
+    return tree
+
+
+def extract_config(feature_set: Mapping[str, Any], device: str = "cpu") -> ExtractConfig:
+    """The extraction settings that reproduce ``feature_set`` (dataset.json's description) for one clip."""
+    ex = feature_set.get("extractors", {})
+    text, audio, video = ex.get("text", {}), ex.get("audio", {}), ex.get("video", {})
+    fps = feature_set.get("fps")
+    settings: dict[str, Any] = {
+        "modalities": tuple(feature_set.get("modalities") or MODALITIES),
+        "fps": fps if isinstance(fps, (int, float)) else None,
+        "text_model": text.get("model"),
+        "text_layer": text.get("layer"),
+        "max_text_tokens": text.get("max_tokens"),
+        "audio_model": audio.get("model"),
+        "audio_layer": audio.get("layer"),
+        "max_faces": video.get("max_faces"),
+        "min_detection_confidence": video.get("min_detection_confidence"),
+        "workers": 0,
+        "batch_size": 1,
+        "raw": True,  # in memory only; end-to-end checkpoints need the waveform
+        "device": device,
+    }
+    if audio.get("chunk_samples"):
+        settings["audio_chunk_s"] = audio["chunk_samples"] / audio.get("sample_rate", SAMPLE_RATE)
+    return make_config(None, **settings)
+
+
+def matching_extractors(ckpt: Mapping[str, Any], cfg: ExtractConfig) -> tuple[dict[str, Extractor], str]:
+    """Load the extractors of ``cfg`` and check that they describe the checkpoint's feature set.
+
+    Returns the extractors and the feature-set hash; raises :class:`FeatureSetMismatch` naming both hashes
+    and the differing fields otherwise.
+    """
+    check_device(cfg.device)
+    extractors = build_extractors(cfg)
+    here = describe_feature_set(cfg, extractors)
+    got, expected = feature_set_hash(here), ckpt["feature_set_hash"]
+    if got == expected:
+        return extractors, got
+    recorded = ckpt.get("feature_set", {})
+    diff = feature_set_diff(recorded, here)
+    if diff:
+        shown = "; ".join(f"{k}: {_lookup(recorded, k)!r} (checkpoint) vs {_lookup(here, k)!r} (here)" for k in diff)
+        why = f"differing fields: {shown}"
+    else:
+        why = "the checkpoint's own feature_set record does not hash to its feature_set_hash (altered or corrupt)"
+    raise FeatureSetMismatch(
+        f"feature-set mismatch: the checkpoint expects features {expected} but this machine's extractors give "
+        f"{got}; {why}. Provide the same models (weights) the checkpoint was trained with."
+    )
+
+
+def extract_sample(
+    video: Path, text: str | None, cfg: ExtractConfig, extractors: dict[str, Extractor], fs_hash: str, used: tuple
+) -> dict[str, Any]:
+    """Decode and encode one clip as extraction does; return the shard sample dict (members as arrays).
+
+    Members: ``meta.json`` and, per ok modality in ``used``, e.g. ``text_feat.npy`` (Tt, Dt) float16,
+    ``audio_feat.npy`` (Ta, Da) float16, ``video_lmk.npy`` (Tv, 478, 3) float16 with their masks.
+    """
+    video = Path(video)
+    clip = Clip(
+        key=make_key(video.resolve().parent.name, video.stem), video_id=video.resolve().parent.name,
+        clip_id=video.stem, split="test", text=text or "", row=0, path=video.resolve(), media=str(video),
+    )  # fmt: skip
+    media = tuple(m for m in ("audio", "video") if m in used)
+    settings = DecodeSettings(media, cfg.fps, cfg.max_duration_s, cfg.max_faces, cfg.min_detection_confidence)
+    if media:
+        with _quiet_native_logs():
+            init_worker(settings)  # a FaceMesh built with this feature set's options, as the extraction workers do
+            decoded = decode_clip(clip, settings)
+    else:
+        decoded = DecodedClip(clip)
+    if "skipped" in decoded.info:
+        raise ExtractionError(f"cannot decode {video}: {decoded.info['skipped']}")
+    results: dict[str, Any] = {}
+    for m in ("text", "audio"):
+        if m in used and not (m == "text" and text is None):
+            results[m] = extractors[m]([decoded])[0]
+    if "video" in used:
+        video_ok = decoded.video is not None
+        results["video"] = decoded.video if video_ok else ModalityFailure(decoded.status["video"]["error"])
+    mods = {m: modality_status(decoded, m, cfg, results.get(m)) for m in MODALITIES}
+    for m in MODALITIES:
+        if m not in used:
+            mods[m] = {"status": "absent", "error": "not used by the model"}
+    if "text" in used and text is None:
+        mods["text"] = {"status": "absent", "error": NO_TEXT}
+    sample: dict[str, Any] = {"__key__": clip.key, "meta.json": sample_meta(decoded, mods, fs_hash, cfg)}
+    for m in MODALITIES:
+        if mods[m]["status"] == "ok":
+            sample.update(results[m])
+    return sample
+
+
+@contextlib.contextmanager
+def _quiet_native_logs() -> Iterator[None]:
+    """Silence MediaPipe's C++ logging (written to file descriptor 2) while decoding; decode errors become
+    statuses, not stderr output, so nothing of ours is lost."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def load_network(ckpt: Mapping[str, Any], device: str = "cpu") -> tuple[TrainConfig, FusionPipeline]:
+    """The checkpoint's training config and network (eval mode, on ``device``), built as ``mmfuse eval`` does."""
+    config = make_train_config(ckpt["model_name"], None, ["num_workers=0", f"device={device}"], base=ckpt["config"])
+    net = FusionPipeline(config, ckpt["dims"], {"feature_set": ckpt["feature_set"], "stats": ckpt["stats"]})
+    net.load_state_dict(ckpt["model"])
+    return config, net.to(device).eval()
+
+
+def model_batch(sample: dict[str, Any], ckpt: Mapping[str, Any], config: TrainConfig) -> dict[str, Any]:
+    """The training stages on one sample: select → ToInputs → collate → Normalise; a batch of B = 1.
+
+    Returns per modality ``m`` (1, T, D) float32 and ``m_mask`` (1, T) bool (plus raw inputs end to end).
+    """
+    dataset = {"feature_set": ckpt["feature_set"], "stats": ckpt["stats"]}
+    geom = has_video_geom(dataset)
+    modalities, raw = tuple(config.modalities), config.mode == "end_to_end"
+    dims = {m: int(ckpt["dims"][m]) for m in modalities}
+    validate_sample(sample)
+    inputs = ToInputs(modalities, dims, raw, config.label_key, geom)(SelectModalities(modalities, raw)(sample))
+    batch = Normalise.from_dataset(dataset, modalities, geom)(collate([inputs]))
+    batch.pop("label")  # NaN: a new clip has no label
+    return batch
+
+
+def describe_prediction(output: torch.Tensor, task: str) -> dict[str, Any]:
+    """One sample's network output → a readable prediction.
+
+    ``output``: () or (1,) score (regression), (C,) logits (classification) or (K,) logits (multilabel).
+    Regression follows MMSA: sentiment by sign, and the Acc-7 class round(clip(score, -3, 3)).
+    """
+    out = output.detach().float().cpu().reshape(-1)
+    if task == "regression":
+        score = float(out[0])
+        sentiment = "positive" if score > 0 else "negative" if score < 0 else "neutral"
+        return {
+            "task": task,
+            "score": score,
+            "sentiment": sentiment,
+            "acc7_class": int(np.round(np.clip(score, -3, 3))),
+        }
+    if task == "classification":
+        probs = torch.softmax(out, 0)
+        return {"task": task, "class": int(probs.argmax()), "probabilities": [float(p) for p in probs]}
+    return {"task": task, "probabilities": [float(p) for p in torch.sigmoid(out)]}
+
+
+@torch.no_grad()
+def predict_clip(checkpoint: Path | str, video: Path | str, text: str | None = None, device: str = "cpu") -> dict:
+    """Predict one raw clip with a checkpoint; the result is what ``mmfuse predict --json`` prints."""
+    ckpt = load_checkpoint(checkpoint)
+    cfg = extract_config(ckpt.get("feature_set", {}), device)
+    extractors, fs_hash = matching_extractors(ckpt, cfg)
+    config, net = load_network(ckpt, device)
+    sample = extract_sample(Path(video), text, cfg, extractors, fs_hash, tuple(config.modalities))
+    batch = model_batch(sample, ckpt, config)
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    output = net(batch).prediction[0]
+    mods = sample["meta.json"]["modalities"]
+    return {
+        "video": str(video),
+        "prediction": describe_prediction(output, config.task),
+        "modalities": {m: mods[m] for m in config.modalities},
+        "feature_set_hash": fs_hash,
+        "model": ckpt["model_name"],
+    }
+
+
+def format_result(result: Mapping[str, Any]) -> str:
+    """Human-readable lines for ``mmfuse predict`` without ``--json``."""
+    p = result["prediction"]
+    if p["task"] == "regression":
+        head = f"score {p['score']:+.4f} ({p['sentiment']}; Acc-7 class {p['acc7_class']:+d})"
+    elif p["task"] == "classification":
+        probs = ", ".join(f"{i}: {v:.3f}" for i, v in enumerate(p["probabilities"]))
+        head = f"class {p['class']} (softmax: {probs})"
+    else:
+        head = "label probabilities: " + ", ".join(f"{i}: {v:.3f}" for i, v in enumerate(p["probabilities"]))
+    lines = [f"{result['video']}: {head}", f"model {result['model']}, feature set {result['feature_set_hash']}"]
+    for m, status in result["modalities"].items():
+        note = "" if status["status"] == "ok" else f" ({status.get('error')}; masked)"
+        if m == "video" and status["status"] == "ok" and "frames" in status:
+            note = f" (face in {status.get('face_frames', 0)}/{status['frames']} frames)"
+        lines.append(f"  {m}: {status['status']}{note}")
+    return "\n".join(lines)
