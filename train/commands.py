@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from train.config import TrainConfigError, make_train_config
+from train.runtime import dumps
 
 SHORT = {"t": "text", "a": "audio", "v": "video"}
 
@@ -123,7 +124,7 @@ def run_train(args: argparse.Namespace) -> int:
     table = seeds_table(results)
     args.run_dir.mkdir(parents=True, exist_ok=True)
     (args.run_dir / "seeds.md").write_text(table + "\n")
-    (args.run_dir / "seeds.json").write_text(json.dumps({str(k): v for k, v in results.items()}, indent=2) + "\n")
+    (args.run_dir / "seeds.json").write_text(dumps({str(k): v for k, v in results.items()}, indent=2) + "\n")
     print(table)
     print(f"runs: {args.run_dir}/seed-*; table: {args.run_dir / 'seeds.md'}")
     return 0
@@ -187,9 +188,9 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.json:
         if len(results) == 1:
             ((name, metrics),) = results.items()
-            print(json.dumps({**metrics, "split": args.split, "missing": name}))
+            print(dumps({**metrics, "split": args.split, "missing": name}))
         else:
-            print(json.dumps({"split": args.split, "missing": results}))
+            print(dumps({"split": args.split, "missing": results}))
         return 0
     for name, metrics in results.items():
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
@@ -201,5 +202,5 @@ def run_predict(args: argparse.Namespace) -> int:
     from train.predict import format_result, predict_clip
 
     result = predict_clip(args.checkpoint, args.video, args.text, args.device)
-    print(json.dumps(result) if args.json else format_result(result))
+    print(dumps(result) if args.json else format_result(result))
     return 0

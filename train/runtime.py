@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import subprocess
@@ -130,15 +131,32 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> None:
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
 
 
+def strict_json(obj: Any) -> Any:
+    """``obj`` with NaN / inf floats replaced by None, so the output is standard JSON (e.g. an undefined
+    correlation is ``null``)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
+def dumps(obj: Any, **kwargs: Any) -> str:
+    """Standard JSON (NaN -> null)."""
+    return json.dumps(strict_json(obj), allow_nan=False, default=str, **kwargs)
+
+
 def write_json(path: Path, obj: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.write_text(dumps(obj, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)
 
 
 def append_jsonl(path: Path, obj: dict[str, Any]) -> None:
     with path.open("a") as f:
-        f.write(json.dumps(obj, sort_keys=True, allow_nan=True) + "\n")
+        f.write(dumps(obj, sort_keys=True) + "\n")
 
 
 def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:

@@ -163,6 +163,9 @@ def test_eval_cli_json_and_missing_modalities(bundled_dataset: Path, tmp_path: P
     result = json.loads(capsys.readouterr().out)
     expected = {"mae", "corr", "acc2_has0", "f1_has0", "acc2_non0", "f1_non0", "acc5", "acc7", "n", "split"}
     assert expected <= set(result) and result["n"] == 2 and result["split"] == "train"
+    assert main(["eval", "--checkpoint", ckpt, "--shards", str(bundled_dataset), "--json"]) == 0
+    single = json.loads(capsys.readouterr().out)  # standard JSON: one test sample has no correlation -> null
+    assert single["n"] == 1 and single["corr"] is None
     assert main(["eval", "--checkpoint", ckpt, "--shards", str(bundled_dataset), "--missing", "all", "--json"]) == 0
     every = json.loads(capsys.readouterr().out)["missing"]
     assert set(every) == {"none", "t", "a", "v", "ta", "tv", "av"}
