@@ -134,6 +134,21 @@ def test_missing_modality_masks(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_no_mixing_across_the_batch(name: str) -> None:
+    # A prediction must not depend on the other samples of its batch (the released BC-PMJRS attends across it).
+    model = tiny(name)
+    batch = make_batch()
+    changed = dict(batch)
+    for m in DIMS:
+        changed[m] = batch[m].clone()
+        changed[m][3] = torch.randn_like(batch[m][3]) * 5
+    before, after = run_eval(model, batch).prediction, run_eval(model, changed).prediction
+    keep = [0, 1, 2, 4]
+    torch.testing.assert_close(after[keep], before[keep], atol=1e-6, rtol=1e-6)
+    assert (after[3] - before[3]).abs().max() > 1e-5
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_every_subset_of_modalities(name: str) -> None:
     full = tiny(name)
     batch = make_batch()

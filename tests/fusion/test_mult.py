@@ -56,20 +56,6 @@ def test_target_attends_to_the_other_modalities() -> None:
     torch.testing.assert_close(outputs[0][1, 2:], torch.zeros(2, 15))  # invalid steps stay zero
 
 
-def test_no_mixing_across_the_batch() -> None:
-    batch = batch_of()
-    changed = dict(batch)
-    for m in DIMS:
-        changed[m] = batch[m].clone()
-        changed[m][3] = torch.randn_like(batch[m][3]) * 5
-    model = tiny().eval()
-    with torch.no_grad():
-        before, after = model(batch).prediction, model(changed).prediction
-    keep = [0, 1, 2, 4, 5]
-    torch.testing.assert_close(after[keep], before[keep], atol=0, rtol=0)
-    assert (after[3] - before[3]).abs() > 1e-4
-
-
 def test_fits_a_tiny_batch_without_memory_layers() -> None:
     model = tiny(memory_layers=0, dropout=0.0)
     batch = batch_of(seed=3)
