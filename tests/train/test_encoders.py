@@ -47,3 +47,10 @@ def test_other_weights_are_refused(bundled_dataset: Path) -> None:
     wrong = {**extractors["text"], "weights_sha256": "f" * 16}
     with pytest.raises(EncoderMismatch, match="different weights from the one the shards were extracted with"):
         TextEncoder(wrong)
+
+
+def test_gradient_checkpointing_switch(bundled_dataset: Path) -> None:
+    extractors = json.loads((bundled_dataset / "dataset.json").read_text())["feature_set"]["extractors"]
+    assert TextEncoder(extractors["text"], gradient_checkpointing=True).model.is_gradient_checkpointing
+    assert AudioEncoder(extractors["audio"], gradient_checkpointing=True).model.is_gradient_checkpointing
+    assert not TextEncoder(extractors["text"]).model.is_gradient_checkpointing

@@ -233,3 +233,15 @@ def test_bad_sample_stops_training_unless_skipped(bundled_dataset: Path, tmp_pat
     assert main([*argv, "--run-dir", str(tmp_path / "lenient"), "--skip-bad-samples"]) == 0
     records = [json.loads(line) for line in (tmp_path / "lenient" / "metrics.jsonl").read_text().splitlines()]
     assert [r["count"] for r in records if r["kind"] == "skipped"] == [1]
+
+
+def test_gradient_checkpointing_gives_the_same_training(bundled_dataset: Path, tmp_path: Path) -> None:
+    common = [*FAST, "epochs=1", "mode=end_to_end", "encoder_lr=0.01"]
+    fit(make_train_config("late", overrides=common), bundled_dataset, tmp_path / "plain")
+    fit(make_train_config("late", overrides=[*common, "grad_checkpointing=true"]), bundled_dataset, tmp_path / "ckpt")
+    assert losses(tmp_path / "ckpt") == pytest.approx(losses(tmp_path / "plain"), abs=1e-6)
+    plain = load_checkpoint(tmp_path / "plain" / "checkpoints" / "last.pt")["model"]
+    checkpointed = load_checkpoint(tmp_path / "ckpt" / "checkpoints" / "last.pt")["model"]
+    for key, value in plain.items():
+        if key.startswith("encoders.") and not key.endswith("in_proj_bias"):
+            torch.testing.assert_close(checkpointed[key], value, atol=1e-5, rtol=1e-4, msg=key)
