@@ -62,6 +62,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     compile: bool = False  # torch.compile the fusion model
     skip_bad_samples: bool = False
+    align_words: bool = False  # audio / video averaged per word of the manifest's timings (the "aligned" setting)
 
     def problems(self) -> list[str]:
         out = []

@@ -49,6 +49,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from shards.dataset import load_dataset_json
 from shards.schema import MODALITIES, SchemaError
+from train.align import AlignWords
 from train.collate import (
     BAD,
     DataError,
@@ -87,6 +88,7 @@ class DataConfig:
     equalise: bool = True  # training: same number of (full) batches on every rank, as DDP needs
     video_geom: bool | None = None  # append the 4 video_geom features; None = when the shards store them
     prefetch_factor: int = 2  # batches each worker prepares ahead
+    align_words: bool = False  # average audio / video frames per word of the manifest's timings (train/align.py)
 
     def check(self) -> None:
         """Raise :class:`DataError` listing every invalid setting."""
@@ -287,6 +289,7 @@ def sample_stages(dataset: Mapping[str, Any], config: DataConfig, *, train: bool
         wds.map(SafeDecode(skip)),  # members decoded without pickle
         wds.map(Validate(dataset, skip)),  # schema-checked samples (or bad markers)
         wds.map(SelectModalities(config.modalities, config.raw)),  # only the members the model uses
+        wds.map(AlignWords(config.modalities)) if config.align_words else None,  # one audio/video step per word
         ShuffleSamples(config.shuffle_buffer, config.seed, epoch, rank) if train else None,  # seeded sample order
         wds.map(ToInputs(config.modalities, dims, config.raw, config.label_key, geom)),  # float32 inputs + masks
     ]

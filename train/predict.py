@@ -29,7 +29,7 @@ from extract.writer import modality_status, sample_meta  # the exact meta.json /
 from shards.dataset import FeatureSetMismatch, feature_set_hash
 from shards.schema import MODALITIES, SAMPLE_RATE, make_key, validate_sample
 from train.checkpoint import load_checkpoint
-from train.collate import Normalise, SelectModalities, ToInputs, collate, has_video_geom
+from train.collate import DataError, Normalise, SelectModalities, ToInputs, collate, has_video_geom
 from train.config import TrainConfig, make_train_config
 from train.pipeline import FusionPipeline
 
@@ -215,6 +215,11 @@ def describe_prediction(output: torch.Tensor, task: str) -> dict[str, Any]:
 def predict_clip(checkpoint: Path | str, video: Path | str, text: str | None = None, device: str = "cpu") -> dict:
     """Predict one raw clip with a checkpoint; the result is what ``mmfuse predict --json`` prints."""
     ckpt = load_checkpoint(checkpoint)
+    if ckpt["config"].get("align_words"):
+        raise DataError(
+            f"{checkpoint} was trained on word-aligned features (align_words=true); predicting a single clip needs "
+            "its word timings, which `mmfuse predict` does not take: evaluate such models with `mmfuse eval`"
+        )
     cfg = extract_config(ckpt.get("feature_set", {}), device)
     extractors, fs_hash = matching_extractors(ckpt, cfg)
     config, net = load_network(ckpt, device)

@@ -61,6 +61,7 @@ def data_config(config: TrainConfig, *, workers: int | None = None) -> DataConfi
         label_key=config.label_key,
         seed=config.seed,
         skip_bad_samples=config.skip_bad_samples,
+        align_words=config.align_words,
     )
 
 
