@@ -137,3 +137,34 @@ def run_report_cmd(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"report written to {index}")
     return 0
+
+
+def add_import_mmsa(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "import-mmsa",
+        help="convert MMSA / MMSA-FET / MulT feature pickles into shards",
+        description="Convert a published feature pickle (MMSA aligned/unaligned, MMSA-FET, MulT) into shards with "
+        "masks, so the fusion models train on the standard features. Pickles can run code when loaded: "
+        "--trust-pickle is required.",
+        epilog="examples:\n  mmfuse import-mmsa MOSI/Processed/unaligned_50.pkl --out shards/mosi-mmsa --trust-pickle\n"
+        "  mmfuse import-mmsa mosei_senti_data_noalign.pkl --out shards/mosei-mult --trust-pickle",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("features", type=Path, help="the feature pickle")
+    p.add_argument("--out", required=True, type=Path, help="new shard directory")
+    p.add_argument("--trust-pickle", action="store_true", help="allow loading the pickle (it can run code)")
+    p.add_argument("--shard-size", type=int, default=256)
+    p.set_defaults(run=run_import_mmsa)
+
+
+def run_import_mmsa(args: argparse.Namespace) -> int:
+    from extract.import_mmsa import import_mmsa
+
+    dataset = import_mmsa(args.features, args.out, trust_pickle=args.trust_pickle, shard_size=args.shard_size)
+    counts = ", ".join(f"{split}: {sum(c.values())}" for split, c in dataset["counts"].items())
+    print(f"imported {dataset['samples']} samples ({counts}) from {args.features} into {args.out}")
+    print(
+        f"format {dataset['feature_set']['imported']['format']}, dims {dataset['dims']}; check with "
+        f"`mmfuse inspect {args.out} --verify`"
+    )
+    return 0

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from shards.io import atomic_write_bytes, atomic_write_json
-from shards.schema import FEATURE_MEMBERS, SCHEMA_VERSION, SchemaError
+from shards.schema import SCHEMA_VERSION, STATS_MEMBERS, SchemaError
 from shards.stats import RunningStats
 
 DATASET_JSON = "dataset.json"
@@ -127,7 +127,7 @@ def build_dataset(
         "stats": {
             m: {"count": s.count, "mean": s.mean.tolist(), "std": s.std.tolist()}
             for m, s in sorted(stats.items())
-            if m in FEATURE_MEMBERS.values()
+            if m in STATS_MEMBERS
         },
         "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **dict(extra or {}),

@@ -43,7 +43,13 @@ class MemberSpec:
 
 
 MEMBERS: dict[str, MemberSpec] = {
-    "text_ids.npy": MemberSpec("int32", ("Tt",), "text", True, "tokenizer ids incl. special tokens"),
+    "text_ids.npy": MemberSpec(
+        "int32",
+        ("Tt",),
+        "text",
+        False,
+        "tokenizer ids incl. special tokens (absent for imported features that have none)",
+    ),
     "text_feat.npy": MemberSpec("float16", ("Tt", "Dt"), "text", True, "encoder hidden states"),
     "audio_wave.npy": MemberSpec("int16", ("N",), "audio", False, "16 kHz mono waveform on the clip clock"),
     "audio_feat.npy": MemberSpec("float16", ("Ta", "Da"), "audio", True, "wav2vec 2.0 frames"),
@@ -54,10 +60,20 @@ MEMBERS: dict[str, MemberSpec] = {
     "video_time.npy": MemberSpec("float32", ("Tv",), "video", True, "frame time stamp, seconds"),
     "video_norm.npy": MemberSpec("float32", ("Tv", 4), "video", False, "centre x, y, z and inter-ocular px"),
     "video_geom.npy": MemberSpec("float32", ("Tv", 4), "video", False, "mouth, left/right eye openness, yaw"),
+    "video_feat.npy": MemberSpec(
+        "float16",
+        ("Tv", "Dv"),
+        "video",
+        False,
+        "pre-computed visual features (imported, e.g. Facet / OpenFace), in place of landmarks",
+    ),
 }
+# A required member may be replaced by its alternative (imported corpora carry features, not landmarks).
+ALTERNATIVES = {"video_lmk.npy": "video_feat.npy"}
 
 # Per-modality features that get train-split normalisation statistics in dataset.json.
 FEATURE_MEMBERS = {"text": "text_feat.npy", "audio": "audio_feat.npy", "video": "video_lmk.npy"}
+STATS_MEMBERS = (*FEATURE_MEMBERS.values(), "video_feat.npy")
 MASK_MEMBERS = {"audio": "audio_mask.npy", "video": "video_mask.npy"}
 
 META_REQUIRED = ("schema_version", "key", "video_id", "clip_id", "split", "modalities", "feature_set_hash")
@@ -137,7 +153,7 @@ def validate_sample(sample: Mapping[str, Any], dims: Mapping[str, int] | None = 
                 problems.append(f"{name} present but modality {spec.modality} is {status}")
             continue
         if not present:
-            if spec.required:
+            if spec.required and ALTERNATIVES.get(name) not in sample:
                 problems.append(f"{name} missing for modality {spec.modality} with status ok")
             continue
         problems.extend(_check_array(name, spec, _np(sample[name]), bound))

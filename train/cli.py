@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 
-from extract.cli import add_extract, add_inspect, add_report
+from extract.cli import add_extract, add_import_mmsa, add_inspect, add_report
 from train.commands import add_eval, add_predict, add_train
 
 log = logging.getLogger("mmfuse")
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `mmfuse COMMAND --help` for a command's options and examples.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_extract, add_inspect, add_report, add_train, add_eval, add_predict):
+    for add in (add_extract, add_inspect, add_report, add_import_mmsa, add_train, add_eval, add_predict):
         add(sub)
     for p in sub.choices.values():
         for action in common._actions:

@@ -28,6 +28,7 @@ GEOM_DIM = 4  # video_geom.npy: mouth, left/right eye openness, yaw
 GEOM_EXTRACTORS = ("mediapipe-facemesh",)  # video extractors that store video_geom.npy for every ok sample
 RAW_MEMBERS = {"text": "text_ids.npy", "audio": "audio_wave.npy"}
 RAW_INPUTS = {"text": "text_ids", "audio": "audio_wave"}
+IMPORTED_VIDEO = "video_feat.npy"  # pre-computed visual features of imported corpora, in place of landmarks
 STD_FLOOR = 1e-6  # a feature whose train std is below this is only centred (divided by 1)
 BAD = "__bad__"  # marker member of a sample that failed decoding or validation (with skip_bad_samples)
 
@@ -52,12 +53,15 @@ def feature_dims(
     """Input width per modality, for ``FusionConfig.dims``, from dataset.json (a dict or the shard dir).
 
     text = Dt, audio = Da, video = 478 * 3 landmark coordinates (+ 4 geometry features when ``video_geom``,
-    by default when the video extractor stores them).
+    by default when the video extractor stores them), or Dv for imported pre-computed visual features.
     """
     ds = _dataset(dataset)
     dims, stats = ds.get("dims", {}), ds.get("stats", {})
     out: dict[str, int] = {}
     for m in modalities:
+        if m == "video" and "Dv" in dims:
+            out[m] = int(dims["Dv"])
+            continue
         if m == "video":
             geom = has_video_geom(ds) if video_geom is None else video_geom
             out[m] = int(dims.get("landmarks", N_LANDMARKS)) * 3 + (GEOM_DIM if geom else 0)
@@ -187,9 +191,9 @@ class ToInputs:
         out: dict[str, Any] = {"key": meta["key"], "label": _label(meta, self.label_key)}
         for m in self.modalities:
             ok = meta["modalities"][m]["status"] == "ok"
-            feat = sample.get(FEATURE_MEMBERS[m]) if ok else None
+            feat = sample.get(FEATURE_MEMBERS[m], sample.get(IMPORTED_VIDEO)) if ok else None
             mask = sample.get(MASK_MEMBERS[m]) if ok and m in MASK_MEMBERS else None
-            if m == "video" and feat is not None:
+            if m == "video" and feat is not None and IMPORTED_VIDEO not in sample:
                 feat = feat.reshape(len(feat), -1).astype(np.float32)
                 if self.video_geom:
                     geom = sample.get("video_geom.npy", np.zeros((len(feat), GEOM_DIM), np.float32))
@@ -299,7 +303,7 @@ class Normalise:
         dims = feature_dims(ds, modalities, video_geom)
         mean, std = {}, {}
         for m in modalities:
-            member = FEATURE_MEMBERS[m]
+            member = IMPORTED_VIDEO if m == "video" and "Dv" in ds.get("dims", {}) else FEATURE_MEMBERS[m]
             entry = ds.get("stats", {}).get(member)
             if not entry or not entry.get("count"):
                 raise DataError(

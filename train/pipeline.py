@@ -18,7 +18,7 @@ from torch import Tensor, nn
 import fusion
 from fusion.base import FusionOutput
 from shards.schema import FEATURE_MEMBERS
-from train.config import TrainConfig
+from train.config import TrainConfig, TrainConfigError
 from train.encoders import AudioEncoder, TextEncoder
 
 
@@ -30,6 +30,13 @@ class FusionPipeline(nn.Module):
         self.end_to_end = config.mode == "end_to_end"
         if self.end_to_end:
             extractors = dataset.get("feature_set", {}).get("extractors", {})
+            lacking = [m for m in ("text", "audio") if m in config.modalities and m not in extractors]
+            if lacking:
+                raise TrainConfigError(
+                    f"mode=end_to_end recomputes {' and '.join(lacking)} features with the encoders of the shards' "
+                    "feature set, but these shards name none (imported pre-computed features?); use mode=frozen "
+                    "or drop those modalities"
+                )
             if "text" in config.modalities and "text" in extractors:
                 self.encoders["text"] = TextEncoder(extractors["text"], config.grad_checkpointing)
             if "audio" in config.modalities and "audio" in extractors:
