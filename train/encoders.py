@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from extract.extractors.audio import build_random_wav2vec2
+from extract.extractors.audio import build_random_wav2vec2, encode_pieces, receptive_field
 from extract.models import RANDOM_PREFIX, resolve_model, weights_hash
 from shards.schema import SAMPLE_RATE
 
@@ -41,11 +41,6 @@ def _check_hash(module: nn.Module, provenance: Mapping[str, Any], what: str) -> 
             f"{what} model {provenance.get('model')!r} found locally has different weights from the one the shards "
             f"were extracted with (weights hash {expected}); point to the same checkpoint or re-extract"
         )
-
-
-def _layer_index(layer: int, num_layers: int) -> int:
-    """0-based index into the transformer layers for a 1-based (or negative, from the end) layer number."""
-    return layer - 1 if layer > 0 else num_layers + layer
 
 
 def _set_top_k(layers: nn.ModuleList, everything: nn.Module, top_k: int) -> None:
@@ -108,7 +103,7 @@ class AudioEncoder(nn.Module):
         self.do_normalize = bool(provenance.get("do_normalize", True))
         self.stride = int(provenance.get("frame_stride_samples", 320))
         self.chunk = int(provenance.get("chunk_samples", 30 * SAMPLE_RATE))
-        self.receptive = _receptive_field(cfg.conv_kernel, cfg.conv_stride)
+        self.receptive = receptive_field(cfg.conv_kernel, cfg.conv_stride)
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
 
@@ -124,7 +119,6 @@ class AudioEncoder(nn.Module):
         _set_top_k(self.layers, self.model, top_k)
 
     def forward(self, wave: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        m = self.model
         pieces: list[tuple[int, Tensor]] = []  # (clip index, normalised chunk)
         for i in range(wave.shape[0]):
             w = wave[i, : int(mask[i].sum())].float()
@@ -136,46 +130,10 @@ class AudioEncoder(nn.Module):
                 piece = w[lo : lo + self.chunk]
                 if piece.numel() >= self.receptive or lo == 0:
                     pieces.append((i, piece))
-        projected = []
-        for _, piece in pieces:
-            conv = m.feature_extractor(piece[None]).transpose(1, 2)
-            proj = m.feature_projection(conv)
-            projected.append((proj[0] if isinstance(proj, tuple) else proj)[0])
-        lengths = torch.tensor([p.shape[0] for p in projected], device=wave.device)
-        hidden = torch.nn.utils.rnn.pad_sequence(projected, batch_first=True)
-        attn = torch.arange(hidden.shape[1], device=wave.device)[None] < lengths[:, None]
-        captured: list[Tensor] = []
-        hook = None
-        if self.layer != -1:
-            layer = self.layers[_layer_index(self.layer, len(self.layers))]
-            hook = layer.register_forward_hook(_Capture(captured))
-        try:
-            out = m.encoder(hidden, attention_mask=attn)
-        finally:
-            if hook is not None:
-                hook.remove()
-        states = captured[-1] if captured else out.last_hidden_state
+        states, lengths = encode_pieces(self.model, [piece for _, piece in pieces], self.layer)
         per_clip: list[list[Tensor]] = [[] for _ in range(wave.shape[0])]
         for k, (i, _) in enumerate(pieces):
             per_clip[i].append(states[k, : int(lengths[k])])
         frames = [torch.cat(parts) for parts in per_clip]
         counts = torch.tensor([f.shape[0] for f in frames], device=wave.device)
         return torch.nn.utils.rnn.pad_sequence(frames, batch_first=True), counts
-
-
-class _Capture:
-    """Forward hook keeping a layer's output (a class, not a lambda, so the module stays picklable)."""
-
-    def __init__(self, store: list[Tensor]) -> None:
-        self.store = store
-
-    def __call__(self, _module: nn.Module, _inputs: Any, output: Any) -> None:
-        self.store.append(output[0] if isinstance(output, tuple) else output)
-
-
-def _receptive_field(kernels, strides) -> int:
-    field, jump = 1, 1
-    for k, s in zip(kernels, strides, strict=True):
-        field += (k - 1) * jump
-        jump *= s
-    return field

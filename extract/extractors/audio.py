@@ -83,17 +83,9 @@ class AudioExtractor(Extractor):
         self.device = device
         cfg = model.config
         self.stride = int(np.prod(cfg.conv_stride))
-        self.receptive = self._receptive_field(cfg.conv_kernel, cfg.conv_stride)
+        self.receptive = receptive_field(cfg.conv_kernel, cfg.conv_stride)
         self.chunk = max(self.receptive, int(self._chunk_s * SAMPLE_RATE) // self.stride * self.stride)
         self._hash = weights_hash(self._model)
-
-    @staticmethod
-    def _receptive_field(kernels: Sequence[int], strides: Sequence[int]) -> int:
-        field, jump = 1, 1
-        for k, s in zip(kernels, strides, strict=True):
-            field += (k - 1) * jump
-            jump *= s
-        return field
 
     @property
     def dim(self) -> int:
@@ -165,31 +157,57 @@ class AudioExtractor(Extractor):
         return results  # type: ignore[return-value]
 
     def _encode(self, waves: list[np.ndarray]) -> list[np.ndarray]:
-        """Exact batched forward: per-clip conv features, then one masked transformer pass."""
-        m = self._model
-        projected = []
-        for w in waves:
-            x = torch.from_numpy(np.ascontiguousarray(w)).to(self.device)[None]
-            conv = m.feature_extractor(x).transpose(1, 2)  # (1, T, C)
-            proj = m.feature_projection(conv)
-            projected.append((proj[0] if isinstance(proj, tuple) else proj)[0])
-        lengths = [p.shape[0] for p in projected]
-        hidden = torch.nn.utils.rnn.pad_sequence(projected, batch_first=True)
-        mask = (
-            torch.arange(hidden.shape[1], device=hidden.device)[None]
-            < torch.tensor(lengths, device=hidden.device)[:, None]
-        )
-        captured: list[torch.Tensor] = []
-        hook = None
-        if self.layer != -1:  # hidden states of one transformer layer (1-based; negative counts from the end)
-            idx = self.layer - 1 if self.layer > 0 else len(m.encoder.layers) + self.layer
-            hook = m.encoder.layers[idx].register_forward_hook(
-                lambda _m, _i, o: captured.append(o[0] if isinstance(o, tuple) else o)
-            )
-        try:
-            out = m.encoder(hidden, attention_mask=mask)
-        finally:
-            if hook is not None:
-                hook.remove()
-        layer = (captured[-1] if captured else out.last_hidden_state).float().cpu().numpy()
-        return [layer[k, :n] for k, n in enumerate(lengths)]
+        pieces = [torch.from_numpy(np.ascontiguousarray(w)).to(self.device) for w in waves]
+        states, lengths = encode_pieces(self._model, pieces, self.layer)
+        states = states.float().cpu().numpy()
+        return [states[k, :n] for k, n in enumerate(lengths.tolist())]
+
+
+def receptive_field(kernels: Sequence[int], strides: Sequence[int]) -> int:
+    """Samples one output frame of a strided convolution stack sees."""
+    field, jump = 1, 1
+    for k, s in zip(kernels, strides, strict=True):
+        field += (k - 1) * jump
+        jump *= s
+    return field
+
+
+def encode_pieces(model: Any, pieces: list[torch.Tensor], layer: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact batched wav2vec 2.0 forward, shared by extraction and end-to-end training.
+
+    Each piece (N_i,) runs through the convolutional front end alone, so padding never changes its features;
+    then one masked transformer pass over the padded batch. Returns the hidden states of ``layer`` (1-based,
+    negative from the end, -1 = last) (B, T, D) and the frame count of each piece (B,). Gradients flow when
+    the caller allows them.
+    """
+    projected = []
+    for piece in pieces:
+        conv = model.feature_extractor(piece[None]).transpose(1, 2)  # (1, T, C)
+        proj = model.feature_projection(conv)
+        projected.append((proj[0] if isinstance(proj, tuple) else proj)[0])
+    device = projected[0].device
+    lengths = torch.tensor([p.shape[0] for p in projected], device=device)
+    hidden = torch.nn.utils.rnn.pad_sequence(projected, batch_first=True)
+    mask = torch.arange(hidden.shape[1], device=device)[None] < lengths[:, None]
+    captured: list[torch.Tensor] = []
+    hook = None
+    if layer != -1:  # hidden states of one transformer layer
+        layers = model.encoder.layers
+        idx = layer - 1 if layer > 0 else len(layers) + layer
+        hook = layers[idx].register_forward_hook(_Capture(captured))
+    try:
+        out = model.encoder(hidden, attention_mask=mask)
+    finally:
+        if hook is not None:
+            hook.remove()
+    return (captured[-1] if captured else out.last_hidden_state), lengths
+
+
+class _Capture:
+    """Forward hook keeping a layer's output (a class, not a lambda, so modules stay picklable)."""
+
+    def __init__(self, store: list[torch.Tensor]) -> None:
+        self.store = store
+
+    def __call__(self, _module: Any, _inputs: Any, output: Any) -> None:
+        self.store.append(output[0] if isinstance(output, tuple) else output)
