@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,11 +128,14 @@ def validate_meta(meta: Any, key: str | None = None) -> None:
         raise SchemaError(f"sample {meta['key']}: " + "; ".join(problems))
 
 
-def validate_sample(sample: Mapping[str, Any], dims: Mapping[str, int] | None = None) -> None:
+def validate_sample(
+    sample: Mapping[str, Any], dims: Mapping[str, int] | None = None, modalities: Sequence[str] | None = None
+) -> None:
     """Check one decoded sample against the schema; raise :class:`SchemaError` naming the sample and member.
 
     ``dims`` optionally pins feature widths (``{"Dt": 384, "Da": 768}``) to those declared in dataset.json.
-    Float members must be finite.
+    ``modalities`` restricts the member checks to those modalities (a reader that dropped the others before
+    decoding); meta.json is always checked whole. Float members must be finite.
     """
     key = sample.get("__key__")
     if "meta.json" not in sample:
@@ -146,6 +149,8 @@ def validate_sample(sample: Mapping[str, Any], dims: Mapping[str, int] | None = 
         problems.append(f"unknown members {unknown}")
     bound: dict[str, int] = dict(dims or {})
     for name, spec in MEMBERS.items():
+        if modalities is not None and spec.modality not in modalities:
+            continue
         status = meta["modalities"][spec.modality]["status"]
         present = name in sample
         if status != "ok":

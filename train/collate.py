@@ -28,6 +28,7 @@ GEOM_DIM = 4  # video_geom.npy: mouth, left/right eye openness, yaw
 GEOM_EXTRACTORS = ("mediapipe-facemesh",)  # video extractors that store video_geom.npy for every ok sample
 RAW_MEMBERS = {"text": "text_ids.npy", "audio": "audio_wave.npy"}
 RAW_INPUTS = {"text": "text_ids", "audio": "audio_wave"}
+GEOM_INPUT = "video_geom"  # ToInputs' separate geometry input, joined onto "video" by collate
 IMPORTED_VIDEO = "video_feat.npy"  # pre-computed visual features of imported corpora, in place of landmarks
 STD_FLOOR = 1e-6  # a feature whose train std is below this is only centred (divided by 1)
 BAD = "__bad__"  # marker member of a sample that failed decoding or validation (with skip_bad_samples)
@@ -102,15 +103,16 @@ class SafeDecode:
 class Validate:
     """Stage: ``validate_sample`` with widths and feature-set hash pinned to dataset.json's; errors name the shard."""
 
-    def __init__(self, dataset: Mapping[str, Any], skip_bad: bool) -> None:
-        self.dims = {k: int(v) for k, v in dataset.get("dims", {}).items() if k in ("Dt", "Da")}
+    def __init__(self, dataset: Mapping[str, Any], skip_bad: bool, modalities: Sequence[str] | None = None) -> None:
+        self.dims = {k: int(v) for k, v in dataset.get("dims", {}).items() if k in ("Dt", "Da", "Dv")}
         self.fs_hash, self.skip_bad = dataset.get("feature_set_hash"), skip_bad
+        self.modalities = tuple(modalities) if modalities is not None else None
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         if BAD in sample:
             return sample
         try:
-            validate_sample(sample, self.dims)
+            validate_sample(sample, self.dims, self.modalities)
             got = sample["meta.json"]["feature_set_hash"]
             if self.fs_hash is not None and got != self.fs_hash:
                 raise SchemaError(
@@ -167,10 +169,12 @@ def _label(meta: Mapping[str, Any], label_key: str) -> float:
 
 
 def _steps(feat: np.ndarray | None, mask: np.ndarray | None, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """(T, D) float32 features and (T,) bool mask, or one zero row with a False mask when missing."""
+    """(T, D) features (float16 as stored: half the bytes between worker and trainer; ``collate`` makes them
+    float32) and (T,) bool mask, or one zero row with a False mask when missing."""
     if feat is None or len(feat) == 0:
-        return np.zeros((1, width), np.float32), np.zeros(1, bool)
-    feat = np.asarray(feat, np.float32).reshape(len(feat), -1)
+        return np.zeros((1, width), np.float16), np.zeros(1, bool)
+    feat = np.asarray(feat)
+    feat = (feat if feat.dtype.kind == "f" else feat.astype(np.float32)).reshape(len(feat), -1)
     mask = np.ones(len(feat), bool) if mask is None else np.asarray(mask, bool)
     return feat, mask
 
@@ -193,12 +197,16 @@ class ToInputs:
             ok = meta["modalities"][m]["status"] == "ok"
             feat = sample.get(FEATURE_MEMBERS[m], sample.get(IMPORTED_VIDEO)) if ok else None
             mask = sample.get(MASK_MEMBERS[m]) if ok and m in MASK_MEMBERS else None
+            geom = None
             if m == "video" and feat is not None and IMPORTED_VIDEO not in sample:
-                feat = feat.reshape(len(feat), -1).astype(np.float32)
-                if self.video_geom:
+                feat = feat.reshape(len(feat), -1)
+                if self.video_geom:  # float32, kept apart so landmarks can travel as float16; collate joins them
                     geom = sample.get("video_geom.npy", np.zeros((len(feat), GEOM_DIM), np.float32))
-                    feat = np.concatenate([feat, geom.astype(np.float32)], axis=1)
-            out[m], out[f"{m}_mask"] = _steps(feat, mask, self.dims[m])
+            width = self.dims[m] - (GEOM_DIM if m == "video" and self.video_geom else 0)
+            out[m], out[f"{m}_mask"] = _steps(feat, mask, width)
+            if m == "video" and self.video_geom:
+                out[GEOM_INPUT] = np.zeros((len(out[m]), GEOM_DIM), np.float32) if geom is None else geom
+                out[f"{GEOM_INPUT}_mask"] = out[f"{m}_mask"]
             if self.raw and m in RAW_INPUTS:
                 out.update(self._raw(m, sample.get(RAW_MEMBERS[m]) if ok else None))
         return out
@@ -236,7 +244,12 @@ def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         for i, (a, s) in enumerate(zip(arrays, samples, strict=True)):
             values[i, : len(a)] = a
             mask[i, : len(a)] = s[f"{name}_mask"]
-        batch[name], batch[f"{name}_mask"] = torch.from_numpy(values), torch.from_numpy(mask)
+        tensor = torch.from_numpy(values)
+        batch[name] = tensor.float() if tensor.dtype == torch.float16 else tensor
+        batch[f"{name}_mask"] = torch.from_numpy(mask)
+    if GEOM_INPUT in batch:  # video = landmarks then the 4 geometry features, as feature_dims declares
+        batch["video"] = torch.cat([batch["video"], batch.pop(GEOM_INPUT).float()], -1)
+        batch.pop(f"{GEOM_INPUT}_mask")
     return batch
 
 

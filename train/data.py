@@ -286,9 +286,9 @@ def sample_stages(dataset: Mapping[str, Any], config: DataConfig, *, train: bool
     dims = feature_dims(dataset, config.modalities, geom)
     return [
         ReadShards(skip),  # samples with members as bytes and their shard name
+        wds.map(SelectModalities(config.modalities, config.raw)),  # only the members the model uses, still bytes
         wds.map(SafeDecode(skip)),  # members decoded without pickle
-        wds.map(Validate(dataset, skip)),  # schema-checked samples (or bad markers)
-        wds.map(SelectModalities(config.modalities, config.raw)),  # only the members the model uses
+        wds.map(Validate(dataset, skip, config.modalities)),  # schema-checked samples (or bad markers)
         wds.map(AlignWords(config.modalities)) if config.align_words else None,  # one audio/video step per word
         ShuffleSamples(config.shuffle_buffer, config.seed, epoch, rank) if train else None,  # seeded sample order
         wds.map(ToInputs(config.modalities, dims, config.raw, config.label_key, geom)),  # float32 inputs + masks

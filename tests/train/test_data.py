@@ -126,7 +126,8 @@ def test_missing_modality_is_an_all_false_mask_not_a_dropped_sample(toy) -> None
     s = make_sample("v__c", "train", np.random.default_rng(0), failed=("audio", "video"))
     inputs = ToInputs(("text", "audio", "video"), {"text": DT, "audio": DA, "video": 1438}, True, "label", True)(s)
     assert inputs["audio"].shape == (1, DA) and not inputs["audio"].any() and inputs["audio_mask"].tolist() == [False]
-    assert inputs["video"].shape == (1, 1438) and inputs["video_mask"].tolist() == [False]
+    assert inputs["video_mask"].tolist() == [False]
+    assert collate([inputs])["video"].shape == (1, 1, 1438)  # landmarks, then the geometry collate joins on
     assert inputs["audio_wave_mask"].tolist() == [False] and inputs["text_mask"].all()
     cfg = DataConfig(batch_size=64, num_workers=0, normalise=False)
     (batch,) = list(make_loader(root, "valid", cfg, train=False))
@@ -304,7 +305,7 @@ def test_foreign_feature_set_sample_is_refused(tmp_path) -> None:
 
 def test_rank_short_of_batches_after_skipping_bad_samples_still_matches(tmp_path) -> None:
     wrong = make_sample("train1__c3", "train", np.random.default_rng(5))
-    wrong["text_ids.npy"] = wrong["text_ids.npy"][:1]
+    wrong["text_feat.npy"] = wrong["text_feat.npy"].astype(np.float32)  # wrong dtype in a member training reads
     write_shards(tmp_path, {"train": [4, 4]}, special={"train1__c3": wrong})
     cfg = DataConfig(batch_size=2, num_workers=0, shuffle_buffer=2, skip_bad_samples=True)
     loaders = [make_loader(tmp_path, "train", cfg, train=True, rank=r, world_size=2) for r in range(2)]
@@ -389,3 +390,17 @@ def test_bundled_shards_load_with_predicted_dims(bundled_dataset) -> None:
     assert len(keys) == len(set(keys)) == 4
     train = make_loader(bundled_dataset, "train", DataConfig(batch_size=2, num_workers=0), train=True)
     assert len(train) == 1 and sorted(next(iter(train))["key"]) == ["grid__bbaf2n", "grid__pwij3p"]
+
+
+def test_members_the_model_does_not_use_are_never_decoded(tmp_path) -> None:
+    samples = write_shards(tmp_path, {"valid": [3]})
+    shard = tmp_path / "valid-000000.tar"
+    corrupt_copy(shard, tmp_path / "x.tar", "valid0__c1.audio_wave.npy")  # a raw input, read only end to end
+    (tmp_path / "x.tar").replace(shard)
+    frozen = DataConfig(num_workers=0, normalise=False)
+    assert sorted(keys_of(make_loader(tmp_path, "valid", frozen, train=False))) == sorted(samples)
+    text_only = DataConfig(num_workers=0, normalise=False, raw=True, modalities=("text",))
+    assert sorted(keys_of(make_loader(tmp_path, "valid", text_only, train=False))) == sorted(samples)
+    raw = DataConfig(num_workers=0, normalise=False, raw=True)
+    with pytest.raises(SchemaError, match=r"member valid0__c1.audio_wave.npy cannot be decoded"):
+        keys_of(make_loader(tmp_path, "valid", raw, train=False))
