@@ -11,8 +11,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from train.config import TrainConfigError, make_train_config
-from train.runtime import dumps
+from train.jsonout import dumps
+
+# train.config (and through it torch and the models) is imported inside the commands: extraction workers
+# re-import the `mmfuse` entry point when they start, and must not pay for torch there.
 
 SHORT = {"t": "text", "a": "audio", "v": "video"}
 
@@ -102,6 +104,7 @@ def _resumed_config(run_dir: Path) -> dict[str, Any] | None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from train.config import TrainConfigError, make_train_config
     from train.trainer import fit
 
     base = _resumed_config(args.run_dir) if args.resume else None
@@ -158,6 +161,8 @@ def _print_final(run_dir: Path, final: dict[str, Any]) -> None:
 def missing_sets(spec: str, modalities: tuple[str, ...]) -> list[tuple[str, ...]]:
     """The modality sets to remove for ``--missing``: '' -> [()], 'ta' -> [(text, audio)], 'all' -> every
     proper subset of the model's modalities (including the empty one)."""
+    from train.config import TrainConfigError
+
     if spec == "all":
         return [combo for r in range(len(modalities)) for combo in itertools.combinations(modalities, r)]
     bad = sorted(set(spec) - set(SHORT))
@@ -172,6 +177,7 @@ def missing_sets(spec: str, modalities: tuple[str, ...]) -> list[tuple[str, ...]
 def run_eval(args: argparse.Namespace) -> int:
     from shards.dataset import check_feature_set, load_dataset_json
     from train.checkpoint import load_checkpoint
+    from train.config import make_train_config
     from train.pipeline import FusionPipeline
     from train.trainer import evaluate
 

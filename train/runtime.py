@@ -5,9 +5,7 @@ Rank-0 helpers are here so the training loop itself stays readable (train/traine
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import random
 import subprocess
@@ -18,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from train.jsonout import dumps
 
 log = logging.getLogger(__name__)
 
@@ -129,23 +129,6 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> None:
             "or choose another --run-dir"
         )
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-
-
-def strict_json(obj: Any) -> Any:
-    """``obj`` with NaN / inf floats replaced by None, so the output is standard JSON (e.g. an undefined
-    correlation is ``null``)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: strict_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [strict_json(v) for v in obj]
-    return obj
-
-
-def dumps(obj: Any, **kwargs: Any) -> str:
-    """Standard JSON (NaN -> null)."""
-    return json.dumps(strict_json(obj), allow_nan=False, default=str, **kwargs)
 
 
 def write_json(path: Path, obj: Any) -> None:
