@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass
 
@@ -28,17 +29,26 @@ class DecodeSettings:
 _FACEMESH: FaceMeshExtractor | None = None
 
 
-def init_worker(settings: DecodeSettings, quiet_native_logs: bool = False) -> None:
-    """Process initializer: build the FaceMesh extractor once; in worker processes, silence MediaPipe's C++
-    logging (it writes to file descriptor 2 directly; Python errors still travel back with the results)."""
+def init_worker(settings: DecodeSettings, in_pool: bool = False) -> None:
+    """Process initializer: build the FaceMesh extractor once. In pool workers (``in_pool``), also silence
+    MediaPipe's C++ logging (it writes to file descriptor 2 directly; Python errors still travel back with
+    the results) and exit when the parent dies: a parent killed with SIGKILL leaves no idle workers behind."""
     global _FACEMESH
     os.environ.setdefault("GLOG_minloglevel", "2")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    if quiet_native_logs:
+    if in_pool:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 2)
         os.close(devnull)
+        threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     _FACEMESH = FaceMeshExtractor(settings.max_faces, settings.min_detection_confidence)
+
+
+def _exit_with_parent(parent: int, every_s: float = 0.5) -> None:
+    """Watchdog thread of a pool worker: once the parent is gone (we are re-parented), leave at once."""
+    while os.getppid() == parent:
+        time.sleep(every_s)
+    os._exit(1)
 
 
 def quantise(wave: np.ndarray) -> np.ndarray:

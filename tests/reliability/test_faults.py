@@ -46,14 +46,38 @@ def extract_cmd(manifest: Path, out: Path, text_model: Path, audio_model: Path) 
     ]  # fmt: skip
 
 
+def children(pid: int) -> set[int]:
+    """Direct child processes of ``pid`` (Linux /proc)."""
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found.update(int(c) for c in (task / "children").read_text().split())
+        except OSError:
+            pass
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def kill_after(cmd: list[str], delay: float) -> int | None:
-    """Start ``cmd``, SIGKILL it after ``delay`` seconds (unless it finished); its return code, None if killed."""
+    """Start ``cmd``, SIGKILL it after ``delay`` seconds (unless it finished); its return code, None if killed.
+    The decode workers it had must exit on their own within a few seconds (no orphans)."""
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         return proc.wait(timeout=delay)
     except subprocess.TimeoutExpired:
+        workers = children(proc.pid)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        deadline = time.time() + 10
+        while time.time() < deadline and any(alive(w) for w in workers):
+            time.sleep(0.1)
+        assert not [w for w in workers if alive(w)], "decode workers outlived their killed parent"
         return None
 
 
