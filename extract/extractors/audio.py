@@ -132,8 +132,8 @@ class AudioExtractor(Extractor):
                     pieces.append((i, lo, piece))
         feats: dict[tuple[int, int], np.ndarray] = {}
         order = sorted(range(len(pieces)), key=lambda j: len(pieces[j][2]))
-        for b in range(0, len(order), self.batch_size):
-            batch = [pieces[j] for j in order[b : b + self.batch_size]]
+        for group in length_buckets([len(pieces[j][2]) for j in order], self.batch_size):
+            batch = [pieces[order[k]] for k in group]
             for (i, lo, _), f in zip(batch, self._encode([p for _, _, p in batch]), strict=True):
                 feats[(i, lo)] = f
         for i, c in enumerate(clips):
@@ -161,6 +161,19 @@ class AudioExtractor(Extractor):
         states, lengths = encode_pieces(self._model, pieces, self.layer)
         states = states.float().cpu().numpy()
         return [states[k, :n] for k, n in enumerate(lengths.tolist())]
+
+
+def length_buckets(lengths: Sequence[int], batch_size: int, slack: float = 1.1) -> list[list[int]]:
+    """Batches of positions into ``lengths`` (sorted ascending): at most ``batch_size`` each, and a new batch
+    whenever a length exceeds the batch's shortest by more than ``slack``. On CPU, padding a 3 s clip to 6 s
+    costs more transformer time than batching saves (BENCHMARKS.md, extraction section)."""
+    groups: list[list[int]] = []
+    for k, n in enumerate(lengths):
+        if groups and len(groups[-1]) < batch_size and n <= slack * lengths[groups[-1][0]]:
+            groups[-1].append(k)
+        else:
+            groups.append([k])
+    return groups
 
 
 def receptive_field(kernels: Sequence[int], strides: Sequence[int]) -> int:

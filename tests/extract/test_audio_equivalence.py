@@ -58,3 +58,12 @@ def test_long_audio_is_chunked_with_continuous_times(tiny_audio_model):
     t = out["audio_time.npy"]
     assert np.all(np.diff(t) > 0) and t[-1] < 3.05
     assert len(t) == 3 * ex.n_frames(16000) + ex.n_frames(800)
+
+
+def test_length_buckets_never_pad_beyond_the_slack() -> None:
+    from extract.extractors.audio import length_buckets
+
+    lengths = [100, 105, 109, 120, 121, 300, 301, 302, 303]
+    assert length_buckets(lengths, batch_size=3) == [[0, 1, 2], [3, 4], [5, 6, 7], [8]]
+    assert length_buckets(lengths, batch_size=8, slack=10.0) == [[0, 1, 2, 3, 4, 5, 6, 7], [8]]
+    assert length_buckets([], batch_size=4) == []
