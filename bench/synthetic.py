@@ -19,16 +19,19 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
 import fusion
+from bench.markdown import markers, replace_section
 from fusion import build_model
 from fusion.synthetic import SyntheticTask, take
 from train.metrics import sentiment_metrics
 
-BEGIN, END = "<!-- synthetic:begin -->", "<!-- synthetic:end -->"
+BEGIN, END = markers("synthetic")
+write_section = partial(replace_section, name="synthetic")  # (path, body)
 SIZES = {"train": 2000, "valid": 500, "test": 1000}
 SINGLE = {"late[t]": ("text",), "late[a]": ("audio",), "late[v]": ("video",)}
 ALL = ("text", "audio", "video")
@@ -163,18 +166,6 @@ def table(results: dict[str, list[RunResult]]) -> str:
         keys = [k for k in DIAGNOSTIC_KEYS[name] if k in rs[0].diagnostics]
         lines.append(f"- **{label}**: " + ", ".join(f"{k} = {mean_std([r.diagnostics[k] for r in rs])}" for k in keys))
     return "\n".join(lines)
-
-
-def write_section(path: Path, body: str) -> None:
-    """Replace the text between the synthetic markers of ``path`` (appending the section if absent)."""
-    section = f"{BEGIN}\n{body}\n{END}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 
+from bench.cli import add_bench
 from extract.cli import add_extract, add_import_mmsa, add_inspect, add_report
 from train.commands import add_eval, add_predict, add_train
 
@@ -27,13 +28,22 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `mmfuse COMMAND --help` for a command's options and examples.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_extract, add_inspect, add_report, add_import_mmsa, add_train, add_eval, add_predict):
+    for add in (add_extract, add_inspect, add_report, add_import_mmsa, add_train, add_eval, add_predict, add_bench):
         add(sub)
-    for p in sub.choices.values():
+    for p in _leaf_parsers(sub):
         for action in common._actions:
             if action.dest != "help":
                 p._add_action(action)
     return parser
+
+
+def _leaf_parsers(sub: argparse._SubParsersAction) -> list[argparse.ArgumentParser]:
+    """Every command's parser, descending into commands with their own subcommands (``bench extract``)."""
+    leaves = []
+    for p in sub.choices.values():
+        nested = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        leaves += _leaf_parsers(nested[0]) if nested else [p]
+    return leaves
 
 
 def setup_logging(level: str, quiet: bool) -> None:

@@ -1,0 +1,368 @@
+"""``mmfuse bench train``: training throughput on one synthetic shard directory of realistic shapes.
+
+    mmfuse bench train --samples 512 --steps 60 --out BENCHMARKS.md
+
+Variants, all the same model, batch and number of timed steps (the first ``--warmup`` steps are not timed):
+
+1. frozen features streamed from the shards (``make_loader``, ``--workers`` workers) vs the same tensors held in
+   memory (``InMemorySource.from_shards``): data loading must not be the bottleneck (target: >= 0.9x);
+2. frozen vs end to end (text ids through BERT, waveform through wav2vec 2.0, with gradients), streamed;
+3. 1 vs 2 processes under ``torchrun`` (gloo on CPU), total samples/s;
+4. peak RSS of one streaming epoch over 1x and 4x the samples, each in a fresh process (target: < 10 % growth):
+   the main process's ``ru_maxrss`` and the largest DataLoader worker's (``RUSAGE_CHILDREN``).
+
+Per-stage costs of the data pipeline (ms per batch, measured in the main process) are reported beside them.
+The encoders are the bundled all-MiniLM-L6-v2 and ``random:wav2vec2-small`` (``--quick``: tiny ones).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.markdown import markers, replace_section
+from bench.train_steps import (
+    BUNDLED_TEXT,
+    FULL,
+    QUICK,
+    RANDOM_AUDIO,
+    make_feature_set,
+    save_tiny_encoders,
+    timed_training,
+    write_dataset,
+)
+
+BEGIN, END = markers("bench-train")
+write_section = partial(replace_section, name="bench-train")  # (path, body)
+ROOT = Path(__file__).resolve().parents[1]
+STREAM_TARGET, RSS_TARGET = 0.9, 1.10
+QUICK_ARGS = {"shuffle_buffer": 8, "samples": 48, "batch_size": 4, "steps": 3, "warmup": 1, "workers": 1, "repeats": 1}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = __doc__.split("\n\n")[0]
+    p.add_argument("--model", default="late", help="fusion model (fusion.MODELS), with its preset")
+    p.add_argument("--samples", type=int, default=512, help="samples in the 1x shard directory")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=60, help="timed training steps per variant")
+    p.add_argument("--warmup", type=int, default=4, help="untimed steps before the clock starts")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers per process when streaming")
+    p.add_argument(
+        "--shuffle-buffer", type=int, default=64, help="samples per worker's shuffle buffer (training default 256)"
+    )
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per training process")
+    p.add_argument("--repeats", type=int, default=2, help="alternating stream / in-memory runs; the best is kept")
+    p.add_argument("--quick", action="store_true", help="tiny data, encoders and step counts (a smoke test)")
+    p.add_argument("--workdir", type=Path, default=None, help="keep the generated shards here (default: a temp dir)")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.add_argument("--out", type=Path, default=None, help="BENCHMARKS.md whose bench-train section is replaced")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.quick:
+        for key, value in QUICK_ARGS.items():
+            setattr(args, key, value)
+    torch.set_num_threads(args.threads)
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="mmfuse-bench-train-"))
+    try:
+        report = benchmark(args, work)
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        print(json.dumps(report, indent=1, sort_keys=True))
+    else:
+        print(format_section(report))
+    if args.out is not None:
+        write_section(args.out, format_section(report))
+    return 0
+
+
+def benchmark(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Make the data, run every variant, and return the report (see the module docstring)."""
+    shapes = QUICK if args.quick else FULL
+    encoders = save_tiny_encoders(work) if args.quick else (BUNDLED_TEXT, RANDOM_AUDIO)
+    fset = make_feature_set(*encoders, shapes)
+    shard_size = 8 if args.quick else 64
+    started = time.perf_counter()
+    one = write_dataset(work / "shards-1x", args.samples, shapes, fset, shard_size=shard_size)
+    write_dataset(work / "shards-4x", 4 * args.samples, shapes, fset, shard_size=shard_size, pool=args.samples)
+    data_s = time.perf_counter() - started
+    base = [f"batch_size={args.batch_size}", f"num_workers={args.workers}", "device=cpu", "seed=0"]
+    base.append(f"shuffle_buffer={args.shuffle_buffer}")
+    base += ["model.hidden=12", "model.num_layers=1"] if args.quick else []
+    frozen = [*base, "mode=frozen"]
+    timing = dict(steps=args.steps, warmup=args.warmup)
+    shards = work / "shards-1x"
+
+    memory, stream = [], []
+    for _ in range(args.repeats):  # alternating, so load from other jobs on the machine hits both alike
+        memory.append(timed_training(shards, args.model, frozen, source="memory", **timing))
+        stream.append(timed_training(shards, args.model, frozen, source="stream", **timing))
+    memory_best = max(memory, key=_rate)
+    stream_best = max(stream, key=_rate)
+    e2e = timed_training(shards, args.model, [*base, "mode=end_to_end"], source="stream", **timing)
+    ddp = {n: _child(work / f"ddp{n}", shards, frozen, args, n, **timing) for n in (1, 2)}
+    epoch = {n: args.samples * n // args.batch_size for n in (1, 4)}
+    rss = {
+        n: _child(work / f"rss{n}x", work / f"shards-{n}x", frozen, args, 1, steps=epoch[n] - 1, warmup=1)
+        for n in (1, 4)
+    }
+    from train.trainer import data_config
+
+    data = data_config(_config(args, frozen))
+    profile = stage_profile(shards, data, batches=min(16, args.samples // args.batch_size))
+    results = {
+        "stream_samples_per_s": stream_best["samples_per_s"],
+        "stream_s_per_step": stream_best["s_per_step"],
+        "stream_data_wait_s_per_step": stream_best["data_wait_s_per_step"],
+        "memory_samples_per_s": memory_best["samples_per_s"],
+        "memory_s_per_step": memory_best["s_per_step"],
+        "memory_load_s": memory_best["load_s"],
+        "stream_over_memory": stream_best["samples_per_s"] / memory_best["samples_per_s"],
+        "e2e_samples_per_s": e2e["samples_per_s"],
+        "e2e_s_per_step": e2e["s_per_step"],
+        "e2e_data_wait_s_per_step": e2e["data_wait_s_per_step"],
+        "frozen_over_e2e": stream_best["samples_per_s"] / e2e["samples_per_s"],
+        "ddp1_samples_per_s": ddp[1]["samples_per_s"],
+        "ddp1_s_per_step": ddp[1]["s_per_step"],
+        "ddp2_samples_per_s": ddp[2]["samples_per_s"],
+        "ddp2_s_per_step": ddp[2]["s_per_step"],
+        "ddp2_over_ddp1": ddp[2]["samples_per_s"] / ddp[1]["samples_per_s"],
+    }
+    for n in (1, 4):
+        results[f"rss_{n}x_main_mb"] = rss[n]["main_rss_mb"]
+        results[f"rss_{n}x_worker_mb"] = rss[n]["worker_rss_mb"]
+        results[f"rss_{n}x_steps"] = rss[n]["steps"] + rss[n]["warmup_steps"]
+    results["rss_4x_over_1x_main"] = rss[4]["main_rss_mb"] / rss[1]["main_rss_mb"]
+    results["rss_4x_over_1x_worker"] = rss[4]["worker_rss_mb"] / rss[1]["worker_rss_mb"]
+    setup = {
+        "command": command_line(args),
+        "machine": machine(args.threads),
+        "samples": args.samples,
+        "shards": len(one["shards"]),
+        "shard_mb": sum(s["bytes"] for s in one["shards"]) / 1e6,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "warmup_steps": args.warmup,
+        "workers": args.workers,
+        "shuffle_buffer": args.shuffle_buffer,
+        "torch_threads": args.threads,
+        "repeats": args.repeats,
+        "model": args.model,
+        "encoders": {"text": encoders[0], "audio": encoders[1]},
+        "shapes": {k: getattr(shapes, k) for k in ("tokens", "seconds", "dt", "da")},
+        "data_write_s": data_s,
+        "workdir": str(work),
+        "all_runs_samples_per_s": {"memory": [_rate(r) for r in memory], "stream": [_rate(r) for r in stream]},
+    }
+    targets = {
+        "stream_ge_0.9x_memory": results["stream_over_memory"] >= STREAM_TARGET,
+        "rss_growth_lt_10pct": max(results["rss_4x_over_1x_main"], results["rss_4x_over_1x_worker"]) < RSS_TARGET,
+    }
+    return {"setup": setup, "results": results, "profile": profile, "targets": targets}
+
+
+def _rate(result: dict[str, Any]) -> float:
+    return result["samples_per_s"]
+
+
+def _config(args: argparse.Namespace, overrides: list[str]):
+    from train.config import make_train_config
+
+    return make_train_config(args.model, overrides=overrides)
+
+
+def _child(
+    out: Path, shards: Path, overrides: list[str], args: argparse.Namespace, procs: int, *, steps: int, warmup: int
+) -> dict[str, Any]:
+    """One variant in fresh process(es): ``torchrun`` when timing 1 vs 2 ranks, plain python for peak RSS."""
+    out.mkdir(parents=True, exist_ok=True)
+    spec = {
+        "shards": str(shards), "model": args.model, "overrides": overrides, "threads": args.threads,
+        "steps": steps, "warmup": warmup,
+    }  # fmt: skip
+    (out / "spec.json").write_text(json.dumps(spec))
+    entry = ["-m", "bench.train_steps", str(out / "spec.json")]
+    if out.name.startswith("ddp"):
+        entry = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs), *entry]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, *entry], cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
+    if done.returncode != 0:
+        raise RuntimeError(f"benchmark child {out.name} failed:\n{done.stderr[-3000:]}")
+    return json.loads((out / "rank0.json").read_text())
+
+
+def stage_profile(shards: Path, data: Any, batches: int) -> dict[str, float]:
+    """Milliseconds per batch of each data stage, run one after another in this process (no workers).
+
+    Worker stages: read, decode, validate, select, to_inputs; ``pickle`` is one pickle round trip of a worker
+    batch (what the DataLoader's queue does to it, without the pipe); main-process stages: collate, normalise.
+    """
+    from shards.dataset import load_dataset_json
+    from train.collate import Normalise, SafeDecode, SelectModalities, ToInputs, Validate, collate, has_video_geom
+    from train.data import ReadShards, feature_dims, plan_shards
+
+    dataset = load_dataset_json(shards)
+    tasks = plan_shards(dataset, shards, "train", train=False, seed=0, epoch=0, rank=0, world_size=1)
+    geom = has_video_geom(dataset)
+    stages = {
+        "decode": SafeDecode(False),
+        "validate": Validate(dataset, False),
+        "select": SelectModalities(data.modalities, data.raw),
+        "to_inputs": ToInputs(data.modalities, feature_dims(dataset, data.modalities, geom), data.raw, "label", geom),
+    }
+    normalise = Normalise.from_dataset(dataset, data.modalities, geom)
+    spent = dict.fromkeys(["read", *stages, "pickle", "collate", "normalise"], 0.0)
+    reader = ReadShards(False)(tasks)
+    for _ in range(batches):
+        items = []
+        for _ in range(data.batch_size):
+            last = time.perf_counter()
+            sample = next(reader)
+            spent["read"] += time.perf_counter() - last
+            for name, stage in stages.items():
+                last = time.perf_counter()
+                sample = stage(sample)
+                spent[name] += time.perf_counter() - last
+            items.append(sample)
+        clock = [time.perf_counter()]
+        items = pickle.loads(pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL))
+        clock.append(time.perf_counter())
+        batch = collate(items)
+        clock.append(time.perf_counter())
+        normalise(batch)
+        clock.append(time.perf_counter())
+        for name, lo, hi in zip(("pickle", "collate", "normalise"), clock, clock[1:], strict=False):
+            spent[name] += hi - lo
+    reader.close()
+    return {f"{name}_ms_per_batch": 1000 * s / batches for name, s in spent.items()}
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command that reproduces this report (every setting spelled out)."""
+    parts = ["mmfuse bench train", f"--model {args.model}", f"--samples {args.samples}"]
+    parts += [f"--batch-size {args.batch_size}", f"--steps {args.steps}", f"--warmup {args.warmup}"]
+    parts += [
+        f"--workers {args.workers}",
+        f"--shuffle-buffer {args.shuffle_buffer}",
+        f"--threads {args.threads}",
+        f"--repeats {args.repeats}",
+    ]
+    parts += ["--quick"] if args.quick else []
+    parts += [f"--out {args.out.name}"] if args.out is not None else []
+    return " ".join(parts)
+
+
+def machine(threads: int) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {threads} torch thread(s) per process, torch {torch.__version__}, CPU only"
+
+
+def format_section(report: dict[str, Any]) -> str:
+    """The BENCHMARKS.md section: command, machine, the table, the verdicts, the stage profile."""
+    s, r, p, t = report["setup"], report["results"], report["profile"], report["targets"]
+    rows = [
+        ("frozen, in memory", r["memory_samples_per_s"], r["memory_s_per_step"], None, "1.00 (reference)"),
+        ("frozen, streamed", r["stream_samples_per_s"], r["stream_s_per_step"], r["stream_data_wait_s_per_step"],
+         f"{r['stream_over_memory']:.2f} × in memory"),
+        ("end to end, streamed", r["e2e_samples_per_s"], r["e2e_s_per_step"], r["e2e_data_wait_s_per_step"],
+         f"frozen is {r['frozen_over_e2e']:.1f} × faster"),
+        ("frozen, streamed, 1 process (torchrun)", r["ddp1_samples_per_s"], r["ddp1_s_per_step"], None, "1.00"),
+        ("frozen, streamed, 2 processes (torchrun, gloo), total", r["ddp2_samples_per_s"], r["ddp2_s_per_step"], None,
+         f"{r['ddp2_over_ddp1']:.2f} × 1 process"),
+    ]  # fmt: skip
+    lines = [
+        "## Training throughput (`mmfuse bench train`)",
+        "",
+        f"Command: `{s['command']}`",
+        "",
+        f"Machine: {s['machine']}. Data: {s['samples']} synthetic train samples in {s['shards']} shards "
+        f"({s['shard_mb']:.0f} MB; written by `bench/train_steps.py`): text {s['shapes']['tokens'][0]}–"
+        f"{s['shapes']['tokens'][1]} tokens × {s['shapes']['dt']}, clips {s['shapes']['seconds'][0]:g}–"
+        f"{s['shapes']['seconds'][1]:g} s (audio 50 fps × {s['shapes']['da']} + 16 kHz waveform, video 25 fps × "
+        "478 × 3 + 4 geometry), every modality present. End-to-end encoders: "
+        f"`{Path(s['encoders']['text']).name}` (text) and `{Path(s['encoders']['audio']).name}` (audio). "
+        f"Model `{s['model']}` (its preset), batch {s['batch_size']}, {s['warmup_steps']} warm-up steps excluded, "
+        f"then {s['steps']} timed steps per variant; {s['workers']} DataLoader worker(s) per process when streaming, "
+        f"shuffle buffer {s['shuffle_buffer']} per worker (smaller than the dataset, so the timed steps include "
+        "steady-state reading, not a drained buffer). "
+        f"A step is `fit`'s: next batch, forward, backward, clip, AdamW. Stream and in-memory runs alternate "
+        f"{s['repeats']} time(s); the best of each is shown (all: {_runs(s['all_runs_samples_per_s'])}).",
+        "",
+        "| variant | samples/s | s/step | data wait s/step | ratio |",
+        "|---|---|---|---|---|",
+    ]
+    for name, rate, step, wait, ratio in rows:
+        lines.append(f"| {name} | {rate:.1f} | {step:.3f} | {'' if wait is None else f'{wait:.3f}'} | {ratio} |")
+    lines += [
+        "",
+        "| peak RSS, one streaming epoch in a fresh process | 1× samples | 4× samples | 4× / 1× |",
+        "|---|---|---|---|",
+        f"| main process `ru_maxrss` (MB) | {r['rss_1x_main_mb']:.0f} | {r['rss_4x_main_mb']:.0f} | "
+        f"{r['rss_4x_over_1x_main']:.3f} |",
+        f"| largest DataLoader worker, `RUSAGE_CHILDREN` (MB) | {r['rss_1x_worker_mb']:.0f} | "
+        f"{r['rss_4x_worker_mb']:.0f} | {r['rss_4x_over_1x_worker']:.3f} |",
+        f"| steps (one epoch) | {r['rss_1x_steps']:.0f} | {r['rss_4x_steps']:.0f} | |",
+        "",
+        "Targets:",
+        "",
+        f"- streaming ≥ {STREAM_TARGET} × in-memory samples/s: **{_verdict(t['stream_ge_0.9x_memory'])}** "
+        f"({r['stream_over_memory']:.2f} ×).",
+        f"- peak RSS growth from 1× to 4× samples < 10 %: **{_verdict(t['rss_growth_lt_10pct'])}** "
+        f"(main {100 * (r['rss_4x_over_1x_main'] - 1):+.1f} %, "
+        f"worker {100 * (r['rss_4x_over_1x_worker'] - 1):+.1f} %).",
+        "",
+        f"Data stages, ms per batch of {s['batch_size']} (one after another in one process, frozen mode):",
+        "",
+        "| " + " | ".join(k.removesuffix("_ms_per_batch") for k in p) + " |",
+        "|" + "---|" * len(p),
+        "| " + " | ".join(f"{v:.1f}" for v in p.values()) + " |",
+        "",
+        *analysis(report),
+    ]
+    return "\n".join(lines)
+
+
+def analysis(report: dict[str, Any]) -> list[str]:
+    """Where the data time goes, from the stage profile and the measured waits (numbers only, no judgement)."""
+    s, r, p = report["setup"], report["results"], report["profile"]
+    work = {k: p[f"{k}_ms_per_batch"] for k in ("read", "decode", "validate", "select", "to_inputs")}
+    worker, top = sum(work.values()), max(work, key=work.get)
+    main = p["pickle_ms_per_batch"] / 2 + p["collate_ms_per_batch"] + p["normalise_ms_per_batch"]
+    cores = os.cpu_count() or 1
+    return [
+        f"Where the data time goes: the worker stages cost {worker:.0f} ms of CPU per batch (largest: {top}, "
+        f"{work[top]:.0f} ms), spread over {s['workers']} worker(s) but taken from the same {cores} cores the "
+        f"training process uses; the main process then spends about {main:.0f} ms per batch on data (half the "
+        f"pickle round trip for unpickling, collate, normalise) against {1000 * r['memory_s_per_step']:.0f} ms "
+        f"for a whole in-memory step. Measured wait for the next batch: {1000 * r['stream_data_wait_s_per_step']:.0f}"
+        f" ms per step streamed (in-memory collate + normalise are inside the in-memory step).",
+    ]
+
+
+def _runs(runs: dict[str, list[float]]) -> str:
+    return "; ".join(f"{name} " + ", ".join(f"{v:.1f}" for v in values) for name, values in runs.items())
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "missed"

@@ -1,0 +1,280 @@
+"""Pieces of ``mmfuse bench train``: a synthetic shard directory of realistic shapes, and timed training steps.
+
+``python -m bench.train_steps SPEC.json`` runs one variant in a fresh process (alone, or one rank of a
+``torchrun`` job) and writes ``rank<R>.json`` next to the spec: timings plus ``ru_maxrss`` of the process and
+of its largest terminated child (the DataLoader workers, once the loader has shut them down).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from shards import SCHEMA_VERSION, ShardWriter, build_dataset, feature_set_hash, load_dataset_json
+from shards.io import atomic_write_json
+from shards.schema import FEATURE_MEMBERS, MASK_MEMBERS, N_LANDMARKS, SAMPLE_RATE
+from shards.stats import RunningStats
+
+AUDIO_FPS, VIDEO_FPS = 50, 25
+BUNDLED_TEXT, RANDOM_AUDIO = "sentence-transformers/all-MiniLM-L6-v2", "random:wav2vec2-small"
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """Per-sample sizes: tokens (Tt), clip seconds (Ta = 50 s, Tv = 25 s, N = 16000 s) and feature widths."""
+
+    tokens: tuple[int, int]
+    seconds: tuple[float, float]
+    dt: int
+    da: int
+    vocab: int
+
+
+FULL = Shapes(tokens=(20, 50), seconds=(2.0, 8.0), dt=384, da=256, vocab=30522)  # MiniLM + wav2vec2-small
+QUICK = Shapes(tokens=(4, 8), seconds=(0.2, 0.4), dt=21, da=27, vocab=997)  # the tiny encoders below
+
+
+def save_tiny_encoders(root: Path, shapes: Shapes = QUICK) -> tuple[str, str]:
+    """A 1-layer BERT (width ``dt``) and a 2-layer wav2vec 2.0 (width ``da``) as local model directories."""
+    from transformers import BertConfig, BertModel, Wav2Vec2Config, Wav2Vec2Model
+
+    text, audio = root / "tiny-bert", root / "tiny-w2v"
+    torch.manual_seed(1)
+    bert = BertConfig(
+        vocab_size=shapes.vocab, hidden_size=shapes.dt, num_hidden_layers=1, num_attention_heads=3,
+        intermediate_size=37, max_position_embeddings=64,
+    )  # fmt: skip
+    BertModel(bert).save_pretrained(text)
+    w2v = Wav2Vec2Config(
+        hidden_size=shapes.da, num_hidden_layers=2, num_attention_heads=3, intermediate_size=33, conv_dim=(13,) * 7,
+        feat_extract_norm="group", do_stable_layer_norm=False, num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=3,
+    )  # fmt: skip
+    Wav2Vec2Model(w2v).save_pretrained(audio)
+    return str(text), str(audio)
+
+
+def make_feature_set(text_model: str, audio_model: str, shapes: Shapes) -> dict[str, Any]:
+    """A feature set naming loadable encoders, as `mmfuse extract` records it (no weight hashes: not checked)."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "modalities": ["text", "audio", "video"],
+        "fps": VIDEO_FPS,
+        "extractors": {
+            "text": {"name": "text-transformer", "model": text_model, "layer": -1, "dims": {"Dt": shapes.dt}},
+            "audio": {
+                "name": "speech-ssl",
+                "model": audio_model,
+                "layer": -1,
+                "do_normalize": True,
+                "frame_stride_samples": 320,
+                "chunk_samples": 30 * SAMPLE_RATE,
+                "dims": {"Da": shapes.da},
+            },  # fmt: skip
+            "video": {"name": "mediapipe-facemesh", "dims": {"landmarks": N_LANDMARKS}},
+        },
+    }
+
+
+def make_sample(key: str, base: int, label: float, shapes: Shapes, fs_hash: str, seed: int = 0) -> dict[str, Any]:
+    """One schema-valid sample; its arrays depend only on ``(seed, base)``, so tiling repeats them exactly."""
+    rng = np.random.default_rng([seed, base])
+    secs = rng.uniform(*shapes.seconds)
+    tt = int(rng.integers(shapes.tokens[0], shapes.tokens[1] + 1))
+    ta, tv, n = max(1, round(secs * AUDIO_FPS)), max(1, round(secs * VIDEO_FPS)), round(secs * SAMPLE_RATE)
+    ok = {"status": "ok", "error": None}
+    meta = {
+        "schema_version": SCHEMA_VERSION, "key": key, "video_id": key.split("__")[0], "clip_id": key.split("__")[1],
+        "split": "train", "feature_set_hash": fs_hash, "modalities": {m: dict(ok) for m in FEATURE_MEMBERS},
+        "labels": {"label": label},
+    }  # fmt: skip
+    return {
+        "__key__": key,
+        "meta.json": meta,
+        "text_ids.npy": rng.integers(1, shapes.vocab, tt).astype(np.int32),
+        "text_feat.npy": rng.standard_normal((tt, shapes.dt), np.float32).astype(np.float16),
+        "audio_wave.npy": (rng.standard_normal(n, np.float32) * 3000).astype(np.int16),
+        "audio_feat.npy": rng.standard_normal((ta, shapes.da), np.float32).astype(np.float16),
+        "audio_mask.npy": np.ones(ta, bool),
+        "audio_time.npy": ((np.arange(ta) + 0.5) / AUDIO_FPS).astype(np.float32),
+        "video_lmk.npy": rng.standard_normal((tv, N_LANDMARKS, 3), np.float32).astype(np.float16),
+        "video_mask.npy": np.ones(tv, bool),
+        "video_time.npy": (np.arange(tv) / VIDEO_FPS).astype(np.float32),
+        "video_geom.npy": rng.standard_normal((tv, 4), np.float32),
+    }
+
+
+def write_dataset(
+    root: Path, samples: int, shapes: Shapes, feature_set: dict[str, Any], *, shard_size: int = 64, pool: int = 0
+) -> dict[str, Any]:
+    """A train split of ``samples`` samples in shards of ``shard_size``, with sidecars and dataset.json.
+
+    ``pool > 0`` tiles ``pool`` distinct samples under new keys and labels (4x the data, same shapes).
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    fs_hash, planned = feature_set_hash(feature_set), []
+    dims = {"Dt": shapes.dt, "Da": shapes.da, "landmarks": N_LANDMARKS}
+    for index in range(math.ceil(samples / shard_size)):
+        name, stats = f"train-{index:06d}", {}
+        writer = ShardWriter(root / f"{name}.tar", validate=True)
+        for j in range(index * shard_size, min(samples, (index + 1) * shard_size)):
+            label = float(np.sin(j)) * 2.0
+            s = make_sample(f"bench__c{j:07d}", j % pool if pool else j, label, shapes, fs_hash)
+            writer.write(s)
+            for m, member in FEATURE_MEMBERS.items():
+                rows = s[member][s[MASK_MEMBERS[m]]] if m in MASK_MEMBERS else s[member]
+                stats.setdefault(member, RunningStats()).update(rows)
+        writer.commit()
+        side = {
+            "schema_version": SCHEMA_VERSION, "feature_set_hash": fs_hash, "keys": writer.keys,
+            "bytes": (root / f"{name}.tar").stat().st_size, "clips": [{"key": k, "status": "ok"} for k in writer.keys],
+            "dims": dims, "stats": {m: st.to_json() for m, st in stats.items()},
+        }  # fmt: skip
+        atomic_write_json(root / f"{name}.json", side)
+        planned.append(("train", index))
+    return build_dataset(root, planned, feature_set)
+
+
+def stream_batches(shards: Path, data: Any, rank: int = 0, world_size: int = 1) -> Iterator[dict[str, Any]]:
+    """Training batches from ``make_loader``, epoch after epoch (a new loader per epoch, as ``fit`` does)."""
+    from train.data import make_loader
+
+    epoch = 0
+    while True:
+        loader = make_loader(shards, "train", data, train=True, epoch=epoch, rank=rank, world_size=world_size)
+        if len(loader) == 0:
+            raise ValueError(f"{shards} gives no full batch of {data.batch_size}; use more samples")
+        yield from loader
+        epoch += 1
+
+
+def memory_batches(source: Any) -> Iterator[dict[str, Any]]:
+    """Batches of an ``InMemorySource``, epoch after epoch."""
+    epoch = 0
+    while True:
+        source.set_epoch(epoch)
+        yield from source
+        epoch += 1
+
+
+def timed_training(
+    shards: Path, model: str, overrides: list[str], *, source: str, steps: int, warmup: int, d: Any = None
+) -> dict[str, Any]:
+    """Train ``model`` (its preset, then ``overrides``) for ``warmup + steps`` steps; time the last ``steps``.
+
+    A step is ``train.trainer.fit``'s: next batch (the wait for data is timed on its own), forward, losses,
+    backward, clip, AdamW step over ``net.param_groups``. ``source``: ``stream`` (make_loader with the
+    config's workers) or ``memory`` (``InMemorySource.from_shards``, read before the clock starts).
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    from train.config import make_train_config
+    from train.data import InMemorySource, feature_dims
+    from train.pipeline import FusionPipeline
+    from train.runtime import Dist, amp_dtype, seed_everything
+    from train.trainer import data_config
+
+    d = d or Dist()
+    config = make_train_config(model, overrides=overrides)
+    dataset = load_dataset_json(shards)
+    seed_everything(config.seed)
+    net = FusionPipeline(config, feature_dims(dataset, config.modalities), dataset).to(d.device)
+    if net.end_to_end:
+        net.set_encoders_trainable(config.unfreeze_top_k)
+    optimizer = torch.optim.AdamW(net.param_groups(config.lr, config.encoder_lr, config.weight_decay))
+    model = DistributedDataParallel(net, find_unused_parameters=True) if d.enabled else net
+    autocast = amp_dtype(config.amp, d.device)
+    data = data_config(config)
+    load_s = 0.0
+    if source == "memory":
+        start = time.perf_counter()
+        batches = memory_batches(InMemorySource.from_shards(shards, "train", data, shuffle=True))
+        load_s = time.perf_counter() - start
+    else:
+        batches = stream_batches(shards, data, d.rank, d.world_size)
+    step_s, wait_s = [], []
+    try:
+        net.train()
+        last = time.perf_counter()
+        for _ in range(warmup + steps):
+            batch = next(batches)
+            got = time.perf_counter()
+            with torch.autocast(d.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+                out = model(batch)
+            loss = sum(out.losses.values())
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), config.clip_norm or float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            now = time.perf_counter()
+            step_s.append(now - last)
+            wait_s.append(got - last)
+            last = now
+    finally:
+        batches.close()  # stops the DataLoader workers, so their peak RSS is in RUSAGE_CHILDREN
+    seconds = sum(step_s[warmup:])
+    return {
+        "steps": steps,
+        "warmup_steps": warmup,
+        "batch_size": config.batch_size,
+        "world_size": d.world_size,
+        "seconds": seconds,
+        "s_per_step": seconds / steps,
+        "data_wait_s_per_step": sum(wait_s[warmup:]) / steps,
+        "samples_per_s": config.batch_size * steps * d.world_size / seconds,
+        "load_s": load_s,
+        "loss": float(loss.detach()),
+    }
+
+
+def peak_rss_mb() -> dict[str, float]:
+    """Peak resident set of this process and of its largest waited-for child (Linux ``ru_maxrss`` is in KiB)."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return {"main_rss_mb": own / 1024, "worker_rss_mb": child / 1024}
+
+
+def child_main(spec_path: str) -> int:
+    """Entry of a fresh process (or torchrun rank): run the variant in the spec, write ``rank<R>.json``."""
+    from train.runtime import setup_distributed, teardown_distributed
+
+    spec = json.loads(Path(spec_path).read_text())
+    torch.set_num_threads(int(spec["threads"]))
+    d = setup_distributed("cpu")
+    try:
+        result = timed_training(
+            Path(spec["shards"]),
+            spec["model"],
+            spec["overrides"],
+            source="stream",
+            steps=spec["steps"],
+            warmup=spec["warmup"],
+            d=d,
+        )
+        if d.enabled:  # every rank's clock stops when the slowest rank is done
+            import torch.distributed as dist
+
+            seconds = torch.tensor([result["seconds"]], dtype=torch.float64)
+            dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+            result["seconds"] = float(seconds)
+            result["s_per_step"] = result["seconds"] / result["steps"]
+            result["samples_per_s"] = result["batch_size"] * result["steps"] * d.world_size / result["seconds"]
+    finally:
+        teardown_distributed(d)
+    result.update(peak_rss_mb())
+    atomic_write_json(Path(spec_path).with_name(f"rank{d.rank}.json"), result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(child_main(sys.argv[1]))

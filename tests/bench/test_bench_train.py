@@ -1,0 +1,74 @@
+"""``mmfuse bench train --quick``: the report's fields, the generated shards, the BENCHMARKS.md section."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.train import BEGIN, END, write_section
+from bench.train_steps import QUICK, make_feature_set, write_dataset
+from shards.inspect import inspect_dataset
+from train.cli import main
+
+RESULTS = {
+    "stream_samples_per_s", "stream_s_per_step", "stream_data_wait_s_per_step", "memory_samples_per_s",
+    "memory_s_per_step", "memory_load_s", "stream_over_memory", "e2e_samples_per_s", "e2e_s_per_step",
+    "e2e_data_wait_s_per_step", "frozen_over_e2e", "ddp1_samples_per_s", "ddp1_s_per_step", "ddp2_samples_per_s",
+    "ddp2_s_per_step", "ddp2_over_ddp1", "rss_1x_main_mb", "rss_1x_worker_mb", "rss_4x_main_mb", "rss_4x_worker_mb",
+    "rss_1x_steps", "rss_4x_steps", "rss_4x_over_1x_main", "rss_4x_over_1x_worker",
+}  # fmt: skip
+STAGES = ("read", "decode", "validate", "select", "to_inputs", "pickle", "collate", "normalise")
+
+
+@pytest.mark.integration
+def test_quick_report_has_every_field(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "BENCHMARKS.md"
+    argv = ["bench", "train", "--quick", "--json", "--workdir", str(tmp_path / "work"), "--out", str(out)]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["results"]) == RESULTS
+    for name, value in report["results"].items():
+        assert value > 0, name
+    assert set(report["profile"]) == {f"{s}_ms_per_batch" for s in STAGES}
+    assert all(v > 0 for v in report["profile"].values())
+    assert set(report["targets"]) == {"stream_ge_0.9x_memory", "rss_growth_lt_10pct"}
+    setup = report["setup"]
+    assert setup["command"].startswith("mmfuse bench train") and "--quick" in setup["command"]
+    assert setup["samples"] == 48 and setup["steps"] == 3 and setup["warmup_steps"] == 1
+    assert report["results"]["rss_1x_steps"] == 12 and report["results"]["rss_4x_steps"] == 48  # one epoch each
+    text = out.read_text()
+    assert text.count(BEGIN) == 1 and setup["command"] in text and "| frozen, streamed |" in text
+    for n in (1, 4):  # the generated shard directories read back and validate
+        summary = inspect_dataset(tmp_path / "work" / f"shards-{n}x", verify=True)
+        assert summary["verify"]["ok"], summary["verify"]["problems"]
+        assert summary["samples"] == 48 * n
+
+
+def test_generated_shards_verify_and_tile(tmp_path: Path) -> None:
+    fset = make_feature_set("text-model", "audio-model", QUICK)
+    one = write_dataset(tmp_path / "a", 10, QUICK, fset, shard_size=4)
+    tiled = write_dataset(tmp_path / "b", 20, QUICK, fset, shard_size=4, pool=10)
+    assert [s["samples"] for s in one["shards"]] == [4, 4, 2] and tiled["samples"] == 20
+    assert one["dims"] == {"Dt": QUICK.dt, "Da": QUICK.da, "landmarks": 478}
+    assert one["stats"]["video_lmk.npy"]["count"] > 0
+    for root in (tmp_path / "a", tmp_path / "b"):
+        summary = inspect_dataset(root, verify=True)
+        assert summary["verify"]["ok"], summary["verify"]["problems"]
+
+
+def test_write_section_twice_keeps_one_section_and_the_others(tmp_path: Path) -> None:
+    path = tmp_path / "BENCHMARKS.md"
+    others = "<!-- bench-extract:begin -->\nextraction\n<!-- bench-extract:end -->\n\n<!-- synthetic:begin -->\nsyn\n"
+    path.write_text(
+        "# Benchmarks\n\nFirst paragraph,\nstill first.\n\n## Reading\n\n" + others + "<!-- synthetic:end -->\n"
+    )
+    write_section(path, "first run")
+    text = path.read_text()
+    assert text.index("still first.") < text.index(BEGIN) < text.index("## Reading")  # after the first paragraph
+    write_section(path, "second run")
+    text = path.read_text()
+    assert text.count(BEGIN) == 1 and text.count(END) == 1
+    assert "second run" in text and "first run" not in text
+    assert others in text and "<!-- synthetic:end -->" in text and "## Reading" in text
