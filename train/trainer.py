@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -164,10 +165,14 @@ def _fit(config: TrainConfig, shards: Path, run_dir: Path, resume: bool, d: Dist
             if batch["label"].numel() == 0:  # nothing to learn from (unlabelled samples are kept out of losses)
                 state["batch"] += 1
                 continue
-            with torch.autocast(d.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-                out = model(batch)
-            loss = sum(out.losses.values())
-            scaler.scale(loss / config.grad_accum).backward()
+            last_micro = (state["batch"] + 1) % config.grad_accum == 0
+            # DDP: all-reduce gradients only on the micro-batch that ends an accumulation
+            sync = model.no_sync() if isinstance(model, DistributedDataParallel) and not last_micro else nullcontext()
+            with sync:
+                with torch.autocast(d.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+                    out = model(batch)
+                loss = sum(out.losses.values())
+                scaler.scale(loss / config.grad_accum).backward()
             state["batch"] += 1
             if state["batch"] % config.grad_accum:
                 continue
