@@ -321,31 +321,20 @@ def analysis(report: dict[str, Any]) -> str:
 
 
 DIAGNOSIS = """\
-Why the pipeline misses its targets here, and what would fix it (code as benchmarked; the extraction code
-itself is not changed by this benchmark):
+Why the pipeline misses its targets here, and what would fix it:
 
 1. **Decoding and encoding do not overlap within a shard.** `extract.pipeline.run_extract` hands a shard to
    `extract.writer.write_shard` only when all of its clips are decoded, and the encoders run only then, in
    the main process, while `_pooled` keeps at most `4 × workers` clips in flight. With one shard (N clips ≤
-   shard size) the run is (d) followed by the encoders: compare the no-overlap estimate above with (a). Fix:
-   run text/audio on each `batch_size` group of decoded clips as it arrives (write the tar when the shard is
-   complete), and keep submitting decode jobs while the encoders run (a feeder thread, or a window of at
-   least shard size + 4 × workers). A smaller `--shard-size` is not a substitute: in scratch runs
-   `--shard-size 8` (which overlaps one shard's encoding with the next shard's decoding) was slower,
-   because each 8-clip shard puts 3 s and 6 s clips into one padded audio batch (item 3).
-2. **Every worker pays the parent's start-up.** The pool uses `spawn`, and a spawned worker re-imports
-   `__main__`; under the `mmfuse` command that is `train.cli`, which imports torch and the fusion models
-   (seconds of CPU and hundreds of MiB per worker, see the worker RSS). Fix: a `forkserver` context with
-   `set_forkserver_preload(["extract.worker"])` (no `__main__`), or start the pool before
-   `build_extractors` so start-up overlaps model loading.
-3. **Batching pads audio.** wav2vec2-base's convolutional encoder runs per clip and the transformer's GEMMs
-   are already large at batch 1, so on CPU batching only pays when it adds no padding; a batch that mixes
-   3 s and 6 s clips costs more than batch 1 (compare the batched and batch-1 audio CPU-seconds above).
-   Fix: in `extract.extractors.audio.AudioExtractor.__call__`, start a new batch when the next (sorted)
-   piece is more than ~10 % longer than the batch's shortest, so padding stays bounded.
-   The ≥ 2× target over the naive loop needs naive / floor ≥ 2, which the stage costs above do not allow on
-   this many cores unless a stage gets cheaper (e.g. FaceMesh at a lower `--fps`, a GPU for the encoders).
-4. **The machine is shared.** The parallel variants need both cores; other jobs' load (1-minute load average at
+   shard size) the run is (d) followed by the encoders: compare the no-overlap estimate above with (a). Fix
+   (not done yet): run text/audio on each `batch_size` group of decoded clips as it arrives (write the tar
+   when the shard is complete), and keep submitting decode jobs while the encoders run.
+2. **The CPU floor.** The ≥ 2× target over the naive loop needs naive / floor ≥ 2, which the stage costs
+   above do not allow on 2 cores unless a stage gets cheaper (FaceMesh at a lower `--fps`, a GPU for the
+   encoders). Fixed since the first measurement: spawned workers no longer import torch through the
+   `mmfuse` entry point, and audio batches group clips of similar length (padding a 3 s clip to 6 s cost
+   more than batching saved).
+3. **The machine is shared.** The parallel variants need both cores; other jobs' load (1-minute load average at
    the end of this run: see Machine) takes from them but hardly from the one-core naive loop.
 """
 
