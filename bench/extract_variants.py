@@ -159,7 +159,9 @@ def _pooled(fn: Any, clips: list[Clip], arg: Any, workers: int, settings: Decode
         init_worker(settings)
         return time.perf_counter() - tic, [fn(c, arg) for c in clips]
     ctx = mp.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker, initargs=(settings, True)) as pool:
+    with ProcessPoolExecutor(
+        workers, mp_context=ctx, initializer=init_worker, initargs=(settings, os.getpid())
+    ) as pool:
         out = list(pool.map(fn, clips, [arg] * len(clips)))
     return time.perf_counter() - tic, out
 

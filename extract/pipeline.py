@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing as mp
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -201,7 +202,7 @@ def _pooled(
     ctx = mp.get_context("spawn")  # the parent holds torch threads; forking it is unsafe
 
     def new_pool() -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker, initargs=(settings, True))
+        return ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker, initargs=(settings, os.getpid()))
 
     pool = new_pool()
     pending: list[tuple[int, Future]] = []

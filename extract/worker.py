@@ -29,18 +29,19 @@ class DecodeSettings:
 _FACEMESH: FaceMeshExtractor | None = None
 
 
-def init_worker(settings: DecodeSettings, in_pool: bool = False) -> None:
-    """Process initializer: build the FaceMesh extractor once. In pool workers (``in_pool``), also silence
-    MediaPipe's C++ logging (it writes to file descriptor 2 directly; Python errors still travel back with
-    the results) and exit when the parent dies: a parent killed with SIGKILL leaves no idle workers behind."""
+def init_worker(settings: DecodeSettings, parent_pid: int | None = None) -> None:
+    """Process initializer: build the FaceMesh extractor once. In pool workers (``parent_pid`` given: the pid of
+    the process that made the pool), also silence MediaPipe's C++ logging (it writes to file descriptor 2
+    directly; Python errors still travel back with the results) and exit as soon as that parent is gone, even
+    if it died while this worker was still starting: a parent killed with SIGKILL leaves no workers behind."""
     global _FACEMESH
     os.environ.setdefault("GLOG_minloglevel", "2")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    if in_pool:
+    if parent_pid is not None:
+        threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 2)
         os.close(devnull)
-        threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     _FACEMESH = FaceMeshExtractor(settings.max_faces, settings.min_detection_confidence)
 
 

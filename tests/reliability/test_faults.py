@@ -74,7 +74,7 @@ def kill_after(cmd: list[str], delay: float) -> int | None:
         workers = children(proc.pid)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        deadline = time.time() + 10
+        deadline = time.time() + 30  # a worker may still be importing on a loaded machine when its parent dies
         while time.time() < deadline and any(alive(w) for w in workers):
             time.sleep(0.1)
         assert not [w for w in workers if alive(w)], "decode workers outlived their killed parent"
