@@ -18,6 +18,7 @@ from torch import Tensor, nn
 import fusion
 from fusion.base import FusionOutput
 from shards.schema import FEATURE_MEMBERS
+from train.collate import STD_FLOOR
 from train.config import TrainConfig, TrainConfigError
 from train.encoders import AudioEncoder, TextEncoder
 
@@ -88,7 +89,7 @@ def _stats(stats: Mapping[str, Any], member: str) -> tuple[Tensor, Tensor]:
         raise ValueError(f"dataset.json has no train statistics for {member}; end-to-end mode standardises with them")
     mean = torch.tensor(entry["mean"], dtype=torch.float32)
     std = torch.tensor(entry["std"], dtype=torch.float32)
-    return mean, torch.where(std > 1e-6, std, torch.ones_like(std))
+    return mean, torch.where(std < STD_FLOOR, torch.ones_like(std), std)  # as the loader's Normalise
 
 
 def _fit_length(x: Tensor, length: int) -> Tensor:

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from train.jsonout import dumps
+from shards.io import atomic_write_json
+from train.jsonout import dumps, strict_json
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +133,8 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> None:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(dumps(obj, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    """Standard JSON (NaN -> null), written atomically (temporary name, fsync, rename)."""
+    atomic_write_json(path, strict_json(obj))
 
 
 def append_jsonl(path: Path, obj: dict[str, Any]) -> None:
