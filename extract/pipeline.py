@@ -1,5 +1,8 @@
 """The extraction pipeline: manifest -> plan -> decode + FaceMesh in workers -> batched encoders -> shards.
 
+Decoding runs ahead in worker processes while the main process encodes each group of ``batch_size``
+decoded clips and streams the samples into the shard's temporary tar.
+
 Clips go to shards deterministically (per split, in manifest order, ``shard_size`` each), shards to ranks
 round-robin, so any rerun, on any number of machines, rebuilds the same plan: complete shards are skipped,
 incomplete ones redone, and every clip ends up exactly once.
@@ -24,7 +27,7 @@ from extract.config import ExtractConfig
 from extract.extractors.base import DecodedClip, ExtractionError, Extractor
 from extract.manifest import Clip, load_manifest
 from extract.worker import DecodeSettings, decode_clip, init_worker
-from extract.writer import clean_stale, is_complete, write_shard
+from extract.writer import ShardBuilder, clean_stale, is_complete
 from shards.dataset import DATASET_JSON, build_dataset, feature_set_hash, shard_name
 from shards.schema import MODALITIES, SAMPLE_RATE, SCHEMA_VERSION, SPLITS
 
@@ -135,10 +138,23 @@ def run_extract(
     )
     setup_s = time.perf_counter() - tic
     written = 0
-    for plan, decoded in decode_shards(todo, settings, cfg.workers, media):
-        written += write_shard(out, plan, decoded, extractors, fs_hash, cfg)
-        if on_clips is not None:
-            on_clips(len(plan.clips))
+    builder: ShardBuilder | None = None
+    try:
+        for plan, decoded in decode_clips(todo, settings, cfg.workers, media, window=2 * cfg.batch_size):
+            if builder is None:
+                builder = ShardBuilder(out, plan, extractors, fs_hash, cfg, group=cfg.batch_size)
+            before = builder.flushed
+            builder.add(decoded)
+            if builder.added == len(plan.clips):
+                written += builder.finish()
+            if on_clips is not None and builder.flushed > before:
+                on_clips(builder.flushed - before)
+            if builder.added == len(plan.clips):
+                builder = None
+    except BaseException:
+        if builder is not None:
+            builder.abort()
+        raise
     dataset = build_dataset(
         out,
         [(p.split, p.index) for p in plans],
@@ -178,27 +194,29 @@ def _check_out_dir(out: Path, fs_hash: str, overwrite: bool) -> None:
         )
 
 
-def decode_shards(
-    plans: Sequence[ShardPlan], settings: DecodeSettings, workers: int, media: bool
-) -> Iterator[tuple[ShardPlan, list[DecodedClip]]]:
-    """Decoded clips grouped by shard, in plan order; workers run ahead by a bounded window."""
+def decode_clips(
+    plans: Sequence[ShardPlan], settings: DecodeSettings, workers: int, media: bool, window: int = 16
+) -> Iterator[tuple[ShardPlan, DecodedClip]]:
+    """Every clip of ``plans`` decoded, in plan order, with its shard. With workers, decode jobs stay in flight
+    (``window`` clips, at least 4 per worker) while the caller encodes: decoding and encoding overlap."""
     if not media:
         for plan in plans:
-            yield plan, [DecodedClip(c) for c in plan.clips]
+            for clip in plan.clips:
+                yield plan, DecodedClip(clip)
         return
     if workers == 0:
         init_worker(settings)
         for plan in plans:
-            yield plan, [decode_clip(c, settings) for c in plan.clips]
+            for clip in plan.clips:
+                yield plan, decode_clip(clip, settings)
         return
     jobs = [(plan, clip) for plan in plans for clip in plan.clips]
-    yield from _pooled(jobs, settings, workers)
+    yield from _pooled(jobs, settings, workers, max(window, 4 * workers))
 
 
 def _pooled(
-    jobs: list[tuple[ShardPlan, Clip]], settings: DecodeSettings, workers: int
-) -> Iterator[tuple[ShardPlan, list[DecodedClip]]]:
-    window = max(4, 4 * workers)
+    jobs: list[tuple[ShardPlan, Clip]], settings: DecodeSettings, workers: int, window: int
+) -> Iterator[tuple[ShardPlan, DecodedClip]]:
     ctx = mp.get_context("spawn")  # the parent holds torch threads; forking it is unsafe
 
     def new_pool() -> ProcessPoolExecutor:
@@ -208,7 +226,6 @@ def _pooled(
     pending: list[tuple[int, Future]] = []
     attempts = [0] * len(jobs)
     nxt = 0
-    current: list[DecodedClip] = []
     try:
         while nxt < len(jobs) or pending:
             while nxt < len(jobs) and len(pending) < window:
@@ -233,10 +250,10 @@ def _pooled(
                 pending = [(j, pool.submit(decode_clip, jobs[j][1], settings)) for j in retry]
                 if decoded is None:
                     continue
-            current.append(decoded)
-            plan = jobs[i][0]
-            if len(current) == len(plan.clips):
-                yield plan, current
-                current = []
+            # Top the window up before handing this clip over, so workers decode while the caller encodes.
+            while nxt < len(jobs) and len(pending) < window:
+                pending.append((nxt, pool.submit(decode_clip, jobs[nxt][1], settings)))
+                nxt += 1
+            yield jobs[i][0], decoded
     finally:
         pool.shutdown(cancel_futures=True)

@@ -1,4 +1,4 @@
-"""Turn a shard's decoded clips into samples (batched encoders), write the tar and its sidecar atomically."""
+"""Turn decoded clips into samples (batched encoders) and write each shard's tar and sidecar atomically."""
 
 from __future__ import annotations
 
@@ -55,82 +55,140 @@ def modality_status(d: DecodedClip, modality: str, cfg: ExtractConfig, result: A
     return {**d.status.get(modality, {}), "status": "ok", "error": None}
 
 
-def write_shard(
-    out: Path, plan: Any, decoded: list[DecodedClip], extractors: dict[str, Extractor], fs_hash: str, cfg: ExtractConfig
-) -> int:
-    """Encode, validate and write one shard plus its sidecar; return the number of samples written."""
-    tic = time.perf_counter()
-    live = [d for d in decoded if "skipped" not in d.info]
-    results: dict[str, list[Any]] = {}
-    timings = {"decode_s": sum(sum(d.timings.values()) for d in decoded)}
-    for modality in ("text", "audio"):
-        if modality in extractors:
-            t = time.perf_counter()
-            results[modality] = extractors[modality](live) if live else []
-            timings[f"{modality}_s"] = time.perf_counter() - t
-    if "video" in extractors:
-        results["video"] = [
-            d.video if d.video is not None else ModalityFailure(d.status["video"]["error"]) for d in live
-        ]
-    stats: dict[str, RunningStats] = {}
-    records, index = [], {id(d): k for k, d in enumerate(live)}
-    writer = ShardWriter(out / f"{plan.name}.tar")
-    try:
-        for d in decoded:
+class ShardBuilder:
+    """One shard, built as its clips arrive: encoders run on each group of ``group`` decoded clips (so they
+    overlap the decoding of later clips in the workers), samples stream into the temporary tar in plan order,
+    and :meth:`finish` commits the tar and then its sidecar (the commit marker).
+
+    Clips must be added in the plan's order. An exception, or :meth:`abort`, removes the temporary tar.
+    """
+
+    def __init__(
+        self, out: Path, plan: Any, extractors: dict[str, Extractor], fs_hash: str, cfg: ExtractConfig, group: int
+    ) -> None:
+        self.out, self.plan, self.extractors, self.fs_hash, self.cfg = out, plan, extractors, fs_hash, cfg
+        self.group = max(1, group)
+        self.writer = ShardWriter(out / f"{plan.name}.tar")
+        self.pending: list[DecodedClip] = []
+        self.records: list[dict[str, Any]] = []
+        self.stats: dict[str, RunningStats] = {}
+        self.timings = {"decode_s": 0.0, "text_s": 0.0, "audio_s": 0.0}
+        self.audio_seconds = 0.0
+        self.added = 0  # clips added so far
+        self.flushed = 0  # clips encoded and written to the temporary tar so far
+        self.tic = time.perf_counter()
+
+    def add(self, decoded: DecodedClip) -> None:
+        """Queue one decoded clip; encode and write the queue once it holds ``group`` clips to encode."""
+        if self.added >= len(self.plan.clips) or decoded.clip.key != self.plan.clips[self.added].key:
+            raise ExtractionError(f"{self.plan.name}: clip {decoded.clip.key} arrived out of plan order")
+        self.added += 1
+        self.pending.append(decoded)
+        if sum("skipped" not in d.info for d in self.pending) >= self.group:
+            self._flush()
+
+    def finish(self) -> int:
+        """Encode and write what is queued, commit the tar, write the sidecar; return the samples written."""
+        if self.added != len(self.plan.clips):
+            raise ExtractionError(f"{self.plan.name}: {self.added} of {len(self.plan.clips)} clips were added")
+        self._flush()
+        self._guard(self.writer.commit, "tar")
+        self.timings["wall_s"] = time.perf_counter() - self.tic
+        cfg = self.cfg
+        sidecar = {
+            "schema_version": SCHEMA_VERSION,
+            "shard": f"{self.plan.name}.tar",
+            "split": self.plan.split,
+            "index": self.plan.index,
+            "rank": cfg.rank,
+            "feature_set_hash": self.fs_hash,
+            "raw_wave": cfg.raw,
+            "planned": [c.key for c in self.plan.clips],
+            "keys": self.writer.keys,
+            "bytes": (self.out / f"{self.plan.name}.tar").stat().st_size,
+            "clips": self.records,
+            "dims": {k: v for e in self.extractors.values() for k, v in e.provenance().get("dims", {}).items()},
+            "stats": {m: s.to_json() for m, s in self.stats.items()},
+            "timings": {k: round(v, 4) for k, v in self.timings.items()},
+            "audio_seconds": round(self.audio_seconds, 3),
+            "host": os.uname().nodename,
+        }
+        self._guard(lambda: atomic_write_json(self.out / f"{self.plan.name}.json", sidecar), "json")
+        return len(self.writer.keys)
+
+    def abort(self) -> None:
+        """Drop the temporary tar (an interrupted shard is redone by the next run)."""
+        self.writer.abort()
+
+    def _guard(self, write: Any, what: str) -> None:
+        try:
+            write()
+        except DiskFullError as exc:
+            self.writer.abort()
+            raise ExtractionError(
+                f"disk full while writing {self.plan.name}.{what} ({exc.strerror}). Completed shards are kept; "
+                "free space and rerun the same command to resume."
+            ) from exc
+        except BaseException:
+            self.writer.abort()
+            raise
+
+    def _flush(self) -> None:
+        batch, self.pending = self.pending, []
+        if not batch:
+            return
+        live = [d for d in batch if "skipped" not in d.info]
+        self.timings["decode_s"] += sum(sum(d.timings.values()) for d in batch)
+        self.audio_seconds += sum(len(d.wave) for d in live if d.wave is not None) / SAMPLE_RATE
+        results: dict[str, list[Any]] = {}
+        for modality in ("text", "audio"):
+            if modality in self.extractors:
+                t = time.perf_counter()
+                results[modality] = self.extractors[modality](live) if live else []
+                self.timings[f"{modality}_s"] += time.perf_counter() - t
+        if "video" in self.extractors:
+            results["video"] = [
+                d.video if d.video is not None else ModalityFailure(d.status["video"]["error"]) for d in live
+            ]
+        index = {id(d): k for k, d in enumerate(live)}
+        self._guard(lambda: self._write(batch, index, results), "tar")
+        self.flushed += len(batch)
+
+    def _write(self, batch: list[DecodedClip], index: dict[int, int], results: dict[str, list[Any]]) -> None:
+        cfg = self.cfg
+        for d in batch:
             c = d.clip
             record = {"key": c.key, "video_id": c.video_id, "clip_id": c.clip_id, "split": c.split, "row": c.row}
-            record["shard"] = f"{plan.name}.tar"
+            record["shard"] = f"{self.plan.name}.tar"
             if "skipped" in d.info:
-                records.append({**record, "status": "skipped", "error": d.info["skipped"], "modalities": {}})
+                self.records.append({**record, "status": "skipped", "error": d.info["skipped"], "modalities": {}})
                 continue
             k = index[id(d)]
             per = {m: results[m][k] if m in results else None for m in MODALITIES}
             mods = {m: modality_status(d, m, cfg, per[m]) for m in MODALITIES}
-            sample: dict[str, Any] = {"__key__": c.key, "meta.json": sample_meta(d, mods, fs_hash, cfg)}
+            sample: dict[str, Any] = {"__key__": c.key, "meta.json": sample_meta(d, mods, self.fs_hash, cfg)}
             for m in MODALITIES:
                 if mods[m]["status"] == "ok":
                     sample.update(per[m])
-            writer.write(sample)
+            self.writer.write(sample)
             if c.split == "train":
-                _accumulate(stats, sample)
+                _accumulate(self.stats, sample)
             requested_ok = all(mods[m]["status"] == "ok" for m in cfg.modalities)
-            records.append({**record, "status": "ok" if requested_ok else "partial", "modalities": mods})
-        writer.commit()
-    except DiskFullError as exc:
-        writer.abort()
-        raise ExtractionError(
-            f"disk full while writing {plan.name}.tar ({exc.strerror}). Completed shards are kept; free space "
-            "and rerun the same command to resume."
-        ) from exc
-    except BaseException:
-        writer.abort()
-        raise
-    timings["wall_s"] = time.perf_counter() - tic
-    sidecar = {
-        "schema_version": SCHEMA_VERSION,
-        "shard": f"{plan.name}.tar",
-        "split": plan.split,
-        "index": plan.index,
-        "rank": cfg.rank,
-        "feature_set_hash": fs_hash,
-        "raw_wave": cfg.raw,
-        "planned": [c.key for c in plan.clips],
-        "keys": writer.keys,
-        "bytes": (out / f"{plan.name}.tar").stat().st_size,
-        "clips": records,
-        "dims": {k: v for e in extractors.values() for k, v in e.provenance().get("dims", {}).items()},
-        "stats": {m: s.to_json() for m, s in stats.items()},
-        "timings": {k: round(v, 4) for k, v in timings.items()},
-        "audio_seconds": round(sum(len(d.wave) for d in live if d.wave is not None) / SAMPLE_RATE, 3),
-        "host": os.uname().nodename,
-    }
+            self.records.append({**record, "status": "ok" if requested_ok else "partial", "modalities": mods})
+
+
+def write_shard(
+    out: Path, plan: Any, decoded: list[DecodedClip], extractors: dict[str, Extractor], fs_hash: str, cfg: ExtractConfig
+) -> int:
+    """Encode, validate and write one shard whose clips are all decoded; return the number of samples written."""
+    builder = ShardBuilder(out, plan, extractors, fs_hash, cfg, group=len(decoded) or 1)
     try:
-        atomic_write_json(out / f"{plan.name}.json", sidecar)
-    except DiskFullError as exc:
-        raise ExtractionError(
-            f"disk full while writing {plan.name}.json; free space and rerun the same command to resume"
-        ) from exc
-    return len(writer.keys)
+        for d in decoded:
+            builder.add(d)
+    except BaseException:
+        builder.abort()
+        raise
+    return builder.finish()
 
 
 def sample_meta(d: DecodedClip, mods: dict[str, Any], fs_hash: str, cfg: ExtractConfig) -> dict[str, Any]:
