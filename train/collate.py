@@ -3,8 +3,8 @@
 The batch format is the contract with ``fusion`` (see ``fusion/base.py``): per modality ``m`` in use, ``m``
 (B, T, D) float32 and ``m_mask`` (B, T) bool, True = valid step; a sample lacking the modality has an all-False
 mask (one zero row if it has no steps at all), it is never dropped. With ``raw=True`` also ``text_ids`` (B, T)
-int64 and ``audio_wave`` (B, N) float32 in [-1, 1], each with its ``_mask``. ``label`` (B,) float32 (NaN = no
-label) and ``key`` (list of B sample keys) complete it.
+int64 and ``audio_wave`` (B, N) float32 in [-1, 1], each with its ``_mask``. ``label`` (B,) float32, or (B, K)
+float32 0/1 for multilabel targets (NaN = no label), and ``key`` (list of B sample keys) complete it.
 """
 
 from __future__ import annotations
@@ -156,7 +156,13 @@ def _is_raw(name: str) -> bool:
     return name in RAW_MEMBERS.values()
 
 
+def label_keys(label_key: str) -> tuple[str, ...]:
+    """The keys named by a ``label_key`` setting, in order: ``"neutral, happy"`` -> ("neutral", "happy")."""
+    return tuple(k.strip() for k in label_key.split(","))
+
+
 def _label(meta: Mapping[str, Any], label_key: str) -> float:
+    """The sample's number under ``label_key`` (regression, classification); NaN when it has none."""
     value = (meta.get("labels") or {}).get(label_key)
     if value is None:
         return math.nan
@@ -166,6 +172,24 @@ def _label(meta: Mapping[str, Any], label_key: str) -> float:
             f"label_key (this sample has {sorted(meta.get('labels') or {})})"
         )
     return float(value)
+
+
+def _binary_labels(meta: Mapping[str, Any], keys: Sequence[str]) -> np.ndarray:
+    """(K,) float32 multilabel target in the order of ``keys``: 0/1 (booleans count), NaN where a key is absent,
+    which leaves the whole sample out of losses and metrics."""
+    labels = meta.get("labels") or {}
+    out = np.full(len(keys), np.nan, np.float32)
+    for k, key in enumerate(keys):
+        value = labels.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, (bool, int, float)) or value not in (0, 1):
+            raise DataError(
+                f"sample {meta.get('key')}: label {key!r} is {value!r}, not 0/1 or a boolean; task=multilabel needs "
+                f"a binary label under every key of label_key (this sample has {sorted(labels)})"
+            )
+        out[k] = float(value)
+    return out
 
 
 def _steps(feat: np.ndarray | None, mask: np.ndarray | None, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -180,19 +204,36 @@ def _steps(feat: np.ndarray | None, mask: np.ndarray | None, width: int) -> tupl
 
 
 class ToInputs:
-    """Stage: a validated shard sample → model inputs (NumPy): features, masks, raw inputs, label, key."""
+    """Stage: a validated shard sample → model inputs (NumPy): features, masks, raw inputs, label, key.
+
+    The label is the number under ``label_key``, or with ``multilabel`` the (K,) 0/1 vector of its
+    comma-separated keys (see :func:`label_keys`).
+    """
 
     def __init__(
-        self, modalities: Sequence[str], dims: Mapping[str, int], raw: bool, label_key: str, video_geom: bool
+        self,
+        modalities: Sequence[str],
+        dims: Mapping[str, int],
+        raw: bool,
+        label_key: str,
+        video_geom: bool,
+        multilabel: bool = False,
     ) -> None:
         self.modalities, self.dims, self.raw = tuple(modalities), dict(dims), raw
-        self.label_key, self.video_geom = label_key, video_geom
+        self.label_key, self.video_geom, self.multilabel = label_key, video_geom, multilabel
+        self.keys = label_keys(label_key)
+        if not multilabel and len(self.keys) > 1:
+            raise DataError(
+                f"label_key {label_key!r} names {len(self.keys)} keys ({', '.join(self.keys)}); several keys make "
+                "a multilabel target: pass multilabel=True (task=multilabel)"
+            )
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         if BAD in sample:
             return sample
         meta = sample["meta.json"]
-        out: dict[str, Any] = {"key": meta["key"], "label": _label(meta, self.label_key)}
+        label = _binary_labels(meta, self.keys) if self.multilabel else _label(meta, self.label_key)
+        out: dict[str, Any] = {"key": meta["key"], "label": label}
         for m in self.modalities:
             ok = meta["modalities"][m]["status"] == "ok"
             feat = sample.get(FEATURE_MEMBERS[m], sample.get(IMPORTED_VIDEO)) if ok else None
@@ -225,13 +266,13 @@ def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Stage: model-input samples → one batch: every ``x`` with an ``x_mask`` padded with zeros to the longest.
 
     Returns torch tensors ``x`` (B, T, ...) and ``x_mask`` (B, T) bool (False on padding), ``label`` (B,)
-    float32 and ``key`` (list of str).
+    float32 (or (B, K) for (K,) multilabel sample labels) and ``key`` (list of str).
     """
     if not samples:
         raise DataError("cannot collate an empty batch")
     first = samples[0]
     batch: dict[str, Any] = {"key": [str(s["key"]) for s in samples]}
-    batch["label"] = torch.tensor([float(s["label"]) for s in samples], dtype=torch.float32)
+    batch["label"] = _stack_labels(samples)
     for name in first:
         if name.startswith("__") or name.endswith("_mask") or name in ("key", "label"):
             continue
@@ -251,6 +292,17 @@ def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         batch["video"] = torch.cat([batch["video"], batch.pop(GEOM_INPUT).float()], -1)
         batch.pop(f"{GEOM_INPUT}_mask")
     return batch
+
+
+def _stack_labels(samples: Sequence[Mapping[str, Any]]) -> torch.Tensor:
+    labels = [np.asarray(s["label"], np.float32) for s in samples]
+    for s, label in zip(samples, labels, strict=True):
+        if label.shape != labels[0].shape:
+            raise DataError(
+                f"samples {samples[0]['key']} and {s['key']} have labels of shapes {labels[0].shape} and "
+                f"{label.shape}; the samples of a batch need labels of one shape (one number, or K multilabel values)"
+            )
+    return torch.from_numpy(np.stack(labels))
 
 
 class DropBad:

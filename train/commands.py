@@ -23,6 +23,7 @@ TRAIN_EXAMPLES = """examples:
   mmfuse train --shards shards/ --model ithp --run-dir runs/ithp mode=end_to_end epochs=3 model.beta=16
   mmfuse train --shards shards/ --model late --run-dir runs/late --seeds 1,2,3,4,5
   mmfuse train --shards shards/ --model late --run-dir runs/late --resume
+  mmfuse train --shards shards/iemocap --model late --run-dir runs/emo task=multilabel label_key=neutral,happy,sad,angry
   torchrun --nproc-per-node 2 $(which mmfuse) train --shards shards/ --model mult --run-dir runs/mult
 """
 

@@ -3,6 +3,12 @@
 YAML files hold overrides only. Keys of the fusion model's own ``Config`` (``fusion.MODELS[name].Config``:
 hidden, num_layers, beta, ...) go under ``model_settings`` in YAML, or as ``model.KEY=VALUE`` on the command
 line. Every problem (unknown key, bad value) is collected and reported at once, naming the key.
+
+Targets come from each sample's meta.json ``labels``: ``label_key`` names one key for regression and
+classification (``label``, MMSA's sentiment score, by default), and one or more keys for ``task=multilabel``,
+comma-separated on the command line (``label_key=neutral,happy,sad,angry``) or as a string or a list in YAML.
+Multilabel targets are the (K,) 0/1 vectors of those keys in the order given, and ``num_classes`` is K: it
+is filled in when not given, and a different value is reported.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import yaml
 
 import fusion
 from fusion.base import FusionConfigError
+from train.collate import label_keys
 
 PRESETS = Path(__file__).resolve().parent / "configs"
 MODES = ("frozen", "end_to_end")
@@ -37,8 +44,10 @@ class TrainConfig:
     mode: str = "frozen"  # frozen: features from the shards | end_to_end: text ids / waveform through the encoders
     modalities: tuple[str, ...] = ("text", "audio", "video")
     task: str = "regression"  # regression | classification | multilabel
-    num_classes: int = 1
-    label_key: str = "label"  # key of meta.json's labels used as the target ("label": MMSA sentiment)
+    num_classes: int = 1  # classes (classification); multilabel: the number of label keys, filled in when not given
+    # key of meta.json's labels used as the target ("label": MMSA sentiment); task=multilabel takes several,
+    # comma-separated ("neutral,happy,sad,angry"), each a 0/1 or boolean label
+    label_key: str = "label"
     epochs: int = 10
     max_steps: int = 0  # > 0: stop after this many optimiser steps
     batch_size: int = 32
@@ -89,6 +98,7 @@ class TrainConfig:
             out.append("clip_norm and weight_decay must be >= 0")
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
             out.append(f"device: {self.device!r} must be auto, cpu, cuda or cuda:N")
+        out += self._label_problems()
         if self.model in fusion.MODELS:
             known = {f.name for f in dataclasses.fields(fusion.MODELS[self.model].Config)}
             shared = {"dims", "task", "num_classes"}  # set from the shards and the task, not here
@@ -98,6 +108,31 @@ class TrainConfig:
                     f"model.{key}: not a setting of {self.model}{hint}; valid: {', '.join(sorted(known - shared))}"
                 )
         return out
+
+    @property
+    def label_keys(self) -> tuple[str, ...]:
+        """The keys of ``label_key``, in order: ("label",), or e.g. ("neutral", "happy", "sad", "angry")."""
+        return label_keys(self.label_key)
+
+    def _label_problems(self) -> list[str]:
+        keys = self.label_keys
+        if any(not k for k in keys):
+            return [f"label_key: {self.label_key!r} has an empty key; name keys of meta.json's labels, comma-separated"]
+        twice = sorted({k for k in keys if keys.count(k) > 1})
+        if twice:
+            return [f"label_key: {', '.join(twice)} named more than once in {self.label_key!r}"]
+        if self.task in ("regression", "classification") and len(keys) > 1:
+            return [
+                f"label_key: task={self.task} takes one label key, got {len(keys)} ({', '.join(keys)}); "
+                "use task=multilabel to train on several 0/1 labels"
+            ]
+        if self.task == "multilabel" and self.num_classes != len(keys):
+            return [
+                f"num_classes: {self.num_classes} differs from the {len(keys)} label key(s) of label_key "
+                f"({', '.join(keys)}); with task=multilabel num_classes is the number of label keys: leave it out "
+                f"or set it to {len(keys)}"
+            ]
+        return []
 
     def model_kwargs(self, dims: dict[str, int]) -> dict[str, Any]:
         """Settings for ``fusion.build_model``: the overrides plus dims and task from the data."""
@@ -195,6 +230,7 @@ def make_train_config(
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     problems = [f"unknown setting {k!r}" for k in sorted(set(values) - fields)]
     kwargs: dict[str, Any] = {}
+    _label_settings(values)
     for key in sorted(set(values) & fields):
         try:
             kwargs[key] = _coerce(hints[key], values[key])
@@ -205,6 +241,17 @@ def make_train_config(
     if problems:
         raise TrainConfigError("invalid training settings:\n  " + "\n  ".join(problems))
     return TrainConfig(**kwargs)
+
+
+def _label_settings(values: dict[str, Any]) -> None:
+    """In place: ``label_key`` as recorded in config.json and checkpoints, "a,b,c" (a YAML list joined, spaces
+    around keys dropped); with ``task=multilabel`` and no ``num_classes`` given, the number of keys."""
+    if "label_key" in values:
+        raw = values["label_key"]
+        joined = ",".join(map(str, raw)) if isinstance(raw, (list, tuple)) else str(raw)
+        values["label_key"] = ",".join(label_keys(joined))
+    if values.get("task") == "multilabel" and "num_classes" not in values:
+        values["num_classes"] = len(label_keys(values.get("label_key", TrainConfig.label_key)))
 
 
 def check_model_settings(config: TrainConfig, dims: dict[str, int]) -> None:

@@ -63,6 +63,7 @@ from train.collate import (
     collate,
     feature_dims,
     has_video_geom,
+    label_keys,
     reason,
 )
 
@@ -82,6 +83,7 @@ class DataConfig:
     raw: bool = False  # also yield text_ids / audio_wave for end-to-end fine-tuning
     normalise: bool = True  # standardise features with the train-split mean/std of dataset.json
     label_key: str = "label"  # key of meta.json's "labels" used as the (B,) label; "label" = MMSA sentiment
+    multilabel: bool = False  # labels are (B, K) 0/1: one column per comma-separated key of label_key
     seed: int = 0  # shard and sample shuffles depend only on (seed, epoch, rank, worker)
     skip_bad_samples: bool = False  # count and log samples failing decode/validation instead of raising
     drop_last: bool = True  # training: drop the last partial batch
@@ -102,6 +104,11 @@ class DataConfig:
         unknown = [m for m in self.modalities if m not in MODALITIES]
         if not self.modalities or unknown:
             problems.append(f"modalities: a non-empty subset of {list(MODALITIES)}, got {list(self.modalities)}")
+        keys = label_keys(self.label_key)
+        if not all(keys):
+            problems.append(f"label_key: {self.label_key!r} has an empty key")
+        elif len(keys) > 1 and not self.multilabel:
+            problems.append(f"label_key: {len(keys)} keys ({', '.join(keys)}) need multilabel=True")
         if problems:
             raise DataError("invalid data config: " + "; ".join(problems))
 
@@ -284,6 +291,7 @@ def sample_stages(dataset: Mapping[str, Any], config: DataConfig, *, train: bool
     skip = config.skip_bad_samples
     geom = has_video_geom(dataset) if config.video_geom is None else config.video_geom
     dims = feature_dims(dataset, config.modalities, geom)
+    to_inputs = ToInputs(config.modalities, dims, config.raw, config.label_key, geom, config.multilabel)
     return [
         ReadShards(skip),  # samples with members as bytes and their shard name
         wds.map(SelectModalities(config.modalities, config.raw)),  # only the members the model uses, still bytes
@@ -291,7 +299,7 @@ def sample_stages(dataset: Mapping[str, Any], config: DataConfig, *, train: bool
         wds.map(Validate(dataset, skip, config.modalities)),  # schema-checked samples (or bad markers)
         wds.map(AlignWords(config.modalities)) if config.align_words else None,  # one audio/video step per word
         ShuffleSamples(config.shuffle_buffer, config.seed, epoch, rank) if train else None,  # seeded sample order
-        wds.map(ToInputs(config.modalities, dims, config.raw, config.label_key, geom)),  # float32 inputs + masks
+        wds.map(to_inputs),  # float32 inputs + masks, label (a number or a (K,) 0/1 vector)
     ]
 
 
@@ -373,9 +381,10 @@ def make_loader(
 class InMemorySource:
     """Batches in the loader's format from memory: model-input samples or an already padded dict of tensors.
 
-    ``data`` is either a list of samples as :class:`train.collate.ToInputs` makes them (``key``, ``label``, and
-    ``x`` with ``x_mask`` arrays per input), padded per batch, or a dict of (N, ...) tensors sliced into
-    batches (a ``key`` list is optional). Shuffling uses ``Random(f"{seed}-{epoch}")``; call :meth:`set_epoch`.
+    ``data`` is either a list of samples as :class:`train.collate.ToInputs` makes them (``key``, ``label`` — a
+    number, or a (K,) 0/1 array for multilabel —, and ``x`` with ``x_mask`` arrays per input), padded per batch,
+    or a dict of (N, ...) tensors sliced into batches (``label`` (N,) or (N, K); a ``key`` list is optional).
+    Shuffling uses ``Random(f"{seed}-{epoch}")``; call :meth:`set_epoch`.
     """
 
     def __init__(

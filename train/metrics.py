@@ -117,14 +117,15 @@ def multilabel_metrics(logits: object, label: object, names: Sequence[str] | Non
     return out
 
 
-def task_metrics(task: str, prediction: object, label: object) -> dict[str, float]:
-    """The metrics of ``task`` (regression -> sentiment, classification, multilabel)."""
+def task_metrics(task: str, prediction: object, label: object, names: Sequence[str] | None = None) -> dict[str, float]:
+    """The metrics of ``task`` (regression -> sentiment, classification, multilabel); ``names`` name the
+    multilabel columns (e.g. the label keys) and are ignored by the other tasks."""
     if task == "regression":
         return sentiment_metrics(prediction, label)
     if task == "classification":
         return classification_metrics(prediction, label)
     if task == "multilabel":
-        return multilabel_metrics(prediction, label)
+        return multilabel_metrics(prediction, label, names)
     raise ValueError(f"unknown task {task!r}; valid: regression, classification, multilabel")
 
 

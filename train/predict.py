@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -183,17 +183,20 @@ def model_batch(sample: dict[str, Any], ckpt: Mapping[str, Any], config: TrainCo
     modalities, raw = tuple(config.modalities), config.mode == "end_to_end"
     dims = {m: int(ckpt["dims"][m]) for m in modalities}
     validate_sample(sample)
-    inputs = ToInputs(modalities, dims, raw, config.label_key, geom)(SelectModalities(modalities, raw)(sample))
+    to_inputs = ToInputs(modalities, dims, raw, config.label_key, geom, config.task == "multilabel")
+    inputs = to_inputs(SelectModalities(modalities, raw)(sample))
     batch = Normalise.from_dataset(dataset, modalities, geom)(collate([inputs]))
     batch.pop("label")  # NaN: a new clip has no label
     return batch
 
 
-def describe_prediction(output: torch.Tensor, task: str) -> dict[str, Any]:
+def describe_prediction(output: torch.Tensor, task: str, names: Sequence[str] | None = None) -> dict[str, Any]:
     """One sample's network output → a readable prediction.
 
     ``output``: () or (1,) score (regression), (C,) logits (classification) or (K,) logits (multilabel).
-    Regression follows MMSA: sentiment by sign, and the Acc-7 class round(clip(score, -3, 3)).
+    Regression follows MMSA: sentiment by sign, and the Acc-7 class round(clip(score, -3, 3)). Multilabel gives
+    each label's sigmoid probability under its name (``names``, the label keys; default the index) and the
+    labels predicted present (probability > 0.5, as the metrics count them).
     """
     out = output.detach().float().cpu().reshape(-1)
     if task == "regression":
@@ -208,7 +211,11 @@ def describe_prediction(output: torch.Tensor, task: str) -> dict[str, Any]:
     if task == "classification":
         probs = torch.softmax(out, 0)
         return {"task": task, "class": int(probs.argmax()), "probabilities": [float(p) for p in probs]}
-    return {"task": task, "probabilities": [float(p) for p in torch.sigmoid(out)]}
+    names = [str(k) for k in range(len(out))] if names is None else list(names)
+    if len(names) != len(out):
+        raise DataError(f"{len(names)} label names ({', '.join(names)}) for {len(out)} multilabel outputs")
+    probs = {name: float(p) for name, p in zip(names, torch.sigmoid(out), strict=True)}
+    return {"task": task, "probabilities": probs, "labels": [name for name, p in probs.items() if p > 0.5]}
 
 
 @torch.no_grad()
@@ -230,7 +237,7 @@ def predict_clip(checkpoint: Path | str, video: Path | str, text: str | None = N
     mods = sample["meta.json"]["modalities"]
     return {
         "video": str(video),
-        "prediction": describe_prediction(output, config.task),
+        "prediction": describe_prediction(output, config.task, config.label_keys),
         "modalities": {m: mods[m] for m in config.modalities},
         "feature_set_hash": fs_hash,
         "model": ckpt["model_name"],
@@ -246,7 +253,8 @@ def format_result(result: Mapping[str, Any]) -> str:
         probs = ", ".join(f"{i}: {v:.3f}" for i, v in enumerate(p["probabilities"]))
         head = f"class {p['class']} (softmax: {probs})"
     else:
-        head = "label probabilities: " + ", ".join(f"{i}: {v:.3f}" for i, v in enumerate(p["probabilities"]))
+        probs = ", ".join(f"{name}: {v:.3f}" for name, v in p["probabilities"].items())
+        head = f"labels {', '.join(p['labels']) or '(none)'} (sigmoid: {probs})"
     lines = [f"{result['video']}: {head}", f"model {result['model']}, feature set {result['feature_set_hash']}"]
     for m, status in result["modalities"].items():
         note = "" if status["status"] == "ok" else f" ({status.get('error')}; masked)"

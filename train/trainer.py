@@ -60,6 +60,7 @@ def data_config(config: TrainConfig, *, workers: int | None = None) -> DataConfi
         modalities=tuple(config.modalities),
         raw=config.mode == "end_to_end",
         label_key=config.label_key,
+        multilabel=config.task == "multilabel",
         seed=config.seed,
         skip_bad_samples=config.skip_bad_samples,
         align_words=config.align_words,
@@ -248,7 +249,8 @@ def evaluate(
     drop: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Metrics of ``net`` on every labelled sample of ``split`` (each once across ranks); ``drop`` removes
-    modalities from every batch (incomplete-modality evaluation). Empty dict when the split has no samples."""
+    modalities from every batch (incomplete-modality evaluation). Empty dict when the split has no samples.
+    Multilabel metrics are named by label key (``acc/happy``, ``f1/happy``, ...)."""
     d = d or Dist()
     data = data_config(config, workers=min(config.num_workers, 1))
     dataset = load_dataset_json(shards)
@@ -271,7 +273,7 @@ def evaluate(
     net.train()
     if preds is None or len(labels) == 0:
         return {}
-    metrics = task_metrics(config.task, preds, labels)
+    metrics = task_metrics(config.task, preds, labels, names=config.label_keys)
     metrics["task_loss"] = float(task_loss(preds, labels, config.task))
     metrics["n"] = int(len(labels))
     return metrics
