@@ -289,8 +289,8 @@ def format_table(report: dict[str, Any]) -> str:
         f"{r['naive_text_share']:.0%}, audio {r['naive_audio_share']:.0%}",
         f"- model loading (not in any time above): {r['model_load_s']:.2f} s in the naive process, pipeline setup "
         f"{r['pipeline_setup_s']:.2f} s",
-        f"- peak RSS, MiB (main = RUSAGE_SELF of the measuring process; worker = RUSAGE_CHILDREN, the largest "
-        f"single worker): naive {r['naive_rss_main_mib']:.0f}; pipeline N main {r['pipeline_rss_main_mib']:.0f} / "
+        f"- peak RSS, MiB (`VmHWM`: main = the measuring process; worker = the largest single "
+        f"worker): naive {r['naive_rss_main_mib']:.0f}; pipeline N main {r['pipeline_rss_main_mib']:.0f} / "
         f"worker {r['pipeline_rss_worker_mib']:.0f}; 4N main {r['pipeline_4n_rss_main_mib']:.0f} / worker "
         f"{r['pipeline_4n_rss_worker_mib']:.0f}; 4N/N main {r['rss_main_4n_over_n']:.3f}, worker "
         f"{r['rss_worker_4n_over_n']:.3f}",

@@ -2,9 +2,9 @@
 
 ``python -m bench.extract_variants SPEC.json`` runs the variant named in the spec and writes its measurements
 to ``spec["result"]`` (JSON): model loading time (``load_s``, never counted as throughput), run time
-(``run_s``), CPU-seconds, and the peak resident set sizes from ``getrusage``: ``rss_main_mib`` is this
-process's own peak (``RUSAGE_SELF``), ``rss_worker_mib`` the largest peak among its terminated child
-processes (``RUSAGE_CHILDREN``, which reports the biggest single child, not a sum).
+(``run_s``), CPU-seconds (``getrusage``), and peak resident set sizes: ``rss_main_mib`` is this process's
+own peak and ``rss_worker_mib`` the largest single worker's, both from ``VmHWM`` (``bench.memory``; the
+``ru_maxrss`` of a process started by another one includes its starter's peak).
 
 Variants: ``pipeline`` (``run_extract`` with K workers), ``naive`` (one process, one clip at a time, batch
 size 1: decode, FaceMesh, text, audio) and ``stages`` (each stage alone: decode only and decode + FaceMesh
@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import train.cli  # noqa: F401 - spawned workers re-import __main__; under `mmfuse` that is train.cli
+from bench.memory import ChildPeaks, own_peak_mib
 from extract.config import ExtractConfig, make_config
 from extract.decode import DecodeError, VideoFrames, clip_window, decode_audio, probe
 from extract.manifest import Clip, load_manifest
@@ -54,12 +55,13 @@ def decode_settings(cfg: ExtractConfig) -> DecodeSettings:
     return DecodeSettings(("audio", "video"), cfg.fps, cfg.max_duration_s, cfg.max_faces, cfg.min_detection_confidence)
 
 
-def rusage() -> dict[str, float]:
-    """Peak RSS and CPU-seconds of this process and of its terminated children (the pool's workers)."""
+def rusage(workers: ChildPeaks) -> dict[str, float]:
+    """Peak RSS of this process and of its largest worker (``VmHWM``, see bench.memory), and CPU-seconds of
+    this process and of its terminated children (the pool's workers)."""
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return {
-        "rss_main_mib": me.ru_maxrss / 1024,  # Linux reports KiB
-        "rss_worker_mib": kids.ru_maxrss / 1024,
+        "rss_main_mib": own_peak_mib(),
+        "rss_worker_mib": workers.largest_mib,
         "cpu_main_s": me.ru_utime + me.ru_stime,
         "cpu_workers_s": kids.ru_utime + kids.ru_stime,
     }
@@ -249,8 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     spec = json.loads(Path(argv[0]).read_text())
     os.environ.setdefault("GLOG_minloglevel", "2")
-    result = VARIANTS[spec["variant"]](spec)
-    result.update(rusage())
+    with ChildPeaks() as workers:
+        result = VARIANTS[spec["variant"]](spec)
+    result.update(rusage(workers))
     Path(spec["result"]).write_text(json.dumps(result))
     return 0
 

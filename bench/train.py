@@ -9,7 +9,8 @@ Variants, all the same model, batch and number of timed steps (the first ``--war
 2. frozen vs end to end (text ids through BERT, waveform through wav2vec 2.0, with gradients), streamed;
 3. 1 vs 2 processes under ``torchrun`` (gloo on CPU), total samples/s;
 4. peak RSS of one streaming epoch over 1x and 4x the samples, each in a fresh process (target: < 10 % growth):
-   the main process's ``ru_maxrss`` and the largest DataLoader worker's (``RUSAGE_CHILDREN``).
+   the main process's ``VmHWM`` and the largest DataLoader worker's (``bench.memory``: ``ru_maxrss`` would
+   report the peak of the process that started them).
 
 Per-stage costs of the data pipeline (ms per batch, measured in the main process) are reported beside them.
 The encoders are the bundled all-MiniLM-L6-v2 and ``random:wav2vec2-small`` (``--quick``: tiny ones).
@@ -318,9 +319,9 @@ def format_section(report: dict[str, Any]) -> str:
         "",
         "| peak RSS, one streaming epoch in a fresh process | 1× samples | 4× samples | 4× / 1× |",
         "|---|---|---|---|",
-        f"| main process `ru_maxrss` (MB) | {r['rss_1x_main_mb']:.0f} | {r['rss_4x_main_mb']:.0f} | "
+        f"| main process `VmHWM` (MiB) | {r['rss_1x_main_mb']:.0f} | {r['rss_4x_main_mb']:.0f} | "
         f"{r['rss_4x_over_1x_main']:.3f} |",
-        f"| largest DataLoader worker, `RUSAGE_CHILDREN` (MB) | {r['rss_1x_worker_mb']:.0f} | "
+        f"| largest DataLoader worker, `VmHWM` (MiB) | {r['rss_1x_worker_mb']:.0f} | "
         f"{r['rss_4x_worker_mb']:.0f} | {r['rss_4x_over_1x_worker']:.3f} |",
         f"| steps (one epoch) | {r['rss_1x_steps']:.0f} | {r['rss_4x_steps']:.0f} | |",
         "",

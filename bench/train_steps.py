@@ -1,15 +1,14 @@
 """Pieces of ``mmfuse bench train``: a synthetic shard directory of realistic shapes, and timed training steps.
 
 ``python -m bench.train_steps SPEC.json`` runs one variant in a fresh process (alone, or one rank of a
-``torchrun`` job) and writes ``rank<R>.json`` next to the spec: timings plus ``ru_maxrss`` of the process and
-of its largest terminated child (the DataLoader workers, once the loader has shut them down).
+``torchrun`` job) and writes ``rank<R>.json`` next to the spec: timings plus the peak resident set of the
+process and of its largest DataLoader worker (``VmHWM``, polled while it runs: see ``bench.memory``).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import resource
 import sys
 import time
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench.memory import ChildPeaks, own_peak_mib
 from shards import SCHEMA_VERSION, ShardWriter, build_dataset, feature_set_hash, load_dataset_json
 from shards.io import atomic_write_json
 from shards.schema import FEATURE_MEMBERS, MASK_MEMBERS, N_LANDMARKS, SAMPLE_RATE
@@ -221,7 +221,7 @@ def timed_training(
             wait_s.append(got - last)
             last = now
     finally:
-        batches.close()  # stops the DataLoader workers, so their peak RSS is in RUSAGE_CHILDREN
+        batches.close()  # stops the DataLoader workers
     seconds = sum(step_s[warmup:])
     return {
         "steps": steps,
@@ -237,11 +237,9 @@ def timed_training(
     }
 
 
-def peak_rss_mb() -> dict[str, float]:
-    """Peak resident set of this process and of its largest waited-for child (Linux ``ru_maxrss`` is in KiB)."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return {"main_rss_mb": own / 1024, "worker_rss_mb": child / 1024}
+def peak_rss_mb(workers: ChildPeaks) -> dict[str, float]:
+    """Peak resident set of this process and of its largest DataLoader worker (``VmHWM``, see bench.memory)."""
+    return {"main_rss_mb": own_peak_mib(), "worker_rss_mb": workers.largest_mib}
 
 
 def child_main(spec_path: str) -> int:
@@ -252,26 +250,27 @@ def child_main(spec_path: str) -> int:
     torch.set_num_threads(int(spec["threads"]))
     d = setup_distributed("cpu")
     try:
-        result = timed_training(
-            Path(spec["shards"]),
-            spec["model"],
-            spec["overrides"],
-            source="stream",
-            steps=spec["steps"],
-            warmup=spec["warmup"],
-            d=d,
-        )
-        if d.enabled:  # every rank's clock stops when the slowest rank is done
-            import torch.distributed as dist
+        with ChildPeaks() as workers:
+            result = timed_training(
+                Path(spec["shards"]),
+                spec["model"],
+                spec["overrides"],
+                source="stream",
+                steps=spec["steps"],
+                warmup=spec["warmup"],
+                d=d,
+            )
+            if d.enabled:  # every rank's clock stops when the slowest rank is done
+                import torch.distributed as dist
 
-            seconds = torch.tensor([result["seconds"]], dtype=torch.float64)
-            dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
-            result["seconds"] = float(seconds)
-            result["s_per_step"] = result["seconds"] / result["steps"]
-            result["samples_per_s"] = result["batch_size"] * result["steps"] * d.world_size / result["seconds"]
+                seconds = torch.tensor([result["seconds"]], dtype=torch.float64)
+                dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+                result["seconds"] = float(seconds)
+                result["s_per_step"] = result["seconds"] / result["steps"]
+                result["samples_per_s"] = result["batch_size"] * result["steps"] * d.world_size / result["seconds"]
     finally:
         teardown_distributed(d)
-    result.update(peak_rss_mb())
+    result.update(peak_rss_mb(workers))
     atomic_write_json(Path(spec_path).with_name(f"rank{d.rank}.json"), result)
     return 0
 
