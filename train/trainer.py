@@ -159,10 +159,12 @@ def _fit(config: TrainConfig, shards: Path, run_dir: Path, resume: bool, d: Dist
         )
         net.train()
         optimizer.zero_grad(set_to_none=True)  # no micro-batch gradient carries over an epoch boundary
+        fresh_epoch, labelled = state["batch"] == 0, 0
         for batch in loader:
             if net.end_to_end:  # the freeze / unfreeze schedule of the encoders
                 net.set_encoders_trainable(config.unfreeze_top_k if state["step"] >= config.unfreeze_after else 0)
             batch = _to_device(_labelled(batch), d.device)
+            labelled += len(batch["label"])
             if batch["label"].numel() == 0:  # nothing to learn from (unlabelled samples are kept out of losses)
                 state["batch"] += 1
                 continue
@@ -199,6 +201,11 @@ def _fit(config: TrainConfig, shards: Path, run_dir: Path, resume: bool, d: Dist
                 _save(run_dir / "checkpoints" / "last.pt", net, optimizer, scheduler, state, config, dataset, dims, d)
             if state["step"] >= total_steps:
                 break
+        if fresh_epoch and _total(labelled, d) == 0:
+            raise DataError(
+                f"no sample of the train split in {shards} has a label under label_key={config.label_key!r} "
+                f"(task={config.task}): check the key names against the samples' meta.json labels"
+            )
         if loader.bad_samples:  # only with skip_bad_samples; otherwise the first bad sample raised
             run_log.note(state["step"], "skipped", {"epoch": epoch, "count": len(loader.bad_samples)})
             log.warning(
@@ -287,6 +294,15 @@ def _gather(parts: list[torch.Tensor], d: Dist) -> torch.Tensor | None:
     dist.all_gather_object(gathered, local)
     parts = [g for g in gathered if g is not None]
     return torch.cat(parts) if parts else None
+
+
+def _total(count: int, d: Dist) -> int:
+    """``count`` summed over ranks (every rank calls this at the same point)."""
+    if not d.enabled:
+        return count
+    total = torch.tensor([count], dtype=torch.int64, device=d.device)
+    dist.all_reduce(total)
+    return int(total)
 
 
 def _labelled(batch: dict[str, Any]) -> dict[str, Any]:

@@ -88,6 +88,18 @@ def test_too_few_samples_for_one_step_is_an_error(bundled_dataset: Path, tmp_pat
         fit(config, bundled_dataset, tmp_path / "run")
 
 
+def test_a_label_key_no_sample_has_is_an_error(bundled_dataset: Path, tmp_path: Path, capsys) -> None:
+    from train.collate import DataError
+
+    config = make_train_config("late", overrides=[*FAST, "label_key=sentimnet"])
+    with pytest.raises(DataError, match="no sample of the train split .* has a label under label_key='sentimnet'"):
+        fit(config, bundled_dataset, tmp_path / "run")
+    code = main(["train", "--shards", str(bundled_dataset), "--model", "late", "--run-dir", str(tmp_path / "cli")]
+                + [*FAST, "task=multilabel", "label_key=happy,sad"])  # fmt: skip
+    assert code == 1
+    assert "has a label under label_key='happy,sad' (task=multilabel)" in capsys.readouterr().err
+
+
 def test_resume_without_a_checkpoint_is_refused(bundled_dataset: Path, tmp_path: Path) -> None:
     config = make_train_config("late", overrides=FAST)
     with pytest.raises(RunDirError, match="last.pt not found; start a new run without --resume"):
