@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from extract.extractors.audio import build_random_wav2vec2, encode_pieces, receptive_field
+from extract.extractors.audio import build_random_wav2vec2, encode_pieces, receptive_field, wave_pieces
 from extract.models import RANDOM_PREFIX, resolve_model, weights_hash
 from shards.schema import SAMPLE_RATE
 
@@ -119,17 +119,10 @@ class AudioEncoder(nn.Module):
         _set_top_k(self.layers, self.model, top_k)
 
     def forward(self, wave: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        pieces: list[tuple[int, Tensor]] = []  # (clip index, normalised chunk)
+        pieces: list[tuple[int, Tensor]] = []  # (clip index, prepared chunk), exactly as extraction prepares them
         for i in range(wave.shape[0]):
-            w = wave[i, : int(mask[i].sum())].float()
-            if w.numel() < self.receptive:  # shorter than one frame: padded as extraction does
-                w = torch.nn.functional.pad(w, (0, self.receptive - w.numel()))
-            if self.do_normalize:
-                w = (w - w.mean()) / torch.sqrt(w.var(unbiased=False) + 1e-7)
-            for lo in range(0, w.numel(), self.chunk):
-                piece = w[lo : lo + self.chunk]
-                if piece.numel() >= self.receptive or lo == 0:
-                    pieces.append((i, piece))
+            clip = wave[i, : int(mask[i].sum())]
+            pieces += [(i, piece) for _, piece in wave_pieces(clip, self.receptive, self.chunk, self.do_normalize)]
         states, lengths = encode_pieces(self.model, [piece for _, piece in pieces], self.layer)
         per_clip: list[list[Tensor]] = [[] for _ in range(wave.shape[0])]
         for k, (i, _) in enumerate(pieces):

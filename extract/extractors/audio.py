@@ -116,23 +116,16 @@ class AudioExtractor(Extractor):
     @torch.inference_mode()
     def __call__(self, clips: Sequence[DecodedClip]) -> list[ExtractorResult]:
         results: list[ExtractorResult | None] = [None] * len(clips)
-        pieces: list[tuple[int, int, np.ndarray]] = []  # (clip index, chunk start sample, float wave)
+        pieces: list[tuple[int, int, torch.Tensor]] = []  # (clip index, chunk start sample, prepared wave)
         for i, c in enumerate(clips):
             if c.wave is None:
                 results[i] = ModalityFailure(c.status.get("audio", {}).get("error") or "no audio decoded")
                 continue
-            wave = c.wave.astype(np.float32) / 32768.0
-            if len(wave) < self.receptive:  # shorter than one frame: pad, the mask marks what is real
-                wave = np.pad(wave, (0, self.receptive - len(wave)))
-            if self.do_normalize:
-                wave = (wave - wave.mean()) / np.sqrt(wave.var() + 1e-7)
-            for lo in range(0, len(wave), self.chunk):
-                piece = wave[lo : lo + self.chunk]
-                if len(piece) >= self.receptive or lo == 0:
-                    pieces.append((i, lo, piece))
+            wave = torch.from_numpy(c.wave.astype(np.float32) / 32768.0).to(self.device)
+            pieces += [(i, lo, piece) for lo, piece in wave_pieces(wave, self.receptive, self.chunk, self.do_normalize)]
         feats: dict[tuple[int, int], np.ndarray] = {}
-        order = sorted(range(len(pieces)), key=lambda j: len(pieces[j][2]))
-        for group in length_buckets([len(pieces[j][2]) for j in order], self.batch_size):
+        order = sorted(range(len(pieces)), key=lambda j: pieces[j][2].numel())
+        for group in length_buckets([pieces[j][2].numel() for j in order], self.batch_size):
             batch = [pieces[order[k]] for k in group]
             for (i, lo, _), f in zip(batch, self._encode([p for _, _, p in batch]), strict=True):
                 feats[(i, lo)] = f
@@ -156,11 +149,28 @@ class AudioExtractor(Extractor):
             results[i] = check_finite(out)
         return results  # type: ignore[return-value]
 
-    def _encode(self, waves: list[np.ndarray]) -> list[np.ndarray]:
-        pieces = [torch.from_numpy(np.ascontiguousarray(w)).to(self.device) for w in waves]
+    def _encode(self, pieces: list[torch.Tensor]) -> list[np.ndarray]:
         states, lengths = encode_pieces(self._model, pieces, self.layer)
         states = states.float().cpu().numpy()
         return [states[k, :n] for k, n in enumerate(lengths.tolist())]
+
+
+def wave_pieces(wave: torch.Tensor, receptive: int, chunk: int, normalise: bool) -> list[tuple[int, torch.Tensor]]:
+    """One clip's waveform (N,) float in [-1, 1] → the pieces the encoder sees, each with its start sample.
+
+    Shared by extraction and end-to-end training, so both feed the model the same values: a clip shorter than
+    one frame is zero-padded to ``receptive`` samples (the audio mask says what is real); with ``normalise``
+    (the checkpoint's ``do_normalize``) the whole clip gets zero mean and unit variance; then it is cut into
+    ``chunk``-sample windows, dropping a tail window too short for one frame. Differentiable.
+    """
+    wave = wave.float()
+    if wave.numel() < receptive:
+        wave = torch.nn.functional.pad(wave, (0, receptive - wave.numel()))
+    if normalise:
+        wave = (wave - wave.mean()) / torch.sqrt(wave.var(unbiased=False) + 1e-7)
+    return [
+        (lo, wave[lo : lo + chunk]) for lo in range(0, wave.numel(), chunk) if lo == 0 or wave.numel() - lo >= receptive
+    ]
 
 
 def length_buckets(lengths: Sequence[int], batch_size: int, slack: float = 1.1) -> list[list[int]]:

@@ -42,7 +42,7 @@ def test_hf_matches_torchaudio_same_weights(tiny_audio_model):
     wave = c.wave.astype(np.float32) / 32768.0
     wave = (wave - wave.mean()) / np.sqrt(wave.var() + 1e-7)
     with torch.inference_mode():
-        ours = ex._encode([wave])[0]
+        ours = ex._encode([torch.from_numpy(wave)])[0]
         ref, _ = ta(torch.from_numpy(wave)[None])
         direct = hf(torch.from_numpy(wave)[None]).last_hidden_state[0].numpy()
     max_diff = float(np.abs(ours - ref[0].numpy()).max())
@@ -67,3 +67,20 @@ def test_length_buckets_never_pad_beyond_the_slack() -> None:
     assert length_buckets(lengths, batch_size=3) == [[0, 1, 2], [3, 4], [5, 6, 7], [8]]
     assert length_buckets(lengths, batch_size=8, slack=10.0) == [[0, 1, 2, 3, 4, 5, 6, 7], [8]]
     assert length_buckets([], batch_size=4) == []
+
+
+def test_wave_pieces_pad_normalise_and_chunk():
+    from extract.extractors.audio import wave_pieces
+
+    short = wave_pieces(torch.full((10,), 0.5), receptive=400, chunk=1000, normalise=False)
+    assert [(lo, p.numel()) for lo, p in short] == [(0, 400)]
+    assert torch.equal(short[0][1][:10], torch.full((10,), 0.5)) and not short[0][1][10:].any()
+    wave = torch.linspace(-0.3, 0.9, 2350, requires_grad=True)
+    pieces = wave_pieces(wave, receptive=400, chunk=1000, normalise=True)
+    assert [(lo, p.numel()) for lo, p in pieces] == [(0, 1000), (1000, 1000)]  # the 350-sample tail is no frame
+    whole = torch.cat([p for _, p in pieces] + [wave_pieces(wave, 400, 10_000, True)[0][1][2000:]]).detach()
+    assert abs(float(whole.mean())) < 1e-5 and abs(float(whole.var(unbiased=False)) - 1) < 1e-4  # clip-wide
+    pieces[1][1].sum().backward()
+    assert wave.grad is not None and wave.grad.abs().sum() > 0
+    kept = wave_pieces(torch.zeros(2000 + 500), receptive=400, chunk=1000, normalise=False)
+    assert [lo for lo, _ in kept] == [0, 1000, 2000]  # a 500-sample tail still makes a frame
