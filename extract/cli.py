@@ -11,6 +11,8 @@ EXTRACT_EXAMPLES = """examples:
   # MMSA layout: label.csv beside Raw/<video_id>/<clip_id>.mp4
   mmfuse extract MOSI/label.csv --media-root MOSI/Raw --out shards/mosi \\
       --text-model bert-base-uncased --audio-model facebook/wav2vec2-base --fps 25 --workers 4
+  # no transcripts in the manifest: transcribe the audio with a local Whisper checkpoint
+  mmfuse extract videos.csv --media-root videos --out shards/asr --asr ~/models/whisper-small --asr-language en
   # transcript-only corpus: no media needed
   mmfuse extract transcripts.jsonl --out shards/text --modalities text
   # two machines (or `torchrun --nproc-per-node 2 -m train.cli extract ...`): disjoint shards, one dataset
@@ -43,6 +45,13 @@ def add_extract(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rank", type=int, help="this process's rank (default: RANK / SLURM env, else 0)")
     p.add_argument("--world-size", type=int, help="number of ranks (default: WORLD_SIZE / SLURM env, else 1)")
     p.add_argument("--modalities", help="comma-separated subset of text,audio,video (default all)")
+    p.add_argument(
+        "--asr",
+        metavar="PATH",
+        help="local Whisper checkpoint (saved with save_pretrained; never downloaded): transcribe clips whose "
+        "manifest text is empty or missing; needs the text and audio modalities",
+    )
+    p.add_argument("--asr-language", metavar="CODE", help="language for --asr, e.g. en (default: detected per window)")
     p.add_argument("--no-raw", action="store_true", help="omit audio_wave.npy (no end-to-end audio fine-tuning)")
     p.add_argument("--overwrite", action="store_true", help="replace shards of another feature set in --out")
     p.set_defaults(run=run_extract_cmd)
@@ -63,6 +72,8 @@ def run_extract_cmd(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
         modalities=args.modalities,
+        asr=args.asr,
+        asr_language=args.asr_language,
         raw=False if args.no_raw else None,
         overwrite=True if args.overwrite else None,
         rank=args.rank if args.rank is not None else rank,

@@ -38,6 +38,8 @@ class ExtractConfig:
     max_faces: int = 1  # FaceMesh faces per frame; the largest is kept
     min_detection_confidence: float = 0.5
     threads: int | None = None  # torch intra-op threads in the encoder process
+    asr: str | None = None  # local Whisper checkpoint: transcribe clips whose manifest text is empty
+    asr_language: str | None = None  # Whisper language code or name for the ASR model (None: detect per window)
     rank: int = 0
     world_size: int = 1
     overwrite: bool = False
@@ -60,9 +62,25 @@ class ExtractConfig:
             problems.append("audio_chunk_s must be >= 1 and max_duration_s > 0")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             problems.append(f"device: {self.device!r} must be cpu, cuda or cuda:N")
+        problems += self._asr_problems()
         if problems:
             raise ConfigError("invalid extraction settings:\n  " + "\n  ".join(problems))
         return self
+
+    def _asr_problems(self) -> list[str]:
+        if self.asr is None:
+            return ["asr_language: set, but asr (the Whisper checkpoint) is not"] if self.asr_language else []
+        problems = []
+        if not self.asr.strip():
+            problems.append("asr: empty path; give the directory of a local Whisper checkpoint")
+        if "text" not in self.modalities:
+            problems.append(f"asr: transcripts feed the text modality, which modalities {list(self.modalities)} omit")
+        if "audio" not in self.modalities:
+            problems.append(
+                f"asr: no audio to transcribe with modalities {list(self.modalities)}; add audio "
+                "(e.g. --modalities text,audio or text,audio,video)"
+            )
+        return problems
 
 
 def _coerce(name: str, tp: Any, value: Any) -> Any:

@@ -82,7 +82,11 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 def load_manifest(
     path: Path | str, media_root: Path | str | None, need_media: bool = True, need_text: bool = True
 ) -> list[Clip]:
-    """Read and validate a manifest; raise :class:`ManifestError` with every problem found."""
+    """Read and validate a manifest; raise :class:`ManifestError` with every problem found.
+
+    ``need_text=False`` makes the ``text`` column optional (transcripts come from ASR): rows without it, or with
+    it empty, get ``text=""``.
+    """
     path = Path(path)
     rows = read_rows(path)
     root = Path(media_root).resolve() if media_root is not None else None
@@ -93,7 +97,10 @@ def load_manifest(
     required = {"video_id", "clip_id"} | ({"text"} if need_text else set())
     missing = sorted(required - columns)
     if missing:
-        problems.append(f"missing column(s) {missing}; found {sorted(columns)}")
+        hint = " (no transcripts? --asr PATH transcribes the audio with a local Whisper model)"
+        problems.append(
+            f"missing column(s) {missing}; found {sorted(columns)}" + (hint if need_media and "text" in missing else "")
+        )
     if need_media and root is None:
         problems.append("--media-root is required unless only the text modality is extracted")
     elif need_media and not root.is_dir():

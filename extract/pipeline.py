@@ -24,7 +24,7 @@ from typing import Any
 
 from extract import EXTRACTORS
 from extract.config import ExtractConfig
-from extract.extractors.base import DecodedClip, ExtractionError, Extractor
+from extract.extractors.base import DecodedClip, ExtractionError
 from extract.manifest import Clip, load_manifest
 from extract.worker import DecodeSettings, decode_clip, init_worker
 from extract.writer import ShardBuilder, clean_stale, is_complete
@@ -55,9 +55,10 @@ def plan_shards(clips: Sequence[Clip], shard_size: int) -> list[ShardPlan]:
     return plans
 
 
-def build_extractors(cfg: ExtractConfig) -> dict[str, Extractor]:
-    """The configured extractors, text and audio loaded onto ``cfg.device`` (video runs in the workers)."""
-    found: dict[str, Extractor] = {}
+def build_extractors(cfg: ExtractConfig) -> dict[str, Any]:
+    """The configured extractors by modality, text and audio loaded onto ``cfg.device`` (video runs in the
+    workers), and with ``cfg.asr`` the speech recogniser under ``"asr"`` (a ``WhisperTranscriber``)."""
+    found: dict[str, Any] = {}
     if "text" in cfg.modalities:
         found["text"] = EXTRACTORS["text"](
             model=cfg.text_model, layer=cfg.text_layer, max_tokens=cfg.max_text_tokens, batch_size=cfg.batch_size
@@ -74,20 +75,28 @@ def build_extractors(cfg: ExtractConfig) -> dict[str, Extractor]:
         found["video"] = EXTRACTORS["facemesh"](
             max_faces=cfg.max_faces, min_detection_confidence=cfg.min_detection_confidence
         )
+    if cfg.asr is not None:
+        from extract.extractors.asr import WhisperTranscriber
+
+        found["asr"] = WhisperTranscriber(cfg.asr, batch_size=cfg.batch_size, language=cfg.asr_language)
     for ex in found.values():
         ex.setup(cfg.device)
     return found
 
 
-def describe_feature_set(cfg: ExtractConfig, extractors: dict[str, Extractor]) -> dict[str, Any]:
-    """Everything that determines the features' values; its hash binds shards to checkpoints."""
-    return {
+def describe_feature_set(cfg: ExtractConfig, extractors: dict[str, Any]) -> dict[str, Any]:
+    """Everything that determines the features' values; its hash binds shards to checkpoints. A speech
+    recogniser (``--asr``) makes text features, so it is part of it when used."""
+    described = {
         "schema_version": SCHEMA_VERSION,
         "modalities": [m for m in MODALITIES if m in cfg.modalities],
         "sample_rate": SAMPLE_RATE,
         "fps": cfg.fps if cfg.fps is not None else "native (capped at 30)",
         "extractors": {m: extractors[m].provenance() for m in MODALITIES if m in extractors},
     }
+    if "asr" in extractors:
+        described["asr"] = extractors["asr"].provenance()
+    return described
 
 
 def check_device(device: str) -> None:
@@ -111,7 +120,8 @@ def run_extract(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     media = bool({"audio", "video"} & set(cfg.modalities))
-    clips = load_manifest(manifest, media_root, need_media=media, need_text="text" in cfg.modalities)
+    need_text = "text" in cfg.modalities and cfg.asr is None  # with --asr, empty transcripts are recognised
+    clips = load_manifest(manifest, media_root, need_media=media, need_text=need_text)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tic = time.perf_counter()

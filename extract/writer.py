@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -11,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from extract.config import ExtractConfig
-from extract.extractors.base import DecodedClip, ExtractionError, Extractor, ModalityFailure
+from extract.extractors.base import DecodedClip, ExtractionError, ModalityFailure
 from shards.dataset import DATASET_JSON, STATUS_JSONL, read_sidecar
 from shards.io import DiskFullError, ShardWriter, atomic_write_json
 from shards.schema import FEATURE_MEMBERS, MASK_MEMBERS, MODALITIES, SAMPLE_RATE, SCHEMA_VERSION
@@ -64,7 +65,7 @@ class ShardBuilder:
     """
 
     def __init__(
-        self, out: Path, plan: Any, extractors: dict[str, Extractor], fs_hash: str, cfg: ExtractConfig, group: int
+        self, out: Path, plan: Any, extractors: dict[str, Any], fs_hash: str, cfg: ExtractConfig, group: int
     ) -> None:
         self.out, self.plan, self.extractors, self.fs_hash, self.cfg = out, plan, extractors, fs_hash, cfg
         self.group = max(1, group)
@@ -141,6 +142,10 @@ class ShardBuilder:
         self.timings["decode_s"] += sum(sum(d.timings.values()) for d in batch)
         self.audio_seconds += sum(len(d.wave) for d in live if d.wave is not None) / SAMPLE_RATE
         results: dict[str, list[Any]] = {}
+        if "asr" in self.extractors:
+            t = time.perf_counter()
+            fill_transcripts(live, self.extractors["asr"])
+            self.timings["asr_s"] = self.timings.get("asr_s", 0.0) + time.perf_counter() - t
         for modality in ("text", "audio"):
             if modality in self.extractors:
                 t = time.perf_counter()
@@ -178,7 +183,7 @@ class ShardBuilder:
 
 
 def write_shard(
-    out: Path, plan: Any, decoded: list[DecodedClip], extractors: dict[str, Extractor], fs_hash: str, cfg: ExtractConfig
+    out: Path, plan: Any, decoded: list[DecodedClip], extractors: dict[str, Any], fs_hash: str, cfg: ExtractConfig
 ) -> int:
     """Encode, validate and write one shard whose clips are all decoded; return the number of samples written."""
     builder = ShardBuilder(out, plan, extractors, fs_hash, cfg, group=len(decoded) or 1)
@@ -189,6 +194,29 @@ def write_shard(
         builder.abort()
         raise
     return builder.finish()
+
+
+def fill_transcripts(decoded: list[DecodedClip], transcriber: Any) -> None:
+    """Give clips whose manifest text is empty the transcript of ``transcriber`` (``--asr``).
+
+    The clip's text is replaced (``meta.json`` then holds the transcript) and ``info["text_source"]`` says
+    where the text came from: ``manifest`` or ``asr``; a failed transcription leaves the text empty and its
+    reason in ``info["asr_error"]``, which the text status repeats.
+    """
+    need = []
+    for d in decoded:
+        if d.clip.text.strip():
+            d.info["text_source"] = "manifest"
+        else:
+            need.append(d)
+    if not need:
+        return
+    for d, result in zip(need, transcriber(need), strict=True):
+        if isinstance(result, ModalityFailure):
+            d.info["asr_error"] = result.error
+        else:
+            d.clip = dataclasses.replace(d.clip, text=result)
+            d.info["text_source"] = "asr"
 
 
 def sample_meta(d: DecodedClip, mods: dict[str, Any], fs_hash: str, cfg: ExtractConfig) -> dict[str, Any]:
@@ -212,6 +240,9 @@ def sample_meta(d: DecodedClip, mods: dict[str, Any], fs_hash: str, cfg: Extract
         "modalities": mods,
         "feature_set_hash": fs_hash,
         "text_truncated_from": d.info.get("text_truncated_from"),
+        "text_source": d.info.get("text_source", "manifest" if c.text.strip() else None),
+        "asr_model": cfg.asr if d.info.get("text_source") == "asr" or "asr_error" in d.info else None,
+        "asr_error": d.info.get("asr_error"),
     }
 
 

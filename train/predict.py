@@ -21,11 +21,15 @@ import numpy as np
 import torch
 
 from extract.config import ExtractConfig, make_config
-from extract.extractors.base import DecodedClip, ExtractionError, Extractor, ModalityFailure
+from extract.extractors.base import DecodedClip, ExtractionError, ModalityFailure
 from extract.manifest import Clip
 from extract.pipeline import build_extractors, check_device, describe_feature_set
 from extract.worker import DecodeSettings, decode_clip, init_worker
-from extract.writer import modality_status, sample_meta  # the exact meta.json / statuses extraction writes
+from extract.writer import (  # the exact meta.json / statuses extraction writes
+    fill_transcripts,
+    modality_status,
+    sample_meta,
+)
 from shards.dataset import FeatureSetMismatch, feature_set_hash
 from shards.schema import MODALITIES, SAMPLE_RATE, make_key, validate_sample
 from train.checkpoint import load_checkpoint
@@ -79,10 +83,13 @@ def extract_config(feature_set: Mapping[str, Any], device: str = "cpu") -> Extra
     }
     if audio.get("chunk_samples"):
         settings["audio_chunk_s"] = audio["chunk_samples"] / audio.get("sample_rate", SAMPLE_RATE)
+    asr = feature_set.get("asr")
+    if asr:  # the shards' transcripts came from speech recognition: a clip without --text is transcribed too
+        settings["asr"], settings["asr_language"] = asr.get("model"), asr.get("language")
     return make_config(None, **settings)
 
 
-def matching_extractors(ckpt: Mapping[str, Any], cfg: ExtractConfig) -> tuple[dict[str, Extractor], str]:
+def matching_extractors(ckpt: Mapping[str, Any], cfg: ExtractConfig) -> tuple[dict[str, Any], str]:
     """Load the extractors of ``cfg`` and check that they describe the checkpoint's feature set.
 
     Returns the extractors and the feature-set hash; raises :class:`FeatureSetMismatch` naming both hashes
@@ -108,7 +115,7 @@ def matching_extractors(ckpt: Mapping[str, Any], cfg: ExtractConfig) -> tuple[di
 
 
 def extract_sample(
-    video: Path, text: str | None, cfg: ExtractConfig, extractors: dict[str, Extractor], fs_hash: str, used: tuple
+    video: Path, text: str | None, cfg: ExtractConfig, extractors: dict[str, Any], fs_hash: str, used: tuple
 ) -> dict[str, Any]:
     """Decode and encode one clip as extraction does; return the shard sample dict (members as arrays).
 
@@ -130,6 +137,9 @@ def extract_sample(
         decoded = DecodedClip(clip)
     if "skipped" in decoded.info:
         raise ExtractionError(f"cannot decode {video}: {decoded.info['skipped']}")
+    if text is None and "text" in used and "asr" in extractors:  # as extraction did for clips without text
+        fill_transcripts([decoded], extractors["asr"])
+        text = decoded.clip.text
     results: dict[str, Any] = {}
     for m in ("text", "audio"):
         if m in used and not (m == "text" and text is None):

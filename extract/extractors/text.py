@@ -69,7 +69,7 @@ class TextExtractor(Extractor):
         todo = []
         for i, c in enumerate(clips):
             if not c.clip.text.strip():
-                results[i] = ModalityFailure("empty transcript")
+                results[i] = ModalityFailure(empty_transcript(c))
             else:
                 todo.append(i)
         ids = {i: self._tokenizer(clips[i].clip.text, truncation=False)["input_ids"] for i in todo}
@@ -103,3 +103,12 @@ class TextExtractor(Extractor):
         hidden = out.last_hidden_state if self.layer == -1 else out.hidden_states[self.layer]
         hidden = hidden.float().cpu().numpy()
         return [hidden[row, : len(s)] for row, s in enumerate(seqs)]
+
+
+def empty_transcript(clip: DecodedClip) -> str:
+    """Why a clip has no text: no transcript, or what speech recognition made of it."""
+    if "asr_error" in clip.info:
+        return f"empty transcript; speech recognition failed: {clip.info['asr_error']}"
+    if clip.info.get("text_source") == "asr":
+        return "empty transcript (speech recognition found no words)"
+    return "empty transcript"
