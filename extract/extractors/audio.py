@@ -17,7 +17,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from extract.extractors.base import DecodedClip, Extractor, ExtractorResult, ModalityFailure, check_finite
+from extract.extractors.base import (
+    DecodedClip,
+    Extractor,
+    ExtractorResult,
+    ModalityFailure,
+    check_finite,
+    to_device,
+)
 from extract.models import (
     DEFAULT_AUDIO_MODEL,
     RANDOM_AUDIO_CONFIGS,
@@ -121,7 +128,7 @@ class AudioExtractor(Extractor):
             if c.wave is None:
                 results[i] = ModalityFailure(c.status.get("audio", {}).get("error") or "no audio decoded")
                 continue
-            wave = torch.from_numpy(c.wave.astype(np.float32) / 32768.0).to(self.device)
+            wave = to_device(torch.from_numpy(c.wave.astype(np.float32) / 32768.0), self.device)
             pieces += [(i, lo, piece) for lo, piece in wave_pieces(wave, self.receptive, self.chunk, self.do_normalize)]
         feats: dict[tuple[int, int], np.ndarray] = {}
         order = sorted(range(len(pieces)), key=lambda j: pieces[j][2].numel())

@@ -84,3 +84,11 @@ def check_finite(out: dict[str, np.ndarray]) -> ExtractorResult:
         if arr.dtype.kind == "f" and arr.size and not np.isfinite(arr).all():
             return ModalityFailure(f"{name} has {int((~np.isfinite(arr)).sum())} NaN/inf values")
     return out
+
+
+def to_device(tensor: Any, device: str) -> Any:
+    """A CPU tensor on ``device``: on CUDA through pinned memory with a non-blocking copy, so the host side
+    of the next batch overlaps the transfer."""
+    if device.startswith("cuda"):
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)

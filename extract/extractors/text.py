@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from extract.extractors.base import DecodedClip, Extractor, ExtractorResult, ModalityFailure, check_finite
+from extract.extractors.base import DecodedClip, Extractor, ExtractorResult, ModalityFailure, check_finite, to_device
 from extract.models import DEFAULT_TEXT_MODEL, resolve_model, weights_hash
 
 log = logging.getLogger(__name__)
@@ -96,8 +96,8 @@ class TextExtractor(Extractor):
             input_ids[row, : len(s)] = torch.tensor(s)
             mask[row, : len(s)] = 1
         out = self._model(
-            input_ids=input_ids.to(self.device),
-            attention_mask=mask.to(self.device),
+            input_ids=to_device(input_ids, self.device),
+            attention_mask=to_device(mask, self.device),
             output_hidden_states=self.layer != -1,
         )
         hidden = out.last_hidden_state if self.layer == -1 else out.hidden_states[self.layer]
