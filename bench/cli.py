@@ -1,4 +1,8 @@
-"""``mmfuse bench extract|train``: the throughput benchmarks of SPEC §8 (results go to BENCHMARKS.md)."""
+"""``mmfuse bench extract|train``: the throughput benchmarks of SPEC §8 (results go to BENCHMARKS.md).
+
+``--sweep`` turns either into a sweep: throughput against the worker count and against the batch size, printed
+as a table and drawn as a PNG (``bench/extract_sweep.py``, ``bench/train_sweep.py``).
+"""
 
 from __future__ import annotations
 
@@ -13,8 +17,17 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
         "bench",
         help="throughput benchmarks (extraction, streaming training)",
         description="Measure mmfuse against the naive way on this machine; every figure is printed with the "
-        "command that made it, and --out BENCHMARKS.md records it.",
+        "command that made it, and --out BENCHMARKS.md records it. --sweep measures throughput against the "
+        "number of workers and the batch size instead, and plots it (PNG under docs/bench/ beside --out).",
     )
     kinds = p.add_subparsers(dest="bench", required=True, metavar="KIND")
-    add_extract_arguments(kinds.add_parser("extract", help="extraction: pipeline vs naive per-clip loop vs ceilings"))
-    add_train_arguments(kinds.add_parser("train", help="training: streaming vs in-memory, frozen vs end to end, DDP"))
+    add_extract_arguments(
+        kinds.add_parser(
+            "extract", help="extraction: pipeline vs naive per-clip loop vs ceilings (--sweep: vs workers, batch)"
+        )
+    )
+    add_train_arguments(
+        kinds.add_parser(
+            "train", help="training: streaming vs in-memory, frozen vs end to end, DDP (--sweep: vs workers, batch)"
+        )
+    )

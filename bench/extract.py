@@ -11,6 +11,9 @@ and each stage's CPU-seconds alone, whose sum divided by the cores used is the m
 
 Model loading is timed apart and never counted in throughput. Worker start-up is counted (the pipeline pays
 it on every run); the N -> 4N difference gives the marginal rate without it.
+
+``--sweep`` runs (a) alone instead, once per worker count and once per batch size, and plots clips/s against
+both (``bench/extract_sweep.py``).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.markdown import markers, replace_section
+from bench.sweep import add_sweep_arguments, spell, stray_sweep_flags
 from extract.extractors.base import ExtractionError
 from extract.models import DEFAULT_TEXT_MODEL
 
@@ -39,6 +43,7 @@ MEDIA = ROOT / "examples" / "media"
 BEGIN, END = markers("bench-extract")
 write_section = partial(replace_section, name="bench-extract")  # (path, body)
 BENCH_AUDIO_MODEL = "random:wav2vec2-base"  # wav2vec2-base's shapes and cost, random weights: no download
+SWEEP, QUICK_SWEEP = ((0, 1, 2, 3), (1, 2, 4, 8, 16)), ((0, 1), (1, 2))  # (worker counts, batch sizes)
 TARGET_SPEEDUP, TARGET_CEILING, TARGET_RSS_GROWTH, SPEC_FLOOR = 2.0, 1.3, 1.10, 1.15
 
 
@@ -55,6 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="2 clips, 1 worker, 5 fps, tiny models: a smoke test")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     p.add_argument("--out", type=Path, help="BENCHMARKS.md whose bench-extract section is written or replaced")
+    add_sweep_arguments(p, "pipeline clips/s", SWEEP, QUICK_SWEEP, "extract-sweep.png")
     p.set_defaults(run=run)
 
 
@@ -64,25 +70,15 @@ def run(args: argparse.Namespace) -> int:
         args.fps = args.fps or 5.0
     if args.clips < 1 or args.workers < 0 or args.threads < 1:
         raise ExtractionError("--clips and --threads must be >= 1 and --workers >= 0")
+    if stray_sweep_flags(args):
+        raise ExtractionError(f"{', '.join(stray_sweep_flags(args))} only apply with --sweep: add it")
     with tempfile.TemporaryDirectory(prefix="mmfuse-bench-") as tmp:
         tmp = Path(tmp)
-        text_model, audio_model = args.text_model, args.audio_model
-        if args.quick and not (text_model and audio_model):
-            from bench.extract_variants import build_tiny_models
+        base = settings(args, tmp)
+        if args.sweep:
+            from bench.extract_sweep import run_sweep
 
-            tiny_text, tiny_audio = build_tiny_models(tmp / "models")
-            text_model, audio_model = text_model or str(tiny_text), audio_model or str(tiny_audio)
-        base = {
-            "text_model": text_model or DEFAULT_TEXT_MODEL,
-            "audio_model": audio_model or BENCH_AUDIO_MODEL,
-            "workers": args.workers,
-            "threads": args.threads,
-            "batch_size": args.batch_size,
-            "shard_size": args.shard_size or args.clips,
-            "fps": args.fps,
-            "device": args.device,
-            "media_root": str(MEDIA),
-        }
+            return run_sweep(args, base, tmp)
         small = tile_manifest(tmp / "tiled-n.csv", args.clips)
         large = tile_manifest(tmp / "tiled-4n.csv", 4 * args.clips)
         runs = {}
@@ -101,6 +97,27 @@ def run(args: argparse.Namespace) -> int:
         write_section(args.out, section(report))
         log.info("wrote the bench-extract section of %s", args.out)
     return 0
+
+
+def settings(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """The settings every variant shares (models resolved: with --quick, tiny ones saved under ``tmp``)."""
+    text_model, audio_model = args.text_model, args.audio_model
+    if args.quick and not (text_model and audio_model):
+        from bench.extract_variants import build_tiny_models
+
+        tiny_text, tiny_audio = build_tiny_models(tmp / "models")
+        text_model, audio_model = text_model or str(tiny_text), audio_model or str(tiny_audio)
+    return {
+        "text_model": text_model or DEFAULT_TEXT_MODEL,
+        "audio_model": audio_model or BENCH_AUDIO_MODEL,
+        "workers": args.workers,
+        "threads": args.threads,
+        "batch_size": args.batch_size,
+        "shard_size": args.shard_size or args.clips,
+        "fps": args.fps,
+        "device": args.device,
+        "media_root": str(MEDIA),
+    }
 
 
 def tile_manifest(path: Path, n: int, media: Path = MEDIA) -> Path:
@@ -244,7 +261,11 @@ def command(args: argparse.Namespace) -> str:
         if getattr(args, flag) is not None:
             parts.append(f"--{flag.replace('_', '-')} {getattr(args, flag)}")
     parts += ["--quick"] * args.quick + ["--json"] * args.json
+    if args.sweep:
+        parts += ["--sweep", f"--sweep-workers {spell(args.sweep_workers)}"]
+        parts += [f"--sweep-batch-sizes {spell(args.sweep_batch_sizes)}"]
     parts += [f"--out {args.out}"] if args.out is not None else []
+    parts += [f"--plot {args.plot}"] if args.plot is not None else []
     omp = os.environ.get("OMP_NUM_THREADS")
     return (f"OMP_NUM_THREADS={omp} " if omp else "") + " ".join(parts)
 

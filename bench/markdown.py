@@ -12,7 +12,8 @@ def markers(name: str) -> tuple[str, str]:
 
 def replace_section(path: Path, body: str, name: str) -> None:
     """Replace the text between ``name``'s markers in ``path``; if they are absent, insert the section after the
-    file's first paragraph (below its title). Everything outside the markers is kept byte for byte."""
+    file's first paragraph (below its title), or before its first heading or section when that comes first.
+    Everything outside the markers is kept byte for byte."""
     begin, end = markers(name)
     block = f"{begin}\n{body}\n{end}"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
@@ -24,8 +25,8 @@ def replace_section(path: Path, body: str, name: str) -> None:
         i = 1 if lines and lines[0].startswith("#") else 0
         while i < len(lines) and not lines[i].strip():
             i += 1
-        while i < len(lines) and lines[i].strip():
+        while i < len(lines) and lines[i].strip() and not lines[i].startswith(("#", "<!--")):
             i += 1
         head, tail = "".join(lines[:i]).rstrip("\n"), "".join(lines[i:]).lstrip("\n")
-        text = head + "\n\n" + block + "\n" + ("\n" + tail if tail else "")
+        text = (head + "\n\n" if head else "") + block + "\n" + ("\n" + tail if tail else "")
     path.write_text(text)

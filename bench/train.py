@@ -14,6 +14,9 @@ Variants, all the same model, batch and number of timed steps (the first ``--war
 
 Per-stage costs of the data pipeline (ms per batch, measured in the main process) are reported beside them.
 The encoders are the bundled all-MiniLM-L6-v2 and ``random:wav2vec2-small`` (``--quick``: tiny ones).
+
+``--sweep`` runs instead frozen, streamed samples/s against the DataLoader worker count and the batch size, with
+in-memory samples/s as the reference, and plots them (``bench/train_sweep.py``).
 """
 
 from __future__ import annotations
@@ -24,10 +27,10 @@ import os
 import pickle
 import platform
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -35,12 +38,14 @@ from typing import Any
 import torch
 
 from bench.markdown import markers, replace_section
+from bench.sweep import add_sweep_arguments, spell, stray_sweep_flags
 from bench.train_steps import (
     BUNDLED_TEXT,
     FULL,
     QUICK,
     RANDOM_AUDIO,
     make_feature_set,
+    run_child,
     save_tiny_encoders,
     timed_training,
     write_dataset,
@@ -48,8 +53,8 @@ from bench.train_steps import (
 
 BEGIN, END = markers("bench-train")
 write_section = partial(replace_section, name="bench-train")  # (path, body)
-ROOT = Path(__file__).resolve().parents[1]
 STREAM_TARGET, RSS_TARGET = 0.9, 1.10
+SWEEP, QUICK_SWEEP = ((0, 1, 2, 3), (4, 8, 16, 32)), ((0, 1), (2, 4))  # (worker counts, batch sizes)
 QUICK_ARGS = {"shuffle_buffer": 8, "samples": 48, "batch_size": 4, "steps": 3, "warmup": 1, "workers": 1, "repeats": 1}
 
 
@@ -70,6 +75,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", type=Path, default=None, help="keep the generated shards here (default: a temp dir)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument("--out", type=Path, default=None, help="BENCHMARKS.md whose bench-train section is replaced")
+    add_sweep_arguments(p, "frozen streamed samples/s", SWEEP, QUICK_SWEEP, "train-sweep.png")
     p.set_defaults(run=run)
 
 
@@ -77,13 +83,17 @@ def run(args: argparse.Namespace) -> int:
     if args.quick:
         for key, value in QUICK_ARGS.items():
             setattr(args, key, value)
+    if stray_sweep_flags(args):
+        from train.config import TrainConfigError
+
+        raise TrainConfigError(f"{', '.join(stray_sweep_flags(args))} only apply with --sweep: add it")
     torch.set_num_threads(args.threads)
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="mmfuse-bench-train-"))
-    try:
+    if args.sweep:
+        from bench.train_sweep import run_sweep
+
+        return run_sweep(args)
+    with workdir(args) as work:
         report = benchmark(args, work)
-    finally:
-        if args.workdir is None:
-            shutil.rmtree(work, ignore_errors=True)
     if args.json:
         print(json.dumps(report, indent=1, sort_keys=True))
     else:
@@ -91,6 +101,25 @@ def run(args: argparse.Namespace) -> int:
     if args.out is not None:
         write_section(args.out, format_section(report))
     return 0
+
+
+@contextmanager
+def workdir(args: argparse.Namespace) -> Iterator[Path]:
+    """``--workdir``, kept; else a temporary directory, removed afterwards."""
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="mmfuse-bench-train-"))
+    try:
+        yield work
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def run_overrides(args: argparse.Namespace, *, batch_size: int, workers: int, mode: str = "frozen") -> list[str]:
+    """The training-config overrides of a benchmark run with ``batch_size``, ``workers`` (DataLoader) and ``mode``."""
+    base = [f"batch_size={batch_size}", f"num_workers={workers}", "device=cpu", "seed=0"]
+    base.append(f"shuffle_buffer={args.shuffle_buffer}")
+    base += ["model.hidden=12", "model.num_layers=1"] if args.quick else []
+    return [*base, f"mode={mode}"]
 
 
 def benchmark(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -103,10 +132,8 @@ def benchmark(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     one = write_dataset(work / "shards-1x", args.samples, shapes, fset, shard_size=shard_size)
     write_dataset(work / "shards-4x", 4 * args.samples, shapes, fset, shard_size=shard_size, pool=args.samples)
     data_s = time.perf_counter() - started
-    base = [f"batch_size={args.batch_size}", f"num_workers={args.workers}", "device=cpu", "seed=0"]
-    base.append(f"shuffle_buffer={args.shuffle_buffer}")
-    base += ["model.hidden=12", "model.num_layers=1"] if args.quick else []
-    frozen = [*base, "mode=frozen"]
+    frozen = run_overrides(args, batch_size=args.batch_size, workers=args.workers)
+    end_to_end = run_overrides(args, batch_size=args.batch_size, workers=args.workers, mode="end_to_end")
     timing = dict(steps=args.steps, warmup=args.warmup)
     shards = work / "shards-1x"
 
@@ -116,11 +143,11 @@ def benchmark(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         stream.append(timed_training(shards, args.model, frozen, source="stream", **timing))
     memory_best = max(memory, key=_rate)
     stream_best = max(stream, key=_rate)
-    e2e = timed_training(shards, args.model, [*base, "mode=end_to_end"], source="stream", **timing)
-    ddp = {n: _child(work / f"ddp{n}", shards, frozen, args, n, **timing) for n in (1, 2)}
+    e2e = timed_training(shards, args.model, end_to_end, source="stream", **timing)
+    ddp = {n: run_child(work / f"ddp{n}", shards, frozen, args, n, **timing) for n in (1, 2)}
     epoch = {n: args.samples * n // args.batch_size for n in (1, 4)}
     rss = {
-        n: _child(work / f"rss{n}x", work / f"shards-{n}x", frozen, args, 1, steps=epoch[n] - 1, warmup=1)
+        n: run_child(work / f"rss{n}x", work / f"shards-{n}x", frozen, args, 1, steps=epoch[n] - 1, warmup=1)
         for n in (1, 4)
     }
     from train.trainer import data_config
@@ -188,26 +215,6 @@ def _config(args: argparse.Namespace, overrides: list[str]):
     return make_train_config(args.model, overrides=overrides)
 
 
-def _child(
-    out: Path, shards: Path, overrides: list[str], args: argparse.Namespace, procs: int, *, steps: int, warmup: int
-) -> dict[str, Any]:
-    """One variant in fresh process(es): ``torchrun`` when timing 1 vs 2 ranks, plain python for peak RSS."""
-    out.mkdir(parents=True, exist_ok=True)
-    spec = {
-        "shards": str(shards), "model": args.model, "overrides": overrides, "threads": args.threads,
-        "steps": steps, "warmup": warmup,
-    }  # fmt: skip
-    (out / "spec.json").write_text(json.dumps(spec))
-    entry = ["-m", "bench.train_steps", str(out / "spec.json")]
-    if out.name.startswith("ddp"):
-        entry = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs), *entry]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, *entry], cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
-    if done.returncode != 0:
-        raise RuntimeError(f"benchmark child {out.name} failed:\n{done.stderr[-3000:]}")
-    return json.loads((out / "rank0.json").read_text())
-
-
 def stage_profile(shards: Path, data: Any, batches: int) -> dict[str, float]:
     """Milliseconds per batch of each data stage, run one after another in this process (no workers).
 
@@ -265,7 +272,11 @@ def command_line(args: argparse.Namespace) -> str:
         f"--repeats {args.repeats}",
     ]
     parts += ["--quick"] if args.quick else []
+    if args.sweep:
+        parts += ["--sweep", f"--sweep-workers {spell(args.sweep_workers)}"]
+        parts += [f"--sweep-batch-sizes {spell(args.sweep_batch_sizes)}"]
     parts += [f"--out {args.out.name}"] if args.out is not None else []
+    parts += [f"--plot {args.plot}"] if args.plot is not None else []
     return " ".join(parts)
 
 

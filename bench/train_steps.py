@@ -1,14 +1,18 @@
 """Pieces of ``mmfuse bench train``: a synthetic shard directory of realistic shapes, and timed training steps.
 
-``python -m bench.train_steps SPEC.json`` runs one variant in a fresh process (alone, or one rank of a
-``torchrun`` job) and writes ``rank<R>.json`` next to the spec: timings plus the peak resident set of the
-process and of its largest DataLoader worker (``VmHWM``, polled while it runs: see ``bench.memory``).
+``run_child`` writes a spec and starts ``python -m bench.train_steps SPEC.json``, which runs one variant in a
+fresh process (alone, or one rank of a ``torchrun`` job), streamed or from memory (``spec["source"]``, default
+``stream``), and writes ``rank<R>.json`` next to the spec: timings plus the peak resident set of the process and
+of its largest DataLoader worker (``VmHWM``, polled while it runs: see ``bench.memory``).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import os
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -26,6 +30,7 @@ from shards.schema import FEATURE_MEMBERS, MASK_MEMBERS, N_LANDMARKS, SAMPLE_RAT
 from shards.stats import RunningStats
 
 AUDIO_FPS, VIDEO_FPS = 50, 25
+ROOT = Path(__file__).resolve().parents[1]
 BUNDLED_TEXT, RANDOM_AUDIO = "sentence-transformers/all-MiniLM-L6-v2", "random:wav2vec2-small"
 
 
@@ -242,6 +247,35 @@ def peak_rss_mb(workers: ChildPeaks) -> dict[str, float]:
     return {"main_rss_mb": own_peak_mib(), "worker_rss_mb": workers.largest_mib}
 
 
+def run_child(
+    out: Path,
+    shards: Path,
+    overrides: list[str],
+    args: argparse.Namespace,
+    procs: int,
+    *,
+    steps: int,
+    warmup: int,
+    source: str = "stream",
+) -> dict[str, Any]:
+    """One variant in fresh process(es): ``torchrun`` when timing 1 vs 2 ranks (``out`` named ``ddp*``), plain
+    python otherwise (peak RSS, sweep points); ``source`` as in ``timed_training``."""
+    out.mkdir(parents=True, exist_ok=True)
+    spec = {
+        "shards": str(shards), "model": args.model, "overrides": overrides, "threads": args.threads,
+        "steps": steps, "warmup": warmup, "source": source,
+    }  # fmt: skip
+    (out / "spec.json").write_text(json.dumps(spec))
+    entry = ["-m", "bench.train_steps", str(out / "spec.json")]
+    if out.name.startswith("ddp"):
+        entry = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs), *entry]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, *entry], cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
+    if done.returncode != 0:
+        raise RuntimeError(f"benchmark child {out.name} failed:\n{done.stderr[-3000:]}")
+    return json.loads((out / "rank0.json").read_text())
+
+
 def child_main(spec_path: str) -> int:
     """Entry of a fresh process (or torchrun rank): run the variant in the spec, write ``rank<R>.json``."""
     from train.runtime import setup_distributed, teardown_distributed
@@ -255,7 +289,7 @@ def child_main(spec_path: str) -> int:
                 Path(spec["shards"]),
                 spec["model"],
                 spec["overrides"],
-                source="stream",
+                source=spec.get("source", "stream"),
                 steps=spec["steps"],
                 warmup=spec["warmup"],
                 d=d,
