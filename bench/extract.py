@@ -229,6 +229,9 @@ def make_report(args: argparse.Namespace, base: dict[str, Any], runs: dict[str, 
         r[f"naive_{stage}_share"] = secs / nv["run_s"]
     r["model_load_s"] = nv["load_s"]
     r["pipeline_setup_s"] = pl["load_s"]
+    r["pipeline_first_clip_s"] = pl["first_clip_s"]
+    r["pipeline_decode_wait_s"] = pl["decode_wait_s"]
+    r["pipeline_encoder_busy_share"] = 1 - pl["decode_wait_s"] / pl["run_s"]
     r["naive_rss_main_mib"] = nv["rss_main_mib"]
     for key, run_ in (("pipeline", pl), ("pipeline_4n", p4)):
         r[f"{key}_rss_main_mib"] = run_["rss_main_mib"]
@@ -309,6 +312,9 @@ def format_table(report: dict[str, Any]) -> str:
         f"{r['audio_cpu_s']:.2f}",
         f"- naive loop time shares: decode + FaceMesh {r['naive_decode_facemesh_share']:.0%}, text "
         f"{r['naive_text_share']:.0%}, audio {r['naive_audio_share']:.0%}",
+        f"- inside (a), the encoder process waited {r['pipeline_decode_wait_s']:.2f} s for decoded clips, "
+        f"{r['pipeline_first_clip_s']:.2f} s of it for the first (worker start-up); it was busy encoding and "
+        f"writing {r['pipeline_encoder_busy_share']:.0%} of the run",
         f"- model loading (not in any time above): {r['model_load_s']:.2f} s in the naive process, pipeline setup "
         f"{r['pipeline_setup_s']:.2f} s",
         f"- peak RSS, MiB (`VmHWM`: main = the measuring process; worker = the largest single "

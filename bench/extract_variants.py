@@ -79,6 +79,8 @@ def run_pipeline(spec: dict[str, Any]) -> dict[str, Any]:
         "load_s": summary["setup_s"],
         "run_s": summary["wall_s"] - summary["setup_s"],
         "samples": summary["samples_written"],
+        "first_clip_s": summary["first_clip_s"],  # the encoder process waiting for worker start-up
+        "decode_wait_s": summary["decode_wait_s"],  # ... and for decoded clips in all
     }
 
 

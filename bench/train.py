@@ -35,21 +35,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from bench.markdown import markers, replace_section
 from bench.sweep import add_sweep_arguments, spell, stray_sweep_flags
-from bench.train_steps import (
-    BUNDLED_TEXT,
-    FULL,
-    QUICK,
-    RANDOM_AUDIO,
-    make_feature_set,
-    run_child,
-    save_tiny_encoders,
-    timed_training,
-    write_dataset,
-)
 
 BEGIN, END = markers("bench-train")
 write_section = partial(replace_section, name="bench-train")  # (path, body)
@@ -87,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
         from train.config import TrainConfigError
 
         raise TrainConfigError(f"{', '.join(stray_sweep_flags(args))} only apply with --sweep: add it")
+    import torch  # here, not at import: `mmfuse --help` must not pay for torch
+
     torch.set_num_threads(args.threads)
     if args.sweep:
         from bench.train_sweep import run_sweep
@@ -124,6 +113,18 @@ def run_overrides(args: argparse.Namespace, *, batch_size: int, workers: int, mo
 
 def benchmark(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Make the data, run every variant, and return the report (see the module docstring)."""
+    from bench.train_steps import (
+        BUNDLED_TEXT,
+        FULL,
+        QUICK,
+        RANDOM_AUDIO,
+        make_feature_set,
+        run_child,
+        save_tiny_encoders,
+        timed_training,
+        write_dataset,
+    )
+
     shapes = QUICK if args.quick else FULL
     encoders = save_tiny_encoders(work) if args.quick else (BUNDLED_TEXT, RANDOM_AUDIO)
     fset = make_feature_set(*encoders, shapes)
@@ -287,6 +288,8 @@ def machine(threads: int) -> str:
         cpu = names[0] if names else cpu
     except OSError:
         pass
+    import torch
+
     return f"{cpu}, {os.cpu_count()} cores, {threads} torch thread(s) per process, torch {torch.__version__}, CPU only"
 
 

@@ -11,8 +11,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from extract.extractors.base import ModelNotFoundError
 
 DEFAULT_TEXT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -78,6 +76,8 @@ def resolve_model(model_id: str, kind: str) -> Path:
 
 def weights_hash(module: Any) -> str:
     """sha256 (16 hex digits) over parameter and buffer names, dtypes, shapes and bytes."""
+    import torch  # here, not at import: the command line starts without torch
+
     h = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         t = tensor.detach().cpu().contiguous()

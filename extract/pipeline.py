@@ -149,8 +149,21 @@ def run_extract(
     setup_s = time.perf_counter() - tic
     written = 0
     builder: ShardBuilder | None = None
+    # Where the encoder process's time goes: waiting for decoded clips (the first wait includes worker
+    # start-up) or encoding and writing them. Little waiting means the encoders are the bottleneck.
+    waits, first = {"first_clip_s": 0.0, "decode_wait_s": 0.0}, True
+    clips_in = decode_clips(todo, settings, cfg.workers, media, window=2 * cfg.batch_size)
     try:
-        for plan, decoded in decode_clips(todo, settings, cfg.workers, media, window=2 * cfg.batch_size):
+        while True:
+            asked = time.perf_counter()
+            item = next(clips_in, None)
+            waited = time.perf_counter() - asked
+            waits["decode_wait_s"] += waited
+            if first:
+                waits["first_clip_s"], first = waited, False
+            if item is None:
+                break
+            plan, decoded = item
             if builder is None:
                 builder = ShardBuilder(out, plan, extractors, fs_hash, cfg, group=cfg.batch_size)
             before = builder.flushed
@@ -165,6 +178,8 @@ def run_extract(
         if builder is not None:
             builder.abort()
         raise
+    finally:
+        clips_in.close()  # shuts the decode pool down, also on errors
     dataset = build_dataset(
         out,
         [(p.split, p.index) for p in plans],
@@ -185,6 +200,7 @@ def run_extract(
         "complete": dataset["complete"],
         "counts": dataset["counts"],
         "setup_s": round(setup_s, 3),
+        **{k: round(v, 3) for k, v in waits.items()},
         "wall_s": round(time.perf_counter() - tic, 3),
     }
 

@@ -23,7 +23,8 @@ def test_quick_run_reports_every_field_positive(tmp_path, capsys, tiny_text_mode
         "speedup_vs_naive", "speedup_vs_naive_marginal", "pipeline_over_ceiling", "ceiling_over_pipeline",
         "pipeline_over_floor", "naive_over_floor", "pipeline_cpu_s", "naive_cpu_s", "naive_audio_cpu_s",
         "naive_text_cpu_s", "pipeline_4n_s", "pipeline_4n_clips_per_s", "pipeline_marginal_clips_per_s",
-        "naive_rss_main_mib", "rss_main_4n_over_n", "rss_worker_4n_over_n",
+        "naive_rss_main_mib", "rss_main_4n_over_n", "rss_worker_4n_over_n", "floor_over_ceiling",
+        "pipeline_first_clip_s", "pipeline_decode_wait_s", "pipeline_encoder_busy_share",
     }  # fmt: skip
     for variant in ("pipeline", "naive", "decode", "ceiling"):
         expected |= {f"{variant}_{u}" for u in ("s", "clips_per_s", "audio_s_per_s", "frames_per_s")}
@@ -37,6 +38,8 @@ def test_quick_run_reports_every_field_positive(tmp_path, capsys, tiny_text_mode
     assert expected <= set(results), sorted(expected - set(results))
     assert {k: v for k, v in results.items() if not v > 0} == {}
     assert results["clips"] == 2 and results["clips_4n"] == 8
+    assert results["pipeline_first_clip_s"] <= results["pipeline_decode_wait_s"] < results["pipeline_s"]
+    assert results["pipeline_encoder_busy_share"] < 1
     assert results["video_frames"] == 30  # two 3 s GRID clips at --fps 5 (quick)
     assert set(report["targets"]) == {
         "speedup_vs_naive_at_least_2x", "within_1.3x_of_ceiling", "rss_growth_n_to_4n_under_10pct",

@@ -34,3 +34,14 @@ def test_child_peak_is_its_own_not_its_parents():
     assert len(peaks.peaks) == 1 and 60 < peaks.largest_mib < 250
     assert abs(peaks.largest_mib - child["own"]) < 20
     del ballast
+
+
+def test_the_command_line_starts_without_torch():
+    """Every `mmfuse` command, and every spawned decode worker (which re-imports train.cli), would otherwise
+    pay about two seconds of torch import before doing anything."""
+    code = (
+        "import sys; from train.cli import build_parser; build_parser().parse_args(['bench', 'train', '--quick']); "
+        "heavy = sorted(m for m in ('torch', 'transformers', 'mediapipe', 'matplotlib') if m in sys.modules); "
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
