@@ -113,22 +113,9 @@ def run_overrides(args: argparse.Namespace, *, batch_size: int, workers: int, mo
 
 def benchmark(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Make the data, run every variant, and return the report (see the module docstring)."""
-    from bench.train_steps import (
-        BUNDLED_TEXT,
-        FULL,
-        QUICK,
-        RANDOM_AUDIO,
-        make_feature_set,
-        run_child,
-        save_tiny_encoders,
-        timed_training,
-        write_dataset,
-    )
+    from bench.train_steps import bench_data, run_child, timed_training, write_dataset
 
-    shapes = QUICK if args.quick else FULL
-    encoders = save_tiny_encoders(work) if args.quick else (BUNDLED_TEXT, RANDOM_AUDIO)
-    fset = make_feature_set(*encoders, shapes)
-    shard_size = 8 if args.quick else 64
+    shapes, encoders, fset, shard_size = bench_data(work, args.quick)
     started = time.perf_counter()
     one = write_dataset(work / "shards-1x", args.samples, shapes, fset, shard_size=shard_size)
     write_dataset(work / "shards-4x", 4 * args.samples, shapes, fset, shard_size=shard_size, pool=args.samples)

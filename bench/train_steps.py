@@ -91,6 +91,14 @@ def make_feature_set(text_model: str, audio_model: str, shapes: Shapes) -> dict[
     }
 
 
+def bench_data(work: Path, quick: bool) -> tuple[Shapes, tuple[str, str], dict[str, Any], int]:
+    """What both training benchmarks write: the shapes, the (text, audio) encoders (the bundled MiniLM and a
+    random wav2vec2-small; tiny ones saved under ``work`` when ``quick``), their feature set and the shard size."""
+    shapes = QUICK if quick else FULL
+    encoders = save_tiny_encoders(work) if quick else (BUNDLED_TEXT, RANDOM_AUDIO)
+    return shapes, encoders, make_feature_set(*encoders, shapes), 8 if quick else 64
+
+
 def make_sample(key: str, base: int, label: float, shapes: Shapes, fs_hash: str, seed: int = 0) -> dict[str, Any]:
     """One schema-valid sample; its arrays depend only on ``(seed, base)``, so tiling repeats them exactly."""
     rng = np.random.default_rng([seed, base])

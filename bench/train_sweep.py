@@ -32,13 +32,8 @@ from bench.markdown import markers, replace_section
 from bench.sweep import image_link, measure_points, plot_path, plot_sweep, points_table, shared_note, spell
 from bench.train import QUICK_SWEEP, SWEEP, command_line, machine, run_overrides, workdir
 from bench.train_steps import (
-    BUNDLED_TEXT,
-    FULL,
-    QUICK,
-    RANDOM_AUDIO,
-    make_feature_set,
+    bench_data,
     run_child,
-    save_tiny_encoders,
     write_dataset,
 )
 from train.config import TrainConfigError
@@ -82,13 +77,10 @@ def run_sweep(args: argparse.Namespace) -> int:
 
 def sweep(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Write the shards under ``work``, run every point, and return the report (``bench.sweep``'s keys + setup)."""
-    shapes = QUICK if args.quick else FULL
-    encoders = save_tiny_encoders(work) if args.quick else (BUNDLED_TEXT, RANDOM_AUDIO)
     started = time.perf_counter()
     shards = work / "shards-1x"
-    written = write_dataset(
-        shards, args.samples, shapes, make_feature_set(*encoders, shapes), shard_size=8 if args.quick else 64
-    )
+    shapes, _, fset, shard_size = bench_data(work, args.quick)
+    written = write_dataset(shards, args.samples, shapes, fset, shard_size=shard_size)
     data_s = time.perf_counter() - started
     run = partial(measure_point, args, shards, work, {})
     points = measure_points(args.sweep_workers, args.sweep_batch_sizes, args.workers, args.batch_size, run)
