@@ -187,6 +187,7 @@ def test_eval_cli_json_and_missing_modalities(bundled_dataset: Path, tmp_path: P
     assert "not found" in capsys.readouterr().err
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the refused file is a pickle on purpose
 def test_checkpoints_never_unpickle(tmp_path: Path) -> None:
     import pickle
 
