@@ -168,11 +168,12 @@ def run_extract(
                 builder = ShardBuilder(out, plan, extractors, fs_hash, cfg, group=cfg.batch_size)
             before = builder.flushed
             builder.add(decoded)
-            if builder.added == len(plan.clips):
+            complete = builder.added == len(plan.clips)
+            if complete:
                 written += builder.finish()
             if on_clips is not None and builder.flushed > before:
                 on_clips(builder.flushed - before)
-            if builder.added == len(plan.clips):
+            if complete:
                 builder = None
     except BaseException:
         if builder is not None:
