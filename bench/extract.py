@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.markdown import markers, replace_section
-from bench.sweep import add_sweep_arguments, spell, stray_sweep_flags
+from bench.sweep import add_sweep_arguments, spell, stray_sweep_flags, ticker
 from extract.extractors.base import ExtractionError
 from extract.models import DEFAULT_TEXT_MODEL
 
@@ -82,15 +82,19 @@ def run(args: argparse.Namespace) -> int:
         small = tile_manifest(tmp / "tiled-n.csv", args.clips)
         large = tile_manifest(tmp / "tiled-4n.csv", 4 * args.clips)
         runs = {}
-        for name, variant, manifest in (
+        plan = (
             ("stages", "stages", small),
             ("naive", "naive", small),
             ("pipeline", "pipeline", small),
             ("pipeline_4n", "pipeline", large),
-        ):
-            log.info("bench extract: running %s", name)
-            spec = {**base, "variant": variant, "manifest": str(manifest), "out": str(tmp / f"out-{name}")}
-            runs[name] = measure(spec, tmp / f"{name}.json")
+        )
+        with args.progress("bench extract", "run") as bar:
+            tick = ticker(bar, len(plan))
+            for name, variant, manifest in plan:
+                log.info("bench extract: running %s", name)
+                spec = {**base, "variant": variant, "manifest": str(manifest), "out": str(tmp / f"out-{name}")}
+                runs[name] = measure(spec, tmp / f"{name}.json")
+                tick()
     report = make_report(args, base, runs)
     print(json.dumps(report, indent=2) if args.json else format_table(report))
     if args.out is not None:

@@ -55,7 +55,8 @@ def run_sweep(args: argparse.Namespace, base: dict[str, Any], tmp: Path) -> int:
     manifest = tile_manifest(tmp / "tiled.csv", args.clips)
     audio_s = audio_seconds(manifest)
     run = partial(measure_point, base, manifest, tmp, args.clips, audio_s)
-    points = measure_points(args.sweep_workers, args.sweep_batch_sizes, args.workers, args.batch_size, run)
+    with args.progress("bench extract sweep", "run") as bar:
+        points = measure_points(args.sweep_workers, args.sweep_batch_sizes, args.workers, args.batch_size, run, bar)
     report = make_report(args, base, points, audio_s)
     png = plot_path(args.out, args.plot, PNG)
     if png is not None:

@@ -11,7 +11,7 @@ size 1: decode, FaceMesh, text, audio) and ``stages`` (each stage alone: decode 
 through a K-worker pool, then the text and audio encoders batched over every clip).
 
 Pool workers are spawned, and a spawned process re-imports the parent's ``__main__``: under the ``mmfuse``
-command that is ``train.cli``, so this module imports it too and the workers pay the same start-up.
+command that is ``mmfuse.cli``, so this module imports it too and the workers pay the same start-up.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import train.cli  # noqa: F401 - spawned workers re-import __main__; under `mmfuse` that is train.cli
+import mmfuse.cli  # noqa: F401 - spawned workers re-import __main__; under `mmfuse` that is mmfuse.cli
 from bench.memory import ChildPeaks, own_peak_mib
 from extract.config import ExtractConfig, make_config
 from extract.decode import DecodeError, VideoFrames, clip_window, decode_audio, probe

@@ -90,18 +90,42 @@ def spell(values: Sequence[int]) -> str:
 
 
 def measure_points(
-    workers: Sequence[int], sizes: Sequence[int], at_workers: int, at_batch: int, run: Callable[[int, int], dict]
+    workers: Sequence[int],
+    sizes: Sequence[int],
+    at_workers: int,
+    at_batch: int,
+    run: Callable[[int, int], dict],
+    progress: Callable[[int, int | None], None] | None = None,
 ) -> list[dict[str, Any]]:
     """``run(workers, batch_size)`` once per distinct setting: worker counts at ``at_batch``, then batch sizes at
-    ``at_workers``. Returns one point per (sweep, value), in that order, each with ``run``'s measurements."""
+    ``at_workers``. Returns one point per (sweep, value), in that order, each with ``run``'s measurements.
+    ``progress(settings measured, distinct settings)`` follows the runs."""
     plan = [("workers", w, at_batch) for w in workers] + [("batch_size", at_workers, b) for b in sizes]
+    tick = ticker(progress, len({(w, b) for _, w, b in plan}))
     done: dict[tuple[int, int], dict[str, Any]] = {}
     points = []
     for sweep, w, b in plan:
         if (w, b) not in done:
             done[w, b] = run(w, b)
+            tick()
         points.append({"sweep": sweep, "workers": w, "batch_size": b, **done[w, b]})
     return points
+
+
+def ticker(progress: Callable[[int, int | None], None] | None, total: int) -> Callable[[], None]:
+    """A callable that reports one more of ``total`` steps done to ``progress`` (if any) each time it is called;
+    reports 0 done at once."""
+    done = 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
+    if progress is not None:
+        progress(0, total)
+    return tick
 
 
 def plot_path(out: Path | None, plot: Path | None, name: str) -> Path | None:

@@ -29,14 +29,14 @@ import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from bench.markdown import markers, replace_section
-from bench.sweep import add_sweep_arguments, spell, stray_sweep_flags
+from bench.sweep import add_sweep_arguments, spell, stray_sweep_flags, ticker
 
 BEGIN, END = markers("bench-train")
 write_section = partial(replace_section, name="bench-train")  # (path, body)
@@ -81,8 +81,8 @@ def run(args: argparse.Namespace) -> int:
         from bench.train_sweep import run_sweep
 
         return run_sweep(args)
-    with workdir(args) as work:
-        report = benchmark(args, work)
+    with workdir(args) as work, args.progress("bench train", "run") as bar:
+        report = benchmark(args, work, bar)
     if args.json:
         print(json.dumps(report, indent=1, sort_keys=True))
     else:
@@ -111,15 +111,20 @@ def run_overrides(args: argparse.Namespace, *, batch_size: int, workers: int, mo
     return [*base, f"mode={mode}"]
 
 
-def benchmark(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Make the data, run every variant, and return the report (see the module docstring)."""
+def benchmark(
+    args: argparse.Namespace, work: Path, progress: Callable[[int, int | None], None] | None = None
+) -> dict[str, Any]:
+    """Make the data, run every variant, and return the report (see the module docstring).
+    ``progress(runs done, runs in all)`` follows the runs (the data and the stage profile count as one each)."""
     from bench.train_steps import bench_data, run_child, timed_training, write_dataset
 
+    tick = ticker(progress, 2 * args.repeats + 7)
     shapes, encoders, fset, shard_size = bench_data(work, args.quick)
     started = time.perf_counter()
     one = write_dataset(work / "shards-1x", args.samples, shapes, fset, shard_size=shard_size)
     write_dataset(work / "shards-4x", 4 * args.samples, shapes, fset, shard_size=shard_size, pool=args.samples)
     data_s = time.perf_counter() - started
+    tick()
     frozen = run_overrides(args, batch_size=args.batch_size, workers=args.workers)
     end_to_end = run_overrides(args, batch_size=args.batch_size, workers=args.workers, mode="end_to_end")
     timing = dict(steps=args.steps, warmup=args.warmup)
@@ -128,20 +133,26 @@ def benchmark(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     memory, stream = [], []
     for _ in range(args.repeats):  # alternating, so load from other jobs on the machine hits both alike
         memory.append(timed_training(shards, args.model, frozen, source="memory", **timing))
+        tick()
         stream.append(timed_training(shards, args.model, frozen, source="stream", **timing))
+        tick()
     memory_best = max(memory, key=_rate)
     stream_best = max(stream, key=_rate)
     e2e = timed_training(shards, args.model, end_to_end, source="stream", **timing)
-    ddp = {n: run_child(work / f"ddp{n}", shards, frozen, args, n, **timing) for n in (1, 2)}
+    tick()
+    ddp, rss = {}, {}
+    for n in (1, 2):
+        ddp[n] = run_child(work / f"ddp{n}", shards, frozen, args, n, **timing)
+        tick()
     epoch = {n: args.samples * n // args.batch_size for n in (1, 4)}
-    rss = {
-        n: run_child(work / f"rss{n}x", work / f"shards-{n}x", frozen, args, 1, steps=epoch[n] - 1, warmup=1)
-        for n in (1, 4)
-    }
+    for n in (1, 4):
+        rss[n] = run_child(work / f"rss{n}x", work / f"shards-{n}x", frozen, args, 1, steps=epoch[n] - 1, warmup=1)
+        tick()
     from train.trainer import data_config
 
     data = data_config(_config(args, frozen))
     profile = stage_profile(shards, data, batches=min(16, args.samples // args.batch_size))
+    tick()
     results = {
         "stream_samples_per_s": stream_best["samples_per_s"],
         "stream_s_per_step": stream_best["s_per_step"],

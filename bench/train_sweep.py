@@ -83,7 +83,8 @@ def sweep(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     written = write_dataset(shards, args.samples, shapes, fset, shard_size=shard_size)
     data_s = time.perf_counter() - started
     run = partial(measure_point, args, shards, work, {})
-    points = measure_points(args.sweep_workers, args.sweep_batch_sizes, args.workers, args.batch_size, run)
+    with args.progress("bench train sweep", "run") as bar:
+        points = measure_points(args.sweep_workers, args.sweep_batch_sizes, args.workers, args.batch_size, run, bar)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     setup = {
         "command": command_line(args),

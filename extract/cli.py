@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 EXTRACT_EXAMPLES = """examples:
@@ -15,7 +14,7 @@ EXTRACT_EXAMPLES = """examples:
   mmfuse extract videos.csv --media-root videos --out shards/asr --asr ~/models/whisper-small --asr-language en
   # transcript-only corpus: no media needed
   mmfuse extract transcripts.jsonl --out shards/text --modalities text
-  # two machines (or `torchrun --nproc-per-node 2 -m train.cli extract ...`): disjoint shards, one dataset
+  # two machines (or `torchrun --nproc-per-node 2 -m mmfuse extract ...`): disjoint shards, one dataset
   mmfuse extract label.csv --media-root Raw --out shards/x --rank 0 --world-size 2
   mmfuse extract label.csv --media-root Raw --out shards/x --rank 1 --world-size 2
 
@@ -79,12 +78,8 @@ def run_extract_cmd(args: argparse.Namespace) -> int:
         rank=args.rank if args.rank is not None else rank,
         world_size=args.world_size if args.world_size is not None else world,
     )
-    bar = _progress(args, "clips")
-    try:
-        summary = run_extract(args.manifest, args.media_root, args.out, cfg, on_clips=bar.update if bar else None)
-    finally:
-        if bar is not None:
-            bar.close()
+    with args.progress("extract", "clip") as bar:
+        summary = run_extract(args.manifest, args.media_root, args.out, cfg, progress=bar)
     if not args.quiet:
         counts = "; ".join(f"{s}: " + ", ".join(f"{k} {v}" for k, v in c.items()) for s, c in summary["counts"].items())
         print(
@@ -94,14 +89,6 @@ def run_extract_cmd(args: argparse.Namespace) -> int:
             + ("" if summary["complete"] else " (other ranks still have shards to write)")
         )
     return 0
-
-
-def _progress(args: argparse.Namespace, unit: str):
-    if args.no_progress or args.quiet or not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-
-    return tqdm(unit=unit, dynamic_ncols=True)
 
 
 def add_inspect(sub: argparse._SubParsersAction) -> None:
@@ -121,7 +108,8 @@ def add_inspect(sub: argparse._SubParsersAction) -> None:
 def run_inspect_cmd(args: argparse.Namespace) -> int:
     from shards.inspect import format_summary, inspect_dataset
 
-    summary = inspect_dataset(args.shards, verify=args.verify)
+    with args.progress("verify", "sample") as bar:
+        summary = inspect_dataset(args.shards, verify=args.verify, progress=bar)
     print(json.dumps(summary, indent=1) if args.json else format_summary(summary))
     return 0 if summary.get("verify", {}).get("ok", True) else 1
 
@@ -144,7 +132,8 @@ def add_report(sub: argparse._SubParsersAction) -> None:
 def run_report_cmd(args: argparse.Namespace) -> int:
     from extract.report import write_report
 
-    index = write_report(args.shards, args.out, media_root=args.media_root, overlays=args.overlays)
+    with args.progress("report", "sample") as bar:
+        index = write_report(args.shards, args.out, media_root=args.media_root, overlays=args.overlays, progress=bar)
     if not args.quiet:
         print(f"report written to {index}")
     return 0
@@ -171,7 +160,10 @@ def add_import_mmsa(sub: argparse._SubParsersAction) -> None:
 def run_import_mmsa(args: argparse.Namespace) -> int:
     from extract.import_mmsa import import_mmsa
 
-    dataset = import_mmsa(args.features, args.out, trust_pickle=args.trust_pickle, shard_size=args.shard_size)
+    with args.progress("import", "sample") as bar:
+        dataset = import_mmsa(
+            args.features, args.out, trust_pickle=args.trust_pickle, shard_size=args.shard_size, progress=bar
+        )
     counts = ", ".join(f"{split}: {sum(c.values())}" for split, c in dataset["counts"].items())
     print(f"imported {dataset['samples']} samples ({counts}) from {args.features} into {args.out}")
     print(

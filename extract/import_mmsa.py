@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,8 @@ from shards.dataset import build_dataset, feature_set_hash, shard_name
 from shards.io import ShardWriter, atomic_write_json
 from shards.schema import MODALITIES, SCHEMA_VERSION, SPLITS, make_key
 from shards.stats import RunningStats
+
+Progress = Callable[[int, int | None], None]  # (samples written, samples in all)
 
 SPLIT_ALIASES = {"train": "train", "valid": "valid", "dev": "valid", "val": "valid", "test": "test"}
 ARRAYS = {"text": "text", "audio": "audio", "video": "vision"}
@@ -145,8 +147,16 @@ def _sample_arrays(table: Mapping[str, Any], i: int, aligned: bool) -> dict[str,
     return out
 
 
-def convert(tables: dict[str, dict[str, Any]], fmt: str, out: Path, source: Path, shard_size: int) -> dict:
-    """Write every split's samples as shards + sidecars, then dataset.json; return the dataset card."""
+def convert(
+    tables: dict[str, dict[str, Any]],
+    fmt: str,
+    out: Path,
+    source: Path,
+    shard_size: int,
+    progress: Progress | None = None,
+) -> dict:
+    """Write every split's samples as shards + sidecars, then dataset.json; return the dataset card.
+    ``progress(samples written, samples in all)`` is called after each shard."""
     first = next(iter(tables.values()))
     aligned = fmt != "mult" and not any(f"{k}_lengths" in first for k in ARRAYS.values())
     present = [m for m in MODALITIES if ARRAYS[m] in first]
@@ -170,7 +180,7 @@ def convert(tables: dict[str, dict[str, Any]], fmt: str, out: Path, source: Path
     all_ids = {split: _ids(table, len(np.asarray(table[ARRAYS[present[0]]])), split) for split, table in tables.items()}
     _check_unique(all_ids)
     out.mkdir(parents=True, exist_ok=True)
-    planned = []
+    planned, written, total = [], 0, sum(len(ids) for ids in all_ids.values())
     for split, table in tables.items():
         ids = all_ids[split]
         n = len(ids)
@@ -178,6 +188,9 @@ def convert(tables: dict[str, dict[str, Any]], fmt: str, out: Path, source: Path
             planned.append((split, index))
             rows = range(lo, min(n, lo + shard_size))
             _write_shard(out, split, index, rows, table, ids, fmt, aligned, present, dims, fs_hash)
+            written += len(rows)
+            if progress is not None:
+                progress(written, total)
     return build_dataset(out, planned, feature_set, extra={"imported_from": str(source)})
 
 
@@ -250,15 +263,22 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def import_mmsa(pickle_path: Path | str, out: Path | str, trust_pickle: bool = False, shard_size: int = 256) -> dict:
-    """Convert an MMSA / MMSA-FET / MulT feature pickle into a shard directory; returns dataset.json."""
+def import_mmsa(
+    pickle_path: Path | str,
+    out: Path | str,
+    trust_pickle: bool = False,
+    shard_size: int = 256,
+    progress: Progress | None = None,
+) -> dict:
+    """Convert an MMSA / MMSA-FET / MulT feature pickle into a shard directory; returns dataset.json.
+    ``progress(samples written, samples in all)`` is called after each shard."""
     pickle_path, out = Path(pickle_path), Path(out)
     if not pickle_path.is_file():
         raise FeatureImportError(f"{pickle_path} not found")
     if out.exists() and any(out.iterdir()):
         raise FeatureImportError(f"{out} is not empty; choose a new --out directory")
     fmt, tables = split_tables(load_pickle(pickle_path, trust_pickle))
-    return convert(tables, fmt, out, pickle_path, shard_size)
+    return convert(tables, fmt, out, pickle_path, shard_size, progress)
 
 
 __all__ = ["FeatureImportError", "import_mmsa"]

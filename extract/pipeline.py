@@ -14,10 +14,13 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,9 +114,12 @@ def run_extract(
     media_root: Path | str | None,
     out: Path | str,
     cfg: ExtractConfig,
-    on_clips: Callable[[int], None] | None = None,
+    progress: Callable[[int, int | None], None] | None = None,
 ) -> dict[str, Any]:
-    """Extract every clip of ``manifest`` assigned to ``cfg.rank`` into ``out``; return a summary."""
+    """Extract every clip of ``manifest`` assigned to ``cfg.rank`` into ``out``; return a summary.
+
+    ``progress(done, total)`` is called with this rank's clip count once the plan is made (clips of complete
+    shards count as done), then each time a group of clips has been written."""
     import torch
 
     check_device(cfg.device)
@@ -137,8 +143,9 @@ def run_extract(
         "%d clips in %d shards; rank %d/%d owns %d shards, %d already complete",
         len(clips), len(plans), cfg.rank, cfg.world_size, len(mine), len(mine) - len(todo),
     )  # fmt: skip
-    if on_clips is not None:
-        on_clips(sum(len(p.clips) for p in mine if p not in todo))
+    total, done = sum(len(p.clips) for p in mine), sum(len(p.clips) for p in mine if p not in todo)
+    if progress is not None:
+        progress(done, total)
     settings = DecodeSettings(
         tuple(m for m in ("audio", "video") if m in cfg.modalities),
         cfg.fps,
@@ -171,8 +178,9 @@ def run_extract(
             complete = builder.added == len(plan.clips)
             if complete:
                 written += builder.finish()
-            if on_clips is not None and builder.flushed > before:
-                on_clips(builder.flushed - before)
+            if progress is not None and builder.flushed > before:
+                done += builder.flushed - before
+                progress(done, total)
             if complete:
                 builder = None
     except BaseException:
@@ -249,6 +257,10 @@ def _pooled(
     def new_pool() -> ProcessPoolExecutor:
         return ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker, initargs=(settings, os.getpid()))
 
+    def submit(j: int) -> tuple[int, Future]:
+        with _sigint_ignored():  # a worker spawned now inherits it: Ctrl-C at start-up prints no traceback there
+            return j, pool.submit(decode_clip, jobs[j][1], settings)
+
     pool = new_pool()
     pending: list[tuple[int, Future]] = []
     attempts = [0] * len(jobs)
@@ -256,7 +268,7 @@ def _pooled(
     try:
         while nxt < len(jobs) or pending:
             while nxt < len(jobs) and len(pending) < window:
-                pending.append((nxt, pool.submit(decode_clip, jobs[nxt][1], settings)))
+                pending.append(submit(nxt))
                 nxt += 1
             i, fut = pending.pop(0)
             try:
@@ -274,13 +286,28 @@ def _pooled(
                 if attempts[i] >= 2:
                     decoded = DecodedClip(jobs[i][1], info={"skipped": "the decoder process crashed on this file"})
                     retry = retry[1:]
-                pending = [(j, pool.submit(decode_clip, jobs[j][1], settings)) for j in retry]
+                pending = [submit(j) for j in retry]
                 if decoded is None:
                     continue
             # Top the window up before handing this clip over, so workers decode while the caller encodes.
             while nxt < len(jobs) and len(pending) < window:
-                pending.append((nxt, pool.submit(decode_clip, jobs[nxt][1], settings)))
+                pending.append(submit(nxt))
                 nxt += 1
             yield jobs[i][0], decoded
     finally:
         pool.shutdown(cancel_futures=True)
+
+
+@contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored meanwhile (main thread only). A process started inside inherits the ignored disposition,
+    which CPython keeps, so a Ctrl-C while a decode worker is still importing does not print its traceback;
+    afterwards the worker ignores SIGINT by itself (``init_worker``) and the parent handles it again."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

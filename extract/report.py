@@ -9,6 +9,7 @@ and link relatively, so the directory can be copied or archived as it is.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
@@ -67,29 +68,45 @@ class Scan:
 
 
 def write_report(
-    shards_dir: Path | str, out_dir: Path | str, media_root: Path | str | None = None, overlays: int = 4
+    shards_dir: Path | str,
+    out_dir: Path | str,
+    media_root: Path | str | None = None,
+    overlays: int = 4,
+    progress: Callable[[int, int | None], None] | None = None,
 ) -> Path:
     """Write ``out_dir/index.html`` and its PNG files about the shards in ``shards_dir``; return the HTML path.
 
     ``media_root`` is where the media are now (default: the root recorded in dataset.json); overlays are drawn for
     the first ``overlays`` clips whose video is ok. Unreachable media are noted in the report, never fatal.
+    ``progress(samples read, samples listed)`` is called as the shards are read.
     """
     root, out = Path(shards_dir), Path(out_dir)
     ds = load_dataset_json(root)
     out.mkdir(parents=True, exist_ok=True)
     media = media_root if media_root is not None else ds.get("media_root")
-    scan = _scan(root, ds, out, Path(media) if media else None, overlays)
+    scan = _scan(root, ds, out, Path(media) if media else None, overlays, progress)
     plots = _plots(scan.clips, out)
     index = out / "index.html"
     index.write_text(_render(root, ds, read_status(root), scan, plots), encoding="utf-8")
     return index
 
 
-def _scan(root: Path, ds: dict[str, Any], out: Path, media: Path | None, n_overlays: int) -> Scan:
+def _scan(
+    root: Path,
+    ds: dict[str, Any],
+    out: Path,
+    media: Path | None,
+    n_overlays: int,
+    progress: Callable[[int, int | None], None] | None = None,
+) -> Scan:
     scan = Scan()
+    listed, read = sum(entry["samples"] for entry in ds.get("shards", [])), 0
     for entry in ds.get("shards", []):
         try:
             for sample in iter_shard(root / entry["name"], validate=False):
+                read += 1
+                if progress is not None:
+                    progress(read, listed)
                 meta = sample.get("meta.json")
                 if not isinstance(meta, dict) or not isinstance(meta.get("modalities"), dict):
                     scan.problems.append(f"{entry['name']}: sample {sample['__key__']} has no usable meta.json")

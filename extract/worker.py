@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -31,17 +32,24 @@ _FACEMESH: FaceMeshExtractor | None = None
 
 def init_worker(settings: DecodeSettings, parent_pid: int | None = None) -> None:
     """Process initializer: build the FaceMesh extractor once. In pool workers (``parent_pid`` given: the pid of
-    the process that made the pool), also silence MediaPipe's C++ logging (it writes to file descriptor 2
-    directly; Python errors still travel back with the results) and exit as soon as that parent is gone, even
-    if it died while this worker was still starting: a parent killed with SIGKILL leaves no workers behind."""
+    the process that made the pool), also:
+
+    - silence MediaPipe's C++ logging (it writes to file descriptor 2 directly; Python errors still travel back
+      with the results), unless ``MMFUSE_NATIVE_LOGS=show`` (``mmfuse --log-level DEBUG`` sets it);
+    - ignore Ctrl-C: the terminal sends SIGINT to the whole process group, and the parent alone decides (it
+      stops the pool and exits with one line; a worker would print a traceback per process);
+    - exit as soon as that parent is gone, even if it died while this worker was still starting: a parent killed
+      with SIGKILL leaves no workers behind."""
     global _FACEMESH
     os.environ.setdefault("GLOG_minloglevel", "2")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if parent_pid is not None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 2)
-        os.close(devnull)
+        if os.environ.get("MMFUSE_NATIVE_LOGS") != "show":
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)
+            os.close(devnull)
     _FACEMESH = FaceMeshExtractor(settings.max_faces, settings.min_detection_confidence)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,12 @@ def read_status(root: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def inspect_dataset(root: Path | str, verify: bool = False) -> dict[str, Any]:
-    """Summary dict of ``root``; with ``verify`` also reads and validates every sample of every shard."""
+Progress = Callable[[int, int | None], None]  # (samples read, samples listed)
+
+
+def inspect_dataset(root: Path | str, verify: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+    """Summary dict of ``root``; with ``verify`` also reads and validates every sample of every shard, calling
+    ``progress(samples read, samples listed)`` as it goes."""
     root = Path(root)
     ds = load_dataset_json(root)
     status = read_status(root)
@@ -51,14 +56,17 @@ def inspect_dataset(root: Path | str, verify: bool = False) -> dict[str, Any]:
         "skipped": skipped,
     }
     if verify:
-        summary["verify"] = verify_dataset(root, ds)
+        summary["verify"] = verify_dataset(root, ds, progress)
     return summary
 
 
-def verify_dataset(root: Path, ds: dict[str, Any]) -> dict[str, Any]:
+def verify_dataset(root: Path, ds: dict[str, Any], progress: Progress | None = None) -> dict[str, Any]:
     """Read every sample of every listed shard; report problems instead of stopping at the first."""
     problems: list[str] = []
     samples = 0
+    listed = sum(entry["samples"] for entry in ds["shards"])
+    if progress is not None:
+        progress(0, listed)
     for entry in ds["shards"]:
         path = root / entry["name"]
         side = read_sidecar(path.with_suffix(".json"))
@@ -69,6 +77,8 @@ def verify_dataset(root: Path, ds: dict[str, Any]) -> dict[str, Any]:
         try:
             for sample in iter_shard(path, validate=True):
                 keys.append(sample["__key__"])
+                if progress is not None:
+                    progress(samples + len(keys), listed)
                 if sample["meta.json"]["feature_set_hash"] != ds["feature_set_hash"]:
                     problems.append(f"{entry['name']}: sample {sample['__key__']} has another feature-set hash")
                 for name, width in (("text_feat.npy", "Dt"), ("audio_feat.npy", "Da")):

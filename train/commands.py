@@ -116,7 +116,8 @@ def run_train(args: argparse.Namespace) -> int:
     overrides = [*args.overrides, *(["skip_bad_samples=true"] if args.skip_bad_samples else [])]
     config = make_train_config(args.model, args.config, overrides, base=base)
     if not args.seeds:
-        final = fit(config, args.shards, args.run_dir, resume=args.resume)
+        with args.progress("train", "step") as bar:
+            final = fit(config, args.shards, args.run_dir, resume=args.resume, progress=bar)
         _print_final(args.run_dir, final)
         return 0
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -124,7 +125,8 @@ def run_train(args: argparse.Namespace) -> int:
     for seed in seeds:
         seeded = make_train_config(config.model, None, [f"seed={seed}"], base=config.to_dict())
         run_dir = args.run_dir / f"seed-{seed}"
-        results[seed] = fit(seeded, args.shards, run_dir, resume=args.resume and run_dir.is_dir())
+        with args.progress(f"train seed {seed}", "step") as bar:
+            results[seed] = fit(seeded, args.shards, run_dir, resume=args.resume and run_dir.is_dir(), progress=bar)
     table = seeds_table(results)
     args.run_dir.mkdir(parents=True, exist_ok=True)
     (args.run_dir / "seeds.md").write_text(table + "\n")
@@ -191,7 +193,8 @@ def run_eval(args: argparse.Namespace) -> int:
     results = {}
     for removed in missing_sets(args.missing, tuple(net.fusion.modalities)):
         name = "".join(m[0] for m in removed) or "none"
-        results[name] = evaluate(net, args.shards, args.split, config, drop=removed)
+        with args.progress(f"eval {args.split}" + (f" -{name}" if removed else ""), "sample") as bar:
+            results[name] = evaluate(net, args.shards, args.split, config, drop=removed, progress=bar)
     if args.json:
         if len(results) == 1:
             ((name, metrics),) = results.items()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,12 +118,25 @@ def git_revision() -> str:
         return "unknown"
 
 
+RUN_FILES = ("metrics.jsonl", "curves.png", "final.json")  # what a run appends to or rewrites
+
+
 def prepare_run_dir(run_dir: Path, resume: bool) -> None:
-    """Create the run directory; refuse an existing run unless resuming, and a resume with nothing to resume."""
+    """Create the run directory; refuse an existing run unless resuming, and a resume with nothing to resume.
+
+    A run stopped before its first checkpoint (config.json written, no checkpoints/last.pt) resumes by starting
+    again from step 0 in the same directory: nothing was saved that could be continued or lost."""
     last = run_dir / "checkpoints" / "last.pt"
     if resume:
-        if not last.is_file():
+        if last.is_file():
+            return
+        if not (run_dir / "config.json").is_file():
             raise RunDirError(f"--resume: {last} not found; start a new run without --resume")
+        log.warning("--resume: %s stopped before its first checkpoint; starting it again from step 0", run_dir)
+        for name in RUN_FILES:
+            (run_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "events", ignore_errors=True)
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         return
     if run_dir.exists() and any(run_dir.iterdir()):
         raise RunDirError(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,8 @@ from train.runtime import (
 )
 
 log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int | None], None]  # (done, in all): optimiser steps in fit, samples in evaluate
 
 
 def data_config(config: TrainConfig, *, workers: int | None = None) -> DataConfig:
@@ -83,24 +86,34 @@ def lr_lambda(config: TrainConfig, total_steps: int):
     return factor
 
 
-def fit(config: TrainConfig, shards: Path | str, run_dir: Path | str, resume: bool = False) -> dict[str, Any]:
-    """Train ``config.model`` on the shards; returns the final test metrics (validation-selected)."""
+def fit(
+    config: TrainConfig,
+    shards: Path | str,
+    run_dir: Path | str,
+    resume: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Train ``config.model`` on the shards; returns the final test metrics (validation-selected).
+    ``progress(steps done, steps in all)`` is called on rank 0 after each optimiser step."""
     shards, run_dir = Path(shards), Path(run_dir)
     d = setup_distributed(config.device)
     try:
-        return _fit(config, shards, run_dir, resume, d)
+        return _fit(config, shards, run_dir, resume, d, progress if d.main else None)
     finally:
         teardown_distributed(d)
 
 
-def _fit(config: TrainConfig, shards: Path, run_dir: Path, resume: bool, d: Dist) -> dict[str, Any]:
+def _fit(
+    config: TrainConfig, shards: Path, run_dir: Path, resume: bool, d: Dist, progress: Progress | None
+) -> dict[str, Any]:
     dataset = load_dataset_json(shards)
     dims = feature_dims(dataset, config.modalities)
     check_model_settings(config, dims)
     if d.main:
         prepare_run_dir(run_dir, resume)
     _barrier(d)
-    checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.pt") if resume else None
+    last = run_dir / "checkpoints" / "last.pt"
+    checkpoint = load_checkpoint(last) if resume and last.is_file() else None
     if checkpoint is not None:
         check_feature_set(checkpoint["feature_set_hash"], dataset, what=f"the run in {run_dir}")
     seed_everything(config.seed)
@@ -145,6 +158,8 @@ def _fit(config: TrainConfig, shards: Path, run_dir: Path, resume: bool, d: Dist
     )
 
     started = time.perf_counter()
+    if progress is not None:
+        progress(state["step"], total_steps)
     while state["step"] < total_steps and state["epoch"] < config.epochs:
         epoch = state["epoch"]
         loader = make_loader(
@@ -186,6 +201,8 @@ def _fit(config: TrainConfig, shards: Path, run_dir: Path, resume: bool, d: Dist
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             state["step"] += 1
+            if progress is not None:
+                progress(state["step"], total_steps)
             if state["step"] % config.log_every == 0 or state["step"] == 1:
                 run_log.train(
                     state["step"],
@@ -254,19 +271,26 @@ def evaluate(
     config: TrainConfig,
     d: Dist | None = None,
     drop: tuple[str, ...] = (),
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Metrics of ``net`` on every labelled sample of ``split`` (each once across ranks); ``drop`` removes
     modalities from every batch (incomplete-modality evaluation). Empty dict when the split has no samples.
-    Multilabel metrics are named by label key (``acc/happy``, ``f1/happy``, ...)."""
+    Multilabel metrics are named by label key (``acc/happy``, ``f1/happy``, ...). ``progress(samples read,
+    samples in the split)`` is called after each batch (this rank's share under DDP)."""
     d = d or Dist()
     data = data_config(config, workers=min(config.num_workers, 1))
     dataset = load_dataset_json(shards)
+    listed = sum(s["samples"] for s in dataset.get("shards", []) if s.get("split") == split)
     if not any(s.get("split") == split for s in dataset.get("shards", [])):
         return {}
     net.eval()
     preds, labels = [], []
     autocast = amp_dtype(config.amp, d.device)
+    read = 0
     for batch in make_loader(shards, split, data, train=False, rank=d.rank, world_size=d.world_size):
+        read += len(batch["key"])
+        if progress is not None:
+            progress(read, listed)
         batch = _to_device(_labelled(batch), d.device)
         if batch["label"].numel() == 0:
             continue

@@ -6,18 +6,21 @@ import csv
 import json
 from pathlib import Path
 
+from ttyrun import NATIVE, run_mmfuse
+
 from bench.extract import BEGIN, END, MEDIA, tile_manifest, write_section
 from extract.manifest import load_manifest
 
 
-def test_quick_run_reports_every_field_positive(tmp_path, capsys, tiny_text_model, tiny_audio_model) -> None:
-    from train.cli import main
-
+def test_quick_run_reports_every_field_positive(tmp_path, tiny_text_model, tiny_audio_model) -> None:
+    """Run with its output piped (as a script or CI would): no progress bar, one JSON report on stdout."""
     out = tmp_path / "BENCHMARKS.md"
     argv = ["bench", "extract", "--quick", "--json", "--text-model", str(tiny_text_model)]
-    argv += ["--audio-model", str(tiny_audio_model), "--out", str(out), "-q"]
-    assert main(argv) == 0
-    report = json.loads(capsys.readouterr().out)
+    argv += ["--audio-model", str(tiny_audio_model), "--out", str(out)]
+    run = run_mmfuse(argv, "piped")
+    assert run.returncode == 0, run.terminal[-3000:]
+    assert "\r" not in run.terminal and "Traceback" not in run.terminal and NATIVE.search(run.terminal) is None
+    report = json.loads(run.stdout)
     expected = {
         "clips", "clips_4n", "audio_total_s", "video_frames", "floor_s", "no_overlap_estimate_s", "model_load_s", "pipeline_setup_s",
         "speedup_vs_naive", "speedup_vs_naive_marginal", "pipeline_over_ceiling", "ceiling_over_pipeline",

@@ -37,10 +37,10 @@ def test_child_peak_is_its_own_not_its_parents():
 
 
 def test_the_command_line_starts_without_torch():
-    """Every `mmfuse` command, and every spawned decode worker (which re-imports train.cli), would otherwise
+    """Every `mmfuse` command, and every spawned decode worker (which re-imports mmfuse.cli), would otherwise
     pay about two seconds of torch import before doing anything."""
     code = (
-        "import sys; from train.cli import build_parser; build_parser().parse_args(['bench', 'train', '--quick']); "
+        "import sys; from mmfuse.cli import build_parser; build_parser().parse_args(['bench', 'train', '--quick']); "
         "heavy = sorted(m for m in ('torch', 'transformers', 'mediapipe', 'matplotlib') if m in sys.modules); "
         "assert not heavy, heavy"
     )

@@ -13,7 +13,7 @@ import pytest
 from bench import extract_sweep, train_sweep
 from bench.markdown import replace_section
 from bench.sweep import batch_sizes, image_link, measure_points, plot_path, plot_sweep, shared_note, worker_counts
-from train.cli import main
+from mmfuse.cli import main
 
 PNG_SHAPE = (300, 800, 4)  # 8 x 3 inches at 100 dpi, RGBA
 BLUE, ORANGE = np.array([0x1F, 0x77, 0xB4]) / 255, np.array([0xFF, 0x7F, 0x0E]) / 255  # matplotlib's C0, C1

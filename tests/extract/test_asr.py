@@ -15,6 +15,7 @@ from extract.config import ConfigError, make_config
 from extract.extractors.asr import WhisperTranscriber
 from extract.extractors.base import DecodedClip, ExtractionError, ModalityFailure, ModelNotFoundError
 from extract.manifest import Clip, ManifestError, load_manifest
+from mmfuse.terminal import ProgressFactory
 
 SR = 16000
 D_MODEL = 30
@@ -355,7 +356,7 @@ def test_cli_help_and_flags_reach_the_config(monkeypatch, tmp_path):
     assert "mmfuse extract videos.csv --media-root videos --out shards/asr --asr " in text  # an example
     seen = {}
 
-    def fake_run(manifest, media_root, out, cfg, on_clips=None):
+    def fake_run(manifest, media_root, out, cfg, progress=None):
         seen["cfg"] = cfg
         return {"counts": {}, "samples_written": 0, "shards_written": 0, "shards_this_rank": 0, "out": str(out),
                 "wall_s": 0.0, "complete": True}  # fmt: skip
@@ -363,7 +364,7 @@ def test_cli_help_and_flags_reach_the_config(monkeypatch, tmp_path):
     monkeypatch.setattr(extract.pipeline, "run_extract", fake_run)
     args = parser.parse_args(["extract", "m.csv", "--media-root", ".", "--out", str(tmp_path), "--asr", "/m/w",
                               "--asr-language", "de"])  # fmt: skip
-    args.quiet, args.no_progress = True, True
+    args.quiet, args.no_progress, args.progress = True, True, ProgressFactory(enabled=False)
     assert args.run(args) == 0
     assert (seen["cfg"].asr, seen["cfg"].asr_language) == ("/m/w", "de")
 

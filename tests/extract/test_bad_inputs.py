@@ -182,7 +182,7 @@ def test_disk_full_stops_cleanly_and_rerun_resumes(tmp_path, tiny_text_model, ti
     # A 250 kB file-size limit: the first shard (0.4 s, ~50 kB) fits, the next (3 s, ~330 kB) does not.
     limited = (
         "import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (250_000, 250_000)); "
-        "from train.cli import main; sys.exit(main(sys.argv[1:]))"
+        "from mmfuse.cli import main; sys.exit(main(sys.argv[1:]))"
     )
     res = subprocess.run([sys.executable, "-c", limited, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 1, res.stderr
@@ -190,9 +190,7 @@ def test_disk_full_stops_cleanly_and_rerun_resumes(tmp_path, tiny_text_model, ti
     assert "Traceback" not in res.stderr
     assert not list(out.glob("*.tmp-*"))
     assert sorted(p.name for p in out.glob("train-*")) == ["train-000000.json", "train-000000.tar"]
-    res = subprocess.run(
-        [sys.executable, "-m", "train.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
+    res = subprocess.run([sys.executable, "-m", "mmfuse", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert load_dataset_json(out)["samples"] == 4
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from extract.import_mmsa import FeatureImportError, import_mmsa
+from mmfuse.cli import main
 from shards import iter_shard
 from shards.inspect import inspect_dataset
-from train.cli import main
 
 DT, DA, DV = 13, 5, 6
 SIZES = {"train": 5, "valid": 2, "test": 2}

@@ -64,7 +64,7 @@ def test_config_collects_every_problem(tmp_path):
 
 
 def run_cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "train.cli", *args], cwd=ROOT, capture_output=True, text=True, **kw)
+    return subprocess.run([sys.executable, "-m", "mmfuse", *args], cwd=ROOT, capture_output=True, text=True, **kw)
 
 
 def test_cli_exit_codes_and_help(tmp_path):

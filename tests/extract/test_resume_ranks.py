@@ -40,7 +40,7 @@ def keys_in_shards(out) -> Counter:
 
 
 def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "train.cli", *args]
+    return [sys.executable, "-m", "mmfuse", *args]
 
 
 @pytest.mark.integration

@@ -52,16 +52,16 @@ def test_encoders_run_per_group_as_clips_arrive(tmp_path, tiny_cfg, monkeypatch)
 
     monkeypatch.setattr(pipeline, "build_extractors", logged_build)
     manifest = write_manifest(tmp_path / "m.csv", rows(5))
-    progress: list[int] = []
+    progress: list[tuple[int, int | None]] = []
     summary = run_extract(
-        manifest, MEDIA, tmp_path / "out", tiny_cfg(batch_size=2, shard_size=5), on_clips=progress.append
+        manifest, MEDIA, tmp_path / "out", tiny_cfg(batch_size=2, shard_size=5), progress=lambda *a: progress.append(a)
     )
     assert events == [
         ("decode", "c0"), ("decode", "c1"), ("encode", "c0", "c1"),
         ("decode", "c2"), ("decode", "c3"), ("encode", "c2", "c3"),
         ("decode", "c4"), ("encode", "c4"),
     ]  # fmt: skip
-    assert progress == [0, 2, 2, 1]  # none already complete, then clips as they are written
+    assert progress == [(0, 5), (2, 5), (4, 5), (5, 5)]  # none already complete, then clips as they are written
     assert 0 < summary["first_clip_s"] <= summary["decode_wait_s"] < summary["wall_s"] - summary["setup_s"]
     side = read_sidecar(tmp_path / "out" / "train-000000.json")
     assert side["keys"] == side["planned"] == [f"v__c{i}" for i in range(5)]

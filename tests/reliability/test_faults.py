@@ -41,7 +41,7 @@ def rows() -> list[dict]:
 
 def extract_cmd(manifest: Path, out: Path, text_model: Path, audio_model: Path) -> list[str]:
     return [
-        sys.executable, "-m", "train.cli", "extract", str(manifest), "--media-root", str(MEDIA), "--out", str(out),
+        sys.executable, "-m", "mmfuse", "extract", str(manifest), "--media-root", str(MEDIA), "--out", str(out),
         "--shard-size", "1", "--workers", "1", "--text-model", str(text_model), "--audio-model", str(audio_model), "-q",
     ]  # fmt: skip
 
@@ -128,7 +128,7 @@ def test_extraction_killed_at_random_moments_slow(seed: int, tmp_path: Path, tin
 
 def train_cmd(shards: Path, run_dir: Path, *extra: str) -> list[str]:
     return [
-        sys.executable, "-m", "train.cli", "train", "--shards", str(shards), "--model", "late", "--run-dir",
+        sys.executable, "-m", "mmfuse", "train", "--shards", str(shards), "--model", "late", "--run-dir",
         str(run_dir), "batch_size=1", "num_workers=0", "log_every=1", "checkpoint_every=1", "epochs=12",
         "model.hidden=12", "model.num_heads=3", "model.dropout=0.3", "device=cpu", "-q", *extra,
     ]  # fmt: skip

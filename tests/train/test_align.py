@@ -78,8 +78,8 @@ def test_sample_without_words_is_a_clear_error() -> None:
 
 
 def test_training_on_word_aligned_features(aligned_shards: Path, tmp_path: Path) -> None:
+    from mmfuse.cli import main
     from train.checkpoint import load_checkpoint
-    from train.cli import main
     from train.config import make_train_config
     from train.trainer import fit
 

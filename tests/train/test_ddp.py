@@ -18,7 +18,7 @@ def test_two_process_gloo_run(bundled_dataset: Path, tmp_path: Path) -> None:
     run = tmp_path / "ddp"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        "-m", "train.cli", "train", "--shards", str(bundled_dataset), "--model", "late", "--run-dir", str(run),
+        "-m", "mmfuse", "train", "--shards", str(bundled_dataset), "--model", "late", "--run-dir", str(run),
         "batch_size=1", "num_workers=0", "epochs=2", "log_every=1", "device=cpu", "model.hidden=12", "model.num_heads=3",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

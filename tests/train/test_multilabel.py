@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from extract.import_mmsa import MULT_EMOTIONS, import_mmsa
+from mmfuse.cli import main
 from shards.io import ShardWriter, iter_shard
 from tests.conftest import MEDIA
 from tests.extract.test_import_mmsa import mult_split, write
 from train.checkpoint import load_checkpoint
-from train.cli import main
 from train.collate import DataError, ToInputs, collate
 from train.config import TrainConfigError, make_train_config
 from train.data import DataConfig, InMemorySource, make_loader

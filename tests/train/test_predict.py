@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from mmfuse.cli import main
 from shards.dataset import FeatureSetMismatch, feature_set_hash
 from tests.conftest import MEDIA
 from train.checkpoint import load_checkpoint
-from train.cli import main
 from train.config import make_train_config
 from train.data import make_loader
 from train.pipeline import FusionPipeline

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from mmfuse.cli import main
 from shards.dataset import FeatureSetMismatch
 from train.checkpoint import CheckpointError, load_checkpoint
-from train.cli import main
 from train.config import make_train_config
 from train.logs import RunLog
 from train.runtime import RunDirError
@@ -104,6 +104,32 @@ def test_resume_without_a_checkpoint_is_refused(bundled_dataset: Path, tmp_path:
     config = make_train_config("late", overrides=FAST)
     with pytest.raises(RunDirError, match="last.pt not found; start a new run without --resume"):
         fit(config, bundled_dataset, tmp_path / "nothing", resume=True)
+
+
+def test_run_stopped_before_its_first_checkpoint_resumes_from_step_0(
+    bundled_dataset: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """Ctrl-C before any checkpoint leaves config.json and a few log lines: --resume starts the run again in the
+    same directory (a new run there would be refused as not empty), and the log holds each step once."""
+    config = make_train_config("late", overrides=[*FAST, "epochs=2"])
+    original = RunLog.train
+
+    def stop_at_step_2(self, step, *args):
+        if step == 2:
+            raise KeyboardInterrupt
+        return original(self, step, *args)
+
+    monkeypatch.setattr(RunLog, "train", stop_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        fit(config, bundled_dataset, tmp_path / "run")
+    monkeypatch.setattr(RunLog, "train", original)
+    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists() and set(losses(tmp_path / "run")) == {1}
+    with pytest.raises(RunDirError, match="not empty; pass --resume"):
+        fit(config, bundled_dataset, tmp_path / "run")
+    fit(config, bundled_dataset, tmp_path / "run", resume=True)
+    steps = [r["step"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+             if r["kind"] == "train"]  # fmt: skip
+    assert steps == [1, 2, 3, 4]
 
 
 def encoder_params(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -1,6 +1,8 @@
 """The ``mmfuse`` command: one parser, subcommands from the packages that implement them.
 
-Exit codes: 0 ok, 1 failed (a clear message on stderr), 2 usage error.
+Exit codes: 0 ok, 1 failed (a clear message on stderr), 2 usage error, 130 interrupted (Ctrl-C).
+Every command gets ``-q``, ``--log-level`` and ``--no-progress``, and ``args.progress`` to draw its bars with
+(``mmfuse.terminal``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import sys
 
 from bench.cli import add_bench
 from extract.cli import add_extract, add_import_mmsa, add_inspect, add_report
+from mmfuse import __version__
+from mmfuse.terminal import ProgressFactory, bars_wanted, native_logs_filtered
 from train.commands import add_eval, add_predict, add_train
 
 log = logging.getLogger("mmfuse")
@@ -27,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Raw talking-face video -> WebDataset shards -> multimodal fusion models.",
         epilog="Run `mmfuse COMMAND --help` for a command's options and examples.",
     )
+    parser.add_argument("--version", action="version", version=f"mmfuse {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (add_extract, add_inspect, add_report, add_import_mmsa, add_train, add_eval, add_predict, add_bench):
         add(sub)
@@ -56,6 +61,13 @@ def setup_logging(level: str, quiet: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
+# What an interrupted command leaves behind, in one line (Ctrl-C exits 130 with it, no traceback).
+INTERRUPTED = {
+    "extract": "complete shards are kept; rerun the same command to resume",
+    "train": "rerun the same command with --resume to continue from the last checkpoint",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GLOG_minloglevel", "2")  # MediaPipe's C++ logging
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -63,7 +75,19 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     args = build_parser().parse_args(argv)
-    setup_logging(args.log_level, args.quiet)
+    debug = args.log_level == "DEBUG" and not args.quiet
+    if debug:  # decode workers keep their native log lines too
+        os.environ["MMFUSE_NATIVE_LOGS"] = "show"
+    try:
+        with native_logs_filtered(enabled=not debug):
+            setup_logging(args.log_level, args.quiet)
+            args.progress = ProgressFactory(bars_wanted(args.no_progress, args.quiet))
+            return _run(args)
+    except KeyboardInterrupt:  # also when it lands outside the command (while the filter is taken down)
+        return _interrupted(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from extract.config import ConfigError
     from extract.extractors.base import ExtractionError
     from extract.manifest import ManifestError
@@ -91,8 +115,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mmfuse {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"mmfuse {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 1
+        return _interrupted(args)
+
+
+def _interrupted(args: argparse.Namespace) -> int:
+    hint = INTERRUPTED.get(args.command, "rerun the same command")
+    print(f"\nmmfuse {args.command}: interrupted; {hint}", file=sys.stderr, flush=True)
+    return 130
 
 
 if __name__ == "__main__":
