@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import itertools
 import json
 import math
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -79,6 +81,12 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test")
     p.add_argument("--missing", default="", help="modalities to remove: t, a, v, ta, ...; 'all' = every subset")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument(
+        "--predictions",
+        type=Path,
+        metavar="FILE.csv",
+        help="also write one row per sample: key, split, removed modalities, label(s), prediction(s)",
+    )
     p.set_defaults(run=run_eval)
 
 
@@ -180,6 +188,7 @@ def missing_sets(spec: str, modalities: tuple[str, ...]) -> list[tuple[str, ...]
 def run_eval(args: argparse.Namespace) -> int:
     from shards.dataset import check_feature_set, load_dataset_json
     from train.checkpoint import load_checkpoint
+    from train.collate import DataError
     from train.config import make_train_config
     from train.pipeline import FusionPipeline
     from train.trainer import evaluate
@@ -190,11 +199,17 @@ def run_eval(args: argparse.Namespace) -> int:
     config = make_train_config(ckpt["model_name"], None, ["num_workers=0", "device=cpu"], base=ckpt["config"])
     net = FusionPipeline(config, ckpt["dims"], {"feature_set": ckpt["feature_set"], "stats": ckpt["stats"]})
     net.load_state_dict(ckpt["model"])
-    results = {}
+    results, rows = {}, []
     for removed in missing_sets(args.missing, tuple(net.fusion.modalities)):
         name = "".join(m[0] for m in removed) or "none"
+        scored: list[dict[str, Any]] = []
         with args.progress(f"eval {args.split}" + (f" -{name}" if removed else ""), "sample") as bar:
-            results[name] = evaluate(net, args.shards, args.split, config, drop=removed, progress=bar)
+            results[name] = evaluate(net, args.shards, args.split, config, drop=removed, progress=bar, rows=scored)
+        rows += [{"key": r["key"], "split": args.split, "removed": name, **r} for r in scored]
+    if not any(results.values()):
+        raise DataError(f"split {args.split!r} of {args.shards} has no labelled sample to evaluate")
+    if args.predictions is not None:
+        write_predictions(args.predictions, rows)
     if args.json:
         if len(results) == 1:
             ((name, metrics),) = results.items()
@@ -206,6 +221,17 @@ def run_eval(args: argparse.Namespace) -> int:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
         print(f"{args.split} (removed: {name}): n={metrics.get('n', 0)} {shown}", file=sys.stdout)
     return 0
+
+
+def write_predictions(path: Path, rows: list[dict[str, Any]]) -> None:
+    """``rows`` as CSV (columns in first-seen order), written atomically."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns or ["key", "split", "removed", "label", "prediction"])
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
 
 
 def run_predict(args: argparse.Namespace) -> int:

@@ -272,11 +272,14 @@ def evaluate(
     d: Dist | None = None,
     drop: tuple[str, ...] = (),
     progress: Progress | None = None,
+    rows: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Metrics of ``net`` on every labelled sample of ``split`` (each once across ranks); ``drop`` removes
     modalities from every batch (incomplete-modality evaluation). Empty dict when the split has no samples.
     Multilabel metrics are named by label key (``acc/happy``, ``f1/happy``, ...). ``progress(samples read,
-    samples in the split)`` is called after each batch (this rank's share under DDP)."""
+    samples in the split)`` is called after each batch (this rank's share under DDP). ``rows``, when given,
+    receives one dict per scored sample of this rank: ``key``, ``label`` and ``prediction`` (see
+    ``prediction_row``)."""
     d = d or Dist()
     data = data_config(config, workers=min(config.num_workers, 1))
     dataset = load_dataset_json(shards)
@@ -300,6 +303,9 @@ def evaluate(
             out = net(batch)
         preds.append(out.prediction.float().cpu())
         labels.append(batch["label"].cpu())
+        if rows is not None:
+            scored = zip(batch["key"], labels[-1], preds[-1], strict=True)
+            rows += [prediction_row(config, key, y, p) for key, y, p in scored]
     preds, labels = _gather(preds, d), _gather(labels, d)
     net.train()
     if preds is None or len(labels) == 0:
@@ -308,6 +314,21 @@ def evaluate(
     metrics["task_loss"] = float(task_loss(preds, labels, config.task))
     metrics["n"] = int(len(labels))
     return metrics
+
+
+def prediction_row(config: TrainConfig, key: str, label: torch.Tensor, prediction: torch.Tensor) -> dict[str, Any]:
+    """One sample's label and prediction as plain values: regression -> the score; classification -> the
+    predicted class (argmax); multilabel -> per label key, the label (0/1) and the sigmoid probability."""
+    if config.task == "multilabel":
+        names = config.label_keys
+        return {
+            "key": key,
+            **{f"label/{n}": int(v) for n, v in zip(names, label.tolist(), strict=True)},
+            **{f"prediction/{n}": float(v) for n, v in zip(names, torch.sigmoid(prediction).tolist(), strict=True)},
+        }
+    if config.task == "classification":
+        return {"key": key, "label": int(label), "prediction": int(prediction.argmax())}
+    return {"key": key, "label": float(label), "prediction": float(prediction)}
 
 
 def _gather(parts: list[torch.Tensor], d: Dist) -> torch.Tensor | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import shutil
@@ -211,6 +212,28 @@ def test_eval_cli_json_and_missing_modalities(bundled_dataset: Path, tmp_path: P
     assert "removes every modality" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", str(tmp_path / "none.pt"), "--shards", str(bundled_dataset)]) == 1
     assert "not found" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", ckpt, "--shards", str(bundled_dataset), "--split", "tset"]) == 1
+    assert "split 'tset' of" in capsys.readouterr().err  # an absent split is an error, not an empty success
+
+
+def test_eval_writes_one_prediction_row_per_sample(bundled_dataset: Path, tmp_path: Path, capsys) -> None:
+    config = make_train_config("late", overrides=[*FAST, "epochs=1"])
+    fit(config, bundled_dataset, tmp_path / "run")
+    ckpt, out = str(tmp_path / "run" / "checkpoints" / "best.pt"), tmp_path / "pred.csv"
+    argv = ["eval", "--checkpoint", ckpt, "--shards", str(bundled_dataset), "--split", "train", "--json"]
+    assert main([*argv, "--predictions", str(out)]) == 0
+    reported = json.loads(capsys.readouterr().out)
+    rows = list(csv.DictReader(out.open()))
+    assert list(rows[0]) == ["key", "split", "removed", "label", "prediction"]
+    assert sorted(r["key"] for r in rows) == ["grid__bbaf2n", "grid__pwij3p"]
+    assert {r["split"] for r in rows} == {"train"} and {r["removed"] for r in rows} == {"none"}
+    labels = {r["key"]: float(r["label"]) for r in rows}
+    assert labels == {"grid__bbaf2n": -1.5, "grid__pwij3p": -0.5}  # bundled_rows(): label i - 1.5
+    mae = sum(abs(float(r["prediction"]) - float(r["label"])) for r in rows) / len(rows)
+    assert mae == pytest.approx(reported["mae"], abs=1e-6)
+    assert main([*argv, "--missing", "all", "--predictions", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 2 * 7 and {r["removed"] for r in rows} == {"none", "t", "a", "v", "ta", "tv", "av"}
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the refused file is a pickle on purpose

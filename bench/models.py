@@ -1,0 +1,205 @@
+"""Every fusion model on your own shards, compared as a paper would compare them (``mmfuse bench models``).
+
+Each model (default: every registered one, each with its preset) is trained with ``fit`` once per seed on the
+shards; the checkpoint is selected on the validation split only, then scored once on the test split. The table
+gives mean ± std over seeds of those test metrics, one row per model; the best mean of each column is in bold.
+
+    mmfuse bench models --shards shards/mosi --seeds 1,2,3,4,5 --runs runs/compare epochs=30
+    mmfuse bench models --shards shards/mosi --models late,mult,tcmax --seeds 1,2,3 --json compare.json
+
+Runs are kept under ``--runs RUNS/<model>/seed-<s>`` (else a temporary directory). A run whose ``final.json``
+is there, with the same settings and feature set, is read back instead of trained again, so an interrupted
+comparison resumes where it stopped. ``KEY=VALUE`` settings apply to every model (``model.KEY`` only to the
+models that have that setting: the others are told apart in the error message).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import statistics
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench.markdown import replace_section
+from bench.sweep import ticker
+
+NAME = "bench-models"
+# Metrics shown in the table, in this order, where the task has them (JSON has every metric).
+COLUMNS = ("mae", "corr", "acc2_has0", "f1_has0", "acc2_non0", "f1_non0", "acc5", "acc7",
+           "accuracy", "f1_weighted", "f1_macro", "acc_mean", "f1_mean")  # fmt: skip
+LOWER_IS_BETTER = {"mae", "task_loss"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = __doc__.split("\n\n")[0]
+    p.epilog = "\n\n".join(__doc__.split("\n\n")[1:])
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument("--shards", required=True, type=Path, help="shard directory (extracted or from import-mmsa)")
+    p.add_argument("--seeds", default="1,2,3,4,5", help="comma-separated seeds, one run each (default 1,2,3,4,5)")
+    p.add_argument("--models", default=None, help="comma-separated model names (default: every registered model)")
+    p.add_argument("--runs", type=Path, default=None, help="keep the runs here (default: a temporary directory)")
+    p.add_argument("--config", type=Path, default=None, help="YAML file of setting overrides for every model")
+    p.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this file")
+    p.add_argument("--out", type=Path, default=None, help="Markdown file whose bench-models section is replaced")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="settings for every model, e.g. epochs=10")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from fusion import MODELS
+    from shards.dataset import load_dataset_json
+    from train.config import TrainConfigError
+
+    names = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else sorted(MODELS)
+    unknown = [name for name in names if name not in MODELS]
+    if unknown or not names:
+        given = ", ".join(unknown) or "(none given)"
+        raise TrainConfigError(f"--models: unknown {given}; valid: {', '.join(sorted(MODELS))}")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError as exc:
+        raise TrainConfigError(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. 1,2,3") from exc
+    if not seeds:
+        raise TrainConfigError("--seeds: give at least one seed")
+    dataset = load_dataset_json(args.shards)
+    runs_dir = args.runs or Path(tempfile.mkdtemp(prefix="mmfuse-bench-models-"))
+    try:
+        with args.progress("bench models", "run") as bar:
+            results = compare(args, names, seeds, dataset, runs_dir, ticker(bar, len(names) * len(seeds)))
+    finally:
+        if args.runs is None:
+            shutil.rmtree(runs_dir, ignore_errors=True)
+    report = make_report(args, names, seeds, dataset, results)
+    text = format_report(report)
+    print(text)
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
+    if args.out is not None:
+        replace_section(args.out, text, NAME)
+    return 0
+
+
+def compare(
+    args: argparse.Namespace,
+    names: list[str],
+    seeds: list[int],
+    dataset: dict[str, Any],
+    runs_dir: Path,
+    tick: Callable[[], None],
+) -> dict[str, dict[int, dict[str, Any]]]:
+    """model -> seed -> ``fit``'s final metrics (``valid`` and ``test`` of the validation-selected checkpoint)."""
+    from train.config import make_train_config
+    from train.trainer import fit
+
+    results: dict[str, dict[int, dict[str, Any]]] = {}
+    for name in names:
+        for seed in seeds:
+            config = make_train_config(name, args.config, [*args.overrides, f"seed={seed}"])
+            run_dir = runs_dir / name / f"seed-{seed}"
+            final = finished_run(run_dir, config.to_dict(), dataset["feature_set_hash"])
+            if final is None:
+                if run_dir.exists():  # an unfinished or different run: trained again from the start
+                    shutil.rmtree(run_dir)
+                final = fit(config, args.shards, run_dir)
+            results.setdefault(name, {})[seed] = final
+            tick()
+    return results
+
+
+def finished_run(run_dir: Path, config: dict[str, Any], fs_hash: str) -> dict[str, Any] | None:
+    """The final metrics of a finished run in ``run_dir`` made with exactly ``config`` on feature set ``fs_hash``."""
+    try:
+        record = json.loads((run_dir / "config.json").read_text())
+        final = json.loads((run_dir / "final.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if record.get("config") != config or record.get("feature_set_hash") != fs_hash:
+        return None
+    return final
+
+
+def make_report(
+    args: argparse.Namespace,
+    names: list[str],
+    seeds: list[int],
+    dataset: dict[str, Any],
+    results: dict[str, dict[int, dict[str, Any]]],
+) -> dict[str, Any]:
+    from train.config import TrainConfigError
+
+    missing = [f"{name} seed {seed}" for name in names for seed in seeds if not results[name][seed].get("test")]
+    if missing:
+        raise TrainConfigError(
+            f"no test metrics for {', '.join(missing[:3])}: the shards in {args.shards} have no labelled test "
+            "split (bench models reports test metrics of validation-selected checkpoints)"
+        )
+    summary = {name: summarise([results[name][s]["test"] for s in seeds]) for name in names}
+    selected_by = results[names[0]][seeds[0]].get("selected_by", "")
+    return {
+        "shards": str(args.shards),
+        "feature_set_hash": dataset["feature_set_hash"],
+        "counts": dataset.get("counts", {}),
+        "seeds": seeds,
+        "overrides": list(args.overrides),
+        "config_file": str(args.config) if args.config else None,
+        "selected_by": selected_by,
+        "command": command_line(args),
+        "summary": summary,
+        "runs": {name: {str(s): results[name][s] for s in seeds} for name in names},
+    }
+
+
+def summarise(metrics: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """metric -> {mean, std, n} over runs (std 0 for one run; NaN values are left out)."""
+    keys = sorted({k for m in metrics for k, v in m.items() if isinstance(v, float)})
+    out = {}
+    for key in keys:
+        values = [m[key] for m in metrics if isinstance(m.get(key), float) and not math.isnan(m[key])]
+        if values:
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            out[key] = {"mean": statistics.fmean(values), "std": std, "n": len(values)}
+    return out
+
+
+def format_report(report: dict[str, Any]) -> str:
+    summary = report["summary"]
+    present = {k for s in summary.values() for k in s}
+    columns = [c for c in COLUMNS if c in present]
+    best = {}
+    for c in columns:
+        means = [s[c]["mean"] for s in summary.values() if c in s]
+        best[c] = min(means) if c in LOWER_IS_BETTER else max(means)
+    lines = [
+        "## Models on these shards",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+        f"Shards `{report['shards']}` (feature set {report['feature_set_hash']}); seeds "
+        f"{', '.join(map(str, report['seeds']))}; each run selected by {report['selected_by']}, then scored once "
+        "on the test split. Mean ± std over seeds; the best mean of each column in bold.",
+        "",
+        "| model | " + " | ".join(columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    for name, s in summary.items():
+        cells = []
+        for c in columns:
+            if c not in s:
+                cells.append("")
+                continue
+            cell = f"{s[c]['mean']:.4f} ± {s[c]['std']:.4f}"
+            cells.append(f"**{cell}**" if s[c]["mean"] == best[c] else cell)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def command_line(args: argparse.Namespace) -> str:
+    parts = ["mmfuse bench models", "--shards", str(args.shards), "--seeds", args.seeds]
+    parts += ["--models", args.models] if args.models else []
+    parts += ["--config", str(args.config)] if args.config else []
+    return " ".join([*parts, *args.overrides])

@@ -1,0 +1,50 @@
+"""``mmfuse bench models``: every model on the shards, validation-selected test metrics, mean ± std over seeds."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from mmfuse.cli import main
+
+SETTINGS = ["epochs=1", "batch_size=1", "num_workers=0", "model.hidden=12", "model.num_heads=3", "device=cpu"]
+
+
+def test_models_table_and_json_agree_with_the_runs(bundled_dataset: Path, tmp_path: Path, capsys) -> None:
+    runs, report_path, md = tmp_path / "runs", tmp_path / "models.json", tmp_path / "BENCHMARKS.md"
+    argv = ["bench", "models", "--shards", str(bundled_dataset), "--models", "late,early", "--seeds", "1,2",
+            "--runs", str(runs), "--json", str(report_path), "--out", str(md), *SETTINGS]  # fmt: skip
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    report = json.loads(report_path.read_text())
+    assert set(report["summary"]) == {"late", "early"} and report["seeds"] == [1, 2]
+    assert report["selected_by"] == "valid mae"
+    for model in ("late", "early"):
+        finals = [json.loads((runs / model / f"seed-{s}" / "final.json").read_text()) for s in (1, 2)]
+        maes = [f["test"]["mae"] for f in finals]
+        assert report["summary"][model]["mae"]["mean"] == pytest.approx(statistics.fmean(maes))
+        assert report["summary"][model]["mae"]["std"] == pytest.approx(statistics.stdev(maes))
+        row = next(line for line in table.splitlines() if line.startswith(f"| {model} |"))
+        assert f"{statistics.fmean(maes):.4f} ± {statistics.stdev(maes):.4f}" in row
+    # one test sample: its correlation is undefined (NaN in every run), so that column is left out
+    assert table.splitlines()[6] == "| model | mae | acc2_has0 | f1_has0 | acc2_non0 | f1_non0 | acc5 | acc7 |"
+    best = min(report["summary"].values(), key=lambda s: s["mae"]["mean"])["mae"]
+    assert f"**{best['mean']:.4f} ± {best['std']:.4f}**" in table
+    assert "<!-- bench-models:begin -->" in md.read_text() and report["command"] in md.read_text()
+
+    stamp = (runs / "late" / "seed-1" / "final.json").stat().st_mtime_ns
+    assert main(argv) == 0  # finished runs with the same settings are read back, not trained again
+    assert capsys.readouterr().out == table
+    assert (runs / "late" / "seed-1" / "final.json").stat().st_mtime_ns == stamp
+
+
+def test_models_refuses_unknown_names_and_bad_seeds(bundled_dataset: Path, capsys) -> None:
+    base = ["bench", "models", "--shards", str(bundled_dataset)]
+    assert main([*base, "--models", "late,lte"]) == 1
+    err = capsys.readouterr().err
+    assert "--models: unknown lte; valid: " in err and "tcmax" in err
+    assert main([*base, "--seeds", "1,x"]) == 1
+    assert "--seeds '1,x': give comma-separated integers" in capsys.readouterr().err
