@@ -25,6 +25,14 @@ features. Only samples that have both the prime and the detector count. Features
 decoders are linear. The IB terms are always computed (and logged, unweighted, in ``diagnostics``); they
 enter ``losses`` only when the batch has a label, so an unlabelled batch is prediction-only.
 
+Ablation: ``bottleneck=False`` keeps the prime encoder, pooling and head and drops the VIB stages, their
+decoders and every IB term (the loss is the task loss alone): the claims benchmark's "same encoder without the
+bottleneck".
+
+Latent sizes: the dataclass defaults are the published 128 / 64 (for 768-d DeBERTa tokens); the ``ithp`` training
+preset scales them to its 64-d encoder (b0 = hidden / 2 = 32, b1 = hidden / 4 = 16), so the bottleneck stays
+narrower than its input; ``model.b0_dim=128 model.b1_dim=64`` restores the published sizes.
+
 Departures from the published code, each restored by ``faithful=True``: it attends to padding (no attention
 mask), takes KL and reconstruction over every position including padding, samples the latents at eval too
 (stochastic evaluation), ends the decoders with Sigmoid (then dropout) against targets min-max normalised
@@ -53,6 +61,7 @@ class ITHPConfig(FusionConfig):
     b1_dim: int = 64  # latent size of bottleneck B1
     vib_hidden: int = 256  # hidden width of every bottleneck encoder and decoder MLP
     prime: str = "text"  # the input modality; falls back to the first modality in use when absent
+    bottleneck: bool = True  # ablation switch: False = the same prime encoder and head, no VIB stages or IB loss
 
     def problems(self) -> list[str]:
         out = super().problems()
@@ -107,11 +116,11 @@ class ITHP(FusionModel):
         self.detectors = tuple(m for m in self.modalities if m != self.prime)
         self.encoder = SequenceEncoder(c.dims[self.prime], c.hidden, c.num_layers, c.num_heads, c.dropout)
         in_dims, latent_dims = (c.hidden, c.b0_dim), (c.b0_dim, c.b1_dim)
+        stages = self.detectors if c.bottleneck else ()
         self.bottlenecks = nn.ModuleList(
-            Bottleneck(in_dims[k], latent_dims[k], c.vib_hidden, c.dims[m], c.dropout)
-            for k, m in enumerate(self.detectors)
+            Bottleneck(in_dims[k], latent_dims[k], c.vib_hidden, c.dims[m], c.dropout) for k, m in enumerate(stages)
         )
-        self.fuse = nn.Linear(latent_dims[len(self.detectors) - 1], c.hidden) if self.detectors else None
+        self.fuse = nn.Linear(latent_dims[len(stages) - 1], c.hidden) if stages else None
         self.norm = nn.LayerNorm(c.hidden)
         self.dropout = nn.Dropout(c.dropout)
         self.pooler = nn.Sequential(nn.Linear(c.hidden, c.hidden), nn.Tanh(), nn.Dropout(c.dropout))
@@ -132,7 +141,7 @@ class ITHP(FusionModel):
         h = self.encoder(x, torch.ones_like(mask) if c.faithful else mask)
         z = h
         terms: list[tuple[str, Tensor, Tensor]] = []  # (detector, KL, reconstruction) per stage, unweighted
-        for m, stage in zip(self.detectors, self.bottlenecks, strict=True):
+        for m, stage in zip(self.detectors[: len(self.bottlenecks)], self.bottlenecks, strict=True):
             out = stage.vib(stage.trunk(z), None if c.faithful else mask)
             z = out.z
             if c.faithful and not self.training:  # published: sampled at test time as well

@@ -19,8 +19,9 @@ Losses (named, already weighted; "modalities" below are those some sample of the
 - ``unimodal``: unimodal_weight * sum_m task loss of y_m^u over the samples that have m;
 - ``purified``: purified_weight * sum_m task loss of y_m^p, computed on a branch where h_m is detached and
   the head is called with ``frozen_call``: its gradient reaches only the UPN mask learners;
-- ``penalty``: penalty_weight * mean_m of the L0 penalty, the mean over valid steps of
-  sigmoid(alpha + loc_bias - beta * log(-gamma / zeta)) (UPN only by construction);
+- ``penalty``: penalty_weight * sum_m of the L0 penalty, the mean over valid steps of
+  sigmoid(alpha + loc_bias - beta * log(-gamma / zeta)) (UPN only by construction; methods.md 5.3:
+  0.1 * (penalty_l + penalty_a + penalty_v));
 - ``intra``: intra_weight * sum_m MSE of the worse branch (y_m^p or y_m^u, by this batch's task loss) toward
   the better one, detached;
 - ``inter``: inter_weight * 1/2 (inter_temp * a_t)^2 * sum_{s != t} KL(softmax(p_t.detach()) || softmax(p_s))
@@ -43,7 +44,13 @@ with fewer than two). Departures from the published code (zengy268/MIM @ 08df574
 - the MLP across time (T -> T/5 -> T) is omitted: it needs a fixed length and our sequences vary; the
   scorer's final ReLU is dropped too, so alpha can go negative and gates can close at eval;
 - the penalty and the purified mean run over valid steps (the published code averages over padding too);
-- gates are deterministic at eval. ``faithful=True`` restores the published sampled (stochastic) gates at eval.
+- gates are deterministic at eval. ``faithful=True`` restores the published sampled (stochastic) gates at eval;
+- the Hard-Concrete noise and gates are computed in float32 whatever the autocast dtype (bf16 would quantise
+  the noise to 8 bits).
+
+Ablation: ``gates=False`` removes purification: no mask learner runs, every valid step is kept (gate = 1), and
+``purified`` and ``penalty`` are zeros still connected to the graph (the loss keys stay the same); the KGS
+terms and heads are unchanged. The claims benchmark compares MIM against it.
 """
 
 from __future__ import annotations
@@ -77,6 +84,7 @@ class MIMConfig(FusionConfig):
     purified_weight: float = 1.0
     intra_weight: float = 1.0
     inter_weight: float = 1.0
+    gates: bool = True  # ablation switch: False = no purification (every valid step kept, no mask learner)
 
     def problems(self) -> list[str]:
         out = super().problems()
@@ -179,16 +187,20 @@ class MIM(FusionModel):
         for m in self.modalities:
             mask = inputs.masks[m]
             h = self.encoders[m](inputs.feats[m], mask)
-            alpha = self.upn[m](h.detach(), mask)
-            u = torch.rand_like(alpha) * (1 - 2e-6) + 1e-6 if sample_gates else None
-            gate = hard_concrete_gate(alpha, mask, c, u)
+            if c.gates:
+                alpha = self.upn[m](h.detach(), mask).float()  # gates in fp32 under any autocast dtype
+                u = torch.rand(alpha.shape, device=alpha.device) * (1 - 2e-6) + 1e-6 if sample_gates else None
+                gate = hard_concrete_gate(alpha, mask, c, u).to(h.dtype)
+                penalties[m] = l0_penalty(alpha, mask, c)
+            else:  # ablation: no purification
+                gate = mask.to(h.dtype)
+                penalties[m] = h.sum() * 0.0
             count = mask.sum(1, keepdim=True).clamp_min(1).to(h.dtype)
             pooled[m] = torch.tanh(gate[..., None] * h).sum(1) / count  # gate = 0 at padding: tanh(0) = 0
             upn_pooled = torch.tanh(gate[..., None] * h.detach()).sum(1) / count
             y_u[m] = self._squeeze(self.heads[m](masked_mean(torch.tanh(h), mask)))
             y_p[m] = self._squeeze(self.heads[m](pooled[m]))
             y_upn[m] = self._squeeze(frozen_call(self.heads[m], upn_pooled))  # same value as y_p, UPN-only grad
-            penalties[m] = l0_penalty(alpha, mask, c)
             gates[m] = gate
         prediction = self._squeeze(self.fusion_out(torch.tanh(self.fusion_proj(self._fuse(pooled, inputs.present)))))
 
@@ -261,11 +273,11 @@ class MIM(FusionModel):
             for i, m in enumerate(active):
                 diagnostics[f"inter_weight/{m}"] = weights[i]
 
-        penalty = torch.stack([penalties[m] for m in active]).mean() if active else zero
+        penalty = torch.stack([penalties[m] for m in active]).sum() if active else zero
         losses = {
             "task": task_loss(prediction, label, c.task),
             "unimodal": c.unimodal_weight * (sum(loss_u.values()) if active else zero),
-            "purified": c.purified_weight * (sum(loss_p.values()) if active else zero),  # UPN-only graph
+            "purified": c.purified_weight * (sum(loss_p.values()) if active and c.gates else zero),  # UPN only
             "penalty": c.penalty_weight * penalty,
             "intra": c.intra_weight * intra,
             "inter": c.inter_weight * inter,

@@ -165,6 +165,52 @@ def test_eval_gates_deterministic_by_default_and_stochastic_when_faithful() -> N
         assert torch.equal(first.prediction, second.prediction) is not faithful
 
 
+def test_penalty_is_the_weighted_sum_over_modalities(monkeypatch) -> None:
+    """methods.md 5.3: L_pen = 0.1 * (penalty_l + penalty_a + penalty_v), not their mean."""
+    import fusion.models.mim as mim
+
+    values = {5: 0.2, 7: 0.3, 9: 0.7}  # by the modality's padded length in make_batch (text 5, audio 7, video 9)
+    model = tiny(penalty_weight=0.1)
+    monkeypatch.setattr(mim, "l0_penalty", lambda alpha, mask, c: torch.tensor(values[alpha.shape[1]]))
+    out = model(make_batch())
+    assert out.losses["penalty"].item() == pytest.approx(0.1 * (0.2 + 0.3 + 0.7))
+
+
+def test_gates_off_keeps_every_step_and_trains_no_mask_learner() -> None:
+    model = tiny(gates=False)
+    model.train()
+    batch = make_batch()
+    out = model(batch)
+    assert set(out.losses) == {"task", "unimodal", "purified", "penalty", "intra", "inter"}
+    assert out.losses["purified"].item() == 0.0 and out.losses["penalty"].item() == 0.0
+    for m in DIMS:
+        assert out.diagnostics[f"gate_rate/{m}"].item() == 1.0
+        assert torch.equal(out.diagnostics[f"gates/{m}"], batch[f"{m}_mask"].float())
+    sum(out.losses.values()).backward()
+    assert all(p.grad is None for p in model.upn.parameters())
+    # with every step kept, the purified vector is the unmasked one: y_p = y_u, so intra-modal KGS is 0
+    assert out.losses["intra"].item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_hard_concrete_noise_is_float32_under_bf16_autocast(monkeypatch) -> None:
+    import fusion.models.mim as mim
+
+    seen = []
+    original = mim.hard_concrete_gate
+
+    def spy(alpha, mask, config, u=None):
+        seen.append((alpha.dtype, None if u is None else u.dtype))
+        return original(alpha, mask, config, u)
+
+    monkeypatch.setattr(mim, "hard_concrete_gate", spy)
+    model = tiny()
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(make_batch())
+    assert seen == [(torch.float32, torch.float32)] * 3
+    assert torch.isfinite(out.prediction.float()).all()
+
+
 def test_loss_terms_and_diagnostics() -> None:
     model = tiny()
     model.eval()
