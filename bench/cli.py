@@ -1,5 +1,6 @@
-"""``mmfuse bench extract|train|models``: the throughput benchmarks of SPEC §8 (results go to BENCHMARKS.md), and
-every model compared on a user's own shards.
+"""``mmfuse bench extract|train|claims|models``: the throughput benchmarks of SPEC §8 (results go to
+BENCHMARKS.md), the seed methods' claims on synthetic tasks built for them, and every model compared on a user's
+own shards.
 
 ``--sweep`` turns either into a sweep: throughput against the worker count and against the batch size, printed
 as a table and drawn as a PNG (``bench/extract_sweep.py``, ``bench/train_sweep.py``).
@@ -11,6 +12,7 @@ import argparse
 
 
 def add_bench(sub: argparse._SubParsersAction) -> None:
+    from bench.claims import add_arguments as add_claims_arguments
     from bench.extract import add_arguments as add_extract_arguments
     from bench.models import add_arguments as add_models_arguments
     from bench.train import add_arguments as add_train_arguments
@@ -32,6 +34,9 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
         kinds.add_parser(
             "train", help="training: streaming vs in-memory, frozen vs end to end, DDP (--sweep: vs workers, batch)"
         )
+    )
+    add_claims_arguments(
+        kinds.add_parser("claims", help="each seed method's claim on a task built for it: effect, p, verdict")
     )
     add_models_arguments(
         kinds.add_parser("models", help="every fusion model on your shards: selected on valid, test mean ± std")
