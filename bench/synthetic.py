@@ -29,6 +29,7 @@ from bench.markdown import markers, replace_section
 from fusion import build_model
 from fusion.synthetic import SyntheticTask, take
 from train.metrics import sentiment_metrics
+from train.trainer import clip_grad_norm_per_group
 
 BEGIN, END = markers("synthetic")
 write_section = partial(replace_section, name="synthetic")  # (path, body)
@@ -111,7 +112,7 @@ def train_one(
         out = model(batch)
         optimizer.zero_grad(set_to_none=True)
         sum(out.losses.values()).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        clip_grad_norm_per_group(optimizer, 1.0)  # as the trainer does: each group on its own
         optimizer.step()
         if step % eval_every == 0 or step == steps:
             pred, _ = evaluate(model, data["valid"])
