@@ -312,15 +312,16 @@ class BCPMJRS(FusionModel):
 
     @torch.no_grad()
     def end_epoch(self, val_metrics: dict[str, float]) -> dict[str, float]:
-        """LTP/LTD step on (lambda_min, lambda_max) from ``val_metrics["task_loss"]``; returns the new values."""
+        """LTP/LTD step on (lambda_min, lambda_max) from ``val_metrics["task_loss"]``; returns the new values
+        (nothing, and reads nothing, with ``ltp_ltd`` off)."""
+        c = self.config
+        if not c.ltp_ltd:
+            return {}
         if VAL_LOSS_KEY not in val_metrics:
             raise MissingMetricError(
                 f"BC-PMJRS end_epoch needs val_metrics[{VAL_LOSS_KEY!r}] (the mean validation task loss) for its "
                 f"LTP/LTD rule; got keys {sorted(val_metrics)}"
             )
-        c = self.config
-        if not c.ltp_ltd:
-            return {}
         loss = float(val_metrics[VAL_LOSS_KEY])
         improved = loss < float(self.best_task_loss)  # NaN never improves
         if improved:

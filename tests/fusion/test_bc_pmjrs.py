@@ -110,6 +110,7 @@ def test_ltp_ltd_off_keeps_the_weights() -> None:
     model = tiny(ltp_ltd=False, lambda_min=0.2, lambda_max=0.3)
     for loss in (1.0, 0.5, 2.0):
         assert model.end_epoch({"task_loss": loss}) == {}
+    assert model.end_epoch({}) == {}  # needs no validation loss either
     assert (model.lambda_min.item(), model.lambda_max.item()) == pytest.approx((0.2, 0.3))
 
 
