@@ -195,7 +195,7 @@ def timed_training(
     from train.data import InMemorySource, feature_dims
     from train.pipeline import FusionPipeline
     from train.runtime import Dist, amp_dtype, seed_everything
-    from train.trainer import data_config
+    from train.trainer import clip_grad_norm_per_group, data_config
 
     d = d or Dist()
     config = make_train_config(model, overrides=overrides)
@@ -226,7 +226,7 @@ def timed_training(
                 out = model(batch)
             loss = sum(out.losses.values())
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), config.clip_norm or float("inf"))
+            clip_grad_norm_per_group(optimizer, config.clip_norm or float("inf"))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             now = time.perf_counter()

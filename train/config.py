@@ -59,7 +59,7 @@ class TrainConfig:
     schedule: str = "cosine"  # cosine | linear | constant, after warm-up
     warmup_steps: int = 0
     grad_accum: int = 1  # micro-batches per optimiser step
-    clip_norm: float = 1.0  # 0 disables clipping
+    clip_norm: float = 1.0  # max gradient norm of each optimiser group, clipped on its own; 0 disables clipping
     amp: str = "auto"  # auto (bf16 on CUDA when supported, off on CPU) | off | bf16 | fp16
     grad_checkpointing: bool = False  # encoders, end-to-end mode
     unfreeze_top_k: int = -1  # end-to-end: train only the top k encoder layers (-1 all, 0 none)

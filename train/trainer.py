@@ -86,6 +86,21 @@ def lr_lambda(config: TrainConfig, total_steps: int):
     return factor
 
 
+def clip_grad_norm_per_group(optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor:
+    """Clip the gradient of each parameter group to ``max_norm`` on its own; returns the norm over all groups
+    before clipping (what one global clip would see, for logging).
+
+    One global norm lets a group with a large gradient (a CLUB q fitting its likelihood) shrink every other
+    group's step. A group and its weight-decay split (``name`` and ``name.no_decay``) are clipped as one.
+    """
+    groups: dict[str, list[torch.Tensor]] = {}
+    for i, group in enumerate(optimizer.param_groups):
+        groups.setdefault(str(group.get("name", i)).removesuffix(".no_decay"), []).extend(group["params"])
+    norms = [torch.nn.utils.clip_grad_norm_(params, max_norm) for params in groups.values()]
+    device = next((n.device for n in norms if n.device.type != "cpu"), torch.device("cpu"))
+    return torch.linalg.vector_norm(torch.stack([n.float().to(device) for n in norms]))
+
+
 def fit(
     config: TrainConfig,
     shards: Path | str,
@@ -195,7 +210,7 @@ def _fit(
             if state["batch"] % config.grad_accum:
                 continue
             scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), config.clip_norm or float("inf"))
+            grad_norm = clip_grad_norm_per_group(optimizer, config.clip_norm or float("inf"))
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)

@@ -25,6 +25,7 @@ from fusion.estimators import (
     UnknownEstimatorError,
     get_estimator,
 )
+from fusion.estimators.club import club_estimate, club_lag, refit_club
 from fusion.estimators.critics import BilinearCritic, ConcatCritic, derangement, mlp
 from fusion.estimators.infonce import infonce_from_scores
 from fusion.estimators.tcmax import brute_force_log_partition, factorised_log_partition, sampled_tc_bound, tcmax_bound
@@ -184,6 +185,39 @@ def test_club_learning_loss_trains_q_only() -> None:
     assert x.grad is None
     assert y.grad is None
     assert all(p.grad is not None for p in club.parameters())
+
+
+def test_club_lag_flags_a_q_left_behind_by_its_inputs() -> None:
+    torch.manual_seed(0)
+    d, rho = 2, 0.5
+    club_with_true_q = d * rho**2 / (1 - rho**2)  # 0.667, as above
+    running = CLUB(d, d, hidden_dim=32)
+    train_q = torch.optim.Adam(running.parameters(), lr=5e-3)
+    for _ in range(600):  # q fitted to y = rho x + noise ...
+        loss = running.learning_loss(*gaussian_pairs(256, d, rho))
+        train_q.zero_grad()
+        loss.backward()
+        train_q.step()
+    before = [p.detach().clone() for p in running.parameters()]
+    x, y = gaussian_pairs(4096, d, rho)
+    fit, held_out = (x[:2048], -y[:2048]), (x[2048:], -y[2048:])  # ... then the "encoder" flips the sign of y
+    rng = torch.get_rng_state()
+    lag = club_lag(running, fit, held_out, steps=600)
+    # the stale q reads the flipped dependence as negative "MI": E = -d rho^2 / (1 - rho^2) (measured -0.69) ...
+    assert lag.running == pytest.approx(-club_with_true_q, abs=0.15)
+    assert lag.refit == pytest.approx(club_with_true_q, abs=0.15)  # ... a fresh q sees it again (measured 0.71)
+    assert lag.gap == pytest.approx(lag.running - lag.refit) and lag.gap < -1.0
+    assert torch.equal(torch.get_rng_state(), rng)  # the diagnostic leaves the global RNG alone
+    assert all(torch.equal(p, b) for p, b in zip(running.parameters(), before, strict=True))  # and its q
+
+
+def test_refit_club_reads_independent_pairs_as_zero() -> None:
+    torch.manual_seed(0)
+    x, y = torch.randn(2048, 9) * 3, torch.randn(2048, 7) * 0.1
+    fresh = refit_club(CLUB(9, 7, hidden_dim=16), x[:1024], y[:1024], steps=400)
+    assert abs(club_estimate(fresh, x[1024:], y[1024:])) < 0.25  # measured 0.10
+    with pytest.raises(ValueError, match="held-out pairs"):
+        refit_club(CLUB(9, 7), x[:3], y[:3])
 
 
 # ---- VIB ---------------------------------------------------------------------------------------------

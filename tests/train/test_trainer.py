@@ -17,7 +17,7 @@ from train.checkpoint import CheckpointError, load_checkpoint
 from train.config import make_train_config
 from train.logs import RunLog
 from train.runtime import RunDirError
-from train.trainer import fit
+from train.trainer import clip_grad_norm_per_group, fit
 
 FAST = ["batch_size=1", "num_workers=0", "log_every=1", "model.hidden=12", "model.num_heads=3", "device=cpu"]
 
@@ -307,3 +307,19 @@ def test_gradient_checkpointing_gives_the_same_training(bundled_dataset: Path, t
     for key, value in plain.items():
         if key.startswith("encoders.") and not key.endswith("in_proj_bias"):
             torch.testing.assert_close(checkpointed[key], value, atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_each_group_is_clipped_on_its_own() -> None:
+    weights, biases, head, club = (torch.nn.Parameter(torch.zeros(n)) for n in (2, 1, 2, 2))
+    groups = [("fusion.model", weights), ("fusion.model.no_decay", biases), ("head", head), ("fusion.club", club)]
+    optimizer = torch.optim.SGD([{"name": name, "params": [p]} for name, p in groups], lr=0.1)
+    weights.grad, biases.grad = torch.tensor([1.2, 0.0]), torch.tensor([1.6])  # one group (a decay split), norm 2
+    head.grad = torch.tensor([0.3, 0.4])  # norm 0.5: under the limit
+    club.grad = torch.tensor([300.0, 400.0])  # norm 500, like a CLUB q's likelihood gradient
+    total = clip_grad_norm_per_group(optimizer, 1.0)
+    assert float(total) == pytest.approx((2.0**2 + 0.5**2 + 500.0**2) ** 0.5)  # the pre-clip norm, for the log
+    # one global norm would have scaled every gradient by 1/500; per group, the huge one shrinks only itself
+    torch.testing.assert_close(head.grad, torch.tensor([0.3, 0.4]))
+    torch.testing.assert_close(club.grad, torch.tensor([0.6, 0.8]))
+    torch.testing.assert_close(weights.grad, torch.tensor([0.6, 0.0]))  # the split is clipped as one group: x 1/2
+    torch.testing.assert_close(biases.grad, torch.tensor([0.8]))
