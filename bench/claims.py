@@ -18,7 +18,6 @@ else "not reproduced". The tasks were written from the methods' papers before an
 from __future__ import annotations
 
 import argparse
-import copy
 import itertools
 import json
 import math
@@ -37,7 +36,7 @@ from bench.sweep import ticker
 NAME = "claims"
 SIZES = {"train": 2000, "valid": 500, "test": 1000}
 QUICK_SIZES = {"train": 192, "valid": 64, "test": 96}
-MODEL = {"hidden": 32, "num_heads": 4, "num_layers": 1, "dropout": 0.1}
+MODEL = {"hidden": 32, "num_heads": 4, "num_layers": 1, "dropout": 0.1}  # as bench.synthetic.fit_in_memory
 BASELINES = ("late", "early", "mult")
 
 
@@ -229,42 +228,19 @@ def train_in_memory(
     steps: int,
     eval_every: int,
     settings: dict[str, Any] | None = None,
-    batch_size: int = 64,
-    lr: float = 3e-3,
 ) -> tuple[Any, dict[str, float]]:
-    """Train ``name`` on ``modalities`` of the in-memory ``data``; return the model at its best validation MAE
-    and its test measures (metrics, scalar diagnostics, ``best_step``, ``seconds``)."""
-    import torch
-
-    from bench.synthetic import evaluate
-    from fusion import build_model
-    from fusion.synthetic import take
+    """Train ``name`` on ``modalities`` of the in-memory ``data`` (``bench.synthetic.fit_in_memory``); return the
+    model at its best validation MAE and its test measures (metrics, scalar diagnostics, best step, seconds)."""
+    from bench.synthetic import evaluate, fit_in_memory
     from train.metrics import sentiment_metrics
 
-    torch.manual_seed(seed)
-    model = build_model(name, dims={m: dims[m] for m in modalities}, **MODEL, **(settings or {}))
-    optimizer = torch.optim.AdamW(model.param_groups(lr), weight_decay=1e-4)
-    g = torch.Generator().manual_seed(seed)
-    n = len(data["train"]["label"])
-    best = (math.inf, 0, copy.deepcopy(model.state_dict()))
-    started = time.perf_counter()
-    for step in range(1, steps + 1):
-        out = model(take(data["train"], torch.randint(0, n, (batch_size,), generator=g)))
-        optimizer.zero_grad(set_to_none=True)
-        sum(out.losses.values()).backward()
-        for group in optimizer.param_groups:  # each group on its own, as train.trainer does
-            torch.nn.utils.clip_grad_norm_(group["params"], 1.0)
-        optimizer.step()
-        if step % eval_every == 0 or step == steps:
-            pred, _ = evaluate(model, data["valid"])
-            val_mae = float((pred - data["valid"]["label"]).abs().mean())
-            model.end_epoch({"task_loss": val_mae, "mae": val_mae})
-            if val_mae < best[0]:
-                best = (val_mae, step, copy.deepcopy(model.state_dict()))
-    model.load_state_dict(best[2])
+    model, best_step, seconds = fit_in_memory(
+        name, {m: dims[m] for m in modalities}, data, seed, steps, eval_every=eval_every,
+        hidden=MODEL["hidden"], settings=settings,
+    )  # fmt: skip
     pred, diagnostics = evaluate(model, data["test"])
     measures = {**sentiment_metrics(pred, data["test"]["label"]), **diagnostics}
-    measures.update(best_step=float(best[1]), seconds=time.perf_counter() - started)
+    measures.update(best_step=float(best_step), seconds=seconds)
     return model, measures
 
 

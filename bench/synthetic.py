@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -90,11 +91,10 @@ def method_diagnostics(out: fusion.FusionOutput, batch: dict[str, torch.Tensor])
     return result
 
 
-def train_one(
+def fit_in_memory(
     name: str,
-    modalities: tuple[str, ...],
+    dims: dict[str, int],
     data: dict[str, dict[str, torch.Tensor]],
-    task: SyntheticTask,
     seed: int,
     steps: int = 300,
     batch_size: int = 64,
@@ -102,10 +102,11 @@ def train_one(
     eval_every: int = 25,
     hidden: int = 32,
     settings: dict | None = None,
-) -> RunResult:
-    """Train ``name`` on the given modalities; test metrics at the best validation MAE."""
+) -> tuple[fusion.FusionModel, int, float]:
+    """Train ``name`` on the modalities of ``dims`` (modality -> width) with random batches of ``data["train"]``,
+    validating every ``eval_every`` steps. Returns the model holding its best-validation-MAE weights, that step
+    and the training seconds."""
     torch.manual_seed(seed)
-    dims = {m: task.dims[m] for m in modalities}
     model = build_model(name, dims=dims, hidden=hidden, num_heads=4, num_layers=1, dropout=0.1, **(settings or {}))
     optimizer = torch.optim.AdamW(model.param_groups(lr), weight_decay=1e-4)
     g = torch.Generator().manual_seed(seed)
@@ -127,10 +128,26 @@ def train_one(
                 best = (val_mae, step, copy.deepcopy(model.state_dict()))
     seconds = time.perf_counter() - started
     model.load_state_dict(best[2])
+    return model, best[1], seconds
+
+
+def train_one(
+    name: str,
+    modalities: tuple[str, ...],
+    data: dict[str, dict[str, torch.Tensor]],
+    task: SyntheticTask,
+    seed: int,
+    steps: int = 300,
+    settings: dict | None = None,
+    **training: Any,
+) -> RunResult:
+    """Train ``name`` on the given modalities (``fit_in_memory``); test metrics at the best validation MAE."""
+    dims = {m: task.dims[m] for m in modalities}
+    model, best_step, seconds = fit_in_memory(name, dims, data, seed, steps, settings=settings, **training)
     pred, diagnostics = evaluate(model, data["test"])
     if hasattr(model, "club_lag"):  # BC-PMJRS: CLUB with a q re-fitted on valid, scored on test, beside the running q
         diagnostics.update(model.club_lag(data["valid"], data["test"]))
-    return RunResult(sentiment_metrics(pred, data["test"]["label"]), diagnostics, best[1], seconds)
+    return RunResult(sentiment_metrics(pred, data["test"]["label"]), diagnostics, best_step, seconds)
 
 
 def runs() -> list[tuple[str, str, tuple[str, ...], dict]]:
