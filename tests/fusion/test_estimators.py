@@ -101,8 +101,13 @@ def test_infonce_never_exceeds_log_batch() -> None:
     assert saturated.estimate.item() <= math.log(b) + 1e-6
     assert saturated.estimate.item() > math.log(b) - 1e-3
     assert saturated.loss.item() == pytest.approx(-saturated.estimate.item())
-    for scale in (1.0, 1e3, 1e6):
-        assert infonce_from_scores(scale * torch.randn(b, b)).item() <= math.log(b) + 1e-6
+    for scale in (1.0, 1e3, 1e6):  # against a float64 log-sum-exp by hand, up to scores that overflow exp()
+        scores = scale * torch.randn(b, b)
+        exact = math.log(b) + (scores.double().diagonal() - torch.logsumexp(scores.double(), 1)).mean().item()
+        assert infonce_from_scores(scores).item() == pytest.approx(exact, rel=1e-5, abs=1e-4)
+    # a dominant diagonal reaches log B from below (never above), even at scores of 1e6
+    dominant = 1e6 * torch.eye(b) + torch.randn(b, b)
+    assert math.log(b) - 1e-3 < infonce_from_scores(dominant).item() <= math.log(b) + 1e-6
 
 
 # ---- DV / MINE ---------------------------------------------------------------------------------------
