@@ -19,6 +19,12 @@ which costs O(B * C * M) (``factorised_log_partition``). Non-additive critics us
 Shapes: ``logits`` is a sequence of M tensors (B, C), one per modality (h_m applied to that modality's
 pooled features); ``y`` is (B,) integer labels in [0, C); features for the sampled form are (B, D_m).
 Regression targets are binned by the model, not here.
+
+Squared-error critics for regression, T(z, y) = -(y - h(z))^2 / tau with a scalar h = sum_m h_m(z_m)
+(``squared_error_bound``): the negatives pair recombined tuples with a set of label values (the bin centres,
+or the batch's labels). They do not factorise, but each tuple's score is the sum of M scalars, so
+``tuple_sums`` enumerates all B^M of them exactly (no extra head calls) when that is affordable and samples
+tuples otherwise.
 """
 
 from __future__ import annotations
@@ -124,6 +130,46 @@ def sampled_tc_bound(
     else:
         positive = positive_out.gather(1, y.long()[:, None]).squeeze(1)
     estimate = positive.mean() - log_mean_exp(negative_out)
+    return Estimate(estimate, -estimate)
+
+
+# ---- squared-error critics for regression ---------------------------------------------------------------
+
+
+def tuple_sums(scores: Sequence[Tensor], max_tuples: int = 1 << 17, generator: torch.Generator | None = None) -> Tensor:
+    """Sums sum_m scores[m][i_m] over recombinations (i_1, ..., i_M) of the batch.
+
+    ``scores``: M tensors (B,), one scalar per sample and modality. Returns every one of the B^M sums, flat
+    (B^M,), when B^M <= ``max_tuples`` (the exact product of marginals); otherwise ``max_tuples`` sums over
+    tuples whose indices are drawn independently and uniformly (an unbiased sample of the same set).
+    """
+    if len(scores) == 0 or any(s.dim() != 1 or s.shape != scores[0].shape for s in scores):
+        raise ValueError(f"tuple_sums needs M >= 1 tensors (B,) of one size, got {[tuple(s.shape) for s in scores]}")
+    b = scores[0].shape[0]
+    if b ** len(scores) <= max_tuples:
+        total = scores[0]
+        for s in scores[1:]:
+            total = (total[:, None] + s[None, :]).reshape(-1)
+        return total
+    idx = torch.randint(0, b, (max_tuples, len(scores)), device=scores[0].device, generator=generator)
+    return sum(s[idx[:, m]] for m, s in enumerate(scores))
+
+
+def squared_error_bound(
+    h: Tensor, target: Tensor, h_negative: Tensor, label_values: Tensor, tau: float = 1.0
+) -> Estimate:
+    """DV bound with the critic T(z, y) = -(y - h(z))^2 / tau.
+
+    ``h`` (B,) and ``target`` (B,): the critic's prediction and the label of each real tuple (positives);
+    ``h_negative`` (N,): h on recombined tuples of the product of marginals; ``label_values`` (L,): the label
+    marginal of the negatives, every value paired with every negative tuple (N * L negatives). ``estimate``
+    lower-bounds KL(p(z_1, ..., z_M, y) || p(z_1) ... p(z_M) q(y)) for that label marginal q, up to the
+    finite-sample bias of log-mean-exp; ``loss = -estimate``.
+    """
+    with torch.autocast(device_type=h.device.type, enabled=False):
+        positive = -(target.float() - h.float()).pow(2).mean() / tau
+        negative = -(label_values.float()[None, :] - h_negative.float()[:, None]).pow(2) / tau
+        estimate = positive - log_mean_exp(negative)
     return Estimate(estimate, -estimate)
 
 
