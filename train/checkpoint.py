@@ -17,6 +17,9 @@ from typing import Any
 import torch
 
 CHECKPOINT_VERSION = 1
+# Model settings added after checkpoints had been written, with the value those older checkpoints were trained
+# with (a checkpoint whose saved model config lacks the key predates it): TCMax regression used the plain bins.
+LEGACY_SETTINGS: dict[str, dict[str, Any]] = {"tcmax": {"regression": "bins"}}
 
 
 class CheckpointError(RuntimeError):
@@ -58,4 +61,16 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
         raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
     if not isinstance(obj, dict) or obj.get("mmfuse_checkpoint") != CHECKPOINT_VERSION:
         raise CheckpointError(f"{path} is not an mmfuse checkpoint (version {CHECKPOINT_VERSION})")
+    return _with_legacy_settings(obj)
+
+
+def _with_legacy_settings(obj: dict[str, Any]) -> dict[str, Any]:
+    """Give a checkpoint written before a model setting existed that setting's old value (``LEGACY_SETTINGS``),
+    so it rebuilds the network it was trained as."""
+    saved = obj.get("model_config") or {}
+    for key, value in LEGACY_SETTINGS.get(obj.get("model_name", ""), {}).items():
+        if key not in saved and isinstance(obj.get("config"), dict):
+            settings = obj["config"].setdefault("model_settings", {}) or {}
+            settings.setdefault(key, value)
+            obj["config"]["model_settings"] = settings
     return obj

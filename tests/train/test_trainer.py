@@ -246,6 +246,22 @@ def test_checkpoints_never_unpickle(tmp_path: Path) -> None:
         load_checkpoint(path)
 
 
+def test_tcmax_checkpoint_from_before_the_regression_setting_still_evaluates(
+    bundled_dataset: Path, tmp_path: Path, capsys
+) -> None:
+    """A TCMax checkpoint written before ``regression`` existed was trained with the plain bins: it is rebuilt so."""
+    config = make_train_config("tcmax", overrides=[*FAST, "epochs=1", "model.regression=bins"])
+    fit(config, bundled_dataset, tmp_path / "run")
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")
+    del ckpt["model_config"]["regression"], ckpt["config"]["model_settings"]["regression"]
+    old = tmp_path / "old.pt"
+    torch.save(ckpt, old)
+    assert load_checkpoint(old)["config"]["model_settings"]["regression"] == "bins"
+    argv = ["eval", "--checkpoint", str(old), "--shards", str(bundled_dataset), "--split", "train", "--json"]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 2
+
+
 def test_gradient_accumulation_matches_one_big_batch(bundled_dataset: Path, tmp_path: Path) -> None:
     common = [*FAST, "epochs=1", "model.dropout=0.0", "clip_norm=0", "schedule=constant"]
     fit(make_train_config("late", overrides=[*common, "batch_size=2"]), bundled_dataset, tmp_path / "big")
