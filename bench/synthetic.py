@@ -102,10 +102,10 @@ def fit_in_memory(
     eval_every: int = 25,
     hidden: int = 32,
     settings: dict | None = None,
-) -> tuple[fusion.FusionModel, int, float]:
+) -> tuple[fusion.FusionModel, int, float, float]:
     """Train ``name`` on the modalities of ``dims`` (modality -> width) with random batches of ``data["train"]``,
-    validating every ``eval_every`` steps. Returns the model holding its best-validation-MAE weights, that step
-    and the training seconds."""
+    validating every ``eval_every`` steps. Returns the model holding its best-validation-MAE weights, that step,
+    the training seconds and that validation MAE."""
     torch.manual_seed(seed)
     model = build_model(name, dims=dims, hidden=hidden, num_heads=4, num_layers=1, dropout=0.1, **(settings or {}))
     optimizer = torch.optim.AdamW(model.param_groups(lr), weight_decay=1e-4)
@@ -128,7 +128,7 @@ def fit_in_memory(
                 best = (val_mae, step, copy.deepcopy(model.state_dict()))
     seconds = time.perf_counter() - started
     model.load_state_dict(best[2])
-    return model, best[1], seconds
+    return model, best[1], seconds, best[0]
 
 
 def train_one(
@@ -143,7 +143,7 @@ def train_one(
 ) -> RunResult:
     """Train ``name`` on the given modalities (``fit_in_memory``); test metrics at the best validation MAE."""
     dims = {m: task.dims[m] for m in modalities}
-    model, best_step, seconds = fit_in_memory(name, dims, data, seed, steps, settings=settings, **training)
+    model, best_step, seconds, _ = fit_in_memory(name, dims, data, seed, steps, settings=settings, **training)
     pred, diagnostics = evaluate(model, data["test"])
     if hasattr(model, "club_lag"):  # BC-PMJRS: CLUB with a q re-fitted on valid, scored on test, beside the running q
         diagnostics.update(model.club_lag(data["valid"], data["test"]))
