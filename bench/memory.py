@@ -51,8 +51,9 @@ def descendants(pid: int | None = None) -> set[int]:
 
 
 class ChildPeaks:
-    """Context manager: polls every descendant's ``VmHWM`` while the block runs; :attr:`largest_mib` is the
-    biggest single descendant (0 when there were none).
+    """Context manager: polls the ``VmHWM`` of every descendant started while the block runs (processes that
+    were already there, such as multiprocessing's resource tracker from earlier work, are not counted);
+    :attr:`largest_mib` is the biggest single one (0 when there were none).
 
     ``VmHWM`` is itself a high-water mark, so each process's last reading is its peak (up to the last poll
     before it exits). The last reading, not the largest: between ``fork`` and ``exec`` a child still shows
@@ -64,8 +65,10 @@ class ChildPeaks:
         self.peaks: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._before: set[int] = set()
 
     def __enter__(self) -> ChildPeaks:
+        self._before = set(descendants())
         self._thread.start()
         return self
 
@@ -75,6 +78,8 @@ class ChildPeaks:
 
     def sample(self) -> None:
         for pid in descendants():
+            if pid in self._before:
+                continue
             peak = vm_hwm_mib(pid)
             if peak is not None:
                 self.peaks[pid] = peak

@@ -26,8 +26,14 @@ def test_child_peak_is_its_own_not_its_parents():
     ballast = bytearray(400 * 2**20)
     ballast[::4096] = b"x" * len(ballast[::4096])  # make the pages resident
     assert own_peak_mib() > 400
-    with ChildPeaks(every_s=0.05) as peaks:
-        done = subprocess.run([sys.executable, "-c", CHILD], cwd=ROOT, capture_output=True, text=True, check=True)
+    earlier = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # a child from before
+    try:
+        with ChildPeaks(every_s=0.05) as peaks:
+            done = subprocess.run([sys.executable, "-c", CHILD], cwd=ROOT, capture_output=True, text=True, check=True)
+    finally:
+        earlier.kill()
+        earlier.wait()
+    assert earlier.pid not in peaks.peaks  # only processes started while the block runs count
     child = json.loads(done.stdout)
     assert child["ru_maxrss"] > 400  # what getrusage would have reported: the parent's peak, carried over exec
     assert 60 < child["own"] < 250  # its own allocation plus the interpreter
