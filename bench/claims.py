@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import multiprocessing as mp
 import os
+import signal
 import statistics
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from typing import Any
 
 from bench.markdown import replace_section
 from bench.sweep import ticker
+from train.jsonout import dumps
 
 NAME = "claims"
 SIZES = {"train": 2000, "valid": 500, "test": 1000}
@@ -200,13 +202,15 @@ def run(args: argparse.Namespace) -> int:
     text = format_report(report)
     print(text)
     if args.json is not None:
-        args.json.write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
+        args.json.write_text(dumps(report, indent=1, sort_keys=True) + "\n")  # standard JSON: NaN / inf -> null
     if args.out is not None:
         replace_section(args.out, text, NAME)
     return 0
 
 
-def run_jobs(jobs: list[tuple], workers: int, tick) -> dict[tuple[str, int], dict[str, dict[str, float]]]:
+def run_jobs(
+    jobs: list[tuple], workers: int, tick: Callable[[], None]
+) -> dict[tuple[str, int], dict[str, dict[str, float]]]:
     """(claim, seed) -> arm label -> measures, from one process per job (``workers`` at a time)."""
     results = {}
     if workers <= 1:
@@ -214,13 +218,18 @@ def run_jobs(jobs: list[tuple], workers: int, tick) -> dict[tuple[str, int], dic
             results[job[0], job[1]] = run_claim_seed(*job)
             tick()
         return results
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_ignore_sigint) as pool:
         futures = {pool.submit(run_claim_seed, *job): job for job in jobs}
         for future in as_completed(futures):
             job = futures[future]
             results[job[0], job[1]] = future.result()
             tick()
     return results
+
+
+def _ignore_sigint() -> None:
+    """Pool workers leave Ctrl-C to the parent, which stops the pool and exits with one line."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def run_claim_seed(

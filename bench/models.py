@@ -27,6 +27,7 @@ from typing import Any
 
 from bench.markdown import replace_section
 from bench.sweep import ticker
+from train.jsonout import dumps
 
 NAME = "bench-models"
 # Metrics shown in the table, in this order, where the task has them (JSON has every metric).
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     text = format_report(report)
     print(text)
     if args.json is not None:
-        args.json.write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
+        args.json.write_text(dumps(report, indent=1, sort_keys=True) + "\n")  # standard JSON: NaN -> null
     if args.out is not None:
         replace_section(args.out, text, NAME)
     return 0
