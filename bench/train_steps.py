@@ -292,7 +292,8 @@ def child_main(spec_path: str) -> int:
     torch.set_num_threads(int(spec["threads"]))
     d = setup_distributed("cpu")
     try:
-        with ChildPeaks() as workers:
+        # DataLoader workers of a short run can live under 0.1 s: poll often enough to read each one
+        with ChildPeaks(every_s=0.01) as workers:
             result = timed_training(
                 Path(spec["shards"]),
                 spec["model"],
