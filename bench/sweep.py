@@ -21,7 +21,10 @@ import warnings
 from collections.abc import Callable, Sequence
 from operator import itemgetter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the command line imports this module at start-up: no shards (numpy) here
+    from shards import Progress
 
 SWEEPS = ("workers", "batch_size")
 LABELS = {"workers": "workers", "batch_size": "batch size"}
@@ -95,7 +98,7 @@ def measure_points(
     at_workers: int,
     at_batch: int,
     run: Callable[[int, int], dict],
-    progress: Callable[[int, int | None], None] | None = None,
+    progress: Progress | None = None,
 ) -> list[dict[str, Any]]:
     """``run(workers, batch_size)`` once per distinct setting: worker counts at ``at_batch``, then batch sizes at
     ``at_workers``. Returns one point per (sweep, value), in that order, each with ``run``'s measurements.
@@ -112,7 +115,7 @@ def measure_points(
     return points
 
 
-def ticker(progress: Callable[[int, int | None], None] | None, total: int) -> Callable[[], None]:
+def ticker(progress: Progress | None, total: int) -> Callable[[], None]:
     """A callable that reports one more of ``total`` steps done to ``progress`` (if any) each time it is called;
     reports 0 done at once."""
     done = 0

@@ -29,14 +29,17 @@ import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench.markdown import markers, replace_section
 from bench.sweep import add_sweep_arguments, spell, stray_sweep_flags, ticker
+
+if TYPE_CHECKING:  # the command line imports this module at start-up: no shards (numpy) here
+    from shards import Progress
 
 BEGIN, END = markers("bench-train")
 write_section = partial(replace_section, name="bench-train")  # (path, body)
@@ -111,9 +114,7 @@ def run_overrides(args: argparse.Namespace, *, batch_size: int, workers: int, mo
     return [*base, f"mode={mode}"]
 
 
-def benchmark(
-    args: argparse.Namespace, work: Path, progress: Callable[[int, int | None], None] | None = None
-) -> dict[str, Any]:
+def benchmark(args: argparse.Namespace, work: Path, progress: Progress | None = None) -> dict[str, Any]:
     """Make the data, run every variant, and return the report (see the module docstring).
     ``progress(runs done, runs in all)`` follows the runs (the data and the stage profile count as one each)."""
     from bench.train_steps import bench_data, run_child, timed_training, write_dataset

@@ -23,19 +23,18 @@ from __future__ import annotations
 
 import hashlib
 import pickle
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from extract.extractors.base import ExtractionError
+from shards import Progress
 from shards.dataset import build_dataset, feature_set_hash, shard_name
 from shards.io import ShardWriter, atomic_write_json
 from shards.schema import MODALITIES, SCHEMA_VERSION, SPLITS, make_key
 from shards.stats import RunningStats
-
-Progress = Callable[[int, int | None], None]  # (samples written, samples in all)
 
 SPLIT_ALIASES = {"train": "train", "valid": "valid", "dev": "valid", "val": "valid", "test": "test"}
 ARRAYS = {"text": "text", "audio": "audio", "video": "vision"}

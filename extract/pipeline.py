@@ -17,7 +17,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
@@ -31,6 +31,7 @@ from extract.extractors.base import DecodedClip, ExtractionError
 from extract.manifest import Clip, load_manifest
 from extract.worker import DecodeSettings, decode_clip, init_worker
 from extract.writer import ShardBuilder, clean_stale, is_complete
+from shards import Progress
 from shards.dataset import DATASET_JSON, build_dataset, feature_set_hash, shard_name
 from shards.schema import MODALITIES, SAMPLE_RATE, SCHEMA_VERSION, SPLITS
 
@@ -114,7 +115,7 @@ def run_extract(
     media_root: Path | str | None,
     out: Path | str,
     cfg: ExtractConfig,
-    progress: Callable[[int, int | None], None] | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Extract every clip of ``manifest`` assigned to ``cfg.rank`` into ``out``; return a summary.
 

@@ -9,7 +9,6 @@ and link relatively, so the directory can be copied or archived as it is.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from shards import Progress
 from shards.dataset import load_dataset_json
 from shards.inspect import read_status
 from shards.io import iter_shard
@@ -72,7 +72,7 @@ def write_report(
     out_dir: Path | str,
     media_root: Path | str | None = None,
     overlays: int = 4,
-    progress: Callable[[int, int | None], None] | None = None,
+    progress: Progress | None = None,
 ) -> Path:
     """Write ``out_dir/index.html`` and its PNG files about the shards in ``shards_dir``; return the HTML path.
 
@@ -97,7 +97,7 @@ def _scan(
     out: Path,
     media: Path | None,
     n_overlays: int,
-    progress: Callable[[int, int | None], None] | None = None,
+    progress: Progress | None = None,
 ) -> Scan:
     scan = Scan()
     listed, read = sum(entry["samples"] for entry in ds.get("shards", [])), 0

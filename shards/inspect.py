@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from shards import Progress
 from shards.dataset import STATUS_JSONL, load_dataset_json, read_sidecar
 from shards.io import iter_shard
 from shards.schema import MODALITIES, SchemaError
@@ -18,9 +18,6 @@ def read_status(root: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-Progress = Callable[[int, int | None], None]  # (samples read, samples listed)
 
 
 def inspect_dataset(root: Path | str, verify: bool = False, progress: Progress | None = None) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import termios
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(sys.executable).parent / "mmfuse"  # the console script a user types
@@ -49,22 +50,13 @@ class Run:
         return [line.rsplit("\r", 1)[-1] for line in self.text.split("\n")]
 
 
-def run_mmfuse(
-    args: list[str],
-    mode: str = "terminal",
-    *,
-    cwd: Path = ROOT,
-    timeout: float = 300.0,
-    interrupt_when: str | None = None,
-    env: dict[str, str] | None = None,
-) -> Run:
+def run_mmfuse(args: list[str], mode: str = "terminal", **options: Any) -> Run:
     """``mmfuse ARGS`` with ``mode``: ``terminal`` (stdin, stdout and stderr on a pseudo-terminal), ``no-progress``
     (the same with ``--no-progress``), ``piped`` (stdout and stderr each a pipe) or ``stdout-piped`` (stdout a
-    pipe, stdin and stderr the terminal). ``interrupt_when``: a regex; once the terminal shows it, Ctrl-C is typed
-    (once)."""
+    pipe, stdin and stderr the terminal). ``options`` go to ``run_command`` (``cwd``, ``timeout``, ``env``,
+    ``interrupt_when``)."""
     argv = [*MMFUSE, *args, *(["--no-progress"] if mode == "no-progress" else [])]
-    return run_command(argv, "terminal" if mode == "no-progress" else mode, cwd=cwd, timeout=timeout,
-                       interrupt_when=interrupt_when, env=env)  # fmt: skip
+    return run_command(argv, "terminal" if mode == "no-progress" else mode, **options)
 
 
 def run_command(
@@ -76,7 +68,8 @@ def run_command(
     interrupt_when: str | None = None,
     env: dict[str, str] | None = None,
 ) -> Run:
-    """``argv`` in ``mode`` (``terminal``, ``piped`` or ``stdout-piped``, as for ``run_mmfuse``)."""
+    """``argv`` in ``mode`` (``terminal``, ``piped`` or ``stdout-piped``, as for ``run_mmfuse``).
+    ``interrupt_when``: a regex; once the terminal shows it, Ctrl-C is typed (once)."""
     env = {**os.environ, **(env or {})}
     env.pop("MMFUSE_NATIVE_LOGS", None)
     if mode == "piped":

@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from fusion.layers import task_loss
+from shards import Progress
 from shards.dataset import check_feature_set, load_dataset_json
 from train.checkpoint import load_checkpoint, save_checkpoint
 from train.collate import DataError, feature_dims
@@ -51,8 +51,6 @@ from train.runtime import (
 )
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[int, int | None], None]  # (done, in all): optimiser steps in fit, samples in evaluate
 
 
 def data_config(config: TrainConfig, *, workers: int | None = None) -> DataConfig:
