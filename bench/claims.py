@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.markdown import replace_section
+from bench.models import parse_seeds
 from bench.sweep import ticker
 from train.jsonout import dumps
 
@@ -186,12 +187,9 @@ def run(args: argparse.Namespace) -> int:
     unknown = sorted(set(keys) - set(CLAIM_KEYS))
     if unknown or not keys:
         raise TrainConfigError(f"--claims: unknown {', '.join(unknown) or '(none)'}; valid: {', '.join(CLAIM_KEYS)}")
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    except ValueError as exc:
-        raise TrainConfigError(f"--seeds {args.seeds!r}: give comma-separated integers") from exc
-    if args.steps < 1 or args.eval_every < 1 or not seeds:
-        raise TrainConfigError("--steps and --eval-every must be >= 1, and --seeds non-empty")
+    seeds = parse_seeds(args.seeds)
+    if args.steps < 1 or args.eval_every < 1:
+        raise TrainConfigError("--steps and --eval-every must be >= 1")
     claims = [c for c in CLAIMS if c.key in keys]
     sizes = QUICK_SIZES if args.quick else SIZES
     jobs = [(c.key, seed, args.steps, args.eval_every, sizes) for c in claims for seed in seeds]

@@ -61,12 +61,7 @@ def run(args: argparse.Namespace) -> int:
     if unknown or not names:
         given = ", ".join(unknown) or "(none given)"
         raise TrainConfigError(f"--models: unknown {given}; valid: {', '.join(sorted(MODELS))}")
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    except ValueError as exc:
-        raise TrainConfigError(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. 1,2,3") from exc
-    if not seeds:
-        raise TrainConfigError("--seeds: give at least one seed")
+    seeds = parse_seeds(args.seeds)
     dataset = load_dataset_json(args.shards)
     runs_dir = args.runs or Path(tempfile.mkdtemp(prefix="mmfuse-bench-models-"))
     try:
@@ -83,6 +78,19 @@ def run(args: argparse.Namespace) -> int:
     if args.out is not None:
         replace_section(args.out, text, NAME)
     return 0
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``--seeds 1,2,3`` -> [1, 2, 3]; a clear error for anything else (also used by ``bench claims``)."""
+    from train.config import TrainConfigError
+
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError as exc:
+        raise TrainConfigError(f"--seeds {text!r}: give comma-separated integers, e.g. 1,2,3") from exc
+    if not seeds:
+        raise TrainConfigError("--seeds: give at least one seed")
+    return seeds
 
 
 def compare(
