@@ -372,7 +372,7 @@ def make_report(
     seconds: float,
 ) -> dict[str, Any]:
     """Per claim: every arm's measures (mean, std over seeds) and every effect's verdict; plus the raw runs."""
-    from bench.train import machine
+    from bench.train_runs import machine
 
     out_claims = []
     for claim in claims:

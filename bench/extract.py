@@ -19,31 +19,24 @@ both (``bench/extract_sweep.py``).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
-import os
-import platform
-import subprocess
-import sys
 import tempfile
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+from bench.extract_runs import MEDIA, QUICK_SWEEP, SWEEP, command, machine, measure, tile_manifest
 from bench.markdown import markers, replace_section
-from bench.sweep import add_sweep_arguments, spell, stray_sweep_flags, ticker
+from bench.sweep import add_sweep_arguments, stray_sweep_flags, ticker
 from extract.extractors.base import ExtractionError
 from extract.models import DEFAULT_TEXT_MODEL
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parents[1]
-MEDIA = ROOT / "examples" / "media"
 BEGIN, END = markers("bench-extract")
 write_section = partial(replace_section, name="bench-extract")  # (path, body)
 BENCH_AUDIO_MODEL = "random:wav2vec2-base"  # wav2vec2-base's shapes and cost, random weights: no download
-SWEEP, QUICK_SWEEP = ((0, 1, 2, 3), (1, 2, 4, 8, 16)), ((0, 1), (1, 2))  # (worker counts, batch sizes)
 TARGET_SPEEDUP, TARGET_CEILING, TARGET_RSS_GROWTH, SPEC_FLOOR = 2.0, 1.3, 1.10, 1.15
 
 
@@ -124,71 +117,6 @@ def settings(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     }
 
 
-def tile_manifest(path: Path, n: int, media: Path = MEDIA) -> Path:
-    """A manifest of ``n`` clips cycling through the bundled ones: distinct ids, ``path`` to the bundled file."""
-    sources = list(csv.DictReader((media / "manifest.csv").read_text().splitlines()))
-    rows = []
-    for i in range(n):
-        src = sources[i % len(sources)]
-        found = sorted((media / src["video_id"]).glob(src["clip_id"] + ".*"))
-        media_file = next(f for f in found if f.suffix != ".align")
-        rows.append(
-            {
-                "video_id": "tiled",
-                "clip_id": f"{i:06d}-{src['clip_id']}",
-                "path": str(media_file.relative_to(media)),
-                "text": src["text"],
-                "label": src["label"],
-                "mode": "train",
-            }
-        )
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
-
-
-def measure(spec: dict[str, Any], result: Path) -> dict[str, Any]:
-    """Run one variant in a fresh interpreter and return its measurements."""
-    spec_path = result.with_suffix(".spec.json")
-    spec_path.write_text(json.dumps({**spec, "result": str(result)}))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    env.setdefault("GLOG_minloglevel", "2")
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.extract_variants", str(spec_path)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode != 0 or not result.is_file():
-        tail = "\n".join(proc.stderr.strip().splitlines()[-20:])
-        raise ExtractionError(f"benchmark variant {spec['variant']} failed (exit {proc.returncode}):\n{tail}")
-    return json.loads(result.read_text())
-
-
-def machine() -> dict[str, Any]:
-    import torch
-
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu_model": model,
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch": torch.__version__,
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "load_avg_1min_at_end": round(os.getloadavg()[0], 2),
-    }
-
-
 def make_report(args: argparse.Namespace, base: dict[str, Any], runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Every figure, units in the names; ``results`` holds the numbers, ``targets`` the verdicts."""
     st, nv, pl, p4 = runs["stages"], runs["naive"], runs["pipeline"], runs["pipeline_4n"]
@@ -260,22 +188,6 @@ def make_report(args: argparse.Namespace, base: dict[str, Any], runs: dict[str, 
         "results": {k: round(float(v), 4) for k, v in r.items()},
         "targets": targets,
     }
-
-
-def command(args: argparse.Namespace) -> str:
-    parts = ["mmfuse bench extract", f"--clips {args.clips}", f"--workers {args.workers}"]
-    parts += [f"--threads {args.threads}", f"--batch-size {args.batch_size}", f"--device {args.device}"]
-    for flag in ("shard_size", "fps", "text_model", "audio_model"):
-        if getattr(args, flag) is not None:
-            parts.append(f"--{flag.replace('_', '-')} {getattr(args, flag)}")
-    parts += ["--quick"] * args.quick + ["--json"] * args.json
-    if args.sweep:
-        parts += ["--sweep", f"--sweep-workers {spell(args.sweep_workers)}"]
-        parts += [f"--sweep-batch-sizes {spell(args.sweep_batch_sizes)}"]
-    parts += [f"--out {args.out}"] if args.out is not None else []
-    parts += [f"--plot {args.plot}"] if args.plot is not None else []
-    omp = os.environ.get("OMP_NUM_THREADS")
-    return (f"OMP_NUM_THREADS={omp} " if omp else "") + " ".join(parts)
 
 
 def format_table(report: dict[str, Any]) -> str:

@@ -21,7 +21,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench.extract import MEDIA, QUICK_SWEEP, SWEEP, command, machine, measure, tile_manifest
+from bench.extract_runs import MEDIA, QUICK_SWEEP, SWEEP, command, machine, measure, tile_manifest
 from bench.markdown import markers, replace_section
 from bench.sweep import image_link, measure_points, plot_path, plot_sweep, points_table, shared_note, spell
 from extract.decode import clip_window, probe

@@ -10,8 +10,9 @@ Variants: ``pipeline`` (``run_extract`` with K workers), ``naive`` (one process,
 size 1: decode, FaceMesh, text, audio) and ``stages`` (each stage alone: decode only and decode + FaceMesh
 through a K-worker pool, then the text and audio encoders batched over every clip).
 
-Pool workers are spawned, and a spawned process re-imports the parent's ``__main__``: under the ``mmfuse``
-command that is ``mmfuse.cli``, so this module imports it too and the workers pay the same start-up.
+Pool workers are spawned, and a spawned process re-imports the parent's ``__main__``: this module here, the
+command-line dispatcher ``mmfuse.cli`` under the ``mmfuse`` command. Both import numpy but not torch; the
+dispatcher's other imports add a few tenths of a second to each worker's start-up under ``mmfuse``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import mmfuse.cli  # noqa: F401 - spawned workers re-import __main__; under `mmfuse` that is mmfuse.cli
 from bench.memory import ChildPeaks, own_peak_mib
 from extract.config import ExtractConfig, make_config
 from extract.decode import DecodeError, VideoFrames, clip_window, decode_audio, probe

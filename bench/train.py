@@ -25,18 +25,14 @@ import argparse
 import json
 import os
 import pickle
-import platform
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bench.markdown import markers, replace_section
-from bench.sweep import add_sweep_arguments, spell, stray_sweep_flags, ticker
+from bench.sweep import add_sweep_arguments, stray_sweep_flags, ticker
+from bench.train_runs import QUICK_SWEEP, SWEEP, command_line, machine, run_overrides, workdir
 
 if TYPE_CHECKING:  # the command line imports this module at start-up: no shards (numpy) here
     from shards import Progress
@@ -44,7 +40,6 @@ if TYPE_CHECKING:  # the command line imports this module at start-up: no shards
 BEGIN, END = markers("bench-train")
 write_section = partial(replace_section, name="bench-train")  # (path, body)
 STREAM_TARGET, RSS_TARGET = 0.9, 1.10
-SWEEP, QUICK_SWEEP = ((0, 1, 2, 3), (4, 8, 16, 32)), ((0, 1), (2, 4))  # (worker counts, batch sizes)
 QUICK_ARGS = {"shuffle_buffer": 8, "samples": 48, "batch_size": 4, "steps": 3, "warmup": 1, "workers": 1, "repeats": 1}
 
 
@@ -93,25 +88,6 @@ def run(args: argparse.Namespace) -> int:
     if args.out is not None:
         write_section(args.out, format_section(report))
     return 0
-
-
-@contextmanager
-def workdir(args: argparse.Namespace) -> Iterator[Path]:
-    """``--workdir``, kept; else a temporary directory, removed afterwards."""
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="mmfuse-bench-train-"))
-    try:
-        yield work
-    finally:
-        if args.workdir is None:
-            shutil.rmtree(work, ignore_errors=True)
-
-
-def run_overrides(args: argparse.Namespace, *, batch_size: int, workers: int, mode: str = "frozen") -> list[str]:
-    """The training-config overrides of a benchmark run with ``batch_size``, ``workers`` (DataLoader) and ``mode``."""
-    base = [f"batch_size={batch_size}", f"num_workers={workers}", "device=cpu", "seed=0"]
-    base.append(f"shuffle_buffer={args.shuffle_buffer}")
-    base += ["model.hidden=12", "model.num_layers=1"] if args.quick else []
-    return [*base, f"mode={mode}"]
 
 
 def benchmark(args: argparse.Namespace, work: Path, progress: Progress | None = None) -> dict[str, Any]:
@@ -259,37 +235,6 @@ def stage_profile(shards: Path, data: Any, batches: int) -> dict[str, float]:
             spent[name] += hi - lo
     reader.close()
     return {f"{name}_ms_per_batch": 1000 * s / batches for name, s in spent.items()}
-
-
-def command_line(args: argparse.Namespace) -> str:
-    """The command that reproduces this report (every setting spelled out)."""
-    parts = ["mmfuse bench train", f"--model {args.model}", f"--samples {args.samples}"]
-    parts += [f"--batch-size {args.batch_size}", f"--steps {args.steps}", f"--warmup {args.warmup}"]
-    parts += [
-        f"--workers {args.workers}",
-        f"--shuffle-buffer {args.shuffle_buffer}",
-        f"--threads {args.threads}",
-        f"--repeats {args.repeats}",
-    ]
-    parts += ["--quick"] if args.quick else []
-    if args.sweep:
-        parts += ["--sweep", f"--sweep-workers {spell(args.sweep_workers)}"]
-        parts += [f"--sweep-batch-sizes {spell(args.sweep_batch_sizes)}"]
-    parts += [f"--out {args.out.name}"] if args.out is not None else []
-    parts += [f"--plot {args.plot}"] if args.plot is not None else []
-    return " ".join(parts)
-
-
-def machine(threads: int) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        names = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    import torch
-
-    return f"{cpu}, {os.cpu_count()} cores, {threads} torch thread(s) per process, torch {torch.__version__}, CPU only"
 
 
 def format_section(report: dict[str, Any]) -> str:

@@ -30,7 +30,7 @@ from typing import Any
 
 from bench.markdown import markers, replace_section
 from bench.sweep import image_link, measure_points, plot_path, plot_sweep, points_table, shared_note, spell
-from bench.train import QUICK_SWEEP, SWEEP, command_line, machine, run_overrides, workdir
+from bench.train_runs import QUICK_SWEEP, SWEEP, command_line, machine, run_overrides, workdir
 from bench.train_steps import (
     bench_data,
     run_child,

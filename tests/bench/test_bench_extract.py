@@ -8,7 +8,8 @@ from pathlib import Path
 
 from ttyrun import NATIVE, run_mmfuse
 
-from bench.extract import BEGIN, END, MEDIA, tile_manifest, write_section
+from bench.extract import BEGIN, END, write_section
+from bench.extract_runs import MEDIA, tile_manifest
 from extract.manifest import load_manifest
 
 
