@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from extract.models import DEFAULT_AUDIO_MODEL, DEFAULT_TEXT_MODEL
+from mmfuse.errors import MmfuseError
+from mmfuse.settings import build, read_yaml
 from shards.schema import MODALITIES
 
 
-class ConfigError(ValueError):
+class ConfigError(MmfuseError, ValueError):
     """Invalid settings; the message names every bad key."""
 
 
@@ -83,58 +83,12 @@ class ExtractConfig:
         return problems
 
 
-def _coerce(name: str, tp: Any, value: Any) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if value is None and type(None) in args:
-        return None
-    if origin is tuple or tp is tuple:
-        items = value.split(",") if isinstance(value, str) else list(value)
-        return tuple(str(v).strip() for v in items if str(v).strip())
-    base = next((a for a in args if a is not type(None)), tp) if args else tp
-    if base is bool:
-        if isinstance(value, bool):
-            return value
-        if str(value).lower() in ("1", "true", "yes", "on"):
-            return True
-        if str(value).lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"{value!r} is not a boolean")
-    if base in (int, float, str):
-        if base is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError(f"{value!r} is not an integer")
-        return base(value)
-    return value
-
-
 def make_config(yaml_path: Path | str | None = None, **overrides: Any) -> ExtractConfig:
-    """Defaults <- YAML overrides <- keyword overrides (``None`` values are ignored); all problems reported."""
-    values: dict[str, Any] = {}
-    if yaml_path is not None:
-        import yaml
-
-        try:
-            loaded = yaml.safe_load(Path(yaml_path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"cannot read config {yaml_path}: {exc}") from exc
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config {yaml_path} must be a mapping of setting: value")
-        values.update(loaded)
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    hints = typing.get_type_hints(ExtractConfig)
-    fields = {f.name for f in dataclasses.fields(ExtractConfig)}
-    problems = [f"unknown setting {k!r}" for k in sorted(set(values) - fields)]
-    kwargs = {}
-    for key in sorted(set(values) & fields):
-        try:
-            kwargs[key] = _coerce(key, hints[key], values[key])
-        except (TypeError, ValueError) as exc:
-            problems.append(f"{key}: {exc}")
-    if problems:
-        raise ConfigError(
-            "invalid extraction settings:\n  " + "\n  ".join(problems) + f"\nvalid keys: {sorted(fields)}"
-        )
-    return ExtractConfig(**kwargs).validate()
+    """Defaults <- YAML overrides <- keyword overrides (``None`` values are ignored); all problems reported.
+    Values are read as :mod:`mmfuse.settings` reads every setting (``1e-3``, ``yes``, ``text,audio``)."""
+    layers = [read_yaml(yaml_path, ConfigError)] if yaml_path is not None else []
+    layers.append({k: v for k, v in overrides.items() if v is not None})
+    return build(ExtractConfig, layers, ConfigError, "extraction settings").validate()
 
 
 def rank_from_env(env: dict[str, str] | None = None) -> tuple[int, int]:

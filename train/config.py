@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 import fusion
 from fusion.base import FusionConfigError
+from mmfuse.errors import MmfuseError
+from mmfuse.settings import build, coerce, parse_override, read_yaml
 from train.collate import label_keys
 
 PRESETS = Path(__file__).resolve().parent / "configs"
@@ -31,7 +31,7 @@ AMP = ("auto", "off", "bf16", "fp16")
 SCHEDULES = ("cosine", "linear", "constant")
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(MmfuseError, ValueError):
     """Invalid training settings; the message names every bad key and the valid ones."""
 
 
@@ -144,53 +144,6 @@ class TrainConfig:
         return out
 
 
-def _parse_override(token: str) -> tuple[str, Any]:
-    if "=" not in token:
-        raise TrainConfigError(f"override {token!r} is not KEY=VALUE")
-    key, raw = token.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.strip(), value
-
-
-def _coerce(tp: Any, value: Any) -> Any:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is tuple:
-        items = value.split(",") if isinstance(value, str) else list(value)
-        return tuple(str(v).strip() for v in items if str(v).strip())
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{value!r} is not a mapping")
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ValueError(f"{value!r} is not a boolean (true/false)")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{value!r} is not an integer")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{value!r} is not a number")
-        return float(value)
-    if tp is str:
-        return str(value)
-    raise ValueError(f"unsupported type {tp}") if args else value
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        loaded = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise TrainConfigError(f"cannot read config {path}: {exc}") from exc
-    if not isinstance(loaded, dict):
-        raise TrainConfigError(f"config {path} must be a mapping of setting: value")
-    return loaded
-
-
 def preset_path(model: str) -> Path:
     """The shipped YAML preset of a model (overrides only)."""
     return PRESETS / f"{model}.yaml"
@@ -208,12 +161,12 @@ def make_train_config(
     layers: list[dict[str, Any]] = []
     name = model or values.get("model") or "late"
     if preset_path(name).is_file() and base is None:
-        layers.append(_read_yaml(preset_path(name)))
+        layers.append(read_yaml(preset_path(name), TrainConfigError))
     if config_file is not None:
-        layers.append(_read_yaml(Path(config_file)))
+        layers.append(read_yaml(config_file, TrainConfigError))
     cli: dict[str, Any] = {"model_settings": {}}
     for token in overrides:
-        key, value = _parse_override(token)
+        key, value = parse_override(token, TrainConfigError)
         if key.startswith("model."):
             cli["model_settings"][key[len("model.") :]] = value
         else:
@@ -225,22 +178,35 @@ def make_train_config(
         values.update(layer)
     if model is not None:
         values["model"] = model
-    values["model_settings"] = settings
-    hints = typing.get_type_hints(TrainConfig)
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    problems = [f"unknown setting {k!r}" for k in sorted(set(values) - fields)]
-    kwargs: dict[str, Any] = {}
     _label_settings(values)
-    for key in sorted(set(values) & fields):
-        try:
-            kwargs[key] = _coerce(hints[key], values[key])
-        except ValueError as exc:
-            problems.append(f"{key}: {exc}")
-    if not problems:
-        problems = TrainConfig(**kwargs).problems()
+    values["model_settings"], problems = _model_settings(str(values.get("model", "late")), settings)
+    try:
+        config = build(TrainConfig, [values], TrainConfigError, "training settings")
+    except TrainConfigError as exc:
+        if not problems:
+            raise
+        raise TrainConfigError(f"{exc}\n  " + "\n  ".join(problems)) from None
+    problems += config.problems()
     if problems:
         raise TrainConfigError("invalid training settings:\n  " + "\n  ".join(problems))
-    return TrainConfig(**kwargs)
+    return config
+
+
+def _model_settings(model: str, settings: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The model's settings read by the types of its ``Config`` fields (``model.beta=1e-3`` is a float), and
+    the problems found; keys that are not fields are left to :meth:`TrainConfig.problems`."""
+    if model not in fusion.MODELS:
+        return settings, []
+    hints = typing.get_type_hints(fusion.MODELS[model].Config)
+    out, problems = dict(settings), []
+    for key, value in settings.items():
+        if key in hints:
+            try:
+                out[key] = coerce(hints[key], value)
+            except ValueError as exc:
+                if "unsupported type" not in str(exc):
+                    problems.append(f"model.{key}: {exc}")
+    return out, problems
 
 
 def _label_settings(values: dict[str, Any]) -> None:

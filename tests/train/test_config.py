@@ -67,3 +67,28 @@ def test_presets_hold_overrides_only() -> None:
     for name in fusion.MODELS:
         text = preset_path(name).read_text()
         assert "dims" not in text and "task:" not in text, name
+
+
+NUMBERS = [("1e-3", 1e-3), ("1E-3", 1e-3), ("3e-5", 3e-5), ("3E-5", 3e-5), (".5", 0.5), ("5.", 5.0), ("+2e-4", 2e-4)]
+
+
+@pytest.mark.parametrize(("typed", "value"), NUMBERS)
+def test_every_numeric_form_parses_on_the_command_line_and_in_yaml(tmp_path, typed: str, value: float) -> None:
+    assert make_train_config("late", overrides=[f"lr={typed}"]).lr == value
+    assert make_train_config("ithp", overrides=[f"model.beta={typed}"]).model_settings["beta"] == value
+    path = tmp_path / "numbers.yaml"
+    path.write_text(f"lr: {typed}\nencoder_lr: {typed}\nmodel_settings:\n  beta: {typed}\n")
+    config = make_train_config("ithp", path)
+    assert (config.lr, config.encoder_lr, config.model_settings["beta"]) == (value, value, value)
+
+
+def test_integers_take_underscores_and_whole_exponents_but_not_fractions() -> None:
+    config = make_train_config("late", overrides=["max_steps=1_000", "shuffle_buffer=1e3", "batch_size=8.0"])
+    assert (config.max_steps, config.shuffle_buffer, config.batch_size) == (1000, 1000, 8)
+    assert isinstance(config.shuffle_buffer, int)
+    with pytest.raises(TrainConfigError, match=r"batch_size: 2\.5 is not an integer"):
+        make_train_config("late", overrides=["batch_size=2.5"])
+    with pytest.raises(TrainConfigError, match="lr: '1e400' is not a finite number"):
+        make_train_config("late", overrides=["lr=1e400"])
+    with pytest.raises(TrainConfigError, match=r"model\.beta: 'big' is not a number"):
+        make_train_config("ithp", overrides=["model.beta=big"])

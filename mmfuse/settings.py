@@ -1,0 +1,232 @@
+"""One way to read settings: a typed dataclass filled from layers of plain values (YAML files, KEY=VALUE).
+
+Each command's settings are a dataclass with documented defaults (``extract.config.ExtractConfig``,
+``train.config.TrainConfig``). A field whose type is itself a dataclass is a *section*; its fields can be
+given flat (``lr``, when no other section has a field of that name), dotted (``optim.lr``) or nested in YAML
+(``optim: {lr: 1e-3}``). Layers are applied in order, later ones winning, and every problem (an unknown key,
+a value of the wrong type) is collected and reported at once, naming the key.
+
+Values are read by the field's type, with one set of rules for YAML files and the command line:
+
+- numbers: every form a person types: ``1e-3``, ``3E-5``, ``.5``, ``1_000``, ``+2`` (YAML 1.1 reads ``1e-3``
+  as a string; it is a number here). Integers must be whole (``1e3`` is 1000, ``2.5`` is not an integer);
+  NaN and infinities are refused;
+- booleans: ``true/false``, ``yes/no``, ``on/off``, ``1/0`` (any case);
+- tuples of strings: a list, or one comma-separated string;
+- ``X | None``: ``None`` (YAML ``null`` or ``~``), ``none`` or ``null`` in any case.
+
+This module imports nothing of ours (every package may use it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import types
+import typing
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+NONE = ("none", "null", "~")
+# A number as a person types it: optional sign, digits with single underscores, optional fraction, exponent.
+_NUMBER = re.compile(r"[+-]?(?:\d(?:_?\d)*(?:\.(?:\d(?:_?\d)*)?)?|\.\d(?:_?\d)*)(?:[eE][+-]?\d+)?")
+
+
+def parse_number(value: Any) -> int | float:
+    """``value`` (a number or its text) as an int when written as one, else a float; ValueError otherwise."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a number")
+    if isinstance(value, (int, float)):
+        number = value
+    elif isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        text = value.strip().replace("_", "")
+        number = int(text) if re.fullmatch(r"[+-]?\d+", text) else float(text)
+    else:
+        raise ValueError(f"{value!r} is not a number")
+    if isinstance(number, float) and not math.isfinite(number):
+        raise ValueError(f"{value!r} is not a finite number")
+    return number
+
+
+def coerce(tp: Any, value: Any) -> Any:
+    """``value`` read as type ``tp`` (the rules in the module docstring); ValueError saying what is wrong."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in args and (value is None or (isinstance(value, str) and value.strip().lower() in NONE)):
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) != 1:
+            raise ValueError(f"unsupported type {tp}")
+        return coerce(inner[0], value)
+    if origin is tuple or tp is tuple:
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise ValueError(f"{value!r} is not a list or a comma-separated string")
+        return tuple(str(v).strip() for v in items if str(v).strip())
+    if origin is dict or tp is dict:
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{value!r} is not a mapping")
+        return dict(value)
+    if tp is bool:
+        return _boolean(value)
+    if tp is int:
+        number = parse_number(value)
+        if isinstance(number, float) and not number.is_integer():
+            raise ValueError(f"{value!r} is not an integer")
+        return int(number)
+    if tp is float:
+        return float(parse_number(value))
+    if tp is str:
+        if isinstance(value, (Mapping, list, tuple)):
+            raise ValueError(f"{value!r} is not a string")
+        return str(value)
+    if tp is Any:
+        return value
+    raise ValueError(f"unsupported type {tp}")
+
+
+def _boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in TRUE:
+        return True
+    if text in FALSE:
+        return False
+    raise ValueError(f"{value!r} is not a boolean (true/false)")
+
+
+def read_yaml(path: Path | str, error: type[Exception]) -> dict[str, Any]:
+    """A YAML file of ``setting: value``; ``error`` naming the file when it cannot be read or is not a mapping."""
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise error(f"cannot read config {path}: {exc}") from exc
+    if not isinstance(loaded, dict):
+        raise error(f"config {path} must be a mapping of setting: value")
+    return loaded
+
+
+def parse_override(token: str, error: type[Exception]) -> tuple[str, Any]:
+    """``KEY=VALUE`` -> ``(KEY, value)``, the value read as YAML (``[a, b]`` is a list, ``{}`` a mapping) and kept
+    as text when it is not valid YAML; the field's type decides the rest (:func:`coerce`)."""
+    import yaml
+
+    if "=" not in token:
+        raise error(f"override {token!r} is not KEY=VALUE")
+    key, raw = token.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def leaf_paths(cls: type) -> dict[str, tuple[str, ...]]:
+    """Every key a setting of ``cls`` can be given by -> its path of field names: the dotted path always, and a
+    section's field also by its bare name when no other field has that name (``lr`` -> ``("optim", "lr")``)."""
+    leaves = list(_leaves(cls, ()))
+    keys = {".".join(path): path for path in leaves}
+    names = Counter(path[-1] for path in leaves)
+    keys.update({path[-1]: path for path in leaves if names[path[-1]] == 1 and path[-1] not in keys})
+    return keys
+
+
+def _leaves(cls: type, prefix: tuple[str, ...]) -> Iterator[tuple[str, ...]]:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if _is_section(hints[f.name]):
+            yield from _leaves(hints[f.name], (*prefix, f.name))
+        else:
+            yield (*prefix, f.name)
+
+
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def flatten(values: Mapping[str, Any], cls: type, prefix: str = "") -> dict[str, Any]:
+    """YAML-style nested sections (``{"optim": {"lr": 1e-3}}``) -> dotted keys (``{"optim.lr": 1e-3}``)."""
+    hints = typing.get_type_hints(cls)
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        tp = hints.get(key)
+        if tp is not None and _is_section(tp) and isinstance(value, Mapping):
+            out.update(flatten(value, tp, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def build(cls: type[T], layers: Iterable[Mapping[str, Any]], error: type[Exception], what: str) -> T:
+    """An instance of ``cls`` from its defaults and ``layers`` (later layers win); ``error`` listing every
+    problem (``invalid {what}: ...``) and the valid keys when a key is unknown."""
+    paths = leaf_paths(cls)
+    chosen: dict[tuple[str, ...], tuple[str, Any]] = {}
+    problems: list[str] = []
+    for layer in layers:
+        for key, value in flatten(layer, cls).items():
+            if key not in paths:
+                where = sorted(k for k, p in paths.items() if "." in k and p[-1] == key)
+                problems.append(
+                    f"setting {key!r} is in several sections: write {' or '.join(where)}"
+                    if len(where) > 1
+                    else f"unknown setting {key!r}"
+                )
+                continue
+            chosen[paths[key]] = (key, value)
+    instance = _instantiate(cls, (), chosen, problems)
+    if problems:
+        valid = sorted(_shortest_keys(cls).values())
+        hint = f"\nvalid keys: {', '.join(valid)}" if any(p.startswith("unknown") for p in problems) else ""
+        raise error(f"invalid {what}:\n  " + "\n  ".join(dict.fromkeys(problems)) + hint)
+    return instance  # type: ignore[return-value]
+
+
+def _instantiate(
+    cls: type, prefix: tuple[str, ...], chosen: Mapping[tuple[str, ...], tuple[str, Any]], problems: list[str]
+) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        path = (*prefix, f.name)
+        if _is_section(hints[f.name]):
+            kwargs[f.name] = _instantiate(hints[f.name], path, chosen, problems)
+        elif path in chosen:
+            key, value = chosen[path]
+            try:
+                kwargs[f.name] = coerce(hints[f.name], value)
+            except ValueError as exc:
+                problems.append(f"{key}: {exc}")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:  # a dataclass whose __post_init__ checks its values
+        problems.append(str(exc))
+        return None
+
+
+def as_flat_dict(instance: Any) -> dict[str, Any]:
+    """The settings as one flat mapping, each under its shortest key (``lr``, or ``optim.steps`` where the bare
+    name is ambiguous), tuples as lists: what a run records in config.json, and what :func:`build` reads back."""
+    out: dict[str, Any] = {}
+    for path, key in _shortest_keys(type(instance)).items():
+        value = instance
+        for name in path:
+            value = getattr(value, name)
+        out[key] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _shortest_keys(cls: type) -> dict[tuple[str, ...], str]:
+    """Each setting's path -> the shortest key naming it, in field order."""
+    keys = leaf_paths(cls)
+    shortest = {path: key for key, path in keys.items() if "." not in key or path[-1] not in keys}
+    return {path: shortest.get(path, ".".join(path)) for path in _leaves(cls, ())}

@@ -1,0 +1,105 @@
+"""mmfuse.settings: the one way every command reads its settings (types, numbers, sections, errors)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from extract.config import ConfigError, make_config
+from mmfuse.errors import MmfuseError
+from mmfuse.settings import as_flat_dict, build, coerce, leaf_paths, parse_number
+
+
+@dataclass
+class Optim:
+    lr: float = 1e-3
+    steps: int = 10
+
+
+@dataclass
+class Data:
+    steps: int = 2
+    modalities: tuple[str, ...] = ("text",)
+
+
+@dataclass
+class Settings:
+    name: str = "x"
+    fps: float | None = None
+    flag: bool = False
+    optim: Optim = field(default_factory=Optim)
+    data: Data = field(default_factory=Data)
+
+
+class Bad(MmfuseError, ValueError):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("text", "number"),
+    [("1e-3", 1e-3), ("1E-3", 1e-3), ("3e-5", 3e-5), (".5", 0.5), ("1_000", 1000), ("+2", 2), ("-2.5e+4", -25000.0)],
+)
+def test_numbers_as_people_type_them(text: str, number: float) -> None:
+    assert parse_number(text) == number
+    assert type(parse_number(text)) is type(number)
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "-inf", "1e400", "1__0", "_1", "1e", "0x10", "", "one"])
+def test_what_is_not_a_finite_number(text: str) -> None:
+    with pytest.raises(ValueError, match="is not a (finite )?number"):
+        parse_number(text)
+
+
+def test_values_are_read_by_the_field_type() -> None:
+    assert coerce(bool, "YES") is True and coerce(bool, "off") is False and coerce(bool, 0) is False
+    assert coerce(int, "1e3") == 1000 and coerce(int, 4.0) == 4
+    assert coerce(tuple[str, ...], "text, audio,") == ("text", "audio")
+    assert coerce(tuple[str, ...], ["video"]) == ("video",)
+    assert coerce(float | None, "None") is None and coerce(float | None, "25") == 25.0
+    for tp, value, message in [
+        (bool, "maybe", "is not a boolean"),
+        (int, "2.5", "is not an integer"),
+        (int, True, "is not a number"),
+        (str, ["a"], "is not a string"),
+        (dict[str, int], "a=1", "is not a mapping"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            coerce(tp, value)
+
+
+def test_sections_take_flat_dotted_and_nested_keys() -> None:
+    paths = leaf_paths(Settings)
+    assert paths["lr"] == paths["optim.lr"] == ("optim", "lr")
+    assert "steps" not in paths  # two sections have it: only the dotted keys name it
+    got = build(
+        Settings, [{"lr": "1e-4"}, {"data": {"steps": "3"}, "optim.steps": "1_000", "modalities": "a,b"}], Bad, "s"
+    )
+    assert got == Settings(optim=Optim(1e-4, 1000), data=Data(3, ("a", "b")))
+    assert build(Settings, [{"lr": 1}, {"optim.lr": 2}], Bad, "s").optim.lr == 2.0  # later layers win
+    flat = as_flat_dict(got)
+    assert flat == {"name": "x", "fps": None, "flag": False, "lr": 1e-4, "optim.steps": 1000, "data.steps": 3,
+                    "modalities": ["a", "b"]}  # fmt: skip
+    assert build(Settings, [flat], Bad, "s") == got
+
+
+def test_every_problem_is_reported_at_once_with_the_valid_keys() -> None:
+    with pytest.raises(Bad) as info:
+        build(Settings, [{"steps": 1, "lr": "fast", "flag": "maybe", "bogus": 0}], Bad, "test settings")
+    message = str(info.value)
+    assert message.startswith("invalid test settings:\n")
+    assert "setting 'steps' is in several sections: write data.steps or optim.steps" in message
+    assert "lr: 'fast' is not a number" in message and "flag: 'maybe' is not a boolean" in message
+    assert "unknown setting 'bogus'" in message
+    assert "valid keys: data.steps, flag, fps, lr, modalities, name, optim.steps" in message
+
+
+def test_extraction_settings_read_numbers_in_yaml_as_people_type_them(tmp_path) -> None:
+    path = tmp_path / "extract.yaml"
+    path.write_text("fps: 2.5e1\naudio_chunk_s: 3e1\nshard_size: 1_000\nmin_detection_confidence: .25\nraw: no\n")
+    cfg = make_config(path, batch_size="4")
+    assert (cfg.fps, cfg.audio_chunk_s, cfg.shard_size, cfg.min_detection_confidence) == (25.0, 30.0, 1000, 0.25)
+    assert cfg.raw is False and cfg.batch_size == 4
+    with pytest.raises(ConfigError, match="shard_size: '1e-3' is not an integer") as info:
+        make_config(path, shard_size="1e-3")
+    assert isinstance(info.value, MmfuseError)
