@@ -18,12 +18,10 @@ else "not reproduced". The tasks were written from the methods' papers before an
 from __future__ import annotations
 
 import argparse
-import itertools
 import math
 import multiprocessing as mp
 import os
 import signal
-import statistics
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -31,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.claim_stats import Effect, effect_values, mean_std, probe_r2, verdict
 from bench.markdown import replace_section
 from bench.models import parse_seeds
 from bench.sweep import ticker
@@ -48,18 +47,6 @@ class Arm:
     label: str  # row label, e.g. "mim[gates off]"
     model: str  # fusion.MODELS name
     settings: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Effect:
-    """Per seed: ``measure`` of arm ``better`` minus that of arm ``worse`` (or minus 0 when ``worse`` is None),
-    negated when ``lower_is_better``: positive = as claimed."""
-
-    text: str
-    measure: str
-    better: str
-    worse: str | None = None
-    lower_is_better: bool = False
 
 
 @dataclass(frozen=True)
@@ -300,69 +287,6 @@ def torch_module_dict() -> type:
     return nn.ModuleDict
 
 
-def representation(model: Any, m: str, batch: dict[str, Any]):
-    """z_m (N, H): masked time mean of modality m's encoder output, in eval mode, no gradient."""
-    import torch
-
-    from fusion.layers import masked_mean
-
-    model.eval()
-    with torch.no_grad():
-        return masked_mean(model.encoders[m](batch[m], batch[f"{m}_mask"]), batch[f"{m}_mask"])
-
-
-def probe_r2(model: Any, m: str, latent: str, data: dict[str, dict[str, Any]], ridge: float = 1e-3) -> float:
-    """R^2 on the test split of a ridge regression of ``latent`` on the frozen z_m, fitted on the train split."""
-    import torch
-
-    def design(split: str):
-        z = representation(model, m, data[split]).double()
-        return torch.cat([z, torch.ones(len(z), 1, dtype=z.dtype)], 1), data[split][latent].double()
-
-    x, y = design("train")
-    w = torch.linalg.solve(x.T @ x + ridge * torch.eye(x.shape[1], dtype=x.dtype), x.T @ y)
-    xt, yt = design("test")
-    residual = ((yt - xt @ w) ** 2).sum()
-    return float(1.0 - residual / ((yt - yt.mean()) ** 2).sum())
-
-
-def sign_flip_p(differences: list[float]) -> float:
-    """Exact one-sided p-value of a mean as large as observed when each per-seed difference's sign is random."""
-    observed = statistics.fmean(differences)
-    flips = list(itertools.product((1.0, -1.0), repeat=len(differences)))
-    hits = sum(statistics.fmean(s * d for s, d in zip(signs, differences, strict=True)) >= observed - 1e-12
-               for signs in flips)  # fmt: skip
-    return hits / len(flips)
-
-
-def effect_values(effect: Effect, per_seed: list[dict[str, dict[str, float]]]) -> list[float] | None:
-    """Per-seed signed differences (positive = as claimed); None when a seed lacks the measure."""
-    values = []
-    for arms in per_seed:
-        a = arms.get(effect.better, {}).get(effect.measure)
-        b = 0.0 if effect.worse is None else arms.get(effect.worse, {}).get(effect.measure)
-        if a is None or b is None or math.isnan(a) or math.isnan(b):
-            return None
-        values.append((b - a) if effect.lower_is_better else (a - b))
-    return values
-
-
-def verdict(values: list[float] | None) -> dict[str, Any]:
-    if not values:
-        return {"verdict": "not measured"}
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    p = sign_flip_p(values)
-    return {
-        "values": values,
-        "mean": mean,
-        "std": std,
-        "d": mean / std if std > 0 else math.copysign(math.inf, mean) if mean else 0.0,
-        "p": p,
-        "verdict": "reproduced" if mean > 0 and p < 0.05 else "not reproduced",
-    }
-
-
 def make_report(
     args: argparse.Namespace,
     claims: list[Claim],
@@ -380,7 +304,7 @@ def make_report(
         arms = {}
         for arm in claim.arms:
             keys = sorted({k for runs in per_seed for k in runs[arm.label]})
-            arms[arm.label] = {k: _mean_std([runs[arm.label].get(k, math.nan) for runs in per_seed]) for k in keys}
+            arms[arm.label] = {k: mean_std([runs[arm.label].get(k, math.nan) for runs in per_seed]) for k in keys}
         effects = [{"text": e.text, "measure": e.measure, **verdict(effect_values(e, per_seed))} for e in claim.effects]
         out_claims.append(
             {"key": claim.key, "title": claim.title, "task": claim.task, "arms": arms, "effects": effects}
@@ -397,13 +321,6 @@ def make_report(
         "claims": out_claims,
         "runs": {c.key: {str(s): measured[c.key, s] for s in seeds} for c in claims},
     }
-
-
-def _mean_std(values: list[float]) -> dict[str, float]:
-    finite = [v for v in values if not math.isnan(v)]
-    if not finite:
-        return {"mean": math.nan, "std": math.nan}
-    return {"mean": statistics.fmean(finite), "std": statistics.stdev(finite) if len(finite) > 1 else 0.0}
 
 
 def _cell(stats: dict[str, float] | None, digits: int = 3) -> str:

@@ -122,14 +122,23 @@ def make_report(args: argparse.Namespace, base: dict[str, Any], runs: dict[str, 
     st, nv, pl, p4 = runs["stages"], runs["naive"], runs["pipeline"], runs["pipeline_4n"]
     mach = machine()
     n, cores_used = st["clips"], min(mach["cores"], args.workers + 1)
-    stage_cpu = {
-        "decode": st["decode_cpu_s"],
-        "facemesh": st["decode_facemesh_cpu_s"] - st["decode_cpu_s"],
-        "text": st["text_cpu_s"],
-        "audio": st["audio_cpu_s"],
-    }
-    floor_s = sum(stage_cpu.values()) / cores_used
     r: dict[str, float] = {"clips": n, "clips_4n": 4 * n, "audio_total_s": st["audio_s"], "video_frames": st["frames"]}
+    r.update(_rates(st, nv, pl, p4))
+    r.update(_cpu(st, nv, pl, cores_used))
+    r.update(_start_up_and_memory(nv, pl, p4, args.workers))
+    settings = {k: v for k, v in base.items() if k != "media_root"} | {"clips": n, "cores_used": cores_used}
+    return {
+        "command": command(args),
+        "machine": mach,
+        "settings": settings,
+        "results": {k: round(float(v), 4) for k, v in r.items()},
+        "targets": _targets(r),
+    }
+
+
+def _rates(st: dict[str, Any], nv: dict[str, Any], pl: dict[str, Any], p4: dict[str, Any]) -> dict[str, float]:
+    """Wall time and rates of each variant, and the pipeline's speed-ups over the naive loop and the ceiling."""
+    n, r = st["clips"], {}
     for name, secs in (
         ("pipeline", pl["run_s"]),
         ("naive", nv["run_s"]),
@@ -147,7 +156,19 @@ def make_report(args: argparse.Namespace, base: dict[str, Any], runs: dict[str, 
     r["speedup_vs_naive_marginal"] = r["pipeline_marginal_clips_per_s"] / r["naive_clips_per_s"]
     r["pipeline_over_ceiling"] = pl["run_s"] / st["decode_facemesh_wall_s"]
     r["ceiling_over_pipeline"] = st["decode_facemesh_wall_s"] / pl["run_s"]
-    r.update({f"{k}_cpu_s": v for k, v in stage_cpu.items()})
+    return r
+
+
+def _cpu(st: dict[str, Any], nv: dict[str, Any], pl: dict[str, Any], cores_used: int) -> dict[str, float]:
+    """Each stage's CPU-seconds alone, the floor they give on ``cores_used`` cores, and the CPU the variants spent."""
+    stage_cpu = {
+        "decode": st["decode_cpu_s"],
+        "facemesh": st["decode_facemesh_cpu_s"] - st["decode_cpu_s"],
+        "text": st["text_cpu_s"],
+        "audio": st["audio_cpu_s"],
+    }
+    floor_s = sum(stage_cpu.values()) / cores_used
+    r = {f"{k}_cpu_s": v for k, v in stage_cpu.items()}
     r["floor_s"] = floor_s
     r["no_overlap_estimate_s"] = st["decode_facemesh_wall_s"] + st["text_wall_s"] + st["audio_wall_s"]
     r["pipeline_over_floor"] = pl["run_s"] / floor_s
@@ -159,19 +180,30 @@ def make_report(args: argparse.Namespace, base: dict[str, Any], runs: dict[str, 
     r["naive_text_cpu_s"] = nv["stage_cpu_s"]["text"]
     for stage, secs in nv["stage_wall_s"].items():
         r[f"naive_{stage}_share"] = secs / nv["run_s"]
-    r["model_load_s"] = nv["load_s"]
-    r["pipeline_setup_s"] = pl["load_s"]
-    r["pipeline_first_clip_s"] = pl["first_clip_s"]
-    r["pipeline_decode_wait_s"] = pl["decode_wait_s"]
-    r["pipeline_encoder_busy_share"] = 1 - pl["decode_wait_s"] / pl["run_s"]
-    r["naive_rss_main_mib"] = nv["rss_main_mib"]
+    return r
+
+
+def _start_up_and_memory(nv: dict[str, Any], pl: dict[str, Any], p4: dict[str, Any], workers: int) -> dict[str, float]:
+    """Model loading, the pipeline's set-up and decode waits, and peak RSS at N and 4N clips."""
+    r = {
+        "model_load_s": nv["load_s"],
+        "pipeline_setup_s": pl["load_s"],
+        "pipeline_first_clip_s": pl["first_clip_s"],
+        "pipeline_decode_wait_s": pl["decode_wait_s"],
+        "pipeline_encoder_busy_share": 1 - pl["decode_wait_s"] / pl["run_s"],
+        "naive_rss_main_mib": nv["rss_main_mib"],
+    }
     for key, run_ in (("pipeline", pl), ("pipeline_4n", p4)):
         r[f"{key}_rss_main_mib"] = run_["rss_main_mib"]
         r[f"{key}_rss_worker_mib"] = run_["rss_worker_mib"]
     r["rss_main_4n_over_n"] = p4["rss_main_mib"] / pl["rss_main_mib"]
-    r["rss_worker_4n_over_n"] = p4["rss_worker_mib"] / pl["rss_worker_mib"] if args.workers else 1.0
+    r["rss_worker_4n_over_n"] = p4["rss_worker_mib"] / pl["rss_worker_mib"] if workers else 1.0
+    return r
+
+
+def _targets(r: dict[str, float]) -> dict[str, dict[str, Any]]:
     growth = max(r["rss_main_4n_over_n"], r["rss_worker_4n_over_n"])
-    targets = {
+    return {
         "speedup_vs_naive_at_least_2x": {
             "value": r["speedup_vs_naive"],
             "met": r["speedup_vs_naive"] >= TARGET_SPEEDUP,
@@ -179,14 +211,6 @@ def make_report(args: argparse.Namespace, base: dict[str, Any], runs: dict[str, 
         "within_1.3x_of_ceiling": {"value": r["pipeline_over_ceiling"], "met": r["pipeline_over_ceiling"] <= 1.3},
         "rss_growth_n_to_4n_under_10pct": {"value": growth, "met": growth < TARGET_RSS_GROWTH},
         "spec_within_1.15x_of_floor": {"value": r["pipeline_over_floor"], "met": r["pipeline_over_floor"] <= 1.15},
-    }
-    settings = {k: v for k, v in base.items() if k != "media_root"} | {"clips": n, "cores_used": cores_used}
-    return {
-        "command": command(args),
-        "machine": mach,
-        "settings": settings,
-        "results": {k: round(float(v), 4) for k, v in r.items()},
-        "targets": targets,
     }
 
 

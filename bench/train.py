@@ -255,18 +255,7 @@ def format_section(report: dict[str, Any]) -> str:
         "",
         f"Command: `{s['command']}`",
         "",
-        f"Machine: {s['machine']}. Data: {s['samples']} synthetic train samples in {s['shards']} shards "
-        f"({s['shard_mb']:.0f} MB; written by `bench/train_steps.py`): text {s['shapes']['tokens'][0]}–"
-        f"{s['shapes']['tokens'][1]} tokens × {s['shapes']['dt']}, clips {s['shapes']['seconds'][0]:g}–"
-        f"{s['shapes']['seconds'][1]:g} s (audio 50 fps × {s['shapes']['da']} + 16 kHz waveform, video 25 fps × "
-        "478 × 3 + 4 geometry), every modality present. End-to-end encoders: "
-        f"`{Path(s['encoders']['text']).name}` (text) and `{Path(s['encoders']['audio']).name}` (audio). "
-        f"Model `{s['model']}` (its preset), batch {s['batch_size']}, {s['warmup_steps']} warm-up steps excluded, "
-        f"then {s['steps']} timed steps per variant; {s['workers']} DataLoader worker(s) per process when streaming, "
-        f"shuffle buffer {s['shuffle_buffer']} per worker (smaller than the dataset, so the timed steps include "
-        "steady-state reading, not a drained buffer). "
-        f"A step is `fit`'s: next batch, forward, backward, clip, AdamW. Stream and in-memory runs alternate "
-        f"{s['repeats']} time(s); the best of each is shown (all: {_runs(s['all_runs_samples_per_s'])}).",
+        _setup(s),
         "",
         "| variant | samples/s | s/step | data wait s/step | ratio |",
         "|---|---|---|---|---|",
@@ -300,6 +289,24 @@ def format_section(report: dict[str, Any]) -> str:
         *analysis(report),
     ]
     return "\n".join(lines)
+
+
+def _setup(s: dict[str, Any]) -> str:
+    """The paragraph on the machine, the data, the model and how the variants were run."""
+    return (
+        f"Machine: {s['machine']}. Data: {s['samples']} synthetic train samples in {s['shards']} shards "
+        f"({s['shard_mb']:.0f} MB; written by `bench/train_steps.py`): text {s['shapes']['tokens'][0]}–"
+        f"{s['shapes']['tokens'][1]} tokens × {s['shapes']['dt']}, clips {s['shapes']['seconds'][0]:g}–"
+        f"{s['shapes']['seconds'][1]:g} s (audio 50 fps × {s['shapes']['da']} + 16 kHz waveform, video 25 fps × "
+        "478 × 3 + 4 geometry), every modality present. End-to-end encoders: "
+        f"`{Path(s['encoders']['text']).name}` (text) and `{Path(s['encoders']['audio']).name}` (audio). "
+        f"Model `{s['model']}` (its preset), batch {s['batch_size']}, {s['warmup_steps']} warm-up steps excluded, "
+        f"then {s['steps']} timed steps per variant; {s['workers']} DataLoader worker(s) per process when streaming, "
+        f"shuffle buffer {s['shuffle_buffer']} per worker (smaller than the dataset, so the timed steps include "
+        "steady-state reading, not a drained buffer). "
+        f"A step is `fit`'s: next batch, forward, backward, clip, AdamW. Stream and in-memory runs alternate "
+        f"{s['repeats']} time(s); the best of each is shown (all: {_runs(s['all_runs_samples_per_s'])})."
+    )
 
 
 def analysis(report: dict[str, Any]) -> list[str]:

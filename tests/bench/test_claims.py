@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch import nn
 
+from bench.claim_stats import Effect, effect_values, probe_r2, sign_flip_p, verdict
 from bench.claim_tasks import TASKS, directions, make_data
-from bench.claims import CLAIMS, Effect, effect_values, probe_r2, sign_flip_p, verdict
+from bench.claims import CLAIMS
 from mmfuse.cli import main
 
 SIZES = {"train": 600, "valid": 50, "test": 600}

@@ -1,0 +1,92 @@
+"""The measures and statistics of ``mmfuse bench claims``: linear probes of a model's representations, each
+claim's per-seed effect, its exact sign-flip p-value and the verdict (see ``bench/claims.py``)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Effect:
+    """Per seed: ``measure`` of arm ``better`` minus that of arm ``worse`` (or minus 0 when ``worse`` is None),
+    negated when ``lower_is_better``: positive = as claimed."""
+
+    text: str
+    measure: str
+    better: str
+    worse: str | None = None
+    lower_is_better: bool = False
+
+
+def representation(model: Any, m: str, batch: dict[str, Any]):
+    """z_m (N, H): masked time mean of modality m's encoder output, in eval mode, no gradient."""
+    import torch
+
+    from fusion.layers import masked_mean
+
+    model.eval()
+    with torch.no_grad():
+        return masked_mean(model.encoders[m](batch[m], batch[f"{m}_mask"]), batch[f"{m}_mask"])
+
+
+def probe_r2(model: Any, m: str, latent: str, data: dict[str, dict[str, Any]], ridge: float = 1e-3) -> float:
+    """R^2 on the test split of a ridge regression of ``latent`` on the frozen z_m, fitted on the train split."""
+    import torch
+
+    def design(split: str):
+        z = representation(model, m, data[split]).double()
+        return torch.cat([z, torch.ones(len(z), 1, dtype=z.dtype)], 1), data[split][latent].double()
+
+    x, y = design("train")
+    w = torch.linalg.solve(x.T @ x + ridge * torch.eye(x.shape[1], dtype=x.dtype), x.T @ y)
+    xt, yt = design("test")
+    residual = ((yt - xt @ w) ** 2).sum()
+    return float(1.0 - residual / ((yt - yt.mean()) ** 2).sum())
+
+
+def sign_flip_p(differences: list[float]) -> float:
+    """Exact one-sided p-value of a mean as large as observed when each per-seed difference's sign is random."""
+    observed = statistics.fmean(differences)
+    flips = list(itertools.product((1.0, -1.0), repeat=len(differences)))
+    hits = sum(statistics.fmean(s * d for s, d in zip(signs, differences, strict=True)) >= observed - 1e-12
+               for signs in flips)  # fmt: skip
+    return hits / len(flips)
+
+
+def effect_values(effect: Effect, per_seed: list[dict[str, dict[str, float]]]) -> list[float] | None:
+    """Per-seed signed differences (positive = as claimed); None when a seed lacks the measure."""
+    values = []
+    for arms in per_seed:
+        a = arms.get(effect.better, {}).get(effect.measure)
+        b = 0.0 if effect.worse is None else arms.get(effect.worse, {}).get(effect.measure)
+        if a is None or b is None or math.isnan(a) or math.isnan(b):
+            return None
+        values.append((b - a) if effect.lower_is_better else (a - b))
+    return values
+
+
+def verdict(values: list[float] | None) -> dict[str, Any]:
+    if not values:
+        return {"verdict": "not measured"}
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    p = sign_flip_p(values)
+    return {
+        "values": values,
+        "mean": mean,
+        "std": std,
+        "d": mean / std if std > 0 else math.copysign(math.inf, mean) if mean else 0.0,
+        "p": p,
+        "verdict": "reproduced" if mean > 0 and p < 0.05 else "not reproduced",
+    }
+
+
+def mean_std(values: list[float]) -> dict[str, float]:
+    finite = [v for v in values if not math.isnan(v)]
+    if not finite:
+        return {"mean": math.nan, "std": math.nan}
+    return {"mean": statistics.fmean(finite), "std": statistics.stdev(finite) if len(finite) > 1 else 0.0}
