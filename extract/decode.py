@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mmfuse.errors import MmfuseError
 from shards.schema import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ NATIVE_FPS_CAP = 30.0
 FRAME_CHUNK = 32
 
 
-class DecodeError(RuntimeError):
+class DecodeError(MmfuseError, RuntimeError):
     """A media file, or one of its streams, cannot be decoded."""
 
 

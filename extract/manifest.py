@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mmfuse.errors import MmfuseError
 from shards.schema import SPLITS, make_key
 
 MEDIA_EXTENSIONS = (".mp4", ".avi", ".mpg", ".mpeg", ".mov", ".mkv", ".webm", ".m4v", ".flv", ".wav", ".mp3", ".m4a")
@@ -24,7 +25,7 @@ LABEL_COLUMNS = ("label", "label_T", "label_A", "label_V", "annotation")
 MAX_PROBLEMS_SHOWN = 50
 
 
-class ManifestError(ValueError):
+class ManifestError(MmfuseError, ValueError):
     """The manifest has problems; the message lists all of them."""
 
     def __init__(self, source: str, problems: Sequence[str]) -> None:

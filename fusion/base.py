@@ -3,8 +3,9 @@
 Batch in (a dict of tensors, as the training collate or the synthetic generator produces it):
 
 - ``"text"`` / ``"audio"`` / ``"video"``: (B, T_m, D_m) float features (encoder outputs or shard features);
-- ``"text_mask"`` / ...: (B, T_m) bool, True = valid step. A sample whose mask is all False is *missing*
-  that modality; a modality absent from the batch is missing for every sample;
+- ``"text_mask"`` / ...: (B, T_m) bool masks in the convention of shards/schema.py (True = valid step; a
+  sample whose mask is all False is *missing* that modality); a modality absent from the batch is missing for
+  every sample;
 - ``"label"``: (B,) float for ``regression``, (B,) int for ``classification``, (B, K) {0, 1} for
   ``multilabel`` (optional at inference).
 

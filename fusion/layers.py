@@ -1,7 +1,7 @@
 """Small layers and loss helpers shared by the model files (and tested as shared in tests/fusion).
 
-Mask convention: bool (B, T), True = valid step. Every layer here leaves padded steps out of attention,
-pooling and losses, so the values stored at padded steps never change an output.
+Masks follow the one convention stated in shards/schema.py (bool, True = valid). Every layer here leaves
+padded steps out of attention, pooling and losses, so the values stored at padded steps never change an output.
 """
 
 from __future__ import annotations

@@ -17,13 +17,14 @@ from typing import Any
 
 import numpy as np
 
+from mmfuse.errors import MmfuseError
 from shards.schema import MEMBERS, SchemaError, validate_sample
 
 MEMBER_ORDER = ("meta.json", *MEMBERS)
 DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
-class DiskFullError(OSError):
+class DiskFullError(MmfuseError, OSError):
     """Writing a shard ran out of space (or hit a file-size limit)."""
 
 

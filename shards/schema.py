@@ -2,7 +2,14 @@
 
 A sample is a dict of members keyed by their file suffix inside the tar (``"meta.json"``, ``"text_feat.npy"``, ...)
 plus ``"__key__"``. Arrays are NumPy arrays (or objects with ``.dtype``/``.shape``/``.numpy()``, such as torch
-tensors coming out of a DataLoader). Masks use one convention everywhere: ``True`` = valid.
+tensors coming out of a DataLoader).
+
+The mask convention, the one used everywhere (shards, the training batches, every fusion layer and estimator):
+a mask is boolean and ``True`` means valid. In a shard, ``audio_mask`` (Ta,) is True where a frame covers real
+audio and ``video_mask`` (Tv,) where the frame has a face. In a batch, ``m_mask`` (B, T) is True on a sample's
+real steps and False on padding, and a sample whose ``m_mask`` is all False lacks modality ``m``; a pooled
+mask (B,) is True where a sample has the modality. The one inversion, ``key_padding_mask`` of
+``nn.MultiheadAttention`` (True = ignore), is made in ``fusion.layers`` and nowhere else.
 
 Which members a sample must carry follows from ``meta["modalities"]``: a modality whose status is ``ok`` carries all
 its required members; ``failed`` or ``absent`` modalities carry none of them.
@@ -18,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from mmfuse.errors import MmfuseError
+
 SCHEMA_VERSION = 1
 
 MODALITIES = ("text", "audio", "video")
@@ -27,7 +36,7 @@ N_LANDMARKS = 478
 SAMPLE_RATE = 16000
 
 
-class SchemaError(ValueError):
+class SchemaError(MmfuseError, ValueError):
     """A sample, shard or dataset does not match the shard schema."""
 
 

@@ -16,13 +16,15 @@ from typing import Any
 
 import torch
 
+from mmfuse.errors import MmfuseError
+
 CHECKPOINT_VERSION = 1
 # Model settings added after checkpoints had been written, with the value those older checkpoints were trained
 # with (a checkpoint whose saved model config lacks the key predates it): TCMax regression used the plain bins.
 LEGACY_SETTINGS: dict[str, dict[str, Any]] = {"tcmax": {"regression": "bins"}}
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(MmfuseError, RuntimeError):
     """A checkpoint is missing, unreadable, or not an mmfuse checkpoint."""
 
 

@@ -18,13 +18,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mmfuse.errors import MmfuseError
 from shards.io import atomic_write_json
 from train.jsonout import dumps, strict_json
 
 log = logging.getLogger(__name__)
 
 
-class RunDirError(RuntimeError):
+class RunDirError(MmfuseError, RuntimeError):
     """The run directory cannot be used as asked (exists and not resuming, or nothing to resume)."""
 
 

@@ -7,8 +7,8 @@ An encoder head maps features h to q(z | h) = N(mu, diag sigma^2). With the prio
 so the KL term is an upper bound on the information the bottleneck keeps; it is a loss to minimise
 (``loss = +kl``). The KL is summed over latent dimensions and averaged over valid positions.
 
-Mask convention (used throughout ``fusion``): a boolean mask of shape (B, T) (or (B,) for pooled
-inputs), True = valid position, False = padding. Padded positions never contribute to the KL.
+Masks, (B, T) or (B,) for pooled inputs, follow the convention of shards/schema.py (True = valid). Padded
+positions never contribute to the KL.
 """
 
 from __future__ import annotations
