@@ -72,7 +72,7 @@ class Extractor(ABC):
     ``runs_in`` says where: ``"worker"`` in the decode worker processes, one decoded clip at a time while its
     frames are at hand, without torch (FaceMesh); ``"encoder"`` in the main process on groups of decoded clips
     (text, audio). ``Settings`` is a dataclass whose field names are the ``ExtractConfig`` keys the extractor
-    reads; :meth:`from_settings` builds it from one.
+    reads (frozen: the decode workers key their extractors by it); :meth:`from_settings` builds the extractor from one.
     """
 
     name: str = ""
