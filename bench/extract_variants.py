@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.memory import ChildPeaks, own_peak_mib
+from extract.clip import decode_settings as extract_decode_settings
 from extract.config import ExtractConfig, make_config
 from extract.decode import DecodeError, VideoFrames, clip_window, decode_audio, probe
 from extract.manifest import Clip, load_manifest
@@ -52,7 +53,7 @@ def config(spec: dict[str, Any], **overrides: Any) -> ExtractConfig:
 
 
 def decode_settings(cfg: ExtractConfig) -> DecodeSettings:
-    return DecodeSettings(("audio", "video"), cfg.fps, cfg.max_duration_s, cfg.max_faces, cfg.min_detection_confidence)
+    return extract_decode_settings(cfg, ("audio", "video"))
 
 
 def rusage(workers: ChildPeaks) -> dict[str, float]:
@@ -115,7 +116,7 @@ def run_naive(spec: dict[str, Any]) -> dict[str, Any]:
         cpu["decode_facemesh"] += time.process_time() - c
         if "skipped" in decoded.info:
             continue
-        features = {"video": decoded.video}
+        features = {"video": decoded.features.get("video")}
         for name in ("text", "audio"):
             t, c = time.perf_counter(), time.process_time()
             features[name] = extractors[name]([decoded])[0]

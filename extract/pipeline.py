@@ -1,7 +1,10 @@
-"""The extraction pipeline: manifest -> plan -> decode + FaceMesh in workers -> batched encoders -> shards.
+"""The extraction pipeline: manifest -> plan -> decode + worker extractors (FaceMesh) -> batched encoders -> shards.
 
-Decoding runs ahead in worker processes while the main process encodes each group of ``batch_size``
-decoded clips and streams the samples into the shard's temporary tar.
+Each configured modality is filled by the extractor the registry (``extract.EXTRACTORS``) holds for it, built
+from its ``Settings`` read from the config. Decoding, and the extractors that run on decoded frames
+(``runs_in = "worker"``), run ahead in worker processes while the main process encodes each group of
+``batch_size`` decoded clips with the others (``"encoder"``) and streams the samples into the shard's
+temporary tar.
 
 Clips go to shards deterministically (per split, in manifest order, ``shard_size`` each), shards to ranks
 round-robin, so any rerun, on any number of machines, rebuilds the same plan: complete shards are skipped,
@@ -25,9 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from extract import EXTRACTORS
+from extract import EXTRACTORS, extractor_for
+from extract.clip import decode_settings
 from extract.config import ExtractConfig
-from extract.extractors.base import DecodedClip, ExtractionError
+from extract.extractors.base import DecodedClip, ExtractionError, read_settings
 from extract.manifest import Clip, load_manifest
 from extract.worker import DecodeSettings, decode_clip, init_worker
 from extract.writer import ShardBuilder, clean_stale, is_complete
@@ -60,29 +64,19 @@ def plan_shards(clips: Sequence[Clip], shard_size: int) -> list[ShardPlan]:
 
 
 def build_extractors(cfg: ExtractConfig) -> dict[str, Any]:
-    """The configured extractors by modality, text and audio loaded onto ``cfg.device`` (video runs in the
-    workers), and with ``cfg.asr`` the speech recogniser under ``"asr"`` (a ``WhisperTranscriber``)."""
+    """The configured extractors by modality (the registry's extractor for each, built from its ``Settings``
+    read from ``cfg``) set up on ``cfg.device``, and with ``cfg.asr`` the speech recogniser under ``"asr"`` (a
+    ``WhisperTranscriber``). Worker extractors are built here too, for their provenance; the decode workers
+    build their own."""
     found: dict[str, Any] = {}
-    if "text" in cfg.modalities:
-        found["text"] = EXTRACTORS["text"](
-            model=cfg.text_model, layer=cfg.text_layer, max_tokens=cfg.max_text_tokens, batch_size=cfg.batch_size
-        )
-    if "audio" in cfg.modalities:
-        found["audio"] = EXTRACTORS["audio"](
-            model=cfg.audio_model,
-            layer=cfg.audio_layer,
-            batch_size=cfg.batch_size,
-            chunk_s=cfg.audio_chunk_s,
-            keep_wave=cfg.raw,
-        )
-    if "video" in cfg.modalities:
-        found["video"] = EXTRACTORS["facemesh"](
-            max_faces=cfg.max_faces, min_detection_confidence=cfg.min_detection_confidence
-        )
+    for modality in MODALITIES:
+        if modality in cfg.modalities:
+            entry = EXTRACTORS[extractor_for(modality)]
+            found[modality] = entry.build(entry.settings(cfg))
     if cfg.asr is not None:
         from extract.extractors.asr import WhisperTranscriber
 
-        found["asr"] = WhisperTranscriber(cfg.asr, batch_size=cfg.batch_size, language=cfg.asr_language)
+        found["asr"] = WhisperTranscriber.from_settings(read_settings(WhisperTranscriber.Settings, cfg))
     for ex in found.values():
         ex.setup(cfg.device)
     return found
@@ -110,6 +104,21 @@ def check_device(device: str) -> None:
         raise ExtractionError(f"--device {device} was asked for but CUDA is not available; use --device cpu")
 
 
+@dataclass
+class ExtractionJob:
+    """This rank's share of an extraction, with its extractors built: what :func:`run_extract` then writes."""
+
+    clips: list[Clip]
+    plans: list[ShardPlan]
+    mine: list[ShardPlan]  # this rank's shards
+    todo: list[ShardPlan]  # ... that are not complete yet
+    extractors: dict[str, Any]
+    feature_set: dict[str, Any]
+    fs_hash: str
+    settings: DecodeSettings
+    tic: float  # when setup began (after reading the manifest)
+
+
 def run_extract(
     manifest: Path | str,
     media_root: Path | str | None,
@@ -126,10 +135,45 @@ def run_extract(
     check_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    media = bool({"audio", "video"} & set(cfg.modalities))
-    need_text = "text" in cfg.modalities and cfg.asr is None  # with --asr, empty transcripts are recognised
-    clips = load_manifest(manifest, media_root, need_media=media, need_text=need_text)
     out = Path(out)
+    job = prepare(manifest, media_root, out, cfg)
+    total = sum(len(p.clips) for p in job.mine)
+    done = total - sum(len(p.clips) for p in job.todo)
+    if progress is not None:
+        progress(done, total)
+    setup_s = time.perf_counter() - job.tic
+    written, waits = encode_and_write(job, out, cfg, progress, done, total)
+    dataset = build_dataset(
+        out,
+        [(p.split, p.index) for p in job.plans],
+        job.feature_set,
+        extra={
+            "manifest": str(Path(manifest).resolve()),
+            "media_root": str(Path(media_root).resolve()) if media_root else None,
+        },
+    )
+    return {
+        "out": str(out),
+        "clips": len(job.clips),
+        "shards_total": len(job.plans),
+        "shards_this_rank": len(job.mine),
+        "shards_written": len(job.todo),
+        "samples_written": written,
+        "feature_set_hash": job.fs_hash,
+        "complete": dataset["complete"],
+        "counts": dataset["counts"],
+        "setup_s": round(setup_s, 3),
+        **{k: round(v, 3) for k, v in waits.items()},
+        "wall_s": round(time.perf_counter() - job.tic, 3),
+    }
+
+
+def prepare(manifest: Path | str, media_root: Path | str | None, out: Path, cfg: ExtractConfig) -> ExtractionJob:
+    """Read the manifest, build the extractors and their feature set, plan the shards, check and clean ``out``,
+    and find this rank's incomplete shards."""
+    settings = decode_settings(cfg)
+    need_text = "text" in cfg.modalities and cfg.asr is None  # with --asr, empty transcripts are recognised
+    clips = load_manifest(manifest, media_root, need_media=bool(settings.modalities), need_text=need_text)
     out.mkdir(parents=True, exist_ok=True)
     tic = time.perf_counter()
     extractors = build_extractors(cfg)
@@ -144,23 +188,20 @@ def run_extract(
         "%d clips in %d shards; rank %d/%d owns %d shards, %d already complete",
         len(clips), len(plans), cfg.rank, cfg.world_size, len(mine), len(mine) - len(todo),
     )  # fmt: skip
-    total, done = sum(len(p.clips) for p in mine), sum(len(p.clips) for p in mine if p not in todo)
-    if progress is not None:
-        progress(done, total)
-    settings = DecodeSettings(
-        tuple(m for m in ("audio", "video") if m in cfg.modalities),
-        cfg.fps,
-        cfg.max_duration_s,
-        cfg.max_faces,
-        cfg.min_detection_confidence,
-    )
-    setup_s = time.perf_counter() - tic
+    return ExtractionJob(clips, plans, mine, todo, extractors, feature_set, fs_hash, settings, tic)
+
+
+def encode_and_write(
+    job: ExtractionJob, out: Path, cfg: ExtractConfig, progress: Progress | None, done: int, total: int
+) -> tuple[int, dict[str, float]]:
+    """Decode the clips of ``job.todo`` (ahead, in workers) and encode and write them shard by shard; return the
+    samples written and where the time went: waiting for decoded clips (the first wait includes worker start-up)
+    or encoding and writing them. Little waiting means the encoders are the bottleneck."""
     written = 0
     builder: ShardBuilder | None = None
-    # Where the encoder process's time goes: waiting for decoded clips (the first wait includes worker
-    # start-up) or encoding and writing them. Little waiting means the encoders are the bottleneck.
     waits, first = {"first_clip_s": 0.0, "decode_wait_s": 0.0}, True
-    clips_in = decode_clips(todo, settings, cfg.workers, media, window=2 * cfg.batch_size)
+    media = bool(job.settings.modalities)
+    clips_in = decode_clips(job.todo, job.settings, cfg.workers, media, window=2 * cfg.batch_size)
     try:
         while True:
             asked = time.perf_counter()
@@ -173,7 +214,7 @@ def run_extract(
                 break
             plan, decoded = item
             if builder is None:
-                builder = ShardBuilder(out, plan, extractors, fs_hash, cfg, group=cfg.batch_size)
+                builder = ShardBuilder(out, plan, job.extractors, job.fs_hash, cfg, group=cfg.batch_size)
             before = builder.flushed
             builder.add(decoded)
             complete = builder.added == len(plan.clips)
@@ -190,29 +231,7 @@ def run_extract(
         raise
     finally:
         clips_in.close()  # shuts the decode pool down, also on errors
-    dataset = build_dataset(
-        out,
-        [(p.split, p.index) for p in plans],
-        feature_set,
-        extra={
-            "manifest": str(Path(manifest).resolve()),
-            "media_root": str(Path(media_root).resolve()) if media_root else None,
-        },
-    )
-    return {
-        "out": str(out),
-        "clips": len(clips),
-        "shards_total": len(plans),
-        "shards_this_rank": len(mine),
-        "shards_written": len(todo),
-        "samples_written": written,
-        "feature_set_hash": fs_hash,
-        "complete": dataset["complete"],
-        "counts": dataset["counts"],
-        "setup_s": round(setup_s, 3),
-        **{k: round(v, 3) for k, v in waits.items()},
-        "wall_s": round(time.perf_counter() - tic, 3),
-    }
+    return written, waits
 
 
 def _check_out_dir(out: Path, fs_hash: str, overwrite: bool) -> None:

@@ -1,4 +1,5 @@
-"""Per-clip decoding and FaceMesh, run in worker processes (or inline with ``--workers 0``). No torch here."""
+"""Per-clip decoding and the extractors that run on decoded frames (``runs_in = "worker"``: FaceMesh), in worker
+processes (or inline with ``--workers 0``). No torch here."""
 
 from __future__ import annotations
 
@@ -7,31 +8,33 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from extract.decode import DecodeError, VideoFrames, clip_window, decode_audio, probe
-from extract.extractors.base import DecodedClip, ModalityFailure
-from extract.extractors.facemesh import FaceMeshExtractor
+from extract.extractors.base import DecodedClip, Extractor, ModalityFailure
 from extract.manifest import Clip
+
+MEDIA = ("audio", "video")  # the streams decoded here
 
 
 @dataclass(frozen=True)
 class DecodeSettings:
-    """What a worker needs: which modalities, the frame rate, limits and FaceMesh options."""
+    """What a worker needs: which streams to decode, the frame rate, limits, and the extractors to run on each
+    decoded clip as ``(registry entry, its Settings)`` pairs (``extract.Registered``)."""
 
     modalities: tuple[str, ...]
     fps: float | None = None
     max_duration_s: float = 3600.0
-    max_faces: int = 1
-    min_detection_confidence: float = 0.5
+    extractors: tuple[tuple[Any, Any], ...] = ()
 
 
-_FACEMESH: FaceMeshExtractor | None = None
+_BUILT: dict[tuple[Any, Any], Extractor] = {}  # this process's worker extractors, by (entry, settings)
 
 
 def init_worker(settings: DecodeSettings, parent_pid: int | None = None) -> None:
-    """Process initializer: build the FaceMesh extractor once. In pool workers (``parent_pid`` given: the pid of
+    """Process initializer: build the worker extractors once. In pool workers (``parent_pid`` given: the pid of
     the process that made the pool), also:
 
     - silence MediaPipe's C++ logging (it writes to file descriptor 2 directly; Python errors still travel back
@@ -40,7 +43,6 @@ def init_worker(settings: DecodeSettings, parent_pid: int | None = None) -> None
       stops the pool and exits with one line; a worker would print a traceback per process);
     - exit as soon as that parent is gone, even if it died while this worker was still starting: a parent killed
       with SIGKILL leaves no workers behind."""
-    global _FACEMESH
     os.environ.setdefault("GLOG_minloglevel", "2")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if parent_pid is not None:
@@ -50,7 +52,18 @@ def init_worker(settings: DecodeSettings, parent_pid: int | None = None) -> None
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, 2)
             os.close(devnull)
-    _FACEMESH = FaceMeshExtractor(settings.max_faces, settings.min_detection_confidence)
+    for entry, options in settings.extractors:
+        _extractor(entry, options)
+
+
+def _extractor(entry: Any, options: Any) -> Extractor:
+    """The worker extractor of ``entry`` with ``options``, built and set up on first use in this process."""
+    key = (entry, options)
+    if key not in _BUILT:
+        extractor = entry.build(options)
+        extractor.setup("cpu")
+        _BUILT[key] = extractor
+    return _BUILT[key]
 
 
 def _exit_with_parent(parent: int, every_s: float = 0.5) -> None:
@@ -66,9 +79,7 @@ def quantise(wave: np.ndarray) -> np.ndarray:
 
 
 def decode_clip(clip: Clip, settings: DecodeSettings) -> DecodedClip:
-    """Decode one clip and compute its landmarks; failures become statuses, never exceptions."""
-    if _FACEMESH is None:
-        init_worker(settings)
+    """Decode one clip and run the worker extractors on it; failures become statuses, never exceptions."""
     d = DecodedClip(clip)
     tic = time.perf_counter()
     try:
@@ -90,11 +101,16 @@ def decode_clip(clip: Clip, settings: DecodeSettings) -> DecodedClip:
     if "audio" in settings.modalities:
         _decode_audio(d, p, t0, t1)
     d.timings["decode_audio_s"] = time.perf_counter() - tic
-    if "video" in settings.modalities:
-        _landmarks(d, p, t0, t1, settings.fps)
+    try:
+        if "video" in settings.modalities:
+            _open_video(d, p, t0, t1, settings.fps)
+        for entry, options in settings.extractors:
+            _run(d, entry.modality, _extractor(entry, options))
+    finally:
+        d.frames = None  # frames never leave the worker
     d.timings["video_s"] = time.perf_counter() - tic - d.timings["decode_audio_s"]
-    wanted = [m for m in ("audio", "video") if m in settings.modalities]
-    if wanted and all(d.status[m]["status"] == "failed" for m in wanted):
+    wanted = [m for m in MEDIA if m in settings.modalities]
+    if wanted and all(d.status.get(m, {}).get("status") == "failed" for m in wanted):
         d.info["skipped"] = "no stream could be decoded: " + "; ".join(d.status[m]["error"] for m in wanted)
     return d
 
@@ -115,20 +131,30 @@ def _decode_audio(d: DecodedClip, p, t0: float, t1: float) -> None:
     d.status["audio"] = {"status": "ok", "error": None, "real_span": [round(span[0], 4), round(span[1], 4)]}
 
 
-def _landmarks(d: DecodedClip, p, t0: float, t1: float, fps: float | None) -> None:
+def _open_video(d: DecodedClip, p, t0: float, t1: float, fps: float | None) -> None:
     if not p.has_video:
         d.status["video"] = {"status": "failed", "error": "no video stream (audio-only file)"}
         return
     try:
         d.frames = VideoFrames(d.clip.path, p, t0, t1, fps)
         d.info["fps"] = d.frames.fps
-        result = _FACEMESH([d])[0]
+    except DecodeError as exc:
+        d.status["video"] = {"status": "failed", "error": str(exc)}
+
+
+def _run(d: DecodedClip, modality: str, extractor: Extractor) -> None:
+    """One worker extractor on one clip: its arrays go to ``d.features``, its outcome (and what it noted in
+    ``d.info[modality]``, e.g. face counts) to ``d.status``."""
+    before = d.status.get(modality, {})
+    if before.get("status") == "failed":  # its stream could not be decoded
+        return
+    try:
+        result = extractor([d])[0]
     except DecodeError as exc:
         result = ModalityFailure(str(exc))
-    finally:
-        d.frames = None  # frames never leave the worker
+    noted = d.info.get(modality, {})
     if isinstance(result, ModalityFailure):
-        d.status["video"] = {"status": "failed", "error": result.error, **d.info.get("video", {})}
+        d.status[modality] = {**before, "status": "failed", "error": result.error, **noted}
     else:
-        d.video = result
-        d.status["video"] = {"status": "ok", "error": None, **d.info.get("video", {})}
+        d.features[modality] = result
+        d.status[modality] = {**before, "status": "ok", "error": None, **noted}

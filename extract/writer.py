@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
@@ -11,8 +10,9 @@ from typing import Any
 
 import numpy as np
 
+from extract.clip import make_sample, run_extractors
 from extract.config import ExtractConfig
-from extract.extractors.base import DecodedClip, ExtractionError, ModalityFailure
+from extract.extractors.base import DecodedClip, ExtractionError
 from shards.dataset import DATASET_JSON, STATUS_JSONL, read_sidecar
 from shards.io import DiskFullError, ShardWriter, atomic_write_json
 from shards.schema import FEATURE_MEMBERS, MASK_MEMBERS, MODALITIES, SAMPLE_RATE, SCHEMA_VERSION
@@ -48,14 +48,6 @@ def clean_stale(out: Path, planned: set[str], remove_all: bool) -> None:
             path.unlink(missing_ok=True)
 
 
-def modality_status(d: DecodedClip, modality: str, cfg: ExtractConfig, result: Any) -> dict[str, Any]:
-    if modality not in cfg.modalities:
-        return {"status": "absent", "error": None}
-    if isinstance(result, ModalityFailure):
-        return {**d.status.get(modality, {}), "status": "failed", "error": result.error}
-    return {**d.status.get(modality, {}), "status": "ok", "error": None}
-
-
 class ShardBuilder:
     """One shard, built as its clips arrive: encoders run on each group of ``group`` decoded clips (so they
     overlap the decoding of later clips in the workers), samples stream into the temporary tar in plan order,
@@ -73,7 +65,8 @@ class ShardBuilder:
         self.pending: list[DecodedClip] = []
         self.records: list[dict[str, Any]] = []
         self.stats: dict[str, RunningStats] = {}
-        self.timings = {"decode_s": 0.0, "text_s": 0.0, "audio_s": 0.0}
+        encoders = [m for m in MODALITIES if m in extractors and extractors[m].runs_in == "encoder"]
+        self.timings = {"decode_s": 0.0, **{f"{m}_s": 0.0 for m in encoders}}
         self.audio_seconds = 0.0
         self.added = 0  # clips added so far
         self.flushed = 0  # clips encoded and written to the temporary tar so far
@@ -141,20 +134,7 @@ class ShardBuilder:
         live = [d for d in batch if "skipped" not in d.info]
         self.timings["decode_s"] += sum(sum(d.timings.values()) for d in batch)
         self.audio_seconds += sum(len(d.wave) for d in live if d.wave is not None) / SAMPLE_RATE
-        results: dict[str, list[Any]] = {}
-        if "asr" in self.extractors:
-            t = time.perf_counter()
-            fill_transcripts(live, self.extractors["asr"])
-            self.timings["asr_s"] = self.timings.get("asr_s", 0.0) + time.perf_counter() - t
-        for modality in ("text", "audio"):
-            if modality in self.extractors:
-                t = time.perf_counter()
-                results[modality] = self.extractors[modality](live) if live else []
-                self.timings[f"{modality}_s"] += time.perf_counter() - t
-        if "video" in self.extractors:
-            results["video"] = [
-                d.video if d.video is not None else ModalityFailure(d.status["video"]["error"]) for d in live
-            ]
+        results = run_extractors(live, self.extractors, self.timings)
         index = {id(d): k for k, d in enumerate(live)}
         self._guard(lambda: self._write(batch, index, results), "tar")
         self.flushed += len(batch)
@@ -168,13 +148,8 @@ class ShardBuilder:
             if "skipped" in d.info:
                 self.records.append({**record, "status": "skipped", "error": d.info["skipped"], "modalities": {}})
                 continue
-            k = index[id(d)]
-            per = {m: results[m][k] if m in results else None for m in MODALITIES}
-            mods = {m: modality_status(d, m, cfg, per[m]) for m in MODALITIES}
-            sample: dict[str, Any] = {"__key__": c.key, "meta.json": sample_meta(d, mods, self.fs_hash, cfg)}
-            for m in MODALITIES:
-                if mods[m]["status"] == "ok":
-                    sample.update(per[m])
+            sample = make_sample(d, {m: r[index[id(d)]] for m, r in results.items()}, cfg.modalities, self.fs_hash, cfg)
+            mods = sample["meta.json"]["modalities"]
             self.writer.write(sample)
             if c.split == "train":
                 _accumulate(self.stats, sample)
@@ -194,56 +169,6 @@ def write_shard(
         builder.abort()
         raise
     return builder.finish()
-
-
-def fill_transcripts(decoded: list[DecodedClip], transcriber: Any) -> None:
-    """Give clips whose manifest text is empty the transcript of ``transcriber`` (``--asr``).
-
-    The clip's text is replaced (``meta.json`` then holds the transcript) and ``info["text_source"]`` says
-    where the text came from: ``manifest`` or ``asr``; a failed transcription leaves the text empty and its
-    reason in ``info["asr_error"]``, which the text status repeats.
-    """
-    need = []
-    for d in decoded:
-        if d.clip.text.strip():
-            d.info["text_source"] = "manifest"
-        else:
-            need.append(d)
-    if not need:
-        return
-    for d, result in zip(need, transcriber(need), strict=True):
-        if isinstance(result, ModalityFailure):
-            d.info["asr_error"] = result.error
-        else:
-            d.clip = dataclasses.replace(d.clip, text=result)
-            d.info["text_source"] = "asr"
-
-
-def sample_meta(d: DecodedClip, mods: dict[str, Any], fs_hash: str, cfg: ExtractConfig) -> dict[str, Any]:
-    c = d.clip
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "key": c.key,
-        "video_id": c.video_id,
-        "clip_id": c.clip_id,
-        "split": c.split,
-        "row": c.row,
-        "text": c.text,
-        "labels": c.labels,
-        "words": c.words,
-        "media": c.media,
-        "start": c.start,
-        "end": c.end,
-        "duration": round(d.duration, 6),
-        "sample_rate": SAMPLE_RATE,
-        "fps": d.info.get("fps"),
-        "modalities": mods,
-        "feature_set_hash": fs_hash,
-        "text_truncated_from": d.info.get("text_truncated_from"),
-        "text_source": d.info.get("text_source", "manifest" if c.text.strip() else None),
-        "asr_model": cfg.asr if d.info.get("text_source") == "asr" or "asr_error" in d.info else None,
-        "asr_error": d.info.get("asr_error"),
-    }
 
 
 def _accumulate(stats: dict[str, RunningStats], sample: dict[str, Any]) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from extract import registered_as
 from shards.dataset import load_dataset_json
 from shards.io import decode_member
 from shards.schema import FEATURE_MEMBERS, MASK_MEMBERS, MODALITIES, N_LANDMARKS, SchemaError, validate_sample
@@ -25,7 +26,6 @@ from shards.schema import FEATURE_MEMBERS, MASK_MEMBERS, MODALITIES, N_LANDMARKS
 log = logging.getLogger(__name__)
 
 GEOM_DIM = 4  # video_geom.npy: mouth, left/right eye openness, yaw
-GEOM_EXTRACTORS = ("mediapipe-facemesh",)  # video extractors that store video_geom.npy for every ok sample
 RAW_MEMBERS = {"text": "text_ids.npy", "audio": "audio_wave.npy"}
 RAW_INPUTS = {"text": "text_ids", "audio": "audio_wave"}
 GEOM_INPUT = "video_geom"  # ToInputs' separate geometry input, joined onto "video" by collate
@@ -45,7 +45,8 @@ def _dataset(dataset: Mapping[str, Any] | str | Path) -> Mapping[str, Any]:
 def has_video_geom(dataset: Mapping[str, Any] | str | Path) -> bool:
     """Whether the shards' video extractor stores ``video_geom.npy`` (decided from dataset.json alone)."""
     video = _dataset(dataset).get("feature_set", {}).get("extractors", {}).get("video", {})
-    return video.get("name") in GEOM_EXTRACTORS
+    entry = registered_as(video.get("name"))  # the registered extractor of that provenance name
+    return entry is not None and "video_geom.npy" in entry.members
 
 
 def feature_dims(

@@ -10,26 +10,17 @@ A modality the clip lacks (no transcript, no audio stream, no face) is masked, n
 
 from __future__ import annotations
 
-import contextlib
-import os
-import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from extract import extract_clip
 from extract.config import ExtractConfig, make_config
-from extract.extractors.base import DecodedClip, ExtractionError, ModalityFailure
 from extract.manifest import Clip
 from extract.pipeline import build_extractors, check_device, describe_feature_set
-from extract.worker import DecodeSettings, decode_clip, init_worker
-from extract.writer import (  # the exact meta.json / statuses extraction writes
-    fill_transcripts,
-    modality_status,
-    sample_meta,
-)
 from shards.dataset import FeatureSetMismatch, feature_set_hash
 from shards.schema import MODALITIES, SAMPLE_RATE, make_key, validate_sample
 from train.checkpoint import load_checkpoint
@@ -117,62 +108,26 @@ def matching_extractors(ckpt: Mapping[str, Any], cfg: ExtractConfig) -> tuple[di
 def extract_sample(
     video: Path, text: str | None, cfg: ExtractConfig, extractors: dict[str, Any], fs_hash: str, used: tuple
 ) -> dict[str, Any]:
-    """Decode and encode one clip as extraction does; return the shard sample dict (members as arrays).
-
-    Members: ``meta.json`` and, per ok modality in ``used``, e.g. ``text_feat.npy`` (Tt, Dt) float16,
-    ``audio_feat.npy`` (Ta, Da) float16, ``video_lmk.npy`` (Tv, 478, 3) float16 with their masks.
+    """Decode and encode one clip as extraction does (:func:`extract.extract_clip`); return the shard sample dict
+    (members as arrays), with the modalities the model does not use, and a text not given (``text=None``)
+    without speech recognition, recorded absent.
     """
     video = Path(video)
     clip = Clip(
         key=make_key(video.resolve().parent.name, video.stem), video_id=video.resolve().parent.name,
         clip_id=video.stem, split="test", text=text or "", row=0, path=video.resolve(), media=str(video),
     )  # fmt: skip
-    media = tuple(m for m in ("audio", "video") if m in used)
-    settings = DecodeSettings(media, cfg.fps, cfg.max_duration_s, cfg.max_faces, cfg.min_detection_confidence)
-    if media:
-        with _quiet_native_logs():
-            init_worker(settings)  # a FaceMesh built with this feature set's options, as the extraction workers do
-            decoded = decode_clip(clip, settings)
-    else:
-        decoded = DecodedClip(clip)
-    if "skipped" in decoded.info:
-        raise ExtractionError(f"cannot decode {video}: {decoded.info['skipped']}")
-    if text is None and "text" in used and "asr" in extractors:  # as extraction did for clips without text
-        fill_transcripts([decoded], extractors["asr"])
-        text = decoded.clip.text
-    results: dict[str, Any] = {}
-    for m in ("text", "audio"):
-        if m in used and not (m == "text" and text is None):
-            results[m] = extractors[m]([decoded])[0]
-    if "video" in used:
-        video_ok = decoded.video is not None
-        results["video"] = decoded.video if video_ok else ModalityFailure(decoded.status["video"]["error"])
-    mods = {m: modality_status(decoded, m, cfg, results.get(m)) for m in MODALITIES}
+    if text is not None:  # a given transcript is used as is; extraction recognises only empty ones
+        extractors = {k: e for k, e in extractors.items() if k != "asr"}
+    no_text = "text" in used and text is None and "asr" not in extractors
+    sample = extract_clip(clip, cfg, extractors, fs_hash, [m for m in used if not (m == "text" and no_text)])
+    mods = sample["meta.json"]["modalities"]
     for m in MODALITIES:
         if m not in used:
             mods[m] = {"status": "absent", "error": "not used by the model"}
-    if "text" in used and text is None:
+    if no_text:
         mods["text"] = {"status": "absent", "error": NO_TEXT}
-    sample: dict[str, Any] = {"__key__": clip.key, "meta.json": sample_meta(decoded, mods, fs_hash, cfg)}
-    for m in MODALITIES:
-        if mods[m]["status"] == "ok":
-            sample.update(results[m])
     return sample
-
-
-@contextlib.contextmanager
-def _quiet_native_logs() -> Iterator[None]:
-    """Silence MediaPipe's C++ logging (written to file descriptor 2) while decoding; decode errors become
-    statuses, not stderr output, so nothing of ours is lost."""
-    sys.stderr.flush()
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
 
 
 def load_network(ckpt: Mapping[str, Any], device: str = "cpu") -> tuple[TrainConfig, FusionPipeline]:

@@ -18,6 +18,7 @@ import copy
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,16 @@ class WhisperTranscriber:
 
     name = "whisper-asr"
     version = "1"
+
+    @dataclass(frozen=True)
+    class Settings:
+        asr: str  # the checkpoint directory
+        batch_size: int = 8
+        asr_language: str | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> WhisperTranscriber:
+        return cls(settings.asr, batch_size=settings.batch_size, language=settings.asr_language)
 
     def __init__(self, model: str, batch_size: int = 8, max_new_tokens: int = 128, language: str | None = None):
         if batch_size < 1 or max_new_tokens < 1:

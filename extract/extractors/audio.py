@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -52,6 +53,22 @@ class AudioExtractor(Extractor):
     version = "1"
     modality = "audio"
     members = ("audio_feat.npy", "audio_mask.npy", "audio_time.npy", "audio_wave.npy")
+    runs_in = "encoder"
+
+    @dataclass(frozen=True)
+    class Settings:
+        audio_model: str = DEFAULT_AUDIO_MODEL
+        audio_layer: int = -1
+        batch_size: int = 8
+        audio_chunk_s: float = 30.0
+        raw: bool = True  # keep the waveform (audio_wave.npy)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> AudioExtractor:
+        s = settings
+        return cls(
+            model=s.audio_model, layer=s.audio_layer, batch_size=s.batch_size, chunk_s=s.audio_chunk_s, keep_wave=s.raw
+        )
 
     def __init__(
         self,

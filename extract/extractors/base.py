@@ -1,16 +1,18 @@
 """The one interface every extractor implements, and the decoded clip it works on.
 
 An extractor has a ``name``, a ``version``, the ``modality`` it fills, an output spec (the schema members it
-writes), ``setup(device)`` to load its model once, and ``__call__`` on a batch of decoded clips returning,
-per clip, either a dict of named arrays matching the spec or a :class:`ModalityFailure` saying why not.
+writes), where it runs (``runs_in``), a ``Settings`` dataclass whose fields are the extraction settings
+(``ExtractConfig`` keys) it reads, ``setup(device)`` to load its model once, and ``__call__`` on a batch of
+decoded clips returning, per clip, either a dict of named arrays matching the spec or a :class:`ModalityFailure`
+saying why not.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
@@ -38,7 +40,8 @@ class DecodedClip:
 
     ``wave`` is int16 ``(N,)`` at 16 kHz with silence where the audio stream has no samples; ``audio_span`` is
     the real part in seconds. ``frames`` is a lazy frame source (``extract.decode.VideoFrames``) in the worker
-    and ``None`` once its landmarks are computed. ``status`` maps a modality to ``{"status", "error"}``.
+    and ``None`` once the worker's extractors have run: frames never leave the worker. ``features`` holds, by
+    modality, what the worker's extractors computed. ``status`` maps a modality to ``{"status", "error"}``.
     """
 
     clip: Any  # extract.manifest.Clip
@@ -46,7 +49,7 @@ class DecodedClip:
     wave: np.ndarray | None = None
     audio_span: tuple[float, float] | None = None
     frames: Any = None
-    video: dict[str, np.ndarray] | None = None
+    features: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     status: dict[str, dict[str, Any]] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
@@ -55,13 +58,39 @@ class DecodedClip:
 ExtractorResult = dict[str, np.ndarray] | ModalityFailure
 
 
+@dataclass(frozen=True)
+class NoSettings:
+    """The settings of an extractor that reads none."""
+
+
+RunsIn = Literal["worker", "encoder"]
+
+
 class Extractor(ABC):
-    """Base class: a batch of decoded clips in, named arrays matching :meth:`output_spec` out."""
+    """Base class: a batch of decoded clips in, named arrays matching :meth:`output_spec` out.
+
+    ``runs_in`` says where: ``"worker"`` in the decode worker processes, one decoded clip at a time while its
+    frames are at hand, without torch (FaceMesh); ``"encoder"`` in the main process on groups of decoded clips
+    (text, audio). ``Settings`` is a dataclass whose field names are the ``ExtractConfig`` keys the extractor
+    reads (frozen: the decode workers key their extractors by it); :meth:`from_settings` builds the extractor from one.
+    """
 
     name: str = ""
     version: str = ""
     modality: str = ""
     members: tuple[str, ...] = ()
+    runs_in: ClassVar[RunsIn] = "encoder"
+    Settings: ClassVar[type] = NoSettings
+
+    @classmethod
+    def settings_from(cls, config: Any) -> Any:
+        """This extractor's ``Settings`` read from an extraction config."""
+        return read_settings(cls.Settings, config)
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> Extractor:
+        """The extractor for ``settings``; by default its fields are the constructor's keyword arguments."""
+        return cls(**asdict(settings))
 
     def output_spec(self) -> dict[str, MemberSpec]:
         return {m: MEMBERS[m] for m in self.members}
@@ -76,6 +105,11 @@ class Extractor(ABC):
     def provenance(self) -> dict[str, Any]:
         """What identifies this extractor's output in the feature set (name, version, model, weights, dims)."""
         return {"name": self.name, "version": self.version}
+
+
+def read_settings(settings_type: type, config: Any) -> Any:
+    """A settings dataclass filled from the same-named attributes of ``config`` (an ``ExtractConfig``)."""
+    return settings_type(**{f.name: getattr(config, f.name) for f in fields(settings_type)})
 
 
 def check_finite(out: dict[str, np.ndarray]) -> ExtractorResult:

@@ -9,6 +9,7 @@ processed which clip before. Runs in worker processes; no torch.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -52,6 +53,12 @@ class FaceMeshExtractor(Extractor):
     version = "1"
     modality = "video"
     members = ("video_lmk.npy", "video_mask.npy", "video_time.npy", "video_norm.npy", "video_geom.npy")
+    runs_in = "worker"  # it reads the decoded frames, which stay in the decode worker
+
+    @dataclass(frozen=True)
+    class Settings:
+        max_faces: int = 1
+        min_detection_confidence: float = 0.5
 
     def __init__(self, max_faces: int = 1, min_detection_confidence: float = 0.5, min_tracking_confidence: float = 0.5):
         self.max_faces = max_faces

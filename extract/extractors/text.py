@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,19 @@ class TextExtractor(Extractor):
     version = "1"
     modality = "text"
     members = ("text_ids.npy", "text_feat.npy")
+    runs_in = "encoder"
+
+    @dataclass(frozen=True)
+    class Settings:
+        text_model: str = DEFAULT_TEXT_MODEL
+        text_layer: int = -1
+        max_text_tokens: int = 512
+        batch_size: int = 16
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TextExtractor:
+        s = settings
+        return cls(model=s.text_model, layer=s.text_layer, max_tokens=s.max_text_tokens, batch_size=s.batch_size)
 
     def __init__(self, model: str = DEFAULT_TEXT_MODEL, layer: int = -1, max_tokens: int = 512, batch_size: int = 16):
         self.model_id = model
