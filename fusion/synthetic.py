@@ -11,7 +11,8 @@ so no single factor explains more than half of its variance.
 So the label needs two modalities (text or video for s1, and audio for s2); the best single modality can
 reach a correlation of about 0.7 with y, a model that fuses text and audio close to 1; and a model that
 can gate out the noisy video steps (MIM) gains from doing so. Sequence lengths vary per sample and are
-padded, with masks as in shards/schema.py (True = valid). Everything is drawn from one ``torch.Generator``, so a seed fixes it.
+padded, with masks as in shards/schema.py (True = valid). Everything is drawn from one ``torch.Generator``,
+so a seed fixes it.
 """
 
 from __future__ import annotations
