@@ -15,10 +15,10 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from extract import EXTRACTORS, extractor_for
 from extract.config import ExtractConfig
 from extract.extractors.base import DecodedClip, ExtractionError, ExtractorResult, ModalityFailure
 from extract.manifest import Clip
+from extract.registry import EXTRACTORS, extractor_for
 from extract.worker import MEDIA, DecodeSettings, decode_clip, init_worker
 from shards.schema import MODALITIES, SAMPLE_RATE, SCHEMA_VERSION
 

@@ -28,11 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from extract import EXTRACTORS, extractor_for
 from extract.clip import decode_settings
 from extract.config import ExtractConfig
 from extract.extractors.base import DecodedClip, ExtractionError, read_settings
 from extract.manifest import Clip, load_manifest
+from extract.registry import EXTRACTORS, extractor_for
 from extract.worker import DecodeSettings, decode_clip, init_worker
 from extract.writer import ShardBuilder, clean_stale, is_complete
 from shards import Progress

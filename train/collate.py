@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from extract import registered_as
+from extract.registry import registered_as
 from shards.dataset import load_dataset_json
 from shards.io import decode_member
 from shards.schema import FEATURE_MEMBERS, MASK_MEMBERS, MODALITIES, N_LANDMARKS, SchemaError, validate_sample

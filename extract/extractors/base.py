@@ -16,10 +16,11 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
+from mmfuse.errors import MmfuseError
 from shards.schema import MEMBERS, MemberSpec
 
 
-class ExtractionError(RuntimeError):
+class ExtractionError(MmfuseError, RuntimeError):
     """Extraction cannot go on (bad settings, missing model, disk full); the message says what to do."""
 
 
