@@ -23,7 +23,7 @@ import yaml
 
 import fusion
 from fusion.base import FusionConfigError
-from train.collate import label_keys
+from train.inputs import label_keys
 
 PRESETS = Path(__file__).resolve().parent / "configs"
 MODES = ("frozen", "end_to_end")

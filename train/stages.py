@@ -1,4 +1,25 @@
-"""Sample and batch stages of the training data pipeline: shard sample → model inputs → padded, normalised batch.
+"""The stages of the training data pipeline, in pipeline order: shard list → padded, normalised batch.
+
+``train.data.make_loader`` chains them; [worker] stages run in every DataLoader worker (in the training process
+with ``num_workers=0``), [main] ones in the training process. Stage, what it yields, callable::
+
+    shard list       this rank's shards in epoch order (train.data.plan_shards)      ShardList         [worker]
+    split by worker  this worker's share of them                                     wds.split_by_worker [worker]
+    read             samples, members as bytes, with their shard's name              ReadShards        [worker]
+    select           only the members of the modalities (and raw inputs) in use      SelectModalities  [worker]
+    decode           .npy / .json members decoded, never unpickled                   SafeDecode        [worker]
+    validate         schema-checked samples (bad: SchemaError, or a BAD marker)      Validate          [worker]
+    align words      one audio / video step per word (align_words; train/align.py)   AlignWords        [worker]
+    shuffle          samples in a seeded buffer order (training)                     ShuffleSamples    [worker]
+    to inputs        (T, D) features + masks, raw inputs, label, key                 ToInputs          [worker]
+    batch            lists of model-input samples                                    wds.batched       [worker]
+    worker batches   the workers' lists, round robin                                 WorkerBatches     [main]
+    drop bad         BAD markers counted, logged and dropped                         DropBad           [main]
+    rebatch          lists of exactly batch_size samples                             wds.batched       [main]
+    equalise         the same number of batches on every rank (training)             Equalise          [main]
+    skip             batches from ``skip_batches`` on (resume mid-epoch)             wds.slice         [main]
+    collate          padded torch tensors and masks                                  collate           [main]
+    normalise        features standardised with dataset.json's train mean/std        Normalise         [main]
 
 The batch format is the contract with ``fusion`` (see ``fusion/base.py``): per modality ``m`` in use, ``m``
 (B, T, D) float32 and ``m_mask`` (B, T) bool, True = valid step; a sample lacking the modality has an all-False
@@ -10,73 +31,85 @@ float32 0/1 for multilabel targets (NaN = no label), and ``key`` (list of B samp
 from __future__ import annotations
 
 import logging
-import math
+import tarfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+import webdataset as wds
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from shards.dataset import load_dataset_json
+from shards.dataset import IMPORTED_VIDEO, ShardDataset
 from shards.io import decode_member
-from shards.schema import FEATURE_MEMBERS, MASK_MEMBERS, MODALITIES, N_LANDMARKS, SchemaError, validate_sample
+from shards.schema import FEATURE_MEMBERS, MASK_MEMBERS, MODALITIES, SchemaError, validate_sample
+from train.inputs import GEOM_DIM, DataError, binary_labels, feature_dims, label_keys, scalar_label
+
+if TYPE_CHECKING:
+    from train.data import ShardTask
 
 log = logging.getLogger(__name__)
 
-GEOM_DIM = 4  # video_geom.npy: mouth, left/right eye openness, yaw
-GEOM_EXTRACTORS = ("mediapipe-facemesh",)  # video extractors that store video_geom.npy for every ok sample
 RAW_MEMBERS = {"text": "text_ids.npy", "audio": "audio_wave.npy"}
 RAW_INPUTS = {"text": "text_ids", "audio": "audio_wave"}
 GEOM_INPUT = "video_geom"  # ToInputs' separate geometry input, joined onto "video" by collate
-IMPORTED_VIDEO = "video_feat.npy"  # pre-computed visual features of imported corpora, in place of landmarks
 STD_FLOOR = 1e-6  # a feature whose train std is below this is only centred (divided by 1)
 BAD = "__bad__"  # marker member of a sample that failed decoding or validation (with skip_bad_samples)
 
 
-class DataError(ValueError):
-    """The data pipeline cannot be built or fed as asked (config, split, labels, statistics)."""
+class ShardList:
+    """Stage: the pipeline's source, this rank's shard tasks in epoch order."""
+
+    def __init__(self, tasks: Sequence[ShardTask]) -> None:
+        self.tasks = list(tasks)
+
+    def __call__(self) -> Iterator[ShardTask]:
+        return iter(self.tasks)
 
 
-def _dataset(dataset: Mapping[str, Any] | str | Path) -> Mapping[str, Any]:
-    return dataset if isinstance(dataset, Mapping) else load_dataset_json(dataset)
+class ReadShards:
+    """Stage: shard tasks → samples with members as bytes, plus ``__shard__`` (the shard's file name)."""
+
+    def __init__(self, skip_bad: bool) -> None:
+        self.skip_bad = skip_bad
+
+    def __call__(self, tasks: Iterable[ShardTask]) -> Iterator[dict[str, Any]]:
+        for task in tasks:
+            j = -1
+            try:
+                with open(task.path, "rb") as stream:
+                    files = tar_file_expander([{"url": task.path, "stream": stream}])
+                    for j, sample in enumerate(group_by_keys(files)):
+                        if j % task.every == task.phase:
+                            yield {**sample, "__shard__": task.name}
+            except (tarfile.TarError, OSError, ValueError) as exc:
+                error = SchemaError(f"shard {task.name}: truncated or corrupt tar after sample {j + 1} ({reason(exc)})")
+                if not self.skip_bad:
+                    raise error from exc
+                yield {"__key__": f"{task.name}#{j + 1}", "__shard__": task.name, BAD: str(error)}
 
 
-def has_video_geom(dataset: Mapping[str, Any] | str | Path) -> bool:
-    """Whether the shards' video extractor stores ``video_geom.npy`` (decided from dataset.json alone)."""
-    video = _dataset(dataset).get("feature_set", {}).get("extractors", {}).get("video", {})
-    return video.get("name") in GEOM_EXTRACTORS
+class SelectModalities:
+    """Stage: drop the members of modalities (and raw inputs) the model does not use."""
+
+    def __init__(self, modalities: Sequence[str], raw: bool) -> None:
+        self.modalities, self.raw = tuple(modalities), raw
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        if BAD in sample:
+            return sample
+        keep = {}
+        for name, value in sample.items():
+            modality = name.split("_", 1)[0]
+            if modality in MODALITIES and (modality not in self.modalities or (not self.raw and _is_raw(name))):
+                continue
+            keep[name] = value
+        return keep
 
 
-def feature_dims(
-    dataset: Mapping[str, Any] | str | Path, modalities: Sequence[str] = MODALITIES, video_geom: bool | None = None
-) -> dict[str, int]:
-    """Input width per modality, for ``FusionConfig.dims``, from dataset.json (a dict or the shard dir).
-
-    text = Dt, audio = Da, video = 478 * 3 landmark coordinates (+ 4 geometry features when ``video_geom``,
-    by default when the video extractor stores them), or Dv for imported pre-computed visual features.
-    """
-    ds = _dataset(dataset)
-    dims, stats = ds.get("dims", {}), ds.get("stats", {})
-    out: dict[str, int] = {}
-    for m in modalities:
-        if m == "video" and "Dv" in dims:
-            out[m] = int(dims["Dv"])
-            continue
-        if m == "video":
-            geom = has_video_geom(ds) if video_geom is None else video_geom
-            out[m] = int(dims.get("landmarks", N_LANDMARKS)) * 3 + (GEOM_DIM if geom else 0)
-            continue
-        sym = {"text": "Dt", "audio": "Da"}.get(m)
-        if sym is None:
-            raise DataError(f"unknown modality {m!r}; valid: {', '.join(MODALITIES)}")
-        if sym in dims:
-            out[m] = int(dims[sym])
-        elif FEATURE_MEMBERS[m] in stats:
-            out[m] = len(stats[FEATURE_MEMBERS[m]]["mean"])
-        else:
-            raise DataError(f"dataset.json has no width for {m} ({sym} in 'dims'): were the shards extracted with {m}?")
-    return out
+def _is_raw(name: str) -> bool:
+    return name in RAW_MEMBERS.values()
 
 
 class SafeDecode:
@@ -103,9 +136,9 @@ class SafeDecode:
 class Validate:
     """Stage: ``validate_sample`` with widths and feature-set hash pinned to dataset.json's; errors name the shard."""
 
-    def __init__(self, dataset: Mapping[str, Any], skip_bad: bool, modalities: Sequence[str] | None = None) -> None:
-        self.dims = {k: int(v) for k, v in dataset.get("dims", {}).items() if k in ("Dt", "Da", "Dv")}
-        self.fs_hash, self.skip_bad = dataset.get("feature_set_hash"), skip_bad
+    def __init__(self, dataset: ShardDataset, skip_bad: bool, modalities: Sequence[str] | None = None) -> None:
+        self.dims = {k: int(v) for k, v in dataset.dims.items() if k in ("Dt", "Da", "Dv")}
+        self.fs_hash, self.skip_bad = dataset.feature_set_hash, skip_bad
         self.modalities = tuple(modalities) if modalities is not None else None
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
@@ -134,62 +167,16 @@ def _bad(sample: Mapping[str, Any], error: SchemaError, skip: bool) -> dict[str,
     return {"__key__": sample["__key__"], "__shard__": sample["__shard__"], BAD: str(error)}
 
 
-class SelectModalities:
-    """Stage: drop the members of modalities (and raw inputs) the model does not use."""
+class ShuffleSamples:
+    """Stage: a shuffle buffer seeded by (seed, epoch, rank, worker), so the order is reproducible."""
 
-    def __init__(self, modalities: Sequence[str], raw: bool) -> None:
-        self.modalities, self.raw = tuple(modalities), raw
+    def __init__(self, size: int, seed: int, epoch: int, rank: int) -> None:
+        self.size, self.seed, self.epoch, self.rank = size, seed, epoch, rank
 
-    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
-        if BAD in sample:
-            return sample
-        keep = {}
-        for name, value in sample.items():
-            modality = name.split("_", 1)[0]
-            if modality in MODALITIES and (modality not in self.modalities or (not self.raw and _is_raw(name))):
-                continue
-            keep[name] = value
-        return keep
-
-
-def _is_raw(name: str) -> bool:
-    return name in RAW_MEMBERS.values()
-
-
-def label_keys(label_key: str) -> tuple[str, ...]:
-    """The keys named by a ``label_key`` setting, in order: ``"neutral, happy"`` -> ("neutral", "happy")."""
-    return tuple(k.strip() for k in label_key.split(","))
-
-
-def _label(meta: Mapping[str, Any], label_key: str) -> float:
-    """The sample's number under ``label_key`` (regression, classification); NaN when it has none."""
-    value = (meta.get("labels") or {}).get(label_key)
-    if value is None:
-        return math.nan
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise DataError(
-            f"sample {meta.get('key')}: label {label_key!r} is {value!r}, not a number; choose a numeric "
-            f"label_key (this sample has {sorted(meta.get('labels') or {})})"
-        )
-    return float(value)
-
-
-def _binary_labels(meta: Mapping[str, Any], keys: Sequence[str]) -> np.ndarray:
-    """(K,) float32 multilabel target in the order of ``keys``: 0/1 (booleans count), NaN where a key is absent,
-    which leaves the whole sample out of losses and metrics."""
-    labels = meta.get("labels") or {}
-    out = np.full(len(keys), np.nan, np.float32)
-    for k, key in enumerate(keys):
-        value = labels.get(key)
-        if value is None:
-            continue
-        if not isinstance(value, (bool, int, float)) or value not in (0, 1):
-            raise DataError(
-                f"sample {meta.get('key')}: label {key!r} is {value!r}, not 0/1 or a boolean; task=multilabel needs "
-                f"a binary label under every key of label_key (this sample has {sorted(labels)})"
-            )
-        out[k] = float(value)
-    return out
+    def __call__(self, samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        seed = f"{self.seed}-{self.epoch}-{self.rank}-{info.id if info else 0}"
+        return wds.shuffle(self.size, self.size, seed=seed)(iter(samples))
 
 
 def _steps(feat: np.ndarray | None, mask: np.ndarray | None, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -207,7 +194,7 @@ class ToInputs:
     """Stage: a validated shard sample → model inputs (NumPy): features, masks, raw inputs, label, key.
 
     The label is the number under ``label_key``, or with ``multilabel`` the (K,) 0/1 vector of its
-    comma-separated keys (see :func:`label_keys`).
+    comma-separated keys (see :func:`train.inputs.label_keys`).
     """
 
     def __init__(
@@ -232,7 +219,7 @@ class ToInputs:
         if BAD in sample:
             return sample
         meta = sample["meta.json"]
-        label = _binary_labels(meta, self.keys) if self.multilabel else _label(meta, self.label_key)
+        label = binary_labels(meta, self.keys) if self.multilabel else scalar_label(meta, self.label_key)
         out: dict[str, Any] = {"key": meta["key"], "label": label}
         for m in self.modalities:
             ok = meta["modalities"][m]["status"] == "ok"
@@ -260,6 +247,79 @@ class ToInputs:
             return {name: values, f"{name}_mask": np.zeros(1, bool)}
         values = value.astype(np.int64) if modality == "text" else value.astype(np.float32) / 32768.0
         return {name: values, f"{name}_mask": np.ones(len(values), bool)}
+
+
+class WorkerBatches:
+    """Stage (main process): worker batches from DataLoader workers, shut down as soon as the epoch ends or fails.
+
+    ``batch_size=None`` with :func:`keep_batch` turns auto-collation off, so NumPy arrays stay NumPy (the
+    default would convert them to tensors) and batching stays in the pipeline.
+    """
+
+    def __init__(self, dataset: wds.DataPipeline, num_workers: int, prefetch_factor: int) -> None:
+        self.dataset, self.num_workers, self.prefetch_factor = dataset, num_workers, prefetch_factor
+
+    def __call__(self) -> Iterator[list[dict[str, Any]]]:
+        loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_size=None,
+            collate_fn=keep_batch,
+            num_workers=self.num_workers,
+            prefetch_factor=self.prefetch_factor,
+        )
+        batches = iter(loader)
+        try:
+            yield from batches
+        finally:  # an error's traceback would otherwise keep the workers alive until garbage collection
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+
+
+def keep_batch(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """DataLoader collate_fn: pass worker batches through as they are (NumPy stays NumPy, no auto-collation)."""
+    return batch
+
+
+class DropBad:
+    """Stage (main process): count, log and drop bad-sample markers; ``errors`` lists this epoch's messages."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+
+    def __call__(self, samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        self.errors.clear()
+        for sample in samples:
+            if BAD in sample:
+                self.errors.append(sample[BAD])
+                log.warning("skipped bad sample (%d so far): %s", len(self.errors), sample[BAD])
+                continue
+            yield sample
+
+
+class Equalise:
+    """Stage (main process): exactly ``n`` batches; a rank that runs short (bad samples skipped) repeats its first."""
+
+    def __init__(self, n: int, keep: int = 4) -> None:
+        self.n, self.keep = n, keep
+
+    def __call__(self, batches: Iterable[list[dict[str, Any]]]) -> Iterator[list[dict[str, Any]]]:
+        first: list[list[dict[str, Any]]] = []
+        count, source = 0, iter(batches)
+        while count < self.n:  # never pull more than n batches: the rest of the rank's data is not read
+            batch = next(source, None)
+            if batch is None:
+                break
+            if len(first) < self.keep:
+                first.append(batch)
+            count += 1
+            yield batch
+        if count < self.n:
+            if not first:
+                raise DataError(f"this rank produced no batch but {self.n} are needed to match the other ranks")
+            log.warning("rank ran %d batches short (bad samples skipped); repeating its first batches", self.n - count)
+            for i in range(self.n - count):
+                yield first[i % len(first)]
 
 
 def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -305,47 +365,6 @@ def _stack_labels(samples: Sequence[Mapping[str, Any]]) -> torch.Tensor:
     return torch.from_numpy(np.stack(labels))
 
 
-class DropBad:
-    """Stage (main process): count, log and drop bad-sample markers; ``errors`` lists this epoch's messages."""
-
-    def __init__(self) -> None:
-        self.errors: list[str] = []
-
-    def __call__(self, samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        self.errors.clear()
-        for sample in samples:
-            if BAD in sample:
-                self.errors.append(sample[BAD])
-                log.warning("skipped bad sample (%d so far): %s", len(self.errors), sample[BAD])
-                continue
-            yield sample
-
-
-class Equalise:
-    """Stage (main process): exactly ``n`` batches; a rank that runs short (bad samples skipped) repeats its first."""
-
-    def __init__(self, n: int, keep: int = 4) -> None:
-        self.n, self.keep = n, keep
-
-    def __call__(self, batches: Iterable[list[dict[str, Any]]]) -> Iterator[list[dict[str, Any]]]:
-        first: list[list[dict[str, Any]]] = []
-        count, source = 0, iter(batches)
-        while count < self.n:  # never pull more than n batches: the rest of the rank's data is not read
-            batch = next(source, None)
-            if batch is None:
-                break
-            if len(first) < self.keep:
-                first.append(batch)
-            count += 1
-            yield batch
-        if count < self.n:
-            if not first:
-                raise DataError(f"this rank produced no batch but {self.n} are needed to match the other ranks")
-            log.warning("rank ran %d batches short (bad samples skipped); repeating its first batches", self.n - count)
-            for i in range(self.n - count):
-                yield first[i % len(first)]
-
-
 class Normalise:
     """Stage: ``(x - mean) / std`` per feature dimension at valid positions; masked positions stay 0.
 
@@ -361,21 +380,21 @@ class Normalise:
 
     @classmethod
     def from_dataset(
-        cls, dataset: Mapping[str, Any] | str | Path, modalities: Sequence[str], video_geom: bool | None = None
+        cls, dataset: ShardDataset | str | Path, modalities: Sequence[str], video_geom: bool | None = None
     ) -> Normalise:
         """Train-split statistics of ``modalities`` from dataset.json; a clear error when any are missing."""
-        ds = _dataset(dataset)
+        ds = ShardDataset.of(dataset)
         dims = feature_dims(ds, modalities, video_geom)
         mean, std = {}, {}
         for m in modalities:
-            member = IMPORTED_VIDEO if m == "video" and "Dv" in ds.get("dims", {}) else FEATURE_MEMBERS[m]
-            entry = ds.get("stats", {}).get(member)
-            if not entry or not entry.get("count"):
+            member = ds.feature_member(m)
+            stats = ds.train_stats(member)
+            if stats is None or not stats.count:
                 raise DataError(
                     f"dataset.json has no train-split statistics for {member}: the shards need a train split with "
                     f"{m} features to normalise, or set normalise=False"
                 )
-            mu, sd = np.asarray(entry["mean"], np.float64), np.asarray(entry["std"], np.float64)
+            mu, sd = stats.mean, stats.std
             extra = dims[m] - len(mu)
             if extra == GEOM_DIM and m == "video":
                 mu, sd = np.concatenate([mu, np.zeros(GEOM_DIM)]), np.concatenate([sd, np.ones(GEOM_DIM)])
