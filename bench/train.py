@@ -197,12 +197,14 @@ def stage_profile(shards: Path, data: Any, batches: int) -> dict[str, float]:
     Worker stages: read, decode, validate, select, to_inputs; ``pickle`` is one pickle round trip of a worker
     batch (what the DataLoader's queue does to it, without the pipe); main-process stages: collate, normalise.
     """
-    from shards.dataset import load_dataset_json
-    from train.collate import Normalise, SafeDecode, SelectModalities, ToInputs, Validate, collate, has_video_geom
-    from train.data import ReadShards, feature_dims, plan_shards
+    from shards.dataset import ShardDataset
+    from train.batches import Normalise, collate
+    from train.data import plan_shards
+    from train.inputs import feature_dims, has_video_geom
+    from train.stages import ReadShards, SafeDecode, SelectModalities, ToInputs, Validate
 
-    dataset = load_dataset_json(shards)
-    tasks = plan_shards(dataset, shards, "train", train=False, seed=0, epoch=0, rank=0, world_size=1)
+    dataset = ShardDataset.load(shards)
+    tasks = plan_shards(dataset, "train", train=False, seed=0, epoch=0, rank=0, world_size=1)
     geom = has_video_geom(dataset)
     stages = {
         "decode": SafeDecode(False),

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from bench.memory import ChildPeaks, own_peak_mib
-from shards import SCHEMA_VERSION, ShardWriter, build_dataset, feature_set_hash, load_dataset_json
+from shards import SCHEMA_VERSION, ShardDataset, ShardWriter, build_dataset, feature_set_hash
 from shards.io import atomic_write_json
 from shards.schema import FEATURE_MEMBERS, MASK_MEMBERS, N_LANDMARKS, SAMPLE_RATE
 from shards.stats import RunningStats
@@ -192,14 +192,15 @@ def timed_training(
     from torch.nn.parallel import DistributedDataParallel
 
     from train.config import make_train_config
-    from train.data import InMemorySource, feature_dims
+    from train.inputs import feature_dims
+    from train.memory import InMemorySource
     from train.pipeline import FusionPipeline
     from train.runtime import Dist, amp_dtype, seed_everything
     from train.trainer import clip_grad_norm_per_group, data_config
 
     d = d or Dist()
     config = make_train_config(model, overrides=overrides)
-    dataset = load_dataset_json(shards)
+    dataset = ShardDataset.load(shards)
     seed_everything(config.seed)
     net = FusionPipeline(config, feature_dims(dataset, config.modalities), dataset).to(d.device)
     if net.end_to_end:
@@ -211,7 +212,7 @@ def timed_training(
     load_s = 0.0
     if source == "memory":
         start = time.perf_counter()
-        batches = memory_batches(InMemorySource.from_shards(shards, "train", data, shuffle=True))
+        batches = memory_batches(InMemorySource.from_shards(dataset, "train", data, shuffle=True))
         load_s = time.perf_counter() - start
     else:
         batches = stream_batches(shards, data, d.rank, d.world_size)

@@ -93,9 +93,9 @@ def _run(args: argparse.Namespace) -> int:
     from extract.manifest import ManifestError
     from shards.schema import SchemaError
     from train.checkpoint import CheckpointError
-    from train.collate import DataError
     from train.config import TrainConfigError
     from train.encoders import EncoderMismatch
+    from train.inputs import DataError
     from train.runtime import RunDirError
 
     handled = (

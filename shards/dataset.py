@@ -19,15 +19,19 @@ import json
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from shards.io import atomic_write_bytes, atomic_write_json
-from shards.schema import SCHEMA_VERSION, STATS_MEMBERS, SchemaError
+from shards.schema import ALTERNATIVES, FEATURE_MEMBERS, N_LANDMARKS, SCHEMA_VERSION, STATS_MEMBERS, SchemaError
 from shards.stats import RunningStats
 
 DATASET_JSON = "dataset.json"
 STATUS_JSONL = "status.jsonl"
+IMPORTED_VIDEO = ALTERNATIVES[FEATURE_MEMBERS["video"]]  # imported corpora's pre-computed visual features
 
 
 class FeatureSetMismatch(SchemaError):
@@ -71,9 +75,139 @@ def load_dataset_json(root: Path | str) -> dict[str, Any]:
     return obj
 
 
-def check_feature_set(expected: str, dataset: Mapping[str, Any], what: str = "the checkpoint") -> None:
+@dataclass(frozen=True)
+class ShardEntry:
+    """One complete shard as ``dataset.json`` lists it."""
+
+    name: str  # file name in the shard directory, e.g. "train-000000.tar"
+    split: str
+    samples: int
+    bytes: int = 0
+
+
+@dataclass(frozen=True)
+class MemberStats:
+    """Train-split statistics of one feature member: ``count`` valid rows, (D,) float64 ``mean`` and ``std``."""
+
+    count: int
+    mean: np.ndarray
+    std: np.ndarray
+
+
+@dataclass(frozen=True)
+class ShardDataset:
+    """``dataset.json`` of a shard directory, read once (:meth:`load`) and passed to whatever reads the shards.
+
+    ``feature_set`` and ``stats`` are kept as stored (checkpoints record them unchanged); ``dims`` maps the width
+    symbols (``Dt``, ``Da``, ``Dv``, ``landmarks``) to ints. A dataset with ``root=None`` has no shards to read: it
+    is the feature set and statistics a checkpoint records (see :meth:`from_json`).
+    """
+
+    root: Path | None
+    feature_set: dict[str, Any]
+    feature_set_hash: str | None
+    dims: dict[str, int] = field(default_factory=dict)
+    stats: dict[str, dict[str, Any]] = field(default_factory=dict)
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    shards: tuple[ShardEntry, ...] = ()
+    missing_shards: tuple[str, ...] = ()
+    complete: bool = True
+
+    @classmethod
+    def load(cls, root: Path | str) -> ShardDataset:
+        """Read ``root/dataset.json`` (the errors of :func:`load_dataset_json`)."""
+        return cls.from_json(load_dataset_json(root), root)
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any], root: Path | str | None = None) -> ShardDataset:
+        """From a ``dataset.json`` dict; absent keys read as empty (a checkpoint records only the feature set,
+        its hash and the statistics)."""
+        shards = tuple(
+            ShardEntry(s["name"], s["split"], int(s["samples"]), int(s.get("bytes", 0))) for s in obj.get("shards", [])
+        )
+        return cls(
+            root=None if root is None else Path(root),
+            feature_set=dict(obj.get("feature_set", {})),
+            feature_set_hash=obj.get("feature_set_hash"),
+            dims=dict(obj.get("dims", {})),
+            stats=dict(obj.get("stats", {})),
+            counts=dict(obj.get("counts", {})),
+            shards=shards,
+            missing_shards=tuple(obj.get("missing_shards", ())),
+            complete=bool(obj.get("complete", True)),
+        )
+
+    @classmethod
+    def of(cls, dataset: ShardDataset | Path | str) -> ShardDataset:
+        """``dataset`` itself, or the dataset of the shard directory it names."""
+        return dataset if isinstance(dataset, ShardDataset) else cls.load(dataset)
+
+    @property
+    def splits(self) -> list[str]:
+        """The splits that have complete shards, sorted."""
+        return sorted({s.split for s in self.shards})
+
+    def split_shards(self, split: str) -> list[ShardEntry]:
+        """The complete shards of ``split`` in name order (empty when there are none)."""
+        return sorted((s for s in self.shards if s.split == split), key=_entry_name)
+
+    def split_samples(self, split: str) -> int:
+        """Samples in the complete shards of ``split``."""
+        return sum(s.samples for s in self.shards if s.split == split)
+
+    def path(self, shard: ShardEntry) -> Path:
+        """Where ``shard`` lies (an error for a dataset without a shard directory)."""
+        if self.root is None:
+            raise SchemaError(f"no shard directory to read {shard.name} from (a checkpoint's feature record)")
+        return self.root / shard.name
+
+    @property
+    def extractors(self) -> dict[str, dict[str, Any]]:
+        """Provenance of each modality's extractor (model, layer, weights hash...), by modality."""
+        return dict(self.feature_set.get("extractors", {}))
+
+    @property
+    def video_extractor(self) -> str | None:
+        """Provenance name of the video extractor (e.g. ``mediapipe-facemesh``); None when the set names none."""
+        return self.extractors.get("video", {}).get("name")
+
+    @property
+    def imported_video(self) -> bool:
+        """Whether the video features are imported pre-computed ones (``video_feat.npy``), not landmarks."""
+        return "Dv" in self.dims
+
+    def feature_member(self, modality: str) -> str:
+        """The member holding ``modality``'s features, e.g. ``text_feat.npy``."""
+        return IMPORTED_VIDEO if modality == "video" and self.imported_video else FEATURE_MEMBERS[modality]
+
+    def feature_width(self, modality: str) -> int | None:
+        """Width per step of the stored features of ``modality`` (landmarks flattened: 478 * 3), from ``dims``
+        or else the train statistics; None when neither says."""
+        if modality == "video":
+            return int(self.dims["Dv"]) if self.imported_video else int(self.dims.get("landmarks", N_LANDMARKS)) * 3
+        sym = {"text": "Dt", "audio": "Da"}[modality]
+        if sym in self.dims:
+            return int(self.dims[sym])
+        if FEATURE_MEMBERS[modality] in self.stats:
+            return len(self.stats[FEATURE_MEMBERS[modality]]["mean"])
+        return None
+
+    def train_stats(self, member: str) -> MemberStats | None:
+        """Train-split statistics of ``member`` (e.g. ``audio_feat.npy``); None when dataset.json has none."""
+        entry = self.stats.get(member)
+        if not entry:
+            return None
+        mean, std = np.asarray(entry["mean"], np.float64), np.asarray(entry["std"], np.float64)
+        return MemberStats(int(entry.get("count", 0)), mean, std)
+
+
+def _entry_name(shard: ShardEntry) -> str:
+    return shard.name
+
+
+def check_feature_set(expected: str, dataset: ShardDataset, what: str = "the checkpoint") -> None:
     """Refuse shards whose feature-set hash differs from ``expected``."""
-    got = dataset.get("feature_set_hash")
+    got = dataset.feature_set_hash
     if got != expected:
         raise FeatureSetMismatch(
             f"feature-set mismatch: {what} expects features {expected} but the shards hold {got}. "

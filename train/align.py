@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from train.collate import BAD, DataError
+from train.inputs import DataError
+from train.stages import BAD
 
 FRAMES = {  # modality -> (feature members averaged per word, mask member, time member)
     "audio": (("audio_feat.npy",), "audio_mask.npy", "audio_time.npy"),

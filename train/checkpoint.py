@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mmfuse.errors import MmfuseError
+from shards.dataset import ShardDataset
 
 CHECKPOINT_VERSION = 1
 # Model settings added after checkpoints had been written, with the value those older checkpoints were trained
@@ -28,7 +30,9 @@ class CheckpointError(MmfuseError, RuntimeError):
     """A checkpoint is missing, unreadable, or not an mmfuse checkpoint."""
 
 
-def save_checkpoint(path: Path, net, optimizer, scheduler, state: dict[str, Any], config, dataset, dims, rngs) -> None:
+def save_checkpoint(
+    path: Path, net, optimizer, scheduler, state: dict[str, Any], config, dataset: ShardDataset, dims, rngs
+) -> None:
     """Write atomically (temporary file + rename): an interrupted save never leaves a half checkpoint."""
     obj = {
         "mmfuse_checkpoint": CHECKPOINT_VERSION,
@@ -41,9 +45,9 @@ def save_checkpoint(path: Path, net, optimizer, scheduler, state: dict[str, Any]
         "model_name": config.model,
         "model_config": dataclasses.asdict(net.fusion.config),
         "dims": dict(dims),
-        "feature_set_hash": dataset["feature_set_hash"],
-        "feature_set": dataset.get("feature_set", {}),
-        "stats": dataset.get("stats", {}),
+        "feature_set_hash": dataset.feature_set_hash,
+        "feature_set": dataset.feature_set,
+        "stats": dataset.stats,
         "torch_version": str(torch.__version__),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -64,6 +68,14 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
     if not isinstance(obj, dict) or obj.get("mmfuse_checkpoint") != CHECKPOINT_VERSION:
         raise CheckpointError(f"{path} is not an mmfuse checkpoint (version {CHECKPOINT_VERSION})")
     return _with_legacy_settings(obj)
+
+
+def checkpoint_dataset(ckpt: Mapping[str, Any]) -> ShardDataset:
+    """The feature set, its hash and the train statistics a checkpoint records, as a dataset without shards
+    (what the network and the input stages need from dataset.json)."""
+    return ShardDataset.from_json(
+        {"feature_set": ckpt["feature_set"], "feature_set_hash": ckpt["feature_set_hash"], "stats": ckpt["stats"]}
+    )
 
 
 def _with_legacy_settings(obj: dict[str, Any]) -> dict[str, Any]:

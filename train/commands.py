@@ -186,25 +186,25 @@ def missing_sets(spec: str, modalities: tuple[str, ...]) -> list[tuple[str, ...]
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from shards.dataset import check_feature_set, load_dataset_json
-    from train.checkpoint import load_checkpoint
-    from train.collate import DataError
+    from shards.dataset import ShardDataset, check_feature_set
+    from train.checkpoint import checkpoint_dataset, load_checkpoint
     from train.config import make_train_config
+    from train.inputs import DataError
     from train.pipeline import FusionPipeline
     from train.trainer import evaluate
 
     ckpt = load_checkpoint(args.checkpoint)
-    dataset = load_dataset_json(args.shards)
+    dataset = ShardDataset.load(args.shards)
     check_feature_set(ckpt["feature_set_hash"], dataset, what=f"checkpoint {args.checkpoint}")
     config = make_train_config(ckpt["model_name"], None, ["num_workers=0", "device=cpu"], base=ckpt["config"])
-    net = FusionPipeline(config, ckpt["dims"], {"feature_set": ckpt["feature_set"], "stats": ckpt["stats"]})
+    net = FusionPipeline(config, ckpt["dims"], checkpoint_dataset(ckpt))
     net.load_state_dict(ckpt["model"])
     results, rows = {}, []
     for removed in missing_sets(args.missing, tuple(net.fusion.modalities)):
         name = "".join(m[0] for m in removed) or "none"
         scored: list[dict[str, Any]] = []
         with args.progress(f"eval {args.split}" + (f" -{name}" if removed else ""), "sample") as bar:
-            results[name] = evaluate(net, args.shards, args.split, config, drop=removed, progress=bar, rows=scored)
+            results[name] = evaluate(net, dataset, args.split, config, drop=removed, progress=bar, rows=scored)
         rows += [{"key": r["key"], "split": args.split, "removed": name, **r} for r in scored]
     if not any(results.values()):
         raise DataError(f"split {args.split!r} of {args.shards} has no labelled sample to evaluate")

@@ -23,7 +23,7 @@ import fusion
 from fusion.base import FusionConfigError
 from mmfuse.errors import MmfuseError
 from mmfuse.settings import build, coerce, parse_override, read_yaml
-from train.collate import label_keys
+from train.inputs import label_keys
 
 PRESETS = Path(__file__).resolve().parent / "configs"
 MODES = ("frozen", "end_to_end")

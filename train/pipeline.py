@@ -1,6 +1,6 @@
 """The trainable network: optional text / audio encoders (end-to-end mode) in front of a fusion model.
 
-``FusionPipeline.forward(batch)`` takes a loader batch (train/collate.py) and returns the fusion model's
+``FusionPipeline.forward(batch)`` takes a loader batch (train/stages.py) and returns the fusion model's
 ``FusionOutput``. In end-to-end mode the text features are recomputed from ``text_ids`` and the audio
 features from ``audio_wave`` with gradients, then standardised with the same train-split statistics the
 frozen features get, so at initialisation both modes feed the fusion model identical inputs. Video always
@@ -9,7 +9,6 @@ uses the stored landmarks. One module, so DDP wraps it whole.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -17,20 +16,21 @@ from torch import Tensor, nn
 
 import fusion
 from fusion.base import FusionOutput
+from shards.dataset import ShardDataset
 from shards.schema import FEATURE_MEMBERS
-from train.collate import STD_FLOOR
 from train.config import TrainConfig, TrainConfigError
 from train.encoders import AudioEncoder, TextEncoder
+from train.stages import STD_FLOOR
 
 
 class FusionPipeline(nn.Module):
-    def __init__(self, config: TrainConfig, dims: dict[str, int], dataset: Mapping[str, Any]) -> None:
+    def __init__(self, config: TrainConfig, dims: dict[str, int], dataset: ShardDataset) -> None:
         super().__init__()
         self.fusion = fusion.build_model(config.model, **config.model_kwargs(dims))
         self.encoders = nn.ModuleDict()
         self.end_to_end = config.mode == "end_to_end"
         if self.end_to_end:
-            extractors = dataset.get("feature_set", {}).get("extractors", {})
+            extractors = dataset.extractors
             lacking = [m for m in ("text", "audio") if m in config.modalities and m not in extractors]
             if lacking:
                 raise TrainConfigError(
@@ -42,9 +42,8 @@ class FusionPipeline(nn.Module):
                 self.encoders["text"] = TextEncoder(extractors["text"], config.grad_checkpointing)
             if "audio" in config.modalities and "audio" in extractors:
                 self.encoders["audio"] = AudioEncoder(extractors["audio"], config.grad_checkpointing)
-        stats = dataset.get("stats", {})
         for m in self.encoders:
-            mean, std = _stats(stats, FEATURE_MEMBERS[m])
+            mean, std = _stats(dataset, FEATURE_MEMBERS[m])
             self.register_buffer(f"{m}_mean", mean)
             self.register_buffer(f"{m}_std", std)
 
@@ -83,12 +82,12 @@ class FusionPipeline(nn.Module):
         return torch.where(mask[..., None], (x.float() - mean) / std, torch.zeros((), device=x.device))
 
 
-def _stats(stats: Mapping[str, Any], member: str) -> tuple[Tensor, Tensor]:
-    entry = stats.get(member)
-    if not entry:
+def _stats(dataset: ShardDataset, member: str) -> tuple[Tensor, Tensor]:
+    stats = dataset.train_stats(member)
+    if stats is None:
         raise ValueError(f"dataset.json has no train statistics for {member}; end-to-end mode standardises with them")
-    mean = torch.tensor(entry["mean"], dtype=torch.float32)
-    std = torch.tensor(entry["std"], dtype=torch.float32)
+    mean = torch.tensor(stats.mean, dtype=torch.float32)
+    std = torch.tensor(stats.std, dtype=torch.float32)
     return mean, torch.where(std < STD_FLOOR, torch.ones_like(std), std)  # as the loader's Normalise
 
 

@@ -23,10 +23,12 @@ from extract.manifest import Clip
 from extract.pipeline import build_extractors, check_device, describe_feature_set
 from shards.dataset import FeatureSetMismatch, feature_set_hash
 from shards.schema import MODALITIES, SAMPLE_RATE, make_key, validate_sample
-from train.checkpoint import load_checkpoint
-from train.collate import DataError, Normalise, SelectModalities, ToInputs, collate, has_video_geom
+from train.batches import Normalise, collate
+from train.checkpoint import checkpoint_dataset, load_checkpoint
 from train.config import TrainConfig, make_train_config
+from train.inputs import DataError, has_video_geom
 from train.pipeline import FusionPipeline
+from train.stages import SelectModalities, ToInputs
 
 NO_TEXT = "no transcript given (pass --text)"
 
@@ -133,7 +135,7 @@ def extract_sample(
 def load_network(ckpt: Mapping[str, Any], device: str = "cpu") -> tuple[TrainConfig, FusionPipeline]:
     """The checkpoint's training config and network (eval mode, on ``device``), built as ``mmfuse eval`` does."""
     config = make_train_config(ckpt["model_name"], None, ["num_workers=0", f"device={device}"], base=ckpt["config"])
-    net = FusionPipeline(config, ckpt["dims"], {"feature_set": ckpt["feature_set"], "stats": ckpt["stats"]})
+    net = FusionPipeline(config, ckpt["dims"], checkpoint_dataset(ckpt))
     net.load_state_dict(ckpt["model"])
     return config, net.to(device).eval()
 
@@ -143,7 +145,7 @@ def model_batch(sample: dict[str, Any], ckpt: Mapping[str, Any], config: TrainCo
 
     Returns per modality ``m`` (1, T, D) float32 and ``m_mask`` (1, T) bool (plus raw inputs end to end).
     """
-    dataset = {"feature_set": ckpt["feature_set"], "stats": ckpt["stats"]}
+    dataset = checkpoint_dataset(ckpt)
     geom = has_video_geom(dataset)
     modalities, raw = tuple(config.modalities), config.mode == "end_to_end"
     dims = {m: int(ckpt["dims"][m]) for m in modalities}

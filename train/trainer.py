@@ -29,11 +29,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fusion.layers import task_loss
 from shards import Progress
-from shards.dataset import check_feature_set, load_dataset_json
+from shards.dataset import ShardDataset, check_feature_set
 from train.checkpoint import load_checkpoint, save_checkpoint
-from train.collate import DataError, feature_dims
 from train.config import TrainConfig, check_model_settings
 from train.data import DataConfig, make_loader, num_batches
+from train.inputs import DataError, feature_dims
 from train.logs import RunLog
 from train.metrics import SELECTION, task_metrics
 from train.pipeline import FusionPipeline
@@ -119,7 +119,7 @@ def fit(
 def _fit(
     config: TrainConfig, shards: Path, run_dir: Path, resume: bool, d: Dist, progress: Progress | None
 ) -> dict[str, Any]:
-    dataset = load_dataset_json(shards)
+    dataset = ShardDataset.load(shards)
     dims = feature_dims(dataset, config.modalities)
     check_model_settings(config, dims)
     if d.main:
@@ -132,7 +132,7 @@ def _fit(
     seed_everything(config.seed)
     net = FusionPipeline(config, dims, dataset).to(d.device)
     data = data_config(config)
-    batches_per_epoch = num_batches(shards, "train", data, train=True, rank=d.rank, world_size=d.world_size)
+    batches_per_epoch = num_batches(dataset, "train", data, train=True, rank=d.rank, world_size=d.world_size)
     if batches_per_epoch < config.grad_accum:
         raise DataError(
             f"the train split of {shards} gives {batches_per_epoch} full batch(es) of {config.batch_size} per rank "
@@ -176,7 +176,7 @@ def _fit(
     while state["step"] < total_steps and state["epoch"] < config.epochs:
         epoch = state["epoch"]
         loader = make_loader(
-            shards,
+            dataset,
             "train",
             data,
             train=True,
@@ -247,7 +247,7 @@ def _fit(
         if not stopped and (epoch + 1) % config.eval_every:
             _save(run_dir / "checkpoints" / "last.pt", net, optimizer, scheduler, state, config, dataset, dims, d)
             continue
-        metrics = evaluate(net, shards, "valid", config, d)
+        metrics = evaluate(net, dataset, "valid", config, d)
         run_log.eval(state["step"], epoch, "valid", metrics)
         changed = net.fusion.end_epoch(metrics)
         if changed:
@@ -267,7 +267,7 @@ def _fit(
     net.load_state_dict(load_checkpoint(best_path)["model"])
     final = {"selected_step": state["best_step"], "selected_by": f"valid {select_key}"}
     for split in ("valid", "test"):
-        final[split] = evaluate(net, shards, split, config, d)
+        final[split] = evaluate(net, dataset, split, config, d)
         run_log.eval(state["best_step"], state["epoch"], f"{split} (selected)", final[split])
     if d.main:
         write_json(run_dir / "final.json", final)
@@ -279,7 +279,7 @@ def _fit(
 @torch.no_grad()
 def evaluate(
     net: FusionPipeline,
-    shards: Path,
+    shards: ShardDataset | Path | str,
     split: str,
     config: TrainConfig,
     d: Dist | None = None,
@@ -295,15 +295,15 @@ def evaluate(
     ``prediction_row``)."""
     d = d or Dist()
     data = data_config(config, workers=min(config.num_workers, 1))
-    dataset = load_dataset_json(shards)
-    listed = sum(s["samples"] for s in dataset.get("shards", []) if s.get("split") == split)
-    if not any(s.get("split") == split for s in dataset.get("shards", [])):
+    dataset = ShardDataset.of(shards)
+    listed = dataset.split_samples(split)
+    if split not in dataset.splits:
         return {}
     net.eval()
     preds, labels = [], []
     autocast = amp_dtype(config.amp, d.device)
     read = 0
-    for batch in make_loader(shards, split, data, train=False, rank=d.rank, world_size=d.world_size):
+    for batch in make_loader(dataset, split, data, train=False, rank=d.rank, world_size=d.world_size):
         read += len(batch["key"])
         if progress is not None:
             progress(read, listed)
@@ -398,13 +398,13 @@ def _save(path: Path, net, optimizer, scheduler, state, config, dataset, dims, d
     _barrier(d)
 
 
-def _run_record(config: TrainConfig, dataset: dict[str, Any], dims: dict[str, int], shards: Path, d: Dist) -> dict:
+def _run_record(config: TrainConfig, dataset: ShardDataset, dims: dict[str, int], shards: Path, d: Dist) -> dict:
     return {
         "config": config.to_dict(),
         "git_revision": git_revision(),
         "shards": str(shards.resolve()),
-        "feature_set_hash": dataset["feature_set_hash"],
-        "dataset_counts": dataset.get("counts", {}),
+        "feature_set_hash": dataset.feature_set_hash,
+        "dataset_counts": dataset.counts,
         "dims": dims,
         "world_size": d.world_size,
         "device": str(d.device),

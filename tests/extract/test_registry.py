@@ -23,7 +23,7 @@ from extract.pipeline import build_extractors, describe_feature_set, run_extract
 from shards import iter_shard, load_dataset_json
 from shards.dataset import feature_set_hash
 from shards.schema import N_LANDMARKS
-from train.collate import has_video_geom
+from train.inputs import has_video_geom
 
 TOY_DT = 5
 LMK, NORM, GEOM = 0.25, 0.5, 0.75

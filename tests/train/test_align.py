@@ -11,8 +11,8 @@ from conftest import MEDIA, write_manifest
 
 from extract.pipeline import run_extract
 from train.align import AlignWords, word_index
-from train.collate import DataError
 from train.data import DataConfig, make_loader
+from train.inputs import DataError
 
 
 def grid_words() -> list[list]:

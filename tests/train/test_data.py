@@ -13,12 +13,23 @@ import pytest
 import torch
 from conftest import AUDIO_DIM, TEXT_DIM
 
-from shards import SCHEMA_VERSION, SchemaError, ShardWriter, build_dataset, feature_set_hash, load_dataset_json
+from shards import (
+    SCHEMA_VERSION,
+    SchemaError,
+    ShardDataset,
+    ShardWriter,
+    build_dataset,
+    feature_set_hash,
+    load_dataset_json,
+)
 from shards.io import atomic_write_json
 from shards.schema import FEATURE_MEMBERS, MASK_MEMBERS
 from shards.stats import RunningStats
-from train.collate import ToInputs, collate
-from train.data import DataConfig, DataError, InMemorySource, feature_dims, make_loader, num_batches, plan_shards
+from train.batches import collate
+from train.data import DataConfig, make_loader, num_batches, plan_shards
+from train.inputs import DataError, feature_dims
+from train.memory import InMemorySource
+from train.stages import ToInputs
 
 DT, DA = 5, 7
 FEATURE_SET = {
@@ -216,9 +227,7 @@ def test_training_equal_batches_no_repeats_and_seeded_order(toy) -> None:
     counts = [
         sum(
             t.count
-            for t in plan_shards(
-                load_dataset_json(root), root, "train", train=True, seed=11, epoch=0, rank=r, world_size=2
-            )
+            for t in plan_shards(ShardDataset.load(root), "train", train=True, seed=11, epoch=0, rank=r, world_size=2)
         )
         for r in range(2)
     ]

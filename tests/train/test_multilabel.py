@@ -16,11 +16,14 @@ from mmfuse.cli import main
 from shards.io import ShardWriter, iter_shard
 from tests.conftest import MEDIA
 from tests.extract.test_import_mmsa import mult_split, write
+from train.batches import collate
 from train.checkpoint import load_checkpoint
-from train.collate import DataError, ToInputs, collate
 from train.config import TrainConfigError, make_train_config
-from train.data import DataConfig, InMemorySource, make_loader
+from train.data import DataConfig, make_loader
+from train.inputs import DataError
+from train.memory import InMemorySource
 from train.predict import describe_prediction, format_result, load_network, predict_clip
+from train.stages import ToInputs
 from train.trainer import _labelled, data_config, fit
 
 EMOTIONS = ",".join(MULT_EMOTIONS)  # neutral,happy,sad,angry

@@ -11,7 +11,7 @@ import torch
 from mmfuse.cli import main
 from shards.dataset import FeatureSetMismatch, feature_set_hash
 from tests.conftest import MEDIA
-from train.checkpoint import load_checkpoint
+from train.checkpoint import checkpoint_dataset, load_checkpoint
 from train.config import make_train_config
 from train.data import make_loader
 from train.pipeline import FusionPipeline
@@ -36,7 +36,7 @@ def shard_prediction(checkpoint: Path, shards: Path, split: str, key: str) -> fl
     """The trained network's prediction for sample ``key`` as read from the shards (the training pipeline)."""
     ckpt = load_checkpoint(checkpoint)
     config = make_train_config(ckpt["model_name"], None, ["num_workers=0", "device=cpu"], base=ckpt["config"])
-    net = FusionPipeline(config, ckpt["dims"], {"feature_set": ckpt["feature_set"], "stats": ckpt["stats"]})
+    net = FusionPipeline(config, ckpt["dims"], checkpoint_dataset(ckpt))
     net.load_state_dict(ckpt["model"])
     net.eval()
     with torch.no_grad():

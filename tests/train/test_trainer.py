@@ -82,7 +82,7 @@ def test_resume_gives_the_same_losses(bundled_dataset: Path, tmp_path: Path, mon
 
 
 def test_too_few_samples_for_one_step_is_an_error(bundled_dataset: Path, tmp_path: Path) -> None:
-    from train.collate import DataError
+    from train.inputs import DataError
 
     config = make_train_config("late", overrides=[*FAST, "batch_size=4"])
     with pytest.raises(DataError, match="gives 0 full batch\\(es\\) of 4 per rank .* lower batch_size"):
@@ -90,7 +90,7 @@ def test_too_few_samples_for_one_step_is_an_error(bundled_dataset: Path, tmp_pat
 
 
 def test_a_label_key_no_sample_has_is_an_error(bundled_dataset: Path, tmp_path: Path, capsys) -> None:
-    from train.collate import DataError
+    from train.inputs import DataError
 
     config = make_train_config("late", overrides=[*FAST, "label_key=sentimnet"])
     with pytest.raises(DataError, match="no sample of the train split .* has a label under label_key='sentimnet'"):

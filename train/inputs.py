@@ -1,0 +1,92 @@
+"""What the model gets from a shard directory: the input width of each modality and the label of each sample.
+
+Widths come from dataset.json (:class:`shards.dataset.ShardDataset`) alone, so a model can be built before a
+shard is read; labels come from a sample's ``meta.json`` ``labels``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from extract.registry import registered_as
+from mmfuse.errors import MmfuseError
+from shards.dataset import ShardDataset
+from shards.schema import MODALITIES
+
+GEOM_DIM = 4  # video_geom.npy: mouth, left/right eye openness, yaw
+
+
+class DataError(MmfuseError, ValueError):
+    """The data pipeline cannot be built or fed as asked (config, split, labels, statistics)."""
+
+
+def has_video_geom(dataset: ShardDataset | str | Path) -> bool:
+    """Whether the shards' video extractor stores ``video_geom.npy`` (decided from dataset.json alone: the
+    registered extractor of the provenance name it records)."""
+    entry = registered_as(ShardDataset.of(dataset).video_extractor)
+    return entry is not None and "video_geom.npy" in entry.members
+
+
+def feature_dims(
+    dataset: ShardDataset | str | Path, modalities: Sequence[str] = MODALITIES, video_geom: bool | None = None
+) -> dict[str, int]:
+    """Input width per modality, for ``FusionConfig.dims``, from dataset.json (loaded, or the shard dir).
+
+    text = Dt, audio = Da, video = 478 * 3 landmark coordinates (+ 4 geometry features when ``video_geom``,
+    by default when the video extractor stores them), or Dv for imported pre-computed visual features.
+    """
+    ds = ShardDataset.of(dataset)
+    out: dict[str, int] = {}
+    for m in modalities:
+        if m not in MODALITIES:
+            raise DataError(f"unknown modality {m!r}; valid: {', '.join(MODALITIES)}")
+        width = ds.feature_width(m)
+        if width is None:
+            sym = {"text": "Dt", "audio": "Da"}[m]
+            raise DataError(f"dataset.json has no width for {m} ({sym} in 'dims'): were the shards extracted with {m}?")
+        if m == "video" and not ds.imported_video:
+            geom = has_video_geom(ds) if video_geom is None else video_geom
+            width += GEOM_DIM if geom else 0
+        out[m] = width
+    return out
+
+
+def label_keys(label_key: str) -> tuple[str, ...]:
+    """The keys named by a ``label_key`` setting, in order: ``"neutral, happy"`` -> ("neutral", "happy")."""
+    return tuple(k.strip() for k in label_key.split(","))
+
+
+def scalar_label(meta: Mapping[str, Any], label_key: str) -> float:
+    """The sample's number under ``label_key`` (regression, classification); NaN when it has none."""
+    value = (meta.get("labels") or {}).get(label_key)
+    if value is None:
+        return math.nan
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise DataError(
+            f"sample {meta.get('key')}: label {label_key!r} is {value!r}, not a number; choose a numeric "
+            f"label_key (this sample has {sorted(meta.get('labels') or {})})"
+        )
+    return float(value)
+
+
+def binary_labels(meta: Mapping[str, Any], keys: Sequence[str]) -> np.ndarray:
+    """(K,) float32 multilabel target in the order of ``keys``: 0/1 (booleans count), NaN where a key is absent,
+    which leaves the whole sample out of losses and metrics."""
+    labels = meta.get("labels") or {}
+    out = np.full(len(keys), np.nan, np.float32)
+    for k, key in enumerate(keys):
+        value = labels.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, (bool, int, float)) or value not in (0, 1):
+            raise DataError(
+                f"sample {meta.get('key')}: label {key!r} is {value!r}, not 0/1 or a boolean; task=multilabel needs "
+                f"a binary label under every key of label_key (this sample has {sorted(labels)})"
+            )
+        out[k] = float(value)
+    return out

@@ -1,0 +1,264 @@
+"""The stages of the training data pipeline, in pipeline order: shard list → padded, normalised batch.
+
+``train.data.make_loader`` chains them; [worker] stages (this module) run in every DataLoader worker (in the
+training process with ``num_workers=0``), [main] ones (``train/batches.py``) in the training process. Stage, what
+it yields, callable::
+
+    shard list       this rank's shards in epoch order (train.data.plan_shards)      ShardList         [worker]
+    split by worker  this worker's share of them                                     wds.split_by_worker [worker]
+    read             samples, members as bytes, with their shard's name              ReadShards        [worker]
+    select           only the members of the modalities (and raw inputs) in use      SelectModalities  [worker]
+    decode           .npy / .json members decoded, never unpickled                   SafeDecode        [worker]
+    validate         schema-checked samples (bad: SchemaError, or a BAD marker)      Validate          [worker]
+    align words      one audio / video step per word (align_words; train/align.py)   AlignWords        [worker]
+    shuffle          samples in a seeded buffer order (training)                     ShuffleSamples    [worker]
+    to inputs        (T, D) features + masks, raw inputs, label, key                 ToInputs          [worker]
+    batch            lists of model-input samples                                    wds.batched       [worker]
+    worker batches   the workers' lists, round robin                                 WorkerBatches     [main]
+    drop bad         BAD markers counted, logged and dropped                         DropBad           [main]
+    rebatch          lists of exactly batch_size samples                             wds.batched       [main]
+    equalise         the same number of batches on every rank (training)             Equalise          [main]
+    skip             batches from ``skip_batches`` on (resume mid-epoch)             wds.slice         [main]
+    collate          padded torch tensors and masks                                  collate           [main]
+    normalise        features standardised with dataset.json's train mean/std        Normalise         [main]
+
+The batch format is the contract with ``fusion`` (see ``fusion/base.py``): per modality ``m`` in use, ``m``
+(B, T, D) float32 and ``m_mask`` (B, T) bool in the mask convention of shards/schema.py; a sample lacking the
+modality has an all-False mask (one zero row if it has no steps at all), it is never dropped. With ``raw=True``
+also ``text_ids`` (B, T) int64 and ``audio_wave`` (B, N) float32 in [-1, 1], each with its ``_mask``. ``label``
+(B,) float32, or (B, K) float32 0/1 for multilabel targets (NaN = no label), and ``key`` (list of B sample
+keys) complete it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tarfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from shards.dataset import IMPORTED_VIDEO, ShardDataset
+from shards.io import decode_member
+from shards.schema import FEATURE_MEMBERS, MASK_MEMBERS, MODALITIES, SchemaError, validate_sample
+from train.inputs import GEOM_DIM, DataError, binary_labels, label_keys, scalar_label
+
+log = logging.getLogger(__name__)
+
+RAW_MEMBERS = {"text": "text_ids.npy", "audio": "audio_wave.npy"}
+RAW_INPUTS = {"text": "text_ids", "audio": "audio_wave"}
+GEOM_INPUT = "video_geom"  # ToInputs' separate geometry input, joined onto "video" by collate
+STD_FLOOR = 1e-6  # a feature whose train std is below this is only centred (divided by 1)
+BAD = "__bad__"  # marker member of a sample that failed decoding or validation (with skip_bad_samples)
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One shard for one rank: keep the samples at positions ``j`` with ``j % every == phase``."""
+
+    name: str
+    path: str
+    samples: int
+    every: int = 1
+    phase: int = 0
+
+    @property
+    def count(self) -> int:
+        return max(0, math.ceil((self.samples - self.phase) / self.every))
+
+
+class ShardList:
+    """Stage: the pipeline's source, this rank's shard tasks in epoch order."""
+
+    def __init__(self, tasks: Sequence[ShardTask]) -> None:
+        self.tasks = list(tasks)
+
+    def __call__(self) -> Iterator[ShardTask]:
+        return iter(self.tasks)
+
+
+class ReadShards:
+    """Stage: shard tasks → samples with members as bytes, plus ``__shard__`` (the shard's file name)."""
+
+    def __init__(self, skip_bad: bool) -> None:
+        self.skip_bad = skip_bad
+
+    def __call__(self, tasks: Iterable[ShardTask]) -> Iterator[dict[str, Any]]:
+        for task in tasks:
+            j = -1
+            try:
+                with open(task.path, "rb") as stream:
+                    files = tar_file_expander([{"url": task.path, "stream": stream}])
+                    for j, sample in enumerate(group_by_keys(files)):
+                        if j % task.every == task.phase:
+                            yield {**sample, "__shard__": task.name}
+            except (tarfile.TarError, OSError, ValueError) as exc:
+                error = SchemaError(f"shard {task.name}: truncated or corrupt tar after sample {j + 1} ({reason(exc)})")
+                if not self.skip_bad:
+                    raise error from exc
+                yield {"__key__": f"{task.name}#{j + 1}", "__shard__": task.name, BAD: str(error)}
+
+
+class SelectModalities:
+    """Stage: drop the members of modalities (and raw inputs) the model does not use."""
+
+    def __init__(self, modalities: Sequence[str], raw: bool) -> None:
+        self.modalities, self.raw = tuple(modalities), raw
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        if BAD in sample:
+            return sample
+        keep = {}
+        for name, value in sample.items():
+            modality = name.split("_", 1)[0]
+            if modality in MODALITIES and (modality not in self.modalities or (not self.raw and _is_raw(name))):
+                continue
+            keep[name] = value
+        return keep
+
+
+def _is_raw(name: str) -> bool:
+    return name in RAW_MEMBERS.values()
+
+
+class SafeDecode:
+    """Stage: ``.npy`` / ``.json`` members decoded with ``shards.io.decode_member`` (no pickle)."""
+
+    def __init__(self, skip_bad: bool) -> None:
+        self.skip_bad = skip_bad
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        if BAD in sample:
+            return sample
+        out = {k: v for k, v in sample.items() if k.startswith("__")}
+        for name, data in sample.items():
+            if name.startswith("__"):
+                continue
+            try:
+                out[name] = decode_member(name, data)
+            except (ValueError, OSError, UnicodeDecodeError) as exc:
+                msg = f"shard {sample['__shard__']}: member {sample['__key__']}.{name} cannot be decoded ({exc})"
+                return _bad(sample, SchemaError(msg), self.skip_bad)
+        return out
+
+
+class Validate:
+    """Stage: ``validate_sample`` with widths and feature-set hash pinned to dataset.json's; errors name the shard."""
+
+    def __init__(self, dataset: ShardDataset, skip_bad: bool, modalities: Sequence[str] | None = None) -> None:
+        self.dims = {k: int(v) for k, v in dataset.dims.items() if k in ("Dt", "Da", "Dv")}
+        self.fs_hash, self.skip_bad = dataset.feature_set_hash, skip_bad
+        self.modalities = tuple(modalities) if modalities is not None else None
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        if BAD in sample:
+            return sample
+        try:
+            validate_sample(sample, self.dims, self.modalities)
+            got = sample["meta.json"]["feature_set_hash"]
+            if self.fs_hash is not None and got != self.fs_hash:
+                raise SchemaError(
+                    f"sample {sample['__key__']}: meta.json feature_set_hash {got} differs from dataset.json's "
+                    f"{self.fs_hash}; the shard comes from another extraction: re-extract it or remove it"
+                )
+        except SchemaError as exc:
+            return _bad(sample, SchemaError(f"shard {sample['__shard__']}: {exc}"), self.skip_bad)
+        return sample
+
+
+def reason(exc: BaseException) -> str:
+    return str(exc.args[0]) if exc.args else type(exc).__name__
+
+
+def _bad(sample: Mapping[str, Any], error: SchemaError, skip: bool) -> dict[str, Any]:
+    if not skip:
+        raise error
+    return {"__key__": sample["__key__"], "__shard__": sample["__shard__"], BAD: str(error)}
+
+
+class ShuffleSamples:
+    """Stage: a shuffle buffer seeded by (seed, epoch, rank, worker), so the order is reproducible."""
+
+    def __init__(self, size: int, seed: int, epoch: int, rank: int) -> None:
+        self.size, self.seed, self.epoch, self.rank = size, seed, epoch, rank
+
+    def __call__(self, samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        seed = f"{self.seed}-{self.epoch}-{self.rank}-{info.id if info else 0}"
+        return wds.shuffle(self.size, self.size, seed=seed)(iter(samples))
+
+
+def _steps(feat: np.ndarray | None, mask: np.ndarray | None, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(T, D) features (float16 as stored: half the bytes between worker and trainer; ``collate`` makes them
+    float32) and (T,) bool mask, or one zero row with a False mask when missing."""
+    if feat is None or len(feat) == 0:
+        return np.zeros((1, width), np.float16), np.zeros(1, bool)
+    feat = np.asarray(feat)
+    feat = (feat if feat.dtype.kind == "f" else feat.astype(np.float32)).reshape(len(feat), -1)
+    mask = np.ones(len(feat), bool) if mask is None else np.asarray(mask, bool)
+    return feat, mask
+
+
+class ToInputs:
+    """Stage: a validated shard sample → model inputs (NumPy): features, masks, raw inputs, label, key.
+
+    The label is the number under ``label_key``, or with ``multilabel`` the (K,) 0/1 vector of its
+    comma-separated keys (see :func:`train.inputs.label_keys`).
+    """
+
+    def __init__(
+        self,
+        modalities: Sequence[str],
+        dims: Mapping[str, int],
+        raw: bool,
+        label_key: str,
+        video_geom: bool,
+        multilabel: bool = False,
+    ) -> None:
+        self.modalities, self.dims, self.raw = tuple(modalities), dict(dims), raw
+        self.label_key, self.video_geom, self.multilabel = label_key, video_geom, multilabel
+        self.keys = label_keys(label_key)
+        if not multilabel and len(self.keys) > 1:
+            raise DataError(
+                f"label_key {label_key!r} names {len(self.keys)} keys ({', '.join(self.keys)}); several keys make "
+                "a multilabel target: pass multilabel=True (task=multilabel)"
+            )
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        if BAD in sample:
+            return sample
+        meta = sample["meta.json"]
+        label = binary_labels(meta, self.keys) if self.multilabel else scalar_label(meta, self.label_key)
+        out: dict[str, Any] = {"key": meta["key"], "label": label}
+        for m in self.modalities:
+            ok = meta["modalities"][m]["status"] == "ok"
+            feat = sample.get(FEATURE_MEMBERS[m], sample.get(IMPORTED_VIDEO)) if ok else None
+            mask = sample.get(MASK_MEMBERS[m]) if ok and m in MASK_MEMBERS else None
+            geom = None
+            if m == "video" and feat is not None and IMPORTED_VIDEO not in sample:
+                feat = feat.reshape(len(feat), -1)
+                if self.video_geom:  # float32, kept apart so landmarks can travel as float16; collate joins them
+                    geom = sample.get("video_geom.npy", np.zeros((len(feat), GEOM_DIM), np.float32))
+            width = self.dims[m] - (GEOM_DIM if m == "video" and self.video_geom else 0)
+            out[m], out[f"{m}_mask"] = _steps(feat, mask, width)
+            if m == "video" and self.video_geom:
+                out[GEOM_INPUT] = np.zeros((len(out[m]), GEOM_DIM), np.float32) if geom is None else geom
+                out[f"{GEOM_INPUT}_mask"] = out[f"{m}_mask"]
+            if self.raw and m in RAW_INPUTS:
+                out.update(self._raw(m, sample.get(RAW_MEMBERS[m]) if ok else None))
+        return out
+
+    @staticmethod
+    def _raw(modality: str, value: np.ndarray | None) -> dict[str, np.ndarray]:
+        name = RAW_INPUTS[modality]
+        if value is None or len(value) == 0:
+            values = np.zeros(1, np.int64 if modality == "text" else np.float32)
+            return {name: values, f"{name}_mask": np.zeros(1, bool)}
+        values = value.astype(np.int64) if modality == "text" else value.astype(np.float32) / 32768.0
+        return {name: values, f"{name}_mask": np.ones(len(values), bool)}
