@@ -15,6 +15,7 @@ import sys
 from bench.cli import add_bench
 from extract.cli import add_extract, add_import_mmsa, add_inspect, add_report
 from mmfuse import __version__
+from mmfuse.errors import MmfuseError
 from mmfuse.terminal import ProgressFactory, bars_wanted, native_logs_filtered
 from train.commands import add_eval, add_predict, add_train
 
@@ -88,30 +89,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from extract.config import ConfigError
-    from extract.extractors.base import ExtractionError
-    from extract.manifest import ManifestError
-    from shards.schema import SchemaError
-    from train.checkpoint import CheckpointError
-    from train.config import TrainConfigError
-    from train.encoders import EncoderMismatch
-    from train.inputs import DataError
-    from train.runtime import RunDirError
-
-    handled = (
-        ManifestError,
-        ConfigError,
-        ExtractionError,
-        SchemaError,
-        TrainConfigError,
-        CheckpointError,
-        DataError,
-        EncoderMismatch,
-        RunDirError,
-    )
     try:
         return args.run(args)
-    except handled as exc:
+    except MmfuseError as exc:  # every error raised on purpose: its message says what to do
         print(f"mmfuse {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -25,12 +25,13 @@ from torch import Tensor, nn
 
 from extract.extractors.audio import build_random_wav2vec2, encode_pieces, receptive_field, wave_pieces
 from extract.models import RANDOM_PREFIX, resolve_model, weights_hash
+from mmfuse.errors import MmfuseError
 from shards.schema import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
 
-class EncoderMismatch(RuntimeError):
+class EncoderMismatch(MmfuseError, RuntimeError):
     """The encoder found for end-to-end training is not the one the shards were extracted with."""
 
 
