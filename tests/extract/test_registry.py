@@ -116,7 +116,7 @@ def test_a_registered_worker_extractor_fills_its_modality(tmp_path, tiny_cfg, mo
     run_extract(manifest, MEDIA, out, tiny_cfg(modalities="audio,video", workers=1, max_faces=3))
     ds = load_dataset_json(out)
     assert ds["feature_set"]["extractors"]["video"] == {"name": "toy-faces", "version": "1", "max_faces": 3}
-    assert has_video_geom(ds)
+    assert has_video_geom(out)
     samples = shard_samples(out)
     assert sorted(samples) == ["faces__face_noface", "grid__bbaf2n", "grid__id2_vcd_swwp2s", "grid__pwij3p"]
     for key, s in samples.items():
@@ -127,7 +127,7 @@ def test_a_registered_worker_extractor_fills_its_modality(tmp_path, tiny_cfg, mo
         assert (s["video_norm.npy"] == NORM).all() and (s["video_geom.npy"] == GEOM).all() and s["video_mask.npy"].all()
         assert s["meta.json"]["modalities"]["text"]["status"] == "absent" and "audio_feat.npy" in s
     monkeypatch.delitem(EXTRACTORS, "toy-faces")  # shards of an extractor nobody registers: no geometry assumed
-    assert not has_video_geom(ds)
+    assert not has_video_geom(out)
 
 
 def test_a_registered_encoder_extractor_fills_its_modality(tmp_path, tiny_cfg, monkeypatch):
