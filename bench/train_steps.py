@@ -201,13 +201,13 @@ def timed_training(
     d = d or Dist()
     config = make_train_config(model, overrides=overrides)
     dataset = ShardDataset.load(shards)
-    seed_everything(config.seed)
-    net = FusionPipeline(config, feature_dims(dataset, config.modalities), dataset).to(d.device)
+    seed_everything(config.run.seed)
+    net = FusionPipeline(config, feature_dims(dataset, config.data.modalities), dataset).to(d.device)
     if net.end_to_end:
         net.set_encoders_trainable(config.unfreeze_top_k)
-    optimizer = torch.optim.AdamW(net.param_groups(config.lr, config.encoder_lr, config.weight_decay))
+    optimizer = torch.optim.AdamW(net.param_groups(config.optim.lr, config.optim.encoder_lr, config.optim.weight_decay))
     model = DistributedDataParallel(net, find_unused_parameters=True) if d.enabled else net
-    autocast = amp_dtype(config.amp, d.device)
+    autocast = amp_dtype(config.run.amp, d.device)
     data = data_config(config)
     load_s = 0.0
     if source == "memory":
@@ -227,7 +227,7 @@ def timed_training(
                 out = model(batch)
             loss = sum(out.losses.values())
             loss.backward()
-            clip_grad_norm_per_group(optimizer, config.clip_norm or float("inf"))
+            clip_grad_norm_per_group(optimizer, config.optim.clip_norm or float("inf"))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             now = time.perf_counter()
@@ -240,12 +240,12 @@ def timed_training(
     return {
         "steps": steps,
         "warmup_steps": warmup,
-        "batch_size": config.batch_size,
+        "batch_size": config.data.batch_size,
         "world_size": d.world_size,
         "seconds": seconds,
         "s_per_step": seconds / steps,
         "data_wait_s_per_step": sum(wait_s[warmup:]) / steps,
-        "samples_per_s": config.batch_size * steps * d.world_size / seconds,
+        "samples_per_s": config.data.batch_size * steps * d.world_size / seconds,
         "load_s": load_s,
         "loss": float(loss.detach()),
     }

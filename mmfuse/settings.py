@@ -15,6 +15,9 @@ Values are read by the field's type, with one set of rules for YAML files and th
 - tuples of strings: a list, or one comma-separated string;
 - ``X | None``: ``None`` (YAML ``null`` or ``~``), ``none`` or ``null`` in any case.
 
+A field declared with ``metadata=NOT_A_SETTING`` is left out: it keeps its default (or what the owner's
+``__post_init__`` derives) and is neither read nor recorded.
+
 This module imports nothing of ours (every package may use it).
 """
 
@@ -31,6 +34,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+NOT_A_SETTING = {"setting": False}  # dataclass field metadata: derived or internal, not read from the user
 
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 NONE = ("none", "null", "~")
@@ -143,6 +147,8 @@ def leaf_paths(cls: type) -> dict[str, tuple[str, ...]]:
 def _leaves(cls: type, prefix: tuple[str, ...]) -> Iterator[tuple[str, ...]]:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if not f.metadata.get("setting", True):
+            continue
         if _is_section(hints[f.name]):
             yield from _leaves(hints[f.name], (*prefix, f.name))
         else:
@@ -164,6 +170,13 @@ def flatten(values: Mapping[str, Any], cls: type, prefix: str = "") -> dict[str,
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+def canonical(values: Mapping[str, Any], cls: type) -> dict[str, Any]:
+    """``values`` with every key of ``cls`` under its shortest name (``optim.lr`` and ``{"optim": {"lr": ..}}``
+    become ``lr``), so that layers merge key by key; unknown keys are kept for :func:`build` to report."""
+    paths, shortest = leaf_paths(cls), _shortest_keys(cls)
+    return {shortest[paths[k]] if k in paths else k: v for k, v in flatten(values, cls).items()}
 
 
 def build(cls: type[T], layers: Iterable[Mapping[str, Any]], error: type[Exception], what: str) -> T:
@@ -198,6 +211,8 @@ def _instantiate(
     kwargs: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         path = (*prefix, f.name)
+        if not f.metadata.get("setting", True) or not f.init:
+            continue
         if _is_section(hints[f.name]):
             kwargs[f.name] = _instantiate(hints[f.name], path, chosen, problems)
         elif path in chosen:

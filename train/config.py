@@ -22,7 +22,8 @@ from typing import Any
 import fusion
 from fusion.base import FusionConfigError
 from mmfuse.errors import MmfuseError
-from mmfuse.settings import build, coerce, parse_override, read_yaml
+from mmfuse.settings import as_flat_dict, build, canonical, coerce, parse_override, read_yaml
+from train.data import DataConfig
 from train.inputs import label_keys
 
 PRESETS = Path(__file__).resolve().parent / "configs"
@@ -36,23 +37,9 @@ class TrainConfigError(MmfuseError, ValueError):
 
 
 @dataclass
-class TrainConfig:
-    """Every setting of ``mmfuse train``. Documented defaults; presets and flags override them."""
+class OptimConfig:
+    """How the network is optimised: AdamW groups, the learning-rate schedule, accumulation and clipping."""
 
-    model: str = "late"  # a name in fusion.MODELS
-    model_settings: dict[str, Any] = field(default_factory=dict)  # overrides of the model's Config
-    mode: str = "frozen"  # frozen: features from the shards | end_to_end: text ids / waveform through the encoders
-    modalities: tuple[str, ...] = ("text", "audio", "video")
-    task: str = "regression"  # regression | classification | multilabel
-    num_classes: int = 1  # classes (classification); multilabel: the number of label keys, filled in when not given
-    # key of meta.json's labels used as the target ("label": MMSA sentiment); task=multilabel takes several,
-    # comma-separated ("neutral,happy,sad,angry"), each a 0/1 or boolean label
-    label_key: str = "label"
-    epochs: int = 10
-    max_steps: int = 0  # > 0: stop after this many optimiser steps
-    batch_size: int = 32
-    num_workers: int = 2
-    shuffle_buffer: int = 256
     lr: float = 1e-3  # fusion model
     encoder_lr: float = 2e-5  # text / audio encoders in end-to-end mode
     weight_decay: float = 0.01
@@ -60,18 +47,77 @@ class TrainConfig:
     warmup_steps: int = 0
     grad_accum: int = 1  # micro-batches per optimiser step
     clip_norm: float = 1.0  # max gradient norm of each optimiser group, clipped on its own; 0 disables clipping
-    amp: str = "auto"  # auto (bf16 on CUDA when supported, off on CPU) | off | bf16 | fp16
-    grad_checkpointing: bool = False  # encoders, end-to-end mode
-    unfreeze_top_k: int = -1  # end-to-end: train only the top k encoder layers (-1 all, 0 none)
-    unfreeze_after: int = 0  # end-to-end: encoders stay frozen for this many optimiser steps
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.schedule not in SCHEDULES:
+            out.append(f"schedule: must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.grad_accum < 1:
+            out.append(f"grad_accum: must be >= 1, got {self.grad_accum}")
+        if self.warmup_steps < 0:
+            out.append(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
+        for name in ("lr", "encoder_lr"):
+            if not getattr(self, name) > 0:
+                out.append(f"{name}: must be > 0, got {getattr(self, name)}")
+        if self.clip_norm < 0 or self.weight_decay < 0:
+            out.append("clip_norm and weight_decay must be >= 0")
+        return out
+
+
+@dataclass
+class RunConfig:
+    """How long the run lasts, what it records and where it runs."""
+
+    epochs: int = 10
+    max_steps: int = 0  # > 0: stop after this many optimiser steps
     eval_every: int = 1  # epochs between validation passes
     log_every: int = 10  # optimiser steps between training log lines
     checkpoint_every: int = 0  # optimiser steps between mid-epoch checkpoints (0: end of each epoch only)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: str = "auto"  # auto (bf16 on CUDA when supported, off on CPU) | off | bf16 | fp16
     compile: bool = False  # torch.compile the fusion model
-    skip_bad_samples: bool = False
-    align_words: bool = False  # audio / video averaged per word of the manifest's timings (the "aligned" setting)
+
+    def problems(self) -> list[str]:
+        out = []
+        for name in ("epochs", "eval_every", "log_every"):
+            if getattr(self, name) < 1:
+                out.append(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                out.append(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.amp not in AMP:
+            out.append(f"amp: must be one of {', '.join(AMP)}, got {self.amp!r}")
+        if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
+            out.append(f"device: {self.device!r} must be auto, cpu, cuda or cuda:N")
+        return out
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of ``mmfuse train``, in sections: what is trained (here), ``data`` (a
+    :class:`~train.data.DataConfig`, handed to the loaders as it is), ``optim`` and ``run``. A setting is given by
+    its name alone (``lr=1e-3``, ``batch_size=8``) or with its section (``optim.lr=1e-3``); config.json records
+    the names alone. Documented defaults; presets and flags override them."""
+
+    model: str = "late"  # a name in fusion.MODELS
+    model_settings: dict[str, Any] = field(default_factory=dict)  # overrides of the model's Config
+    mode: str = "frozen"  # frozen: features from the shards | end_to_end: text ids / waveform through the encoders
+    task: str = "regression"  # regression | classification | multilabel
+    num_classes: int = 1  # classes (classification); multilabel: the number of label keys, filled in when not given
+    grad_checkpointing: bool = False  # encoders, end-to-end mode
+    unfreeze_top_k: int = -1  # end-to-end: train only the top k encoder layers (-1 all, 0 none)
+    unfreeze_after: int = 0  # end-to-end: encoders stay frozen for this many optimiser steps
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        """What the data section derives from the rest: raw inputs in end-to-end mode, (B, K) labels for
+        multilabel tasks, and the run's seed for every shuffle."""
+        self.data = dataclasses.replace(
+            self.data, raw=self.mode == "end_to_end", multilabel=self.task == "multilabel", seed=self.run.seed
+        )
 
     def problems(self) -> list[str]:
         out = []
@@ -79,26 +125,11 @@ class TrainConfig:
             out.append(f"model: unknown {self.model!r}; valid models: {', '.join(sorted(fusion.MODELS))}")
         if self.mode not in MODES:
             out.append(f"mode: must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if not self.modalities or set(self.modalities) - set(fusion.MODALITIES):
-            out.append(f"modalities: must be a non-empty subset of {', '.join(fusion.MODALITIES)}")
-        if self.amp not in AMP:
-            out.append(f"amp: must be one of {', '.join(AMP)}, got {self.amp!r}")
-        if self.schedule not in SCHEDULES:
-            out.append(f"schedule: must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        for name in ("epochs", "batch_size", "grad_accum", "eval_every", "log_every"):
-            if getattr(self, name) < 1:
-                out.append(f"{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "num_workers", "warmup_steps", "unfreeze_after", "checkpoint_every"):
-            if getattr(self, name) < 0:
-                out.append(f"{name}: must be >= 0, got {getattr(self, name)}")
-        for name in ("lr", "encoder_lr"):
-            if not getattr(self, name) > 0:
-                out.append(f"{name}: must be > 0, got {getattr(self, name)}")
-        if self.clip_norm < 0 or self.weight_decay < 0:
-            out.append("clip_norm and weight_decay must be >= 0")
-        if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
-            out.append(f"device: {self.device!r} must be auto, cpu, cuda or cuda:N")
-        out += self._label_problems()
+        if self.unfreeze_after < 0:
+            out.append(f"unfreeze_after: must be >= 0, got {self.unfreeze_after}")
+        labels = self._label_problems()
+        out += labels + [p for p in self.data.problems() if not (labels and p.startswith("label_key"))]
+        out += self.optim.problems() + self.run.problems()
         if self.model in fusion.MODELS:
             known = {f.name for f in dataclasses.fields(fusion.MODELS[self.model].Config)}
             shared = {"dims", "task", "num_classes"}  # set from the shards and the task, not here
@@ -112,15 +143,15 @@ class TrainConfig:
     @property
     def label_keys(self) -> tuple[str, ...]:
         """The keys of ``label_key``, in order: ("label",), or e.g. ("neutral", "happy", "sad", "angry")."""
-        return label_keys(self.label_key)
+        return label_keys(self.data.label_key)
 
     def _label_problems(self) -> list[str]:
         keys = self.label_keys
         if any(not k for k in keys):
-            return [f"label_key: {self.label_key!r} has an empty key; name keys of meta.json's labels, comma-separated"]
+            return []  # the data section reports it
         twice = sorted({k for k in keys if keys.count(k) > 1})
         if twice:
-            return [f"label_key: {', '.join(twice)} named more than once in {self.label_key!r}"]
+            return [f"label_key: {', '.join(twice)} named more than once in {self.data.label_key!r}"]
         if self.task in ("regression", "classification") and len(keys) > 1:
             return [
                 f"label_key: task={self.task} takes one label key, got {len(keys)} ({', '.join(keys)}); "
@@ -139,9 +170,8 @@ class TrainConfig:
         return {**self.model_settings, "dims": dims, "task": self.task, "num_classes": self.num_classes}
 
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["modalities"] = list(self.modalities)
-        return out
+        """The settings as config.json records them: one flat mapping of setting name -> value."""
+        return as_flat_dict(self)
 
 
 def preset_path(model: str) -> Path:
@@ -156,7 +186,7 @@ def make_train_config(
     base: dict[str, Any] | None = None,
 ) -> TrainConfig:
     """Defaults <- ``base`` (e.g. a checkpoint's config) <- the model's preset <- ``config_file`` <- overrides."""
-    values: dict[str, Any] = dict(base or {})
+    values: dict[str, Any] = canonical(base or {}, TrainConfig)
     settings: dict[str, Any] = dict(values.pop("model_settings", {}) or {})
     layers: list[dict[str, Any]] = []
     name = model or values.get("model") or "late"
@@ -173,7 +203,7 @@ def make_train_config(
             cli[key] = value
     layers.append(cli)
     for layer in layers:
-        layer = dict(layer)
+        layer = canonical(layer, TrainConfig)
         settings.update(layer.pop("model_settings", {}) or {})
         values.update(layer)
     if model is not None:
@@ -217,7 +247,7 @@ def _label_settings(values: dict[str, Any]) -> None:
         joined = ",".join(map(str, raw)) if isinstance(raw, (list, tuple)) else str(raw)
         values["label_key"] = ",".join(label_keys(joined))
     if values.get("task") == "multilabel" and "num_classes" not in values:
-        values["num_classes"] = len(label_keys(values.get("label_key", TrainConfig.label_key)))
+        values["num_classes"] = len(label_keys(values.get("label_key", DataConfig.label_key)))
 
 
 def check_model_settings(config: TrainConfig, dims: dict[str, int]) -> None:

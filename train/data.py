@@ -22,13 +22,14 @@ import logging
 import math
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import webdataset as wds
 
+from mmfuse.settings import NOT_A_SETTING
 from shards.dataset import ShardDataset, ShardEntry
 from shards.schema import MODALITIES
 from train.align import AlignWords
@@ -52,26 +53,30 @@ __all__ = ["DataConfig", "ShardLoader", "make_loader", "num_batches", "plan_shar
 
 @dataclass
 class DataConfig:
-    """How batches are streamed; the defaults suit frozen-feature training."""
+    """How batches are streamed; the defaults suit frozen-feature training. It is also the ``data`` section of
+    ``TrainConfig``, where the fields marked ``NOT_A_SETTING`` are derived (``raw`` from the mode, ``multilabel``
+    from the task, ``seed`` from the run's seed) or internal to the loader."""
 
     batch_size: int = 32  # samples per batch, per rank
     num_workers: int = 2  # DataLoader worker processes per rank (0 = read in the training process)
     shuffle_buffer: int = 256  # samples held by each worker's shuffle buffer (training); memory grows with it
     modalities: tuple[str, ...] = MODALITIES  # modalities to load; others are dropped right after validation
-    raw: bool = False  # also yield text_ids / audio_wave for end-to-end fine-tuning
-    normalise: bool = True  # standardise features with the train-split mean/std of dataset.json
-    label_key: str = "label"  # key of meta.json's "labels" used as the (B,) label; "label" = MMSA sentiment
-    multilabel: bool = False  # labels are (B, K) 0/1: one column per comma-separated key of label_key
-    seed: int = 0  # shard and sample shuffles depend only on (seed, epoch, rank, worker)
+    # key of meta.json's labels used as the target ("label": MMSA sentiment); multilabel targets take several,
+    # comma-separated ("neutral,happy,sad,angry"), each a 0/1 or boolean label
+    label_key: str = "label"
     skip_bad_samples: bool = False  # count and log samples failing decode/validation instead of raising
-    drop_last: bool = True  # training: drop the last partial batch
-    equalise: bool = True  # training: same number of (full) batches on every rank, as DDP needs
-    video_geom: bool | None = None  # append the 4 video_geom features; None = when the shards store them
-    prefetch_factor: int = 2  # batches each worker prepares ahead
     align_words: bool = False  # average audio / video frames per word of the manifest's timings (train/align.py)
+    raw: bool = field(default=False, metadata=NOT_A_SETTING)  # also yield text_ids / audio_wave (end to end)
+    multilabel: bool = field(default=False, metadata=NOT_A_SETTING)  # labels (B, K) 0/1, a column per key
+    seed: int = field(default=0, metadata=NOT_A_SETTING)  # shuffles depend only on (seed, epoch, rank, worker)
+    normalise: bool = field(default=True, metadata=NOT_A_SETTING)  # standardise with dataset.json's train stats
+    drop_last: bool = field(default=True, metadata=NOT_A_SETTING)  # training: drop the last partial batch
+    equalise: bool = field(default=True, metadata=NOT_A_SETTING)  # training: as many batches on every rank
+    video_geom: bool | None = field(default=None, metadata=NOT_A_SETTING)  # the 4 geometry features; None: if stored
+    prefetch_factor: int = field(default=2, metadata=NOT_A_SETTING)  # batches each worker prepares ahead
 
-    def check(self) -> None:
-        """Raise :class:`DataError` listing every invalid setting."""
+    def problems(self) -> list[str]:
+        """Every invalid setting, each naming its key."""
         problems = []
         if self.batch_size < 1:
             problems.append(f"batch_size: must be >= 1, got {self.batch_size}")
@@ -84,9 +89,16 @@ class DataConfig:
             problems.append(f"modalities: a non-empty subset of {list(MODALITIES)}, got {list(self.modalities)}")
         keys = label_keys(self.label_key)
         if not all(keys):
-            problems.append(f"label_key: {self.label_key!r} has an empty key")
+            problems.append(
+                f"label_key: {self.label_key!r} has an empty key; name keys of meta.json's labels, comma-separated"
+            )
         elif len(keys) > 1 and not self.multilabel:
             problems.append(f"label_key: {len(keys)} keys ({', '.join(keys)}) need multilabel=True")
+        return problems
+
+    def check(self) -> None:
+        """Raise :class:`DataError` listing every invalid setting."""
+        problems = self.problems()
         if problems:
             raise DataError("invalid data config: " + "; ".join(problems))
 

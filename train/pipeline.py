@@ -31,16 +31,16 @@ class FusionPipeline(nn.Module):
         self.end_to_end = config.mode == "end_to_end"
         if self.end_to_end:
             extractors = dataset.extractors
-            lacking = [m for m in ("text", "audio") if m in config.modalities and m not in extractors]
+            lacking = [m for m in ("text", "audio") if m in config.data.modalities and m not in extractors]
             if lacking:
                 raise TrainConfigError(
                     f"mode=end_to_end recomputes {' and '.join(lacking)} features with the encoders of the shards' "
                     "feature set, but these shards name none (imported pre-computed features?); use mode=frozen "
                     "or drop those modalities"
                 )
-            if "text" in config.modalities and "text" in extractors:
+            if "text" in config.data.modalities and "text" in extractors:
                 self.encoders["text"] = TextEncoder(extractors["text"], config.grad_checkpointing)
-            if "audio" in config.modalities and "audio" in extractors:
+            if "audio" in config.data.modalities and "audio" in extractors:
                 self.encoders["audio"] = AudioEncoder(extractors["audio"], config.grad_checkpointing)
         for m in self.encoders:
             mean, std = _stats(dataset, FEATURE_MEMBERS[m])

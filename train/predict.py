@@ -147,10 +147,10 @@ def model_batch(sample: dict[str, Any], ckpt: Mapping[str, Any], config: TrainCo
     """
     dataset = checkpoint_dataset(ckpt)
     geom = has_video_geom(dataset)
-    modalities, raw = tuple(config.modalities), config.mode == "end_to_end"
+    modalities, raw = tuple(config.data.modalities), config.mode == "end_to_end"
     dims = {m: int(ckpt["dims"][m]) for m in modalities}
     validate_sample(sample)
-    to_inputs = ToInputs(modalities, dims, raw, config.label_key, geom, config.task == "multilabel")
+    to_inputs = ToInputs(modalities, dims, raw, config.data.label_key, geom, config.task == "multilabel")
     inputs = to_inputs(SelectModalities(modalities, raw)(sample))
     batch = Normalise.from_dataset(dataset, modalities, geom)(collate([inputs]))
     batch.pop("label")  # NaN: a new clip has no label
@@ -197,7 +197,7 @@ def predict_clip(checkpoint: Path | str, video: Path | str, text: str | None = N
     cfg = extract_config(ckpt.get("feature_set", {}), device)
     extractors, fs_hash = matching_extractors(ckpt, cfg)
     config, net = load_network(ckpt, device)
-    sample = extract_sample(Path(video), text, cfg, extractors, fs_hash, tuple(config.modalities))
+    sample = extract_sample(Path(video), text, cfg, extractors, fs_hash, tuple(config.data.modalities))
     batch = model_batch(sample, ckpt, config)
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     output = net(batch).prediction[0]
@@ -205,7 +205,7 @@ def predict_clip(checkpoint: Path | str, video: Path | str, text: str | None = N
     return {
         "video": str(video),
         "prediction": describe_prediction(output, config.task, config.label_keys),
-        "modalities": {m: mods[m] for m in config.modalities},
+        "modalities": {m: mods[m] for m in config.data.modalities},
         "feature_set_hash": fs_hash,
         "model": ckpt["model_name"],
     }

@@ -55,16 +55,16 @@ log = logging.getLogger(__name__)
 
 def data_config(config: TrainConfig, *, workers: int | None = None) -> DataConfig:
     return DataConfig(
-        batch_size=config.batch_size,
-        num_workers=config.num_workers if workers is None else workers,
-        shuffle_buffer=config.shuffle_buffer,
-        modalities=tuple(config.modalities),
+        batch_size=config.data.batch_size,
+        num_workers=config.data.num_workers if workers is None else workers,
+        shuffle_buffer=config.data.shuffle_buffer,
+        modalities=tuple(config.data.modalities),
         raw=config.mode == "end_to_end",
-        label_key=config.label_key,
+        label_key=config.data.label_key,
         multilabel=config.task == "multilabel",
-        seed=config.seed,
-        skip_bad_samples=config.skip_bad_samples,
-        align_words=config.align_words,
+        seed=config.run.seed,
+        skip_bad_samples=config.data.skip_bad_samples,
+        align_words=config.data.align_words,
     )
 
 
@@ -72,12 +72,12 @@ def lr_lambda(config: TrainConfig, total_steps: int):
     """Multiplier of the base learning rates at each optimiser step: linear warm-up, then the schedule."""
 
     def factor(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        if config.schedule == "constant" or total_steps <= config.warmup_steps:
+        if step < config.optim.warmup_steps:
+            return (step + 1) / config.optim.warmup_steps
+        if config.optim.schedule == "constant" or total_steps <= config.optim.warmup_steps:
             return 1.0
-        progress = min(1.0, (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps))
-        if config.schedule == "linear":
+        progress = min(1.0, (step - config.optim.warmup_steps) / max(1, total_steps - config.optim.warmup_steps))
+        if config.optim.schedule == "linear":
             return 1.0 - progress
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
@@ -109,7 +109,7 @@ def fit(
     """Train ``config.model`` on the shards; returns the final test metrics (validation-selected).
     ``progress(steps done, steps in all)`` is called on rank 0 after each optimiser step."""
     shards, run_dir = Path(shards), Path(run_dir)
-    d = setup_distributed(config.device)
+    d = setup_distributed(config.run.device)
     try:
         return _fit(config, shards, run_dir, resume, d, progress if d.main else None)
     finally:
@@ -120,7 +120,7 @@ def _fit(
     config: TrainConfig, shards: Path, run_dir: Path, resume: bool, d: Dist, progress: Progress | None
 ) -> dict[str, Any]:
     dataset = ShardDataset.load(shards)
-    dims = feature_dims(dataset, config.modalities)
+    dims = feature_dims(dataset, config.data.modalities)
     check_model_settings(config, dims)
     if d.main:
         prepare_run_dir(run_dir, resume)
@@ -129,19 +129,19 @@ def _fit(
     checkpoint = load_checkpoint(last) if resume and last.is_file() else None
     if checkpoint is not None:
         check_feature_set(checkpoint["feature_set_hash"], dataset, what=f"the run in {run_dir}")
-    seed_everything(config.seed)
+    seed_everything(config.run.seed)
     net = FusionPipeline(config, dims, dataset).to(d.device)
     data = data_config(config)
     batches_per_epoch = num_batches(dataset, "train", data, train=True, rank=d.rank, world_size=d.world_size)
-    if batches_per_epoch < config.grad_accum:
+    if batches_per_epoch < config.optim.grad_accum:
         raise DataError(
-            f"the train split of {shards} gives {batches_per_epoch} full batch(es) of {config.batch_size} per rank "
-            f"(world size {d.world_size}), fewer than one optimiser step (grad_accum={config.grad_accum}); "
+            f"the train split of {shards} gives {batches_per_epoch} full batch(es) of {config.data.batch_size} per "
+            f"rank (world size {d.world_size}), fewer than one optimiser step (grad_accum={config.optim.grad_accum}); "
             "lower batch_size or grad_accum"
         )
-    steps_per_epoch = batches_per_epoch // config.grad_accum
-    total_steps = config.max_steps or config.epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(net.param_groups(config.lr, config.encoder_lr, config.weight_decay))
+    steps_per_epoch = batches_per_epoch // config.optim.grad_accum
+    total_steps = config.run.max_steps or config.run.epochs * steps_per_epoch
+    optimizer = torch.optim.AdamW(net.param_groups(config.optim.lr, config.optim.encoder_lr, config.optim.weight_decay))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total_steps))
     state = {"step": 0, "epoch": 0, "batch": 0, "best": None, "best_step": -1}
     if checkpoint is not None:
@@ -153,9 +153,9 @@ def _fit(
     model: torch.nn.Module = net
     if d.enabled:
         model = DistributedDataParallel(net, find_unused_parameters=True)
-    if config.compile:
+    if config.run.compile:
         model = torch.compile(model)
-    autocast = amp_dtype(config.amp, d.device)
+    autocast = amp_dtype(config.run.amp, d.device)
     scaler = torch.amp.GradScaler("cuda", enabled=autocast == torch.float16)
     run_log = RunLog(run_dir, enabled=d.main)
     if d.main and checkpoint is None:
@@ -173,7 +173,7 @@ def _fit(
     started = time.perf_counter()
     if progress is not None:
         progress(state["step"], total_steps)
-    while state["step"] < total_steps and state["epoch"] < config.epochs:
+    while state["step"] < total_steps and state["epoch"] < config.run.epochs:
         epoch = state["epoch"]
         loader = make_loader(
             dataset,
@@ -196,19 +196,19 @@ def _fit(
             if batch["label"].numel() == 0:  # nothing to learn from (unlabelled samples are kept out of losses)
                 state["batch"] += 1
                 continue
-            last_micro = (state["batch"] + 1) % config.grad_accum == 0
+            last_micro = (state["batch"] + 1) % config.optim.grad_accum == 0
             # DDP: all-reduce gradients only on the micro-batch that ends an accumulation
             sync = model.no_sync() if isinstance(model, DistributedDataParallel) and not last_micro else nullcontext()
             with sync:
                 with torch.autocast(d.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
                     out = model(batch)
                 loss = sum(out.losses.values())
-                scaler.scale(loss / config.grad_accum).backward()
+                scaler.scale(loss / config.optim.grad_accum).backward()
             state["batch"] += 1
-            if state["batch"] % config.grad_accum:
+            if state["batch"] % config.optim.grad_accum:
                 continue
             scaler.unscale_(optimizer)
-            grad_norm = clip_grad_norm_per_group(optimizer, config.clip_norm or float("inf"))
+            grad_norm = clip_grad_norm_per_group(optimizer, config.optim.clip_norm or float("inf"))
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -216,7 +216,7 @@ def _fit(
             state["step"] += 1
             if progress is not None:
                 progress(state["step"], total_steps)
-            if state["step"] % config.log_every == 0 or state["step"] == 1:
+            if state["step"] % config.run.log_every == 0 or state["step"] == 1:
                 run_log.train(
                     state["step"],
                     epoch,
@@ -227,13 +227,13 @@ def _fit(
                     scheduler.get_last_lr(),
                     time.perf_counter() - started,
                 )
-            if config.checkpoint_every and state["step"] % config.checkpoint_every == 0:
+            if config.run.checkpoint_every and state["step"] % config.run.checkpoint_every == 0:
                 _save(run_dir / "checkpoints" / "last.pt", net, optimizer, scheduler, state, config, dataset, dims, d)
             if state["step"] >= total_steps:
                 break
         if fresh_epoch and _total(labelled, d) == 0:
             raise DataError(
-                f"no sample of the train split in {shards} has a label under label_key={config.label_key!r} "
+                f"no sample of the train split in {shards} has a label under label_key={config.data.label_key!r} "
                 f"(task={config.task}): check the key names against the samples' meta.json labels"
             )
         if loader.bad_samples:  # only with skip_bad_samples; otherwise the first bad sample raised
@@ -244,7 +244,7 @@ def _fit(
         stopped = state["step"] >= total_steps
         if not stopped or state["batch"] >= batches_per_epoch:  # the epoch ran to its end
             state["epoch"], state["batch"] = epoch + 1, 0
-        if not stopped and (epoch + 1) % config.eval_every:
+        if not stopped and (epoch + 1) % config.run.eval_every:
             _save(run_dir / "checkpoints" / "last.pt", net, optimizer, scheduler, state, config, dataset, dims, d)
             continue
         metrics = evaluate(net, dataset, "valid", config, d)
@@ -294,14 +294,14 @@ def evaluate(
     receives one dict per scored sample of this rank: ``key``, ``label`` and ``prediction`` (see
     ``prediction_row``)."""
     d = d or Dist()
-    data = data_config(config, workers=min(config.num_workers, 1))
+    data = data_config(config, workers=min(config.data.num_workers, 1))
     dataset = ShardDataset.of(shards)
     listed = dataset.split_samples(split)
     if split not in dataset.splits:
         return {}
     net.eval()
     preds, labels = [], []
-    autocast = amp_dtype(config.amp, d.device)
+    autocast = amp_dtype(config.run.amp, d.device)
     read = 0
     for batch in make_loader(dataset, split, data, train=False, rank=d.rank, world_size=d.world_size):
         read += len(batch["key"])

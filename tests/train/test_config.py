@@ -27,12 +27,12 @@ def test_precedence_defaults_preset_file_cli(tmp_path) -> None:
     extra = tmp_path / "mine.yaml"
     extra.write_text("lr: 0.005\nbatch_size: 8\nmodel_settings:\n  hidden: 24\n")
     config = make_train_config("ithp", extra, ["batch_size=4", "model.beta=16", "modalities=text,audio"])
-    assert config.lr == 0.005  # file over preset (1e-4)
-    assert config.batch_size == 4  # command line over file
+    assert config.optim.lr == 0.005  # file over preset (1e-4)
+    assert config.data.batch_size == 4  # command line over file
     assert config.model_settings["hidden"] == 24 and config.model_settings["beta"] == 16
     assert config.model_settings["gamma"] == 32.0  # from the preset
-    assert config.modalities == ("text", "audio")
-    assert config.encoder_lr == 1e-5 and config.mode == "frozen"
+    assert config.data.modalities == ("text", "audio")
+    assert config.optim.encoder_lr == 1e-5 and config.mode == "frozen"
 
 
 def test_every_problem_is_reported_with_its_key() -> None:
@@ -74,21 +74,39 @@ NUMBERS = [("1e-3", 1e-3), ("1E-3", 1e-3), ("3e-5", 3e-5), ("3E-5", 3e-5), (".5"
 
 @pytest.mark.parametrize(("typed", "value"), NUMBERS)
 def test_every_numeric_form_parses_on_the_command_line_and_in_yaml(tmp_path, typed: str, value: float) -> None:
-    assert make_train_config("late", overrides=[f"lr={typed}"]).lr == value
+    assert make_train_config("late", overrides=[f"lr={typed}"]).optim.lr == value
     assert make_train_config("ithp", overrides=[f"model.beta={typed}"]).model_settings["beta"] == value
     path = tmp_path / "numbers.yaml"
     path.write_text(f"lr: {typed}\nencoder_lr: {typed}\nmodel_settings:\n  beta: {typed}\n")
     config = make_train_config("ithp", path)
-    assert (config.lr, config.encoder_lr, config.model_settings["beta"]) == (value, value, value)
+    assert (config.optim.lr, config.optim.encoder_lr, config.model_settings["beta"]) == (value, value, value)
 
 
 def test_integers_take_underscores_and_whole_exponents_but_not_fractions() -> None:
     config = make_train_config("late", overrides=["max_steps=1_000", "shuffle_buffer=1e3", "batch_size=8.0"])
-    assert (config.max_steps, config.shuffle_buffer, config.batch_size) == (1000, 1000, 8)
-    assert isinstance(config.shuffle_buffer, int)
+    assert (config.run.max_steps, config.data.shuffle_buffer, config.data.batch_size) == (1000, 1000, 8)
+    assert isinstance(config.data.shuffle_buffer, int)
     with pytest.raises(TrainConfigError, match=r"batch_size: 2\.5 is not an integer"):
         make_train_config("late", overrides=["batch_size=2.5"])
     with pytest.raises(TrainConfigError, match="lr: '1e400' is not a finite number"):
         make_train_config("late", overrides=["lr=1e400"])
     with pytest.raises(TrainConfigError, match=r"model\.beta: 'big' is not a number"):
         make_train_config("ithp", overrides=["model.beta=big"])
+
+
+def test_sections_take_flat_dotted_and_nested_keys_and_record_flat(tmp_path) -> None:
+    path = tmp_path / "sections.yaml"
+    path.write_text("optim:\n  lr: 3e-4\ndata:\n  batch_size: 6\n  label_key: happy\nrun:\n  seed: 7\n")
+    config = make_train_config("late", path, ["optim.grad_accum=2", "epochs=3", "mode=end_to_end"])
+    assert (config.optim.lr, config.optim.grad_accum, config.run.epochs) == (3e-4, 2, 3)
+    assert (config.data.batch_size, config.data.label_key) == (6, "happy")
+    # what the data section derives: raw inputs end to end, scalar labels, the run's seed for every shuffle
+    assert (config.data.raw, config.data.multilabel, config.data.seed) == (True, False, 7)
+    recorded = config.to_dict()
+    assert (
+        recorded["lr"] == 3e-4 and recorded["batch_size"] == 6 and recorded["modalities"] == ["text", "audio", "video"]
+    )
+    assert not {"raw", "multilabel", "normalise", "prefetch_factor", "data", "optim", "run"} & set(recorded)
+    assert make_train_config("late", base=recorded) == config  # config.json -> the same settings
+    with pytest.raises(TrainConfigError, match="unknown setting 'raw'"):
+        make_train_config("late", overrides=["raw=true"])  # derived from mode, not a setting

@@ -79,7 +79,9 @@ def test_a_non_binary_value_is_an_error_naming_sample_key_and_value(value) -> No
 def test_config_takes_keys_from_the_command_line_and_yaml(tmp_path: Path) -> None:
     config = make_train_config("late", overrides=["task=multilabel", "label_key=neutral, happy,sad,angry"])
     assert (
-        config.label_keys == MULT_EMOTIONS and config.num_classes == 4 and config.label_key == "neutral,happy,sad,angry"
+        config.label_keys == MULT_EMOTIONS
+        and config.num_classes == 4
+        and config.data.label_key == "neutral,happy,sad,angry"
     )
     assert config.model_kwargs({"text": 5})["num_classes"] == 4
     yaml_file = tmp_path / "emotions.yaml"
