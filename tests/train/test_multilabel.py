@@ -21,7 +21,8 @@ from train.collate import DataError, ToInputs, collate
 from train.config import TrainConfigError, make_train_config
 from train.data import DataConfig, InMemorySource, make_loader
 from train.predict import describe_prediction, format_result, load_network, predict_clip
-from train.trainer import _labelled, data_config, fit
+from train.step import labelled_rows
+from train.trainer import data_config, fit
 
 EMOTIONS = ",".join(MULT_EMOTIONS)  # neutral,happy,sad,angry
 FAST = ["num_workers=0", "log_every=1", "model.hidden=12", "model.num_heads=3", "device=cpu"]
@@ -58,7 +59,7 @@ def test_a_missing_key_drops_the_sample() -> None:
     assert np.isnan(samples[1]["label"]).tolist() == [False, False, True, False]
     assert samples[1]["label"][[0, 1, 3]].tolist() == [1.0, 0.0, 0.0]
     batch = collate([*samples, inputs("d", {**full, "happy": 0}, EMOTIONS)])
-    kept = _labelled(batch)
+    kept = labelled_rows(batch)
     assert kept["key"] == ["a", "d"]
     assert kept["label"].tolist() == [[0, 1, 0, 1], [0, 0, 0, 1]] and kept["text"].shape[0] == 2
 
