@@ -125,9 +125,8 @@ def benchmark(args: argparse.Namespace, work: Path, progress: Progress | None = 
     for n in (1, 4):
         rss[n] = run_child(work / f"rss{n}x", work / f"shards-{n}x", frozen, args, 1, steps=epoch[n] - 1, warmup=1)
         tick()
-    from train.trainer import data_config
 
-    data = data_config(_config(args, frozen))
+    data = _config(args, frozen).data
     profile = stage_profile(shards, data, batches=min(16, args.samples // args.batch_size))
     tick()
     results = {

@@ -158,15 +158,15 @@ def write_dataset(
     return build_dataset(root, planned, feature_set)
 
 
-def stream_batches(shards: Path, data: Any, rank: int = 0, world_size: int = 1) -> Iterator[dict[str, Any]]:
+def stream_batches(dataset: ShardDataset, data: Any, rank: int = 0, world_size: int = 1) -> Iterator[dict[str, Any]]:
     """Training batches from ``make_loader``, epoch after epoch (a new loader per epoch, as ``fit`` does)."""
     from train.data import make_loader
 
     epoch = 0
     while True:
-        loader = make_loader(shards, "train", data, train=True, epoch=epoch, rank=rank, world_size=world_size)
+        loader = make_loader(dataset, "train", data, train=True, epoch=epoch, rank=rank, world_size=world_size)
         if len(loader) == 0:
-            raise ValueError(f"{shards} gives no full batch of {data.batch_size}; use more samples")
+            raise ValueError(f"{dataset.root} gives no full batch of {data.batch_size}; use more samples")
         yield from loader
         epoch += 1
 
@@ -185,51 +185,31 @@ def timed_training(
 ) -> dict[str, Any]:
     """Train ``model`` (its preset, then ``overrides``) for ``warmup + steps`` steps; time the last ``steps``.
 
-    A step is ``train.trainer.fit``'s: next batch (the wait for data is timed on its own), forward, losses,
-    backward, clip, AdamW step over ``net.param_groups``. ``source``: ``stream`` (make_loader with the
-    config's workers) or ``memory`` (``InMemorySource.from_shards``, read before the clock starts).
+    A step is ``train.step.train_step`` on a run built as ``fit`` builds it (``train.run.make_run``): the next
+    ``grad_accum`` batches (the wait for data is timed on its own), then forward, losses and backward under
+    autocast and the GradScaler, unscale, per-group clip, AdamW step and schedule step. ``source``: ``stream``
+    (make_loader with the config's workers) or ``memory`` (``InMemorySource.from_shards``, read before the clock
+    starts).
     """
-    from torch.nn.parallel import DistributedDataParallel
-
     from train.config import make_train_config
     from train.inputs import feature_dims
-    from train.memory import InMemorySource
-    from train.pipeline import FusionPipeline
-    from train.runtime import Dist, amp_dtype, seed_everything
-    from train.trainer import clip_grad_norm_per_group, data_config
+    from train.run import make_run
+    from train.runtime import Dist
+    from train.step import train_step
 
     d = d or Dist()
     config = make_train_config(model, overrides=overrides)
     dataset = ShardDataset.load(shards)
-    seed_everything(config.run.seed)
-    net = FusionPipeline(config, feature_dims(dataset, config.data.modalities), dataset).to(d.device)
-    if net.end_to_end:
-        net.set_encoders_trainable(config.unfreeze_top_k)
-    optimizer = torch.optim.AdamW(net.param_groups(config.optim.lr, config.optim.encoder_lr, config.optim.weight_decay))
-    model = DistributedDataParallel(net, find_unused_parameters=True) if d.enabled else net
-    autocast = amp_dtype(config.run.amp, d.device)
-    data = data_config(config)
-    load_s = 0.0
-    if source == "memory":
-        start = time.perf_counter()
-        batches = memory_batches(InMemorySource.from_shards(dataset, "train", data, shuffle=True))
-        load_s = time.perf_counter() - start
-    else:
-        batches = stream_batches(shards, data, d.rank, d.world_size)
+    run = make_run(config, shards, d, dataset, feature_dims(dataset, config.data.modalities))
+    batches, load_s = training_batches(run, source)
     step_s, wait_s = [], []
     try:
-        net.train()
+        run.net.train()
         last = time.perf_counter()
         for _ in range(warmup + steps):
-            batch = next(batches)
+            micro = [next(batches) for _ in range(config.optim.grad_accum)]
             got = time.perf_counter()
-            with torch.autocast(d.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-                out = model(batch)
-            loss = sum(out.losses.values())
-            loss.backward()
-            clip_grad_norm_per_group(optimizer, config.optim.clip_norm or float("inf"))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            step = train_step(run, micro)
             now = time.perf_counter()
             step_s.append(now - last)
             wait_s.append(got - last)
@@ -245,10 +225,22 @@ def timed_training(
         "seconds": seconds,
         "s_per_step": seconds / steps,
         "data_wait_s_per_step": sum(wait_s[warmup:]) / steps,
-        "samples_per_s": config.data.batch_size * steps * d.world_size / seconds,
+        "samples_per_s": config.data.batch_size * config.optim.grad_accum * steps * d.world_size / seconds,
         "load_s": load_s,
-        "loss": float(loss.detach()),
+        "loss": float(step.loss.detach()),
     }
+
+
+def training_batches(run: Any, source: str) -> tuple[Iterator[dict[str, Any]], float]:
+    """The run's training batches, epoch after epoch, from ``source`` (``stream`` or ``memory``), and the
+    seconds spent reading them into memory first (0 when streamed)."""
+    from train.memory import InMemorySource
+
+    if source != "memory":
+        return stream_batches(run.dataset, run.data, run.d.rank, run.d.world_size), 0.0
+    start = time.perf_counter()
+    batches = memory_batches(InMemorySource.from_shards(run.dataset, "train", run.data, shuffle=True))
+    return batches, time.perf_counter() - start
 
 
 def peak_rss_mb(workers: ChildPeaks) -> dict[str, float]:
@@ -309,9 +301,9 @@ def child_main(spec_path: str) -> int:
 
                 seconds = torch.tensor([result["seconds"]], dtype=torch.float64)
                 dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
-                result["seconds"] = float(seconds)
+                own, result["seconds"] = result["seconds"], float(seconds)
                 result["s_per_step"] = result["seconds"] / result["steps"]
-                result["samples_per_s"] = result["batch_size"] * result["steps"] * d.world_size / result["seconds"]
+                result["samples_per_s"] *= own / result["seconds"]  # the same samples in the slowest rank's time
     finally:
         teardown_distributed(d)
     result.update(peak_rss_mb(workers))

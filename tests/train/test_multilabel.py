@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -24,7 +25,8 @@ from train.inputs import DataError
 from train.memory import InMemorySource
 from train.predict import describe_prediction, format_result, load_network, predict_clip
 from train.stages import ToInputs
-from train.trainer import _labelled, data_config, fit
+from train.step import labelled_rows
+from train.trainer import fit
 
 EMOTIONS = ",".join(MULT_EMOTIONS)  # neutral,happy,sad,angry
 FAST = ["num_workers=0", "log_every=1", "model.hidden=12", "model.num_heads=3", "device=cpu"]
@@ -61,7 +63,7 @@ def test_a_missing_key_drops_the_sample() -> None:
     assert np.isnan(samples[1]["label"]).tolist() == [False, False, True, False]
     assert samples[1]["label"][[0, 1, 3]].tolist() == [1.0, 0.0, 0.0]
     batch = collate([*samples, inputs("d", {**full, "happy": 0}, EMOTIONS)])
-    kept = _labelled(batch)
+    kept = labelled_rows(batch)
     assert kept["key"] == ["a", "d"]
     assert kept["label"].tolist() == [[0, 1, 0, 1], [0, 0, 0, 1]] and kept["text"].shape[0] == 2
 
@@ -91,7 +93,7 @@ def test_config_takes_keys_from_the_command_line_and_yaml(tmp_path: Path) -> Non
     again = make_train_config("late", overrides=["num_workers=0"], base=from_yaml.to_dict())  # a checkpoint's config
     assert again.label_keys == ("sad", "angry") and again.num_classes == 2 and again.task == "multilabel"
     assert make_train_config("late", overrides=["task=multilabel", "label_key=happy", "num_classes=1"]).num_classes == 1
-    assert data_config(config).multilabel and not data_config(make_train_config("late")).multilabel
+    assert config.data.multilabel and not make_train_config("late").data.multilabel
 
 
 def test_config_problems_name_the_keys() -> None:
@@ -185,7 +187,7 @@ def hand_metrics(net, shards: Path, config, expected: dict[str, np.ndarray]) -> 
     """Per-emotion accuracy of the network on the test split, counted by hand against the pickle's vectors."""
     correct, n = np.zeros(4), 0
     with torch.no_grad():
-        for batch in make_loader(shards, "test", data_config(config, workers=0), train=False):
+        for batch in make_loader(shards, "test", dataclasses.replace(config.data, num_workers=0), train=False):
             pred = (net(batch).prediction > 0).numpy()
             truth = np.stack([expected[k] for k in batch["key"]]) > 0.5
             correct += (pred == truth).sum(0)
@@ -257,7 +259,7 @@ def test_predict_names_probabilities_by_label_key(bundled_dataset: Path, tmp_pat
     checkpoint = tmp_path / "run" / "checkpoints" / "last.pt"
     config, net = load_network(load_checkpoint(checkpoint))
     with torch.no_grad():
-        for batch in make_loader(shards, "train", data_config(config, workers=0), train=False):
+        for batch in make_loader(shards, "train", dataclasses.replace(config.data, num_workers=0), train=False):
             if "grid__bbaf2n" in batch["key"]:
                 i = batch["key"].index("grid__bbaf2n")
                 assert batch["label"][i].tolist() == [1.0, 0.0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from train.config import make_train_config
 from train.data import make_loader
 from train.pipeline import FusionPipeline
 from train.predict import feature_set_diff, predict_clip
-from train.trainer import data_config, fit
+from train.trainer import fit
 
 FAST = ["batch_size=1", "num_workers=0", "log_every=1", "model.hidden=12", "model.num_heads=3", "device=cpu"]
 GRID = MEDIA / "grid" / "bbaf2n.mpg"
@@ -40,7 +41,7 @@ def shard_prediction(checkpoint: Path, shards: Path, split: str, key: str) -> fl
     net.load_state_dict(ckpt["model"])
     net.eval()
     with torch.no_grad():
-        for batch in make_loader(shards, split, data_config(config, workers=0), train=False):
+        for batch in make_loader(shards, split, dataclasses.replace(config.data, num_workers=0), train=False):
             if key in batch["key"]:
                 return float(net(batch).prediction[batch["key"].index(key)])
     raise AssertionError(f"{key} not in split {split}")

@@ -1,0 +1,229 @@
+"""A training run in one object, and how it is built.
+
+``Run`` holds the network (and its DDP / compiled wrapper), the optimiser, the learning-rate schedule, the
+GradScaler, the autocast dtype, the training data, and where training stands: epoch, optimiser step, data
+position and best validation score. ``build_run`` prepares the run directory and, resuming, restores all of it
+from ``checkpoints/last.pt``; ``make_run`` is the part that writes nothing (``mmfuse bench train`` uses it).
+``save`` writes a run as a checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from shards import Progress
+from shards.dataset import ShardDataset, check_feature_set
+from train.checkpoint import load_checkpoint, save_checkpoint
+from train.config import TrainConfig, check_model_settings
+from train.data import DataConfig, ShardLoader, make_loader, num_batches
+from train.inputs import DataError, feature_dims
+from train.logs import RunLog
+from train.pipeline import FusionPipeline
+from train.runtime import (
+    Dist,
+    amp_dtype,
+    git_revision,
+    prepare_run_dir,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    write_json,
+)
+
+
+@dataclass
+class Run:
+    """Everything the training loop carries from one optimiser step to the next.
+
+    ``net`` is what is checkpointed and evaluated; ``model`` is what the training forward pass goes through:
+    ``net`` itself, or ``net`` wrapped in DDP and/or ``torch.compile``. ``step``, ``epoch``, ``batch`` (batches
+    of ``epoch`` already consumed, so a resumed epoch skips them), ``best`` and ``best_step`` are what a
+    checkpoint saves as the run's ``state``. ``run_dir``, ``log`` and ``progress`` are None when the run writes
+    nothing (benchmarks).
+    """
+
+    config: TrainConfig
+    d: Dist
+    shards: Path
+    dataset: ShardDataset
+    dims: dict[str, int]
+    data: DataConfig
+    net: FusionPipeline
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    amp: torch.dtype | None  # autocast dtype; None: full precision
+    batches_per_epoch: int  # per rank
+    total_steps: int
+    run_dir: Path | None = None
+    log: RunLog | None = None
+    progress: Progress | None = None  # progress(steps done, steps in all), rank 0 only
+    started: float = field(default_factory=time.perf_counter)
+    step: int = 0  # optimiser steps taken
+    epoch: int = 0
+    batch: int = 0
+    best: float | None = None  # best validation score so far (train.metrics.SELECTION)
+    best_step: int = -1
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.d.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
+
+    def state(self) -> dict[str, Any]:
+        """Where training stands, as a checkpoint's ``state`` holds it."""
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "best": self.best,
+            "best_step": self.best_step,
+        }
+
+
+def lr_lambda(config: TrainConfig, total_steps: int):
+    """Multiplier of the base learning rates at each optimiser step: linear warm-up, then the schedule."""
+
+    def factor(step: int) -> float:
+        if step < config.optim.warmup_steps:
+            return (step + 1) / config.optim.warmup_steps
+        if config.optim.schedule == "constant" or total_steps <= config.optim.warmup_steps:
+            return 1.0
+        progress = min(1.0, (step - config.optim.warmup_steps) / max(1, total_steps - config.optim.warmup_steps))
+        if config.optim.schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_run(
+    config: TrainConfig, shards: Path, run_dir: Path, d: Dist, *, resume: bool = False, progress: Progress | None = None
+) -> Run:
+    """A run ready for its first step, or resuming (``resume`` and ``checkpoints/last.pt`` present) for the step
+    after its last checkpoint. Checks the settings against the shards, prepares ``run_dir`` (``prepare_run_dir``)
+    and writes ``config.json`` when the run is new."""
+    dataset = ShardDataset.load(shards)
+    dims = feature_dims(dataset, config.data.modalities)
+    check_model_settings(config, dims)
+    if d.main:
+        prepare_run_dir(run_dir, resume)
+    barrier(d)
+    last = run_dir / "checkpoints" / "last.pt"
+    checkpoint = load_checkpoint(last) if resume and last.is_file() else None
+    if checkpoint is not None:
+        check_feature_set(checkpoint["feature_set_hash"], dataset, what=f"the run in {run_dir}")
+    run = make_run(config, shards, d, dataset, dims, checkpoint)
+    run.run_dir, run.log, run.progress = run_dir, RunLog(run_dir, enabled=d.main), progress
+    if d.main and checkpoint is None:
+        write_json(run_dir / "config.json", run_record(run))
+    return run
+
+
+def make_run(
+    config: TrainConfig,
+    shards: Path,
+    d: Dist,
+    dataset: ShardDataset,
+    dims: dict[str, int],
+    checkpoint: dict[str, Any] | None = None,
+) -> Run:
+    """The network (seeded with ``config.run.seed``), AdamW over its parameter groups, the warm-up + decay schedule
+    over every step of the run, the GradScaler (on with fp16 autocast only) and the training data; at step 0, or
+    where ``checkpoint`` stopped. Writes nothing."""
+    seed_everything(config.run.seed)
+    net = FusionPipeline(config, dims, dataset).to(d.device)
+    data = config.data
+    per_epoch = train_batches(config, dataset, d)
+    total_steps = config.run.max_steps or config.run.epochs * (per_epoch // config.optim.grad_accum)
+    optimizer = torch.optim.AdamW(net.param_groups(config.optim.lr, config.optim.encoder_lr, config.optim.weight_decay))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total_steps))
+    amp = amp_dtype(config.run.amp, d.device)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+    run = Run(
+        config, d, shards, dataset, dims, data, net, net, optimizer, scheduler, scaler, amp, per_epoch, total_steps
+    )
+    if checkpoint is not None:
+        restore(run, checkpoint)
+    if d.enabled:
+        run.model = DistributedDataParallel(net, find_unused_parameters=True)
+    if config.run.compile:
+        run.model = torch.compile(run.model)
+    return run
+
+
+def train_batches(config: TrainConfig, dataset: ShardDataset, d: Dist) -> int:
+    """Training batches per epoch on this rank; at least one optimiser step's worth, or ``DataError``."""
+    batches = num_batches(dataset, "train", config.data, train=True, rank=d.rank, world_size=d.world_size)
+    if batches < config.optim.grad_accum:
+        raise DataError(
+            f"the train split of {dataset.root} gives {batches} full batch(es) of {config.data.batch_size} per rank "
+            f"(world size {d.world_size}), fewer than one optimiser step (grad_accum={config.optim.grad_accum}); "
+            "lower batch_size or grad_accum"
+        )
+    return batches
+
+
+def restore(run: Run, checkpoint: dict[str, Any]) -> None:
+    """Network, optimiser, schedule, position and this rank's RNG streams as ``checkpoint`` saved them."""
+    run.net.load_state_dict(checkpoint["model"])
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    run.scheduler.load_state_dict(checkpoint["scheduler"])
+    state = checkpoint["state"]
+    run.step, run.epoch, run.batch = state["step"], state["epoch"], state["batch"]
+    run.best, run.best_step = state["best"], state["best_step"]
+    set_rng_state(checkpoint["rng"][min(run.d.rank, len(checkpoint["rng"]) - 1)])
+
+
+def train_loader(run: Run) -> ShardLoader:
+    """This rank's training batches of ``run.epoch``, after the ``run.batch`` ones already trained on."""
+    return make_loader(
+        run.dataset,
+        "train",
+        run.data,
+        train=True,
+        epoch=run.epoch,
+        rank=run.d.rank,
+        world_size=run.d.world_size,
+        skip_batches=run.batch,
+    )
+
+
+def save(run: Run, path: Path) -> None:
+    """Checkpoint ``run`` to ``path`` (rank 0 writes; every rank takes part)."""
+    rngs: list[Any] = [rng_state()]
+    if run.d.enabled:  # every rank's RNG, so each resumes its own stream
+        rngs = [None] * run.d.world_size
+        dist.all_gather_object(rngs, rng_state())
+    if run.d.main:
+        save_checkpoint(
+            path, run.net, run.optimizer, run.scheduler, run.state(), run.config, run.dataset, run.dims, rngs
+        )
+    barrier(run.d)
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        dist.barrier()
+
+
+def run_record(run: Run) -> dict[str, Any]:
+    """What config.json holds: settings, code revision, shards and their fingerprint, job shape."""
+    return {
+        "config": run.config.to_dict(),
+        "git_revision": git_revision(),
+        "shards": str(run.shards.resolve()),
+        "feature_set_hash": run.dataset.feature_set_hash,
+        "dataset_counts": run.dataset.counts,
+        "dims": run.dims,
+        "world_size": run.d.world_size,
+        "device": str(run.d.device),
+        "torch": str(torch.__version__),
+    }
