@@ -113,8 +113,6 @@ def benchmark(args: argparse.Namespace, work: Path, progress: Progress | None = 
         tick()
         stream.append(timed_training(shards, args.model, frozen, source="stream", **timing))
         tick()
-    memory_best = max(memory, key=_rate)
-    stream_best = max(stream, key=_rate)
     e2e = timed_training(shards, args.model, end_to_end, source="stream", **timing)
     tick()
     ddp, rss = {}, {}
@@ -129,6 +127,23 @@ def benchmark(args: argparse.Namespace, work: Path, progress: Progress | None = 
     data = _config(args, frozen).data
     profile = stage_profile(shards, data, batches=min(16, args.samples // args.batch_size))
     tick()
+    results = _results(max(memory, key=_rate), max(stream, key=_rate), e2e, ddp, rss)
+    setup = _setup_record(args, work, one, (shapes, encoders), data_s, memory, stream)
+    targets = {
+        "stream_ge_0.9x_memory": results["stream_over_memory"] >= STREAM_TARGET,
+        "rss_growth_lt_10pct": max(results["rss_4x_over_1x_main"], results["rss_4x_over_1x_worker"]) < RSS_TARGET,
+    }
+    return {"setup": setup, "results": results, "profile": profile, "targets": targets}
+
+
+def _results(
+    memory_best: dict[str, Any],
+    stream_best: dict[str, Any],
+    e2e: dict[str, Any],
+    ddp: dict[int, Any],
+    rss: dict[int, Any],
+) -> dict[str, float]:
+    """The report's figures from the best in-memory and streamed runs, the end-to-end run, the DDP and RSS children."""
     results = {
         "stream_samples_per_s": stream_best["samples_per_s"],
         "stream_s_per_step": stream_best["s_per_step"],
@@ -153,6 +168,20 @@ def benchmark(args: argparse.Namespace, work: Path, progress: Progress | None = 
         results[f"rss_{n}x_steps"] = rss[n]["steps"] + rss[n]["warmup_steps"]
     results["rss_4x_over_1x_main"] = rss[4]["main_rss_mb"] / rss[1]["main_rss_mb"]
     results["rss_4x_over_1x_worker"] = rss[4]["worker_rss_mb"] / rss[1]["worker_rss_mb"]
+    return results
+
+
+def _setup_record(
+    args: argparse.Namespace,
+    work: Path,
+    one: dict[str, Any],
+    data: tuple[Any, tuple[str, str]],
+    data_s: float,
+    memory: list[dict[str, Any]],
+    stream: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """How the report was made: command, machine, data shapes and encoders, settings, every run's rate."""
+    shapes, encoders = data
     setup = {
         "command": command_line(args),
         "machine": machine(args.threads),
@@ -173,11 +202,7 @@ def benchmark(args: argparse.Namespace, work: Path, progress: Progress | None = 
         "workdir": str(work),
         "all_runs_samples_per_s": {"memory": [_rate(r) for r in memory], "stream": [_rate(r) for r in stream]},
     }
-    targets = {
-        "stream_ge_0.9x_memory": results["stream_over_memory"] >= STREAM_TARGET,
-        "rss_growth_lt_10pct": max(results["rss_4x_over_1x_main"], results["rss_4x_over_1x_worker"]) < RSS_TARGET,
-    }
-    return {"setup": setup, "results": results, "profile": profile, "targets": targets}
+    return setup
 
 
 def _rate(result: dict[str, Any]) -> float:

@@ -1,1 +1,1 @@
-"""Training on shards (streaming, end-to-end fine-tuning, evaluation) and the ``mmfuse`` command line."""
+"""Training on shards: streaming, end-to-end fine-tuning, evaluation, prediction; ``mmfuse train|eval|predict``."""
