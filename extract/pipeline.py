@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -274,11 +274,19 @@ def _pooled(
 ) -> Iterator[tuple[ShardPlan, DecodedClip]]:
     ctx = mp.get_context("spawn")  # the parent holds torch threads; forking it is unsafe
 
+    submitted = [0]  # to the current pool
+
     def new_pool() -> ProcessPoolExecutor:
+        submitted[0] = 0
         return ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker, initargs=(settings, os.getpid()))
 
     def submit(j: int) -> tuple[int, Future]:
-        with _sigint_ignored():  # a worker spawned now inherits it: Ctrl-C at start-up prints no traceback there
+        # A pool starts a worker on each of its first `workers` submits (at most): a worker started with SIGINT
+        # ignored inherits that, so a Ctrl-C while it is still importing prints no traceback there. Later
+        # submits start nothing and leave SIGINT alone, so no Ctrl-C is lost while the pool runs.
+        spawning = submitted[0] < workers
+        submitted[0] += 1
+        with _sigint_ignored() if spawning else nullcontext():
             return j, pool.submit(decode_clip, jobs[j][1], settings)
 
     pool = new_pool()

@@ -10,7 +10,7 @@ import time
 from collections import Counter
 
 import pytest
-from conftest import MEDIA, ROOT, write_manifest
+from conftest import MEDIA, ROOT, bundled_rows, write_manifest
 
 from extract.pipeline import run_extract
 from shards import iter_shard, load_dataset_json, read_sidecar
@@ -148,3 +148,30 @@ def test_refuses_other_feature_set_without_overwrite(tmp_path, tiny_cfg):
         run_extract(manifest, MEDIA, out, tiny_cfg(modalities=("text",), text_layer=0))
     summary = run_extract(manifest, MEDIA, out, tiny_cfg(modalities=("text",), text_layer=0, overwrite=True))
     assert summary["complete"] and summary["samples_written"] == 2
+
+
+def test_sigint_is_left_alone_once_the_decode_workers_are_started(tmp_path, tiny_cfg, monkeypatch):
+    """SIGINT is ignored only while a submit may start a decode worker (so a worker inherits it); any later
+    Ctrl-C reaches the parent, which stops the run with one line (a Ctrl-C was lost when every submit ignored it)."""
+    from contextlib import contextmanager
+
+    import extract.pipeline as pipeline
+    from extract.clip import decode_settings
+    from extract.manifest import load_manifest
+
+    windows = []
+
+    @contextmanager
+    def counted():
+        windows.append(1)
+        yield
+
+    monkeypatch.setattr(pipeline, "_sigint_ignored", counted)
+    rows = [
+        {**r, "clip_id": f"{r['clip_id']}-{k}"} for k in range(3) for r in bundled_rows() if r["video_id"] == "grid"
+    ]
+    clips = load_manifest(write_manifest(tmp_path / "m.csv", rows), MEDIA, need_text=False)
+    cfg = tiny_cfg(modalities="audio", workers=2)
+    decoded = list(pipeline.decode_clips(pipeline.plan_shards(clips, 4), decode_settings(cfg), 2, True))
+    assert len(decoded) == len(clips) == 9
+    assert len(windows) == 2  # one per worker started, not one per clip
