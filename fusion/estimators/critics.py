@@ -30,6 +30,12 @@ class Estimate(NamedTuple):
     loss: Tensor
 
 
+def full_precision(device: torch.device) -> torch.autocast:
+    """Autocast switched off on ``device``: inside, ops run in the dtypes they are given, so a block that
+    calls ``.float()`` on its inputs computes in float32 under any autocast dtype (an fp32 island)."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
 def mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2) -> nn.Sequential:
     """Plain MLP: ``num_layers`` hidden ReLU layers of width ``hidden_dim``, then a linear output."""
     layers: list[nn.Module] = []

@@ -17,19 +17,21 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from fusion.estimators.critics import Critic, Estimate, build_critic
+from fusion.estimators.critics import Critic, Estimate, build_critic, full_precision
 
 
 def infonce_from_scores(scores: Tensor) -> Tensor:
     """InfoNCE lower bound in nats from a (B, B) score matrix whose diagonal holds the positive pairs.
 
-    Returns ``log B - cross_entropy(scores, diag)`` as a scalar, always <= log B. Computed in float32.
+    Returns ``log B - cross_entropy(scores, diag)`` as a scalar, always <= log B. Computed in float32 with
+    autocast off.
     """
     if scores.ndim != 2 or scores.shape[0] != scores.shape[1]:
         raise ValueError(f"InfoNCE needs a square (B, B) score matrix, got shape {tuple(scores.shape)}")
     b = scores.shape[0]
     target = torch.arange(b, device=scores.device)
-    return math.log(b) - F.cross_entropy(scores.float(), target)
+    with full_precision(scores.device):
+        return math.log(b) - F.cross_entropy(scores.float(), target)
 
 
 class InfoNCE(nn.Module):

@@ -69,6 +69,7 @@ from torch import Tensor, nn
 from fusion.base import FusionConfig, FusionModel, FusionOutput, Inputs
 from fusion.estimators import CLUB, InfoNCE
 from fusion.estimators.club import club_estimate, club_lag, refit_club
+from fusion.estimators.critics import full_precision
 from fusion.layers import AttentionPool, CrossModalBlock, SequenceEncoder, frozen_call, masked_mean, task_loss
 
 VAL_LOSS_KEY = "task_loss"  # the validation metric end_epoch reads
@@ -234,8 +235,11 @@ class BCPMJRS(FusionModel):
             has = present.float()
             return has / has.sum(1, keepdim=True).clamp_min(1.0)
         scores = torch.cat([self.importance[m](projected[:, i]) for i, m in enumerate(self.modalities)], 1)
-        # A large finite negative, not -inf: a sample with no modality would otherwise softmax to NaN.
-        return scores.masked_fill(~present, -1e9).softmax(1) * present
+        # float32 with autocast off: the fill must be representable (-1e9 overflows fp16). The most negative
+        # finite float, not -inf: a sample with no modality would otherwise softmax to NaN.
+        with full_precision(scores.device):
+            scores = scores.float().masked_fill(~present, torch.finfo(torch.float32).min)
+            return scores.softmax(1) * present
 
     def mi_min_terms(
         self, z: dict[str, Tensor], present: dict[str, Tensor], diagnostics: dict[str, Tensor]

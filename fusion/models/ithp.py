@@ -48,7 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from fusion.base import MODALITIES, FusionConfig, FusionModel, FusionOutput, Inputs
-from fusion.estimators.vib import GaussianVIB
+from fusion.estimators.vib import GaussianVIB, reparameterise
 from fusion.layers import SequenceEncoder, masked_mean, task_loss
 
 
@@ -145,7 +145,7 @@ class ITHP(FusionModel):
             out = stage.vib(stage.trunk(z), None if c.faithful else mask)
             z = out.z
             if c.faithful and not self.training:  # published: sampled at test time as well
-                z = out.mu + torch.exp(0.5 * out.logvar) * torch.randn_like(out.mu)
+                z = reparameterise(out.mu, out.logvar)
             kl = out.kl / stage.vib.latent_dim  # published scale: mean over latent dims
             terms.append((m, kl, self._reconstruction(stage, z, inputs, m)))
         s = h if self.fuse is None else h + self.fuse(z)
