@@ -20,14 +20,14 @@ import math
 import torch
 from torch import Tensor, nn
 
-from fusion.estimators.critics import Critic, Estimate, build_critic, derangement, full_precision
+from fusion.estimators.critics import Critic, Estimate, build_critic, derangement, full_precision, log_count
 
 
 def log_mean_exp(scores: Tensor) -> Tensor:
     """log( mean(exp(scores)) ) over all entries, in float32 (autocast off), via logsumexp."""
     with full_precision(scores.device):
         flat = scores.float().reshape(-1)
-        return torch.logsumexp(flat, dim=0) - math.log(flat.numel())
+        return torch.logsumexp(flat, dim=0) - log_count(flat)
 
 
 def dv_bound(positive: Tensor, negative: Tensor) -> Tensor:
