@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 MODALITIES: tuple[str, ...] = ("text", "audio", "video")
@@ -201,11 +202,10 @@ def modality_dropout(
     device = stacked.device
     keep = stacked & (torch.rand(stacked.shape, device=device, generator=generator) >= p)
     lost_all = stacked.any(1) & ~keep.any(1)
-    if lost_all.any():
-        scores = torch.rand(stacked.shape, device=device, generator=generator) * stacked
-        rescue = torch.zeros_like(keep)
-        rescue[torch.arange(len(keep), device=device), scores.argmax(1)] = True
-        keep = keep | (rescue & lost_all[:, None])
+    # drawn for every sample, used where needed: no host sync on whether any sample lost everything
+    scores = torch.rand(stacked.shape, device=device, generator=generator) * stacked
+    rescue = F.one_hot(scores.argmax(1), stacked.shape[1]).to(torch.bool)
+    keep = keep | (rescue & lost_all[:, None])
     return {m: keep[:, i] for i, m in enumerate(names)}
 
 

@@ -26,14 +26,11 @@ def attention_padding(mask: Tensor) -> Tensor:
     """``key_padding_mask`` for ``nn.MultiheadAttention`` (True = ignore) from a validity mask (B, T).
 
     A sample with no valid step keeps its first step visible, so softmax never sees only -inf (which
-    gives NaN); the caller masks that sample's output anyway.
+    gives NaN); the caller masks that sample's output anyway. Tensor ops only (no host sync), so it compiles.
     """
-    padding = ~mask
-    empty = ~mask.any(1)
-    if empty.any():
-        padding = padding.clone()
-        padding[empty, 0] = False
-    return padding
+    first = torch.zeros_like(mask)
+    first[:, 0] = True
+    return ~mask & ~(first & ~mask.any(1, keepdim=True))
 
 
 def last_valid_length(mask: Tensor) -> Tensor:

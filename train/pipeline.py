@@ -75,7 +75,8 @@ class FusionPipeline(nn.Module):
                 mask = batch["audio_mask"]
                 frames = _fit_length(frames, mask.shape[1])
                 batch["audio"] = self._standardise("audio", frames, mask)
-        return self.fusion(batch)
+        # tensors only: a compiled fusion model would guard on (and recompile for) strings such as "key"
+        return self.fusion({k: v for k, v in batch.items() if isinstance(v, Tensor)})
 
     def _standardise(self, m: str, x: Tensor, mask: Tensor) -> Tensor:
         mean, std = getattr(self, f"{m}_mean"), getattr(self, f"{m}_std")

@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from fusion.estimators.critics import Estimate, derangement, mlp
+from fusion.estimators.critics import Estimate, derangement, full_precision, mlp
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -58,28 +58,48 @@ class CLUB(nn.Module):
     def log_likelihood(self, x: Tensor, y: Tensor) -> Tensor:
         """log q(y_i | x_i) for each row, (B,), including the Gaussian normalising constant."""
         mu, logvar = self.gaussian(x)
-        return -0.5 * (((y.float() - mu) ** 2) / logvar.exp() + logvar + LOG_2PI).sum(-1)
+        with full_precision(mu.device):
+            return -0.5 * (((y.float() - mu) ** 2) / logvar.exp() + logvar + LOG_2PI).sum(-1)
 
-    def learning_loss(self, x: Tensor, y: Tensor) -> Tensor:
-        """Mean negative log-likelihood of q on the joint pairs (scalar). Trains q only: inputs are detached."""
-        return -self.log_likelihood(x.detach(), y.detach()).mean()
+    def learning_loss(self, x: Tensor, y: Tensor, weight: Tensor | None = None) -> Tensor:
+        """Mean negative log-likelihood of q on the joint pairs (scalar), over the rows with ``weight`` (B,)
+        (bool or float; None = all). Trains q only: inputs are detached."""
+        nll = -self.log_likelihood(x.detach(), y.detach())
+        if weight is None:
+            return nll.mean()
+        weight = weight.to(nll.dtype)
+        return (nll * weight).sum() / weight.sum().clamp_min(1e-12)
 
-    def forward(self, x: Tensor, y: Tensor) -> Estimate:
+    def forward(self, x: Tensor, y: Tensor, weight: Tensor | None = None) -> Estimate:
+        """The estimate over the rows of x, y, or over the rows with ``weight`` (B,) (bool or float; None = all)."""
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"x and y must have the same batch size, got {x.shape[0]} and {y.shape[0]}")
         mu, logvar = self.gaussian(x)
-        y = y.float()
+        return club_bound(mu, logvar, y, self.negatives, weight)
+
+
+def club_bound(mu: Tensor, logvar: Tensor, y: Tensor, negatives: str = "all", weight: Tensor | None = None) -> Estimate:
+    """The CLUB estimate from q(y | x) = N(mu, exp(logvar)) (B, Dy) and y (B, Dy), in float32 with autocast off.
+
+    ``weight`` (B,) restricts every mean (the positives, the batch mean and variance of y, the negatives) to
+    the rows with weight, as if the others were not in the batch; it takes no host sync, so a compiled model
+    need not index rows out. ``"sample"`` negatives ignore it.
+    """
+    with full_precision(mu.device):
+        mu, logvar, y = mu.float(), logvar.float(), y.float()
+        w = torch.ones_like(y[:, 0]) if weight is None else weight.to(torch.float32)
+        w = (w / w.sum().clamp_min(1e-12))[:, None]  # (B, 1), sums to 1 over the rows that count
         inv_var = torch.exp(-logvar)
         # The log-variance and 2*pi terms are identical for positive and negative pairs and cancel.
         positive = -0.5 * (((y - mu) ** 2) * inv_var).sum(-1)
-        if self.negatives == "all":
-            y_mean = y.mean(0, keepdim=True)
-            y_var = ((y - y_mean) ** 2).mean(0, keepdim=True)
+        if negatives == "all":
+            y_mean = (y * w).sum(0, keepdim=True)
+            y_var = (((y - y_mean) ** 2) * w).sum(0, keepdim=True)
             negative = -0.5 * ((y_var + (y_mean - mu) ** 2) * inv_var).sum(-1)
         else:
             y_neg = y[derangement(y.shape[0], device=y.device)]
             negative = -0.5 * (((y_neg - mu) ** 2) * inv_var).sum(-1)
-        estimate = (positive - negative).mean()
+        estimate = ((positive - negative) * w[:, 0]).sum()
         return Estimate(estimate, estimate)
 
 

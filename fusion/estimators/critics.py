@@ -30,6 +30,19 @@ class Estimate(NamedTuple):
     loss: Tensor
 
 
+def full_precision(device: torch.device) -> torch.autocast:
+    """Autocast switched off on ``device``: inside, ops run in the dtypes they are given, so a block that
+    calls ``.float()`` on its inputs computes in float32 under any autocast dtype (an fp32 island)."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def log_count(x: Tensor, dim: int | None = None) -> Tensor:
+    """log of the number of entries of x (along ``dim``, or in all), as a float32 tensor. A tensor, not
+    ``math.log(x.numel())``: under torch.compile a Python float from a dynamic size pins that size."""
+    ones = torch.ones_like(x, dtype=torch.float32)
+    return (ones.sum() if dim is None else ones.sum(dim)).log()
+
+
 def mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2) -> nn.Sequential:
     """Plain MLP: ``num_layers`` hidden ReLU layers of width ``hidden_dim``, then a linear output."""
     layers: list[nn.Module] = []

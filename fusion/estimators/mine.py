@@ -20,18 +20,20 @@ import math
 import torch
 from torch import Tensor, nn
 
-from fusion.estimators.critics import Critic, Estimate, build_critic, derangement
+from fusion.estimators.critics import Critic, Estimate, build_critic, derangement, full_precision, log_count
 
 
 def log_mean_exp(scores: Tensor) -> Tensor:
-    """log( mean(exp(scores)) ) over all entries, in float32, via logsumexp."""
-    flat = scores.float().reshape(-1)
-    return torch.logsumexp(flat, dim=0) - math.log(flat.numel())
+    """log( mean(exp(scores)) ) over all entries, in float32 (autocast off), via logsumexp."""
+    with full_precision(scores.device):
+        flat = scores.float().reshape(-1)
+        return torch.logsumexp(flat, dim=0) - log_count(flat)
 
 
 def dv_bound(positive: Tensor, negative: Tensor) -> Tensor:
     """DV lower bound in nats: mean(positive) - log mean exp(negative). Any shapes; all entries used."""
-    return positive.float().mean() - log_mean_exp(negative)
+    with full_precision(positive.device):
+        return positive.float().mean() - log_mean_exp(negative)
 
 
 def negative_scores(critic: Critic, x: Tensor, y: Tensor, negatives: str) -> Tensor:

@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from fusion.estimators.critics import Estimate
+from fusion.estimators.critics import Estimate, log_count
 from fusion.estimators.mine import log_mean_exp
 
 TupleCritic = Callable[[Sequence[Tensor]], Tensor]
@@ -95,7 +95,7 @@ def tcmax_bound(logits: Sequence[Tensor], y: Tensor, bias: Tensor | None = None)
         if bias is not None:
             fused = fused + bias.float()
         positive = fused.gather(1, y.long()[:, None]).mean()
-        log_mean_negative = factorised_log_partition(logits, bias) - len(logits) * math.log(b) - math.log(c)
+        log_mean_negative = factorised_log_partition(logits, bias) - len(logits) * log_count(y) - math.log(c)
     estimate = positive - log_mean_negative
     return Estimate(estimate, -estimate)
 

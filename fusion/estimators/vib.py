@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from fusion.estimators.critics import Estimate
+from fusion.estimators.critics import Estimate, full_precision
 
 
 class VIBOutput(NamedTuple):
@@ -37,8 +37,9 @@ def gaussian_kl(mu: Tensor, logvar: Tensor, mask: Tensor | None = None) -> Tenso
     mu, logvar: (B, D) or (B, T, D); mask: None, (B,) or (B, T) bool with True = valid. Returns a float32
     scalar; 0 when no position is valid.
     """
-    mu, logvar = mu.float(), logvar.float()
-    per_position = 0.5 * (mu**2 + logvar.exp() - logvar - 1.0).sum(-1)
+    with full_precision(mu.device):
+        mu, logvar = mu.float(), logvar.float()
+        per_position = 0.5 * (mu**2 + logvar.exp() - logvar - 1.0).sum(-1)
     if mask is None:
         return per_position.mean()
     if mask.shape != per_position.shape:
@@ -49,11 +50,23 @@ def gaussian_kl(mu: Tensor, logvar: Tensor, mask: Tensor | None = None) -> Tenso
     return total / mask.sum().clamp_min(1)
 
 
+def reparameterise(mu: Tensor, logvar: Tensor) -> Tensor:
+    """A draw z = mu + exp(logvar / 2) * eps, eps ~ N(0, I), of the shape of mu (..., D); always float32.
+
+    The noise is drawn and the sample formed in float32 with autocast off: bf16 would keep 8 bits of eps,
+    and fp16 ``exp`` overflows for logvar above ~22.
+    """
+    with full_precision(mu.device):
+        mu, logvar = mu.float(), logvar.float()
+        return mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, device=mu.device, dtype=torch.float32)
+
+
 class GaussianVIB(nn.Module):
     """Gaussian bottleneck head: h (B, Din) or (B, T, Din) -> ``VIBOutput`` with z (..., Dz).
 
-    Training mode draws z = mu + sigma * eps (reparameterised); eval mode returns z = mu, so evaluation
-    is deterministic. z at padded positions is computed like any other (mask it downstream); only the KL
+    Training mode draws z = mu + sigma * eps (``reparameterise``: float32 under autocast); eval mode returns
+    z = mu, so evaluation is deterministic. z at padded positions is computed like any other (mask it
+    downstream); only the KL
     ignores them. ``estimate(h, mask)`` returns ``Estimate(kl, kl)``: an upper bound on I(H; Z) and the
     loss to minimise.
     """
@@ -66,7 +79,7 @@ class GaussianVIB(nn.Module):
     def forward(self, h: Tensor, mask: Tensor | None = None) -> VIBOutput:
         mu, logvar = self.head(h).chunk(2, dim=-1)
         if self.training:
-            z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+            z = reparameterise(mu, logvar)
         else:
             z = mu
         return VIBOutput(z, mu, logvar, gaussian_kl(mu, logvar, mask))

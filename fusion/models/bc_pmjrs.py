@@ -69,6 +69,7 @@ from torch import Tensor, nn
 from fusion.base import FusionConfig, FusionModel, FusionOutput, Inputs
 from fusion.estimators import CLUB, InfoNCE
 from fusion.estimators.club import club_estimate, club_lag, refit_club
+from fusion.estimators.critics import full_precision
 from fusion.layers import AttentionPool, CrossModalBlock, SequenceEncoder, frozen_call, masked_mean, task_loss
 
 VAL_LOSS_KEY = "task_loss"  # the validation metric end_epoch reads
@@ -234,27 +235,34 @@ class BCPMJRS(FusionModel):
             has = present.float()
             return has / has.sum(1, keepdim=True).clamp_min(1.0)
         scores = torch.cat([self.importance[m](projected[:, i]) for i, m in enumerate(self.modalities)], 1)
-        # A large finite negative, not -inf: a sample with no modality would otherwise softmax to NaN.
-        return scores.masked_fill(~present, -1e9).softmax(1) * present
+        # float32 with autocast off: the fill must be representable (-1e9 overflows fp16). The most negative
+        # finite float, not -inf: a sample with no modality would otherwise softmax to NaN.
+        with full_precision(scores.device):
+            scores = scores.float().masked_fill(~present, torch.finfo(torch.float32).min)
+            return scores.softmax(1) * present
 
     def mi_min_terms(
         self, z: dict[str, Tensor], present: dict[str, Tensor], diagnostics: dict[str, Tensor]
     ) -> tuple[Tensor, Tensor]:
-        """(club_fit, mean CLUB estimate) over the pairs with >= 2 samples having both modalities."""
-        zero = next(iter(z.values())).new_zeros(())
-        fits, estimates = [], []
+        """(club_fit, mean CLUB estimate) over the pairs with >= 2 samples having both modalities (0, 0 if none).
+
+        The rows of a pair are weighted, not indexed out, and a pair with fewer samples counts 0: no host sync in
+        a compiled forward. Only eager runs leave such a pair's ``mi/a-b`` out of the diagnostics.
+        """
+        fits, estimates, counted = [], [], []
         for a, b in self.pairs:
             both = present[a] & present[b]
-            if int(both.sum()) < 2:
-                continue
-            club, x, y = self.clubs[f"{a}_{b}"], z[a][both], z[b][both]
-            fits.append(club.learning_loss(x, y))  # detaches x, y: trains q only
-            estimate = frozen_call(club, x, y).estimate  # q frozen: trains the encoders only
-            estimates.append(estimate)
-            diagnostics[f"mi/{a}-{b}"] = estimate.detach()
-        if not fits:
-            return zero, zero
-        return torch.stack(fits).sum(), torch.stack(estimates).mean()
+            enough = both.sum() >= 2
+            club, x, y = self.clubs[f"{a}_{b}"], z[a], z[b]
+            fit = club.learning_loss(x, y, both)  # detaches x, y: trains q only
+            estimate = frozen_call(club, x, y, both).estimate  # q frozen: trains the encoders only
+            fits.append(torch.where(enough, fit, 0.0))
+            estimates.append(torch.where(enough, estimate, 0.0))
+            counted.append(enough)
+            if torch.compiler.is_compiling() or bool(enough):
+                diagnostics[f"mi/{a}-{b}"] = estimates[-1].detach()
+        pairs = torch.stack(counted).sum().clamp_min(1)
+        return torch.stack(fits).sum(), torch.stack(estimates).sum() / pairs
 
     @torch.no_grad()
     def unimodal(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -300,15 +308,13 @@ class BCPMJRS(FusionModel):
         """InfoNCE lower bound on I(z_joint; y) in nats over the samples with any modality (0 below 2 samples)."""
         if self.infonce is None or self.label_embedding is None:
             raise RuntimeError("MI-max is switched off (mi_max=False or lambda_max=0): no label critic was built")
-        if int(alive.sum()) < 2:
-            return z_joint.new_zeros(())
         if self.config.task == "regression":
             embedded = self.label_embedding(label.float().reshape(-1, 1))
         elif self.config.task == "classification":
             embedded = self.label_embedding(label.long().reshape(-1))
         else:
             embedded = self.label_embedding(label.float())
-        return self.infonce(z_joint[alive], embedded[alive]).estimate
+        return self.infonce(z_joint, embedded, alive).estimate  # 0 with fewer than 2 alive samples
 
     @torch.no_grad()
     def end_epoch(self, val_metrics: dict[str, float]) -> dict[str, float]:

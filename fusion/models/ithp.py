@@ -48,7 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from fusion.base import MODALITIES, FusionConfig, FusionModel, FusionOutput, Inputs
-from fusion.estimators.vib import GaussianVIB
+from fusion.estimators.vib import GaussianVIB, reparameterise
 from fusion.layers import SequenceEncoder, masked_mean, task_loss
 
 
@@ -89,13 +89,14 @@ class Bottleneck(nn.Module):
         )
 
 
-def is_aligned(prime_mask: Tensor, detector_mask: Tensor) -> bool:
+def is_aligned(prime_mask: Tensor, detector_mask: Tensor) -> Tensor | bool:
     """True when the detector is word-aligned with the prime: same length, and the same mask on every sample
-    that has both (at least one). Samples missing either modality (or dropped by modality dropout) are ignored."""
+    that has both (at least one). Samples missing either modality (or dropped by modality dropout) are ignored.
+    False for different lengths; otherwise a 0-dim bool tensor (no host sync)."""
     if prime_mask.shape != detector_mask.shape:
         return False
     both = prime_mask.any(1) & detector_mask.any(1)
-    return bool(both.any()) and bool((prime_mask == detector_mask)[both].all())
+    return both.any() & ((prime_mask == detector_mask).all(1) | ~both).all()
 
 
 def masked_mse(prediction: Tensor, target: Tensor, valid: Tensor | None) -> Tensor:
@@ -145,7 +146,7 @@ class ITHP(FusionModel):
             out = stage.vib(stage.trunk(z), None if c.faithful else mask)
             z = out.z
             if c.faithful and not self.training:  # published: sampled at test time as well
-                z = out.mu + torch.exp(0.5 * out.logvar) * torch.randn_like(out.mu)
+                z = reparameterise(out.mu, out.logvar)
             kl = out.kl / stage.vib.latent_dim  # published scale: mean over latent dims
             terms.append((m, kl, self._reconstruction(stage, z, inputs, m)))
         s = h if self.fuse is None else h + self.fuse(z)
@@ -174,12 +175,15 @@ class ITHP(FusionModel):
         if faithful:  # published per-batch min-max normalisation, padding zeros included
             low, high = target.amin(), target.amax()
             target = (target - low) / (high - low).clamp_min(1e-8)
-        if is_aligned(prime_mask, target_mask):
+        aligned = is_aligned(prime_mask, target_mask)
+        per_token = None
+        if aligned is not False:  # same length: decode per token, keep it where the masks also agree
             valid = None if faithful else prime_mask & target_mask
-            return masked_mse(self._decode(stage, z), target, valid)
+            per_token = masked_mse(self._decode(stage, z), target, valid)
         latent = z.mean(1) if faithful else masked_mean(z, prime_mask)
         valid = None if faithful else inputs.present[self.prime] & inputs.present[m]
-        return masked_mse(self._decode(stage, latent), masked_mean(target, target_mask), valid)
+        pooled = masked_mse(self._decode(stage, latent), masked_mean(target, target_mask), valid)
+        return pooled if per_token is None else torch.where(aligned, per_token, pooled)
 
     def _decode(self, stage: Bottleneck, z: Tensor) -> Tensor:
         out = stage.decoder(z)

@@ -260,13 +260,13 @@ class MIM(FusionModel):
             lp = torch.stack([loss_p[m].detach() for m in active])
             weights = inter_weights(lp)
             t = int(lp.argmin())
-            target = pooled[active[t]].detach().softmax(-1)
+            target = pooled[active[t]].detach().float().softmax(-1)
             kl = zero
             for s in active:
                 if s == active[t]:
                     continue
                 both = (present[active[t]] & present[s]).to(target.dtype)
-                per_sample = F.kl_div(pooled[s].log_softmax(-1), target, reduction="none").sum(-1)
+                per_sample = F.kl_div(pooled[s].float().log_softmax(-1), target, reduction="none").sum(-1)
                 kl = kl + (per_sample * both).sum() / both.sum().clamp_min(1.0)
             inter = 0.5 * (c.inter_temp * weights[t]) ** 2 * kl
             teacher_index = self.modalities.index(active[t])
