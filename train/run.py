@@ -179,7 +179,7 @@ def restore(run: Run, checkpoint: dict[str, Any]) -> None:
     state = checkpoint["state"]
     run.step, run.epoch, run.batch = state["step"], state["epoch"], state["batch"]
     run.best, run.best_step = state["best"], state["best_step"]
-    set_rng_state(checkpoint["rng"][min(run.d.rank, len(checkpoint["rng"]) - 1)])
+    set_rng_state(checkpoint["rng"][min(run.d.rank, len(checkpoint["rng"]) - 1)], run.d.device)
 
 
 def train_loader(run: Run) -> ShardLoader:
@@ -198,10 +198,10 @@ def train_loader(run: Run) -> ShardLoader:
 
 def save(run: Run, path: Path) -> None:
     """Checkpoint ``run`` to ``path`` (rank 0 writes; every rank takes part)."""
-    rngs: list[Any] = [rng_state()]
+    rngs: list[Any] = [rng_state(run.d.device)]
     if run.d.enabled:  # every rank's RNG, so each resumes its own stream
         rngs = [None] * run.d.world_size
-        dist.all_gather_object(rngs, rng_state())
+        dist.all_gather_object(rngs, rng_state(run.d.device))
     if run.d.main:
         save_checkpoint(
             path, run.net, run.optimizer, run.scheduler, run.state(), run.config, run.dataset, run.dims, rngs
