@@ -37,10 +37,10 @@ def _worker(rank: int, tmp: str, shards: str, overrides: list[str], unlabelled_r
     batches = list(make_loader(dataset, "train", run.data, train=False))
     if rank == unlabelled_rank:
         batches = [{**b, "label": torch.full_like(b["label"], math.nan)} for b in batches]
-    wrappers = [id(run.ddp)]
+    wrappers = [id(getattr(run, "ddp", None))]
     for _ in range(3):
         train_step(run, batches)
-        wrappers.append(id(run.ddp))
+        wrappers.append(id(getattr(run, "ddp", None)))
     params = [p.detach().clone() for p in run.net.parameters()]
     torch.save({"params": params, "step": run.step, "wrappers": len(set(wrappers))}, f"{tmp}/rank{rank}.pt")
     dist.destroy_process_group()
