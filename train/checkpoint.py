@@ -2,8 +2,8 @@
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, saved with ``torch.save`` and
 read with ``torch.load(weights_only=True)``, so loading one never runs code. It holds the network state
-(fusion model and, end to end, the encoders), optimiser, scheduler, every rank's RNG state, the step and
-data position, the resolved training config, the fusion model's config, input dims, and the feature set
+(fusion model and, end to end, the encoders), optimiser, scheduler, gradient scaler, every rank's RNG state,
+the step and data position, the resolved training config, the fusion model's config, input dims, and the feature set
 (with its hash and train-split statistics) the shards were extracted with.
 """
 
@@ -31,14 +31,25 @@ class CheckpointError(MmfuseError, RuntimeError):
 
 
 def save_checkpoint(
-    path: Path, net, optimizer, scheduler, state: dict[str, Any], config, dataset: ShardDataset, dims, rngs
+    path: Path,
+    net,
+    optimizer,
+    scheduler,
+    state: dict[str, Any],
+    config,
+    dataset: ShardDataset,
+    dims,
+    rngs,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> None:
-    """Write atomically (temporary file + rename): an interrupted save never leaves a half checkpoint."""
+    """Write atomically (temporary file + rename): an interrupted save never leaves a half checkpoint. The
+    GradScaler's state (its loss scale; empty when it is off) is kept so an fp16 resume continues at its scale."""
     obj = {
         "mmfuse_checkpoint": CHECKPOINT_VERSION,
         "model": net.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else {},
         "state": state,
         "rng": rngs,
         "config": config.to_dict(),

@@ -73,6 +73,8 @@ class Run:
     batch: int = 0
     best: float | None = None  # best validation score so far (train.metrics.SELECTION)
     best_step: int = -1
+    ddp: DistributedDataParallel | None = None  # the DDP wrapper inside ``model`` (``no_sync`` is taken from it)
+    trainable: int | None = None  # the encoders' trainable top k the wrappers were built for (end to end)
 
     def autocast(self) -> torch.autocast:
         return torch.autocast(self.d.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
@@ -117,7 +119,8 @@ def build_run(
         prepare_run_dir(run_dir, resume)
     barrier(d)
     last = run_dir / "checkpoints" / "last.pt"
-    checkpoint = load_checkpoint(last) if resume and last.is_file() else None
+    # rank 0 decides: on node-local disks other ranks may not see the file, and must not start afresh alone
+    checkpoint = load_checkpoint(last) if agreed(d, resume and last.is_file()) else None
     if checkpoint is not None:
         check_feature_set(checkpoint["feature_set_hash"], dataset, what=f"the run in {run_dir}")
     run = make_run(config, shards, d, dataset, dims, checkpoint)
@@ -146,17 +149,51 @@ def make_run(
     optimizer = torch.optim.AdamW(net.param_groups(config.optim.lr, config.optim.encoder_lr, config.optim.weight_decay))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total_steps))
     amp = amp_dtype(config.run.amp, d.device)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+    scaler = torch.amp.GradScaler(d.device.type, enabled=amp == torch.float16)
     run = Run(
         config, d, shards, dataset, dims, data, net, net, optimizer, scheduler, scaler, amp, per_epoch, total_steps
     )
     if checkpoint is not None:
         restore(run, checkpoint)
-    if d.enabled:
-        run.model = DistributedDataParallel(net, find_unused_parameters=True)
-    if config.run.compile:
-        run.model = torch.compile(run.model)
+    if net.end_to_end:
+        train_encoders(run)  # freeze before wrapping: DDP reduces only what requires a gradient when it is built
+    wrap(run)
     return run
+
+
+def train_encoders(run: Run) -> None:
+    """Apply the encoders' freeze / unfreeze schedule at ``run.step``; when the trainable parameters change,
+    rebuild the DDP / compiled wrappers so the reducer covers exactly the parameters that now train. The
+    schedule depends on the step alone, so every rank rebuilds at the same step."""
+    config = run.config
+    top_k = config.unfreeze_top_k if run.step >= config.unfreeze_after else 0
+    if top_k == run.trainable:
+        return
+    first, run.trainable = run.trainable is None, top_k
+    run.net.set_encoders_trainable(top_k)
+    if not first:
+        wrap(run)
+
+
+def wrap(run: Run) -> None:
+    """``run.model``: ``run.net`` in DDP when distributed (kept as ``run.ddp``), then ``torch.compile`` when asked."""
+    run.model, run.ddp = run.net, None
+    if run.d.enabled:
+        run.ddp = DistributedDataParallel(run.net, find_unused_parameters=may_leave_parameters_unused(run))
+        run.model = run.ddp
+    if run.config.run.compile:
+        run.model = torch.compile(run.model)
+
+
+def may_leave_parameters_unused(run: Run) -> bool:
+    """Whether a training forward pass can leave a parameter that requires a gradient out of the loss (DDP's
+    ``find_unused_parameters``, which costs a graph walk every step). Yes unless the fusion model declares
+    ``uses_every_parameter = True`` (its forward reaches every parameter whatever modalities are present), and
+    always with modality dropout, which can drop a modality from a whole batch. Frozen encoder parameters do not
+    count: DDP leaves out what does not require a gradient when it is built (``train_encoders`` rebuilds it)."""
+    if getattr(run.net.fusion.config, "modality_dropout", 0.0) > 0:
+        return True
+    return not getattr(run.net.fusion, "uses_every_parameter", False)
 
 
 def train_batches(config: TrainConfig, dataset: ShardDataset, d: Dist) -> int:
@@ -176,10 +213,12 @@ def restore(run: Run, checkpoint: dict[str, Any]) -> None:
     run.net.load_state_dict(checkpoint["model"])
     run.optimizer.load_state_dict(checkpoint["optimizer"])
     run.scheduler.load_state_dict(checkpoint["scheduler"])
+    if checkpoint.get("scaler") and run.scaler.is_enabled():  # absent from older checkpoints: the initial scale
+        run.scaler.load_state_dict(checkpoint["scaler"])
     state = checkpoint["state"]
     run.step, run.epoch, run.batch = state["step"], state["epoch"], state["batch"]
     run.best, run.best_step = state["best"], state["best_step"]
-    set_rng_state(checkpoint["rng"][min(run.d.rank, len(checkpoint["rng"]) - 1)])
+    set_rng_state(checkpoint["rng"][min(run.d.rank, len(checkpoint["rng"]) - 1)], run.d.device)
 
 
 def train_loader(run: Run) -> ShardLoader:
@@ -198,15 +237,33 @@ def train_loader(run: Run) -> ShardLoader:
 
 def save(run: Run, path: Path) -> None:
     """Checkpoint ``run`` to ``path`` (rank 0 writes; every rank takes part)."""
-    rngs: list[Any] = [rng_state()]
+    rngs: list[Any] = [rng_state(run.d.device)]
     if run.d.enabled:  # every rank's RNG, so each resumes its own stream
         rngs = [None] * run.d.world_size
-        dist.all_gather_object(rngs, rng_state())
+        dist.all_gather_object(rngs, rng_state(run.d.device))
     if run.d.main:
         save_checkpoint(
-            path, run.net, run.optimizer, run.scheduler, run.state(), run.config, run.dataset, run.dims, rngs
+            path,
+            run.net,
+            run.optimizer,
+            run.scheduler,
+            run.state(),
+            run.config,
+            run.dataset,
+            run.dims,
+            rngs,
+            run.scaler,
         )
     barrier(run.d)
+
+
+def agreed(d: Dist, flag: bool) -> bool:
+    """Rank 0's ``flag`` on every rank: a decision every rank must take alike (it leads into collectives)."""
+    if not d.enabled:
+        return flag
+    value = torch.tensor([int(flag)], dtype=torch.int64, device=d.device)
+    dist.broadcast(value, 0)
+    return bool(value.item())
 
 
 def barrier(d: Dist) -> None:

@@ -46,12 +46,18 @@ class Dist:
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+        return torch.device(f"cuda:{cuda_index(local_rank)}") if torch.cuda.is_available() else torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device {name!r} was asked for but CUDA is not available; use device=cpu")
     if name == "cuda":
-        return torch.device(f"cuda:{local_rank}")
+        return torch.device(f"cuda:{cuda_index(local_rank)}")
     return torch.device(name)
+
+
+def cuda_index(local_rank: int) -> int:
+    """The visible GPU of local rank ``local_rank``: its own when the node's GPUs are all visible to every rank,
+    GPU 0 when each rank sees only its own (a per-rank ``CUDA_VISIBLE_DEVICES``, as SLURM sets it)."""
+    return local_rank % max(1, torch.cuda.device_count())
 
 
 def setup_distributed(device: str) -> Dist:
@@ -80,26 +86,44 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rng_state() -> dict[str, Any]:
-    """Every RNG this process uses, in types ``torch.load(weights_only=True)`` accepts."""
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """Every RNG this process uses, in types ``torch.load(weights_only=True)`` accepts. On CUDA: the generator
+    of ``device`` (this rank's GPU) only, so a resume that sees fewer GPUs still restores it."""
     np_state = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2])},
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Restore ``rng_state``'s streams; the CUDA one onto ``device``. A checkpoint written before one rank's
+    CUDA state was saved holds every visible GPU's (a list): this rank's GPU's entry is restored when present."""
     random.setstate(_tuples(state["python"]))
     key = state["numpy"]["key"].numpy().astype(np.uint32)
     np.random.set_state(("MT19937", key, state["numpy"]["pos"], 0, 0.0))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = cuda_rng_state(state.get("cuda"), device)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
+
+
+def cuda_rng_state(saved: Any, device: torch.device | None) -> torch.Tensor | None:
+    """The saved CUDA generator state for ``device`` (None when there is nothing to restore): one state, or
+    from an older checkpoint's list of every GPU's, the entry of ``device``'s index when the list has one."""
+    if saved is None or device is None or device.type != "cuda":
+        return None
+    if isinstance(saved, torch.Tensor):
+        return saved
+    index = device.index or 0
+    if index < len(saved):
+        return saved[index]
+    log.warning("the checkpoint has no CUDA RNG state for %s (%d saved); its stream starts afresh", device, len(saved))
+    return None
 
 
 def _tuples(x: Any) -> Any:
@@ -163,6 +187,7 @@ def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
         return None
     if setting == "fp16":
         return torch.float16
-    if setting == "bf16" or torch.cuda.is_bf16_supported():
+    # emulated bf16 (V100, T4) is slower than fp16 with a scaler: auto counts native support only
+    if setting == "bf16" or torch.cuda.is_bf16_supported(including_emulation=False):
         return torch.bfloat16
     return torch.float16

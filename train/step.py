@@ -10,22 +10,23 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
+import torch.distributed as dist
 
 from fusion.base import FusionOutput
-from train.run import Run
+from train.run import Run, train_encoders
 
 
 @dataclass
 class Step:
-    """What one ``train_step`` did. ``labelled``: samples with a label in its micro-batches. When it ended in an
-    optimiser step: the last micro-batch's ``out`` and summed ``loss``, and ``grad_norm``, the gradient norm
-    before clipping (all three None otherwise)."""
+    """What one ``train_step`` did. ``labelled``: samples with a label in its micro-batches. When it ended a full
+    group: the last micro-batch's ``out`` and summed ``loss``; ``grad_norm``, the gradient norm before clipping,
+    when the optimiser stepped (None otherwise, and when the scaler ``skipped`` the step)."""
 
     labelled: int = 0
     out: FusionOutput | None = None
     loss: torch.Tensor | None = None
     grad_norm: torch.Tensor | None = None
+    skipped: bool = False  # the scaler skipped the optimiser step (inf/NaN gradients)
 
     @property
     def stepped(self) -> bool:
@@ -36,47 +37,82 @@ def train_step(run: Run, batches: list[dict[str, Any]]) -> Step:
     """Forward and backward over ``batches`` (the loader's next ``grad_accum`` batches, fewer at the end of an
     epoch), then one optimiser step when they are a full group.
 
-    A micro-batch with no labelled sample is skipped (unlabelled samples are kept out of losses). A group whose
-    last micro-batch is skipped, or an epoch's incomplete last group, takes no optimiser step: its gradients
-    carry on into the next group of the epoch (an epoch starts from zero gradients).
+    A micro-batch with no labelled sample on any rank is skipped (unlabelled samples are kept out of losses).
+    Under DDP a rank whose micro-batch has no label while another's has runs it anyway with zero weight, so
+    every rank takes part in the same gradient reductions and steps. A group whose last micro-batch is skipped,
+    or an epoch's incomplete last group, takes no optimiser step: its gradients carry on into the next group of
+    the epoch (an epoch starts from zero gradients).
     """
-    config, net = run.config, run.net
-    if net.end_to_end:  # the freeze / unfreeze schedule of the encoders
-        net.set_encoders_trainable(config.unfreeze_top_k if run.step >= config.unfreeze_after else 0)
-    step, last = Step(), None
-    for i, batch in enumerate(batches):
-        batch = to_device(labelled_rows(batch), run.d.device)
-        step.labelled += len(batch["label"])
-        has_label = batch["label"].numel() > 0
-        last = forward_backward(run, batch, sync=i == config.optim.grad_accum - 1) if has_label else None
+    config = run.config
+    if run.net.end_to_end:
+        train_encoders(run)
+    kept = [labelled_rows(batch) for batch in batches]
+    counts = [len(rows["label"]) for rows in kept]
+    anywhere = labelled_anywhere(run, counts)
+    step, last = Step(labelled=sum(counts)), None
+    for i, (batch, rows) in enumerate(zip(batches, kept, strict=True)):
+        last = None
+        if not anywhere[i]:
+            continue
+        sync = i == config.optim.grad_accum - 1
+        if counts[i]:
+            last = forward_backward(run, to_device(rows, run.d.device), sync=sync)
+        else:  # labels on another rank only: a zero gradient through the same reduction
+            last = forward_backward(run, to_device(placeholder_labels(batch), run.d.device), sync=sync, weight=0.0)
     if len(batches) == config.optim.grad_accum and last is not None:
         step.out, step.loss = last
         step.grad_norm = optimizer_step(run)
+        step.skipped = step.grad_norm is None
     return step
 
 
-def forward_backward(run: Run, batch: dict[str, Any], *, sync: bool) -> tuple[FusionOutput, torch.Tensor]:
+def labelled_anywhere(run: Run, counts: list[int]) -> list[bool]:
+    """For each micro-batch, whether any rank has a labelled sample in it (every rank decides the same)."""
+    if not run.d.enabled:
+        return [n > 0 for n in counts]
+    flags = torch.zeros(run.config.optim.grad_accum, dtype=torch.int64, device=run.d.device)
+    flags[: len(counts)] = torch.tensor([int(n > 0) for n in counts], dtype=torch.int64)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return [bool(f) for f in flags.tolist()[: len(counts)]]
+
+
+def placeholder_labels(batch: dict[str, Any]) -> dict[str, Any]:
+    """``batch`` with its missing labels replaced by zeros, for a forward pass whose loss is weighted zero."""
+    label = batch["label"]
+    return {**batch, "label": torch.where(torch.isfinite(label), label, torch.zeros_like(label))}
+
+
+def forward_backward(
+    run: Run, batch: dict[str, Any], *, sync: bool, weight: float = 1.0
+) -> tuple[FusionOutput, torch.Tensor]:
     """One micro-batch: forward under autocast, then backward of its summed losses over ``grad_accum`` (so a
-    group's gradient is the mean over its micro-batches) through the GradScaler. Returns the output and the
-    summed losses."""
-    # DDP: all-reduce gradients only on the micro-batch that ends a group (``sync``)
-    no_sync = isinstance(run.model, DistributedDataParallel) and not sync
-    with run.model.no_sync() if no_sync else nullcontext():
+    group's gradient is the mean over its micro-batches), times ``weight``, through the GradScaler. Returns the
+    output and the summed losses times ``weight``."""
+    # DDP: all-reduce gradients only on the micro-batch that ends a group (``sync``). ``no_sync`` is the DDP
+    # module's own: under torch.compile ``run.model`` is the compiled wrapper
+    with run.ddp.no_sync() if run.ddp is not None and not sync else nullcontext():
         with run.autocast():
             out = run.model(batch)
         loss = sum(out.losses.values())
+        if weight != 1.0:
+            loss = torch.nan_to_num(loss) * weight
         run.scaler.scale(loss / run.config.optim.grad_accum).backward()
     return out, loss
 
 
-def optimizer_step(run: Run) -> torch.Tensor:
+def optimizer_step(run: Run) -> torch.Tensor | None:
     """Unscale the accumulated gradients, clip each parameter group to ``clip_norm`` on its own, step through
-    the scaler, clear the gradients, advance the schedule and ``run.step``. Returns the norm before clipping."""
+    the scaler, clear the gradients, advance the schedule and ``run.step``. Returns the norm before clipping, or
+    None when the scaler skipped the step (inf/NaN gradients under fp16): a skipped step does not advance the
+    schedule or ``run.step``."""
     run.scaler.unscale_(run.optimizer)
     grad_norm = clip_grad_norm_per_group(run.optimizer, run.config.optim.clip_norm or float("inf"))
+    scale = run.scaler.get_scale()
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
+    if run.scaler.is_enabled() and run.scaler.get_scale() < scale:  # update() backs off only after a skip
+        return None
     run.scheduler.step()
     run.step += 1
     return grad_norm

@@ -160,7 +160,8 @@ def select(run: Run, metrics: dict[str, Any]) -> bool:
 def finish(run: Run) -> dict[str, Any]:
     """Evaluate the selected checkpoint on the validation and test splits; write final.json and the curves."""
     best_path = run.run_dir / BEST
-    if not best_path.is_file():  # no validation split or no finite score: the last state is the selection
+    # from state every rank holds alike, not each rank's view of the disk (node-local disks disagree)
+    if run.best_step < 0:  # no validation split or no finite score: the last state is the selection
         best_path = run.run_dir / LAST
         save(run, best_path)
     barrier(run.d)

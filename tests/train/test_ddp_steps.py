@@ -1,0 +1,82 @@
+"""Optimiser steps of two gloo processes (CPU DDP) stay in lockstep: a rank without labels, the unfreeze schedule."""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+
+SETTINGS = ["batch_size=1", "num_workers=0", "model.hidden=12", "model.num_heads=3", "device=cpu", "grad_accum=2"]
+
+
+def _worker(rank: int, tmp: str, shards: str, overrides: list[str], unlabelled_rank: int) -> None:
+    """Three train steps of a two-rank run over the two train clips (both on each rank); ``unlabelled_rank``'s
+    labels are all missing. Saves this rank's parameters, step and wrapper history to ``tmp``."""
+    import torch.distributed as dist
+
+    import train.run
+    from shards.dataset import ShardDataset
+    from train.config import make_train_config
+    from train.data import make_loader
+    from train.inputs import feature_dims
+    from train.runtime import Dist
+    from train.step import train_step
+
+    torch.set_num_threads(1)
+    store = f"file://{tmp}/store"
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=2, timeout=timedelta(seconds=30))
+    train.run.train_batches = lambda config, dataset, d: 8  # two clips give one batch per rank, too few for a step
+    config = make_train_config("late", overrides=[*SETTINGS, *overrides])
+    dataset = ShardDataset.load(Path(shards))
+    d = Dist(rank, 2, 0, torch.device("cpu"), True)
+    run = train.run.make_run(config, Path(shards), d, dataset, feature_dims(dataset, config.data.modalities))
+    batches = list(make_loader(dataset, "train", run.data, train=False))
+    if rank == unlabelled_rank:
+        batches = [{**b, "label": torch.full_like(b["label"], math.nan)} for b in batches]
+    wrappers = [id(getattr(run, "ddp", None))]
+    for _ in range(3):
+        train_step(run, batches)
+        wrappers.append(id(getattr(run, "ddp", None)))
+    params = [p.detach().clone() for p in run.net.parameters()]
+    torch.save({"params": params, "step": run.step, "wrappers": len(set(wrappers))}, f"{tmp}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def run_two_ranks(tmp: Path, shards: Path, overrides: list[str], unlabelled_rank: int = -1) -> list[dict]:
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_worker, args=(r, str(tmp), str(shards), overrides, unlabelled_rank)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.kill()
+    assert not hung, "a rank hung"
+    assert [p.exitcode for p in procs] == [0, 0]
+    return [torch.load(tmp / f"rank{r}.pt") for r in (0, 1)]
+
+
+def assert_same_parameters(results: list[dict]) -> None:
+    first, second = results
+    assert all(torch.equal(a, b) for a, b in zip(first["params"], second["params"], strict=True))
+
+
+@pytest.mark.integration
+def test_a_rank_without_labels_keeps_step_with_the_other(bundled_dataset: Path, tmp_path: Path) -> None:
+    results = run_two_ranks(tmp_path, bundled_dataset, [], unlabelled_rank=1)
+    assert [r["step"] for r in results] == [3, 3]
+    assert_same_parameters(results)
+
+
+@pytest.mark.integration
+def test_unfreezing_rebuilds_the_ddp_wrapper(bundled_dataset: Path, tmp_path: Path) -> None:
+    overrides = ["mode=end_to_end", "unfreeze_after=1", "encoder_lr=0.01"]
+    results = run_two_ranks(tmp_path, bundled_dataset, overrides)
+    assert [r["step"] for r in results] == [3, 3]
+    assert [r["wrappers"] for r in results] == [2, 2]  # built frozen, rebuilt once the encoders train
+    assert_same_parameters(results)
