@@ -12,6 +12,10 @@ Variants, all the same model, batch and number of timed steps (the first ``--war
    the main process's ``VmHWM`` and the largest DataLoader worker's (``bench.memory``: ``ru_maxrss`` would
    report the peak of the process that started them).
 
+Every run reports its step time split into the wait for data and the compute (``step_split``). ``--device``
+(default cpu, so the numbers compare with BENCHMARKS.md) runs them on a GPU, clocks read after the device's
+queued work.
+
 Per-stage costs of the data pipeline (ms per batch, measured in the main process) are reported beside them.
 The encoders are the bundled all-MiniLM-L6-v2 and ``random:wav2vec2-small`` (``--quick``: tiny ones).
 
@@ -55,6 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--shuffle-buffer", type=int, default=64, help="samples per worker's shuffle buffer (training default 256)"
     )
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per training process")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto for the timed runs (default cpu)")
     p.add_argument("--repeats", type=int, default=2, help="alternating stream / in-memory runs; the best is kept")
     p.add_argument("--quick", action="store_true", help="tiny data, encoders and step counts (a smoke test)")
     p.add_argument("--workdir", type=Path, default=None, help="keep the generated shards here (default: a temp dir)")
@@ -74,6 +79,9 @@ def run(args: argparse.Namespace) -> int:
         raise TrainConfigError(f"{', '.join(stray_sweep_flags(args))} only apply with --sweep: add it")
     import torch  # here, not at import: `mmfuse --help` must not pay for torch
 
+    from train.predict import resolve_device
+
+    args.device = resolve_device(args.device)  # a GPU asked for but absent: one line, exit 1
     torch.set_num_threads(args.threads)
     if args.sweep:
         from bench.train_sweep import run_sweep
@@ -104,7 +112,7 @@ def benchmark(args: argparse.Namespace, work: Path, progress: Progress | None = 
     tick()
     frozen = run_overrides(args, batch_size=args.batch_size, workers=args.workers)
     end_to_end = run_overrides(args, batch_size=args.batch_size, workers=args.workers, mode="end_to_end")
-    timing = dict(steps=args.steps, warmup=args.warmup)
+    timing = dict(steps=args.steps, warmup=args.warmup, device=args.device)
     shards = work / "shards-1x"
 
     memory, stream = [], []
@@ -127,13 +135,21 @@ def benchmark(args: argparse.Namespace, work: Path, progress: Progress | None = 
     data = _config(args, frozen).data
     profile = stage_profile(shards, data, batches=min(16, args.samples // args.batch_size))
     tick()
-    results = _results(max(memory, key=_rate), max(stream, key=_rate), e2e, ddp, rss)
+    best = {"memory": max(memory, key=_rate), "stream": max(stream, key=_rate), "e2e": e2e}
+    results = _results(best["memory"], best["stream"], e2e, ddp, rss)
     setup = _setup_record(args, work, one, (shapes, encoders), data_s, memory, stream)
     targets = {
         "stream_ge_0.9x_memory": results["stream_over_memory"] >= STREAM_TARGET,
         "rss_growth_lt_10pct": max(results["rss_4x_over_1x_main"], results["rss_4x_over_1x_worker"]) < RSS_TARGET,
     }
-    return {"setup": setup, "results": results, "profile": profile, "targets": targets}
+    split = {name: step_split(r) for name, r in best.items()}
+    return {"setup": setup, "results": results, "profile": profile, "targets": targets, "step_split": split}
+
+
+def step_split(result: dict[str, Any]) -> dict[str, float]:
+    """A timed run's seconds per step: waiting for data, computing (on its device), and both."""
+    keys = ("data_wait_s_per_step", "compute_s_per_step", "s_per_step")
+    return {k: result[k] for k in keys}
 
 
 def _results(
@@ -183,7 +199,8 @@ def _setup_record(
     """How the report was made: command, machine, data shapes and encoders, settings, every run's rate."""
     shapes, encoders = data
     setup = {
-        "command": command_line(args),
+        "command": command_line(args) + ("" if args.device == "cpu" else f" --device {args.device}"),
+        "device": args.device,
         "machine": machine(args.threads),
         "samples": args.samples,
         "shards": len(one["shards"]),

@@ -181,7 +181,15 @@ def memory_batches(source: Any) -> Iterator[dict[str, Any]]:
 
 
 def timed_training(
-    shards: Path, model: str, overrides: list[str], *, source: str, steps: int, warmup: int, d: Any = None
+    shards: Path,
+    model: str,
+    overrides: list[str],
+    *,
+    source: str,
+    steps: int,
+    warmup: int,
+    d: Any = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Train ``model`` (its preset, then ``overrides``) for ``warmup + steps`` steps; time the last ``steps``.
 
@@ -189,46 +197,66 @@ def timed_training(
     ``grad_accum`` batches (the wait for data is timed on its own), then forward, losses and backward under
     autocast and the GradScaler, unscale, per-group clip, AdamW step and schedule step. ``source``: ``stream``
     (make_loader with the config's workers) or ``memory`` (``InMemorySource.from_shards``, read before the clock
-    starts).
+    starts). The run is on ``d.device`` (without ``d``: ``device``); train_step moves each batch there. On CUDA
+    every clock reading waits for the device's queued work, so ``compute_s_per_step`` (copy to the device,
+    forward, backward, optimiser) holds the GPU time and excludes the data wait: wait + compute = step.
     """
     from train.config import make_train_config
     from train.inputs import feature_dims
     from train.run import make_run
     from train.runtime import Dist
-    from train.step import train_step
 
-    d = d or Dist()
-    config = make_train_config(model, overrides=overrides)
+    d = d or Dist(device=torch.device(device))
+    config = make_train_config(model, overrides=[*overrides, f"device={d.device}"])
     dataset = ShardDataset.load(shards)
     run = make_run(config, shards, d, dataset, feature_dims(dataset, config.data.modalities))
     batches, load_s = training_batches(run, source)
-    step_s, wait_s = [], []
     try:
         run.net.train()
-        last = time.perf_counter()
-        for _ in range(warmup + steps):
-            micro = [next(batches) for _ in range(config.optim.grad_accum)]
-            got = time.perf_counter()
-            step = train_step(run, micro)
-            now = time.perf_counter()
-            step_s.append(now - last)
-            wait_s.append(got - last)
-            last = now
+        wait_s, compute_s, step = timed_steps(run, batches, warmup + steps)
     finally:
         batches.close()  # stops the DataLoader workers
-    seconds = sum(step_s[warmup:])
+    wait, compute = sum(wait_s[warmup:]), sum(compute_s[warmup:])
+    seconds = wait + compute
     return {
         "steps": steps,
         "warmup_steps": warmup,
         "batch_size": config.data.batch_size,
         "world_size": d.world_size,
+        "device": str(d.device),
         "seconds": seconds,
         "s_per_step": seconds / steps,
-        "data_wait_s_per_step": sum(wait_s[warmup:]) / steps,
+        "data_wait_s_per_step": wait / steps,
+        "compute_s_per_step": compute / steps,
         "samples_per_s": config.data.batch_size * config.optim.grad_accum * steps * d.world_size / seconds,
         "load_s": load_s,
         "loss": float(step.loss.detach()),
     }
+
+
+def timed_steps(run: Any, batches: Iterator[dict[str, Any]], n: int) -> tuple[list[float], list[float], Any]:
+    """``n`` training steps; per step the seconds waiting for its ``grad_accum`` batches and computing it, and
+    the last step."""
+    from train.step import train_step
+
+    wait_s, compute_s, step = [], [], None
+    last = device_clock(run.d.device)
+    for _ in range(n):
+        micro = [next(batches) for _ in range(run.config.optim.grad_accum)]
+        got = device_clock(run.d.device)
+        step = train_step(run, micro)
+        now = device_clock(run.d.device)
+        wait_s.append(got - last)
+        compute_s.append(now - got)
+        last = now
+    return wait_s, compute_s, step
+
+
+def device_clock(device: torch.device) -> float:
+    """``time.perf_counter()`` once ``device`` has finished its queued work (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def training_batches(run: Any, source: str) -> tuple[Iterator[dict[str, Any]], float]:
@@ -264,7 +292,7 @@ def run_child(
     out.mkdir(parents=True, exist_ok=True)
     spec = {
         "shards": str(shards), "model": args.model, "overrides": overrides, "threads": args.threads,
-        "steps": steps, "warmup": warmup, "source": source,
+        "steps": steps, "warmup": warmup, "source": source, "device": getattr(args, "device", "cpu"),
     }  # fmt: skip
     (out / "spec.json").write_text(json.dumps(spec))
     entry = ["-m", "bench.train_steps", str(out / "spec.json")]
@@ -283,7 +311,7 @@ def child_main(spec_path: str) -> int:
 
     spec = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(int(spec["threads"]))
-    d = setup_distributed("cpu")
+    d = setup_distributed(spec.get("device", "cpu"))
     try:
         # DataLoader workers of a short run can live under 0.1 s: poll often enough to read each one
         with ChildPeaks(every_s=0.01) as workers:

@@ -40,7 +40,7 @@ def add_extract(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-size", type=int, help="clips per shard (default 256)")
     p.add_argument("--workers", type=int, help="decode + FaceMesh processes (default 1; 0 = inline)")
     p.add_argument("--batch-size", type=int, help="clips per encoder batch (default 8)")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default cpu); cuda under torchrun: cuda:LOCAL_RANK")
     p.add_argument("--rank", type=int, help="this process's rank (default: RANK / SLURM env, else 0)")
     p.add_argument("--world-size", type=int, help="number of ranks (default: WORLD_SIZE / SLURM env, else 1)")
     p.add_argument("--modalities", help="comma-separated subset of text,audio,video (default all)")
@@ -57,7 +57,7 @@ def add_extract(sub: argparse._SubParsersAction) -> None:
 
 
 def run_extract_cmd(args: argparse.Namespace) -> int:
-    from extract.config import make_config, rank_from_env
+    from extract.config import local_device, make_config, rank_from_env
     from extract.pipeline import run_extract
 
     rank, world = rank_from_env()
@@ -78,6 +78,7 @@ def run_extract_cmd(args: argparse.Namespace) -> int:
         rank=args.rank if args.rank is not None else rank,
         world_size=args.world_size if args.world_size is not None else world,
     )
+    cfg.device = local_device(cfg.device)  # torchrun: one GPU per local rank
     with args.progress("extract", "clip") as bar:
         summary = run_extract(args.manifest, args.media_root, args.out, cfg, progress=bar)
     if not args.quiet:

@@ -105,3 +105,20 @@ def rank_from_env(env: dict[str, str] | None = None) -> tuple[int, int]:
             except ValueError:
                 raise ConfigError(f"{r}={env[r]!r} / {w}={env[w]!r} are not integers") from None
     return 0, 1
+
+
+def local_device(device: str, env: dict[str, str] | None = None) -> str:
+    """``cuda`` without an index under torchrun (LOCAL_RANK set) -> ``cuda:{LOCAL_RANK % device_count}``, so
+    each rank of a node uses its own GPU; anything else is returned as given."""
+    env = dict(os.environ if env is None else env)
+    if device != "cuda" or "LOCAL_RANK" not in env:
+        return device
+    import torch
+
+    count = torch.cuda.device_count()
+    if count < 1:
+        return device  # the CUDA check of run_extract reports it
+    try:
+        return f"cuda:{int(env['LOCAL_RANK']) % count}"
+    except ValueError:
+        raise ConfigError(f"LOCAL_RANK={env['LOCAL_RANK']!r} is not an integer") from None

@@ -19,6 +19,7 @@ from train.jsonout import dumps
 # re-import the `mmfuse` entry point when they start, and must not pay for torch there.
 
 SHORT = {"t": "text", "a": "audio", "v": "video"}
+DEVICE_HELP = "auto, cpu, cuda or cuda:N (default auto: cuda when available, else cpu)"
 
 TRAIN_EXAMPLES = """examples:
   mmfuse train --shards shards/ --model tcmax --run-dir runs/tcmax
@@ -80,6 +81,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shards", required=True, type=Path)
     p.add_argument("--split", default="test")
     p.add_argument("--missing", default="", help="modalities to remove: t, a, v, ta, ...; 'all' = every subset")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument(
         "--predictions",
@@ -102,7 +104,7 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, type=Path)
     p.add_argument("video", type=Path, metavar="VIDEO", help="media file (mp4, avi, mpg, mov, ...)")
     p.add_argument("--text", default=None, help="the clip's transcript; without it the text modality is masked")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(run=run_predict)
 
@@ -186,25 +188,27 @@ def missing_sets(spec: str, modalities: tuple[str, ...]) -> list[tuple[str, ...]
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    import torch
+
     from shards.dataset import ShardDataset, check_feature_set
-    from train.checkpoint import checkpoint_dataset, load_checkpoint
-    from train.config import make_train_config
+    from train.checkpoint import load_checkpoint
     from train.inputs import DataError
-    from train.pipeline import FusionPipeline
+    from train.predict import load_network, resolve_device
+    from train.runtime import Dist
     from train.trainer import evaluate
 
+    device = resolve_device(args.device)
     ckpt = load_checkpoint(args.checkpoint)
     dataset = ShardDataset.load(args.shards)
     check_feature_set(ckpt["feature_set_hash"], dataset, what=f"checkpoint {args.checkpoint}")
-    config = make_train_config(ckpt["model_name"], None, ["num_workers=0", "device=cpu"], base=ckpt["config"])
-    net = FusionPipeline(config, ckpt["dims"], checkpoint_dataset(ckpt))
-    net.load_state_dict(ckpt["model"])
+    config, net = load_network(ckpt, device)
+    d = Dist(device=torch.device(device))
     results, rows = {}, []
     for removed in missing_sets(args.missing, tuple(net.fusion.modalities)):
         name = "".join(m[0] for m in removed) or "none"
         scored: list[dict[str, Any]] = []
         with args.progress(f"eval {args.split}" + (f" -{name}" if removed else ""), "sample") as bar:
-            results[name] = evaluate(net, dataset, args.split, config, drop=removed, progress=bar, rows=scored)
+            results[name] = evaluate(net, dataset, args.split, config, drop=removed, progress=bar, rows=scored, d=d)
         rows += [{"key": r["key"], "split": args.split, "removed": name, **r} for r in scored]
     if not any(results.values()):
         raise DataError(f"split {args.split!r} of {args.shards} has no labelled sample to evaluate")

@@ -11,7 +11,10 @@ normalisation, chunking) and computes the same features extraction stored, but w
 
 A test checks that, at initialisation, both reproduce the features stored in the shards. Weights are
 checked against the feature set's weight hash, so fine-tuning always starts from the extraction model.
-``set_trainable(top_k)`` freezes everything but the top ``top_k`` transformer layers (-1: all, 0: none).
+``set_trainable(top_k)`` freezes everything but the top ``top_k`` transformer layers (-1: all, 0: none). The
+audio model's convolutional front end is frozen through its own switch (``_freeze_parameters``): transformers'
+feature encoder otherwise makes its input require grad in training mode, so a frozen front end would still be
+back-propagated every step.
 """
 
 from __future__ import annotations
@@ -118,6 +121,11 @@ class AudioEncoder(nn.Module):
 
     def set_trainable(self, top_k: int) -> None:
         _set_top_k(self.layers, self.model, top_k)
+        front = self.model.feature_extractor
+        if top_k < 0:
+            front._requires_grad = True  # undoes _freeze_parameters
+        else:
+            front._freeze_parameters()  # requires_grad_(False) alone leaves the front end's own switch on
 
     def forward(self, wave: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         pieces: list[tuple[int, Tensor]] = []  # (clip index, prepared chunk), exactly as extraction prepares them

@@ -5,7 +5,9 @@ whole time axis, so zero padding would change every frame), then the projected f
 and the transformer runs once with an attention mask. A clip's features are therefore the same whatever it is
 batched with; the tests check this against unbatched calls and against torchaudio's implementation.
 
-Long clips are cut into ``chunk_s`` windows (default 30 s) so attention memory stays bounded.
+Long clips are cut into ``chunk_s`` windows (default 30 s) so attention memory stays bounded. Batches are
+planned per device (``batch_plan``): on CPU by count with little length slack, on CUDA by a budget of padded
+samples.
 """
 
 from __future__ import annotations
@@ -149,7 +151,7 @@ class AudioExtractor(Extractor):
             pieces += [(i, lo, piece) for lo, piece in wave_pieces(wave, self.receptive, self.chunk, self.do_normalize)]
         feats: dict[tuple[int, int], np.ndarray] = {}
         order = sorted(range(len(pieces)), key=lambda j: pieces[j][2].numel())
-        for group in length_buckets([pieces[j][2].numel() for j in order], self.batch_size):
+        for group in batch_plan([pieces[j][2].numel() for j in order], self.batch_size, self.device):
             batch = [pieces[order[k]] for k in group]
             for (i, lo, _), f in zip(batch, self._encode([p for _, _, p in batch]), strict=True):
                 feats[(i, lo)] = f
@@ -204,6 +206,31 @@ def length_buckets(lengths: Sequence[int], batch_size: int, slack: float = 1.1) 
     groups: list[list[int]] = []
     for k, n in enumerate(lengths):
         if groups and len(groups[-1]) < batch_size and n <= slack * lengths[groups[-1][0]]:
+            groups[-1].append(k)
+        else:
+            groups.append([k])
+    return groups
+
+
+TYPICAL_CLIP_SAMPLES = 8 * SAMPLE_RATE  # CUDA budget per ``batch_size`` unit: an 8 s utterance (MOSI/MOSEI-like)
+
+
+def batch_plan(lengths: Sequence[int], batch_size: int, device: str) -> list[list[int]]:
+    """How pieces of ``lengths`` (sorted ascending) are batched on ``device``. CPU: ``length_buckets``, at most
+    ``batch_size`` pieces within a 1.1 length slack. CUDA: ``sample_budget_batches`` with a budget of
+    ``batch_size * TYPICAL_CLIP_SAMPLES`` padded samples, so a GPU batch carries about as much audio as
+    ``batch_size`` typical clips however their lengths spread (count-with-slack gave batches of 1-2 clips)."""
+    if str(device).startswith("cuda"):
+        return sample_budget_batches(lengths, batch_size * TYPICAL_CLIP_SAMPLES)
+    return length_buckets(lengths, batch_size)
+
+
+def sample_budget_batches(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Batches of positions into ``lengths`` (sorted ascending) whose padded size (pieces x longest) stays
+    within ``budget`` samples; a piece longer than the budget is batched alone."""
+    groups: list[list[int]] = []
+    for k, n in enumerate(lengths):
+        if groups and (len(groups[-1]) + 1) * n <= budget:
             groups[-1].append(k)
         else:
             groups.append([k])

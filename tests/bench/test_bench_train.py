@@ -75,3 +75,46 @@ def test_write_section_twice_keeps_one_section_and_the_others(tmp_path: Path) ->
     assert text.count(BEGIN) == 1 and text.count(END) == 1
     assert "second run" in text and "first run" not in text
     assert others in text and "<!-- synthetic:end -->" in text and "## Reading" in text
+
+
+def test_timed_training_splits_each_step_into_wait_and_compute(tmp_path: Path) -> None:
+    from bench.train_steps import save_tiny_encoders, timed_training
+
+    fset = make_feature_set(*save_tiny_encoders(tmp_path), QUICK)
+    write_dataset(tmp_path / "shards", 16, QUICK, fset, shard_size=8)
+    overrides = ["batch_size=4", "num_workers=0", "model.hidden=12", "model.num_layers=1", "shuffle_buffer=8"]
+    result = timed_training(tmp_path / "shards", "late", overrides, source="stream", steps=3, warmup=1)
+    assert result["device"] == "cpu"
+    assert result["data_wait_s_per_step"] > 0 and result["compute_s_per_step"] > 0
+    total = result["data_wait_s_per_step"] + result["compute_s_per_step"]
+    assert total == pytest.approx(result["s_per_step"], rel=1e-9)
+    assert result["s_per_step"] * result["steps"] == pytest.approx(result["seconds"])
+
+
+def test_device_clock_waits_for_cuda_work(monkeypatch) -> None:
+    import torch
+
+    from bench.train_steps import device_clock
+
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", synced.append)
+    device_clock(torch.device("cpu"))
+    assert synced == []
+    device_clock(torch.device("cuda:0"))
+    assert synced == [torch.device("cuda:0")]
+
+
+@pytest.mark.gpu
+def test_timed_training_on_cuda(tmp_path: Path) -> None:
+    from bench.train_steps import save_tiny_encoders, timed_training
+
+    fset = make_feature_set(*save_tiny_encoders(tmp_path), QUICK)
+    write_dataset(tmp_path / "shards", 16, QUICK, fset, shard_size=8)
+    overrides = ["batch_size=4", "num_workers=0", "model.hidden=12", "model.num_layers=1", "shuffle_buffer=8"]
+    for mode in ("frozen", "end_to_end"):
+        result = timed_training(
+            tmp_path / "shards", "late", [*overrides, f"mode={mode}"], source="memory", steps=3, warmup=1, device="cuda"
+        )
+        assert result["device"].startswith("cuda") and result["compute_s_per_step"] > 0
+        total = result["data_wait_s_per_step"] + result["compute_s_per_step"]
+        assert total == pytest.approx(result["s_per_step"], rel=1e-9)

@@ -84,3 +84,41 @@ def test_wave_pieces_pad_normalise_and_chunk():
     assert wave.grad is not None and wave.grad.abs().sum() > 0
     kept = wave_pieces(torch.zeros(2000 + 500), receptive=400, chunk=1000, normalise=False)
     assert [lo for lo, _ in kept] == [0, 1000, 2000]  # a 500-sample tail still makes a frame
+
+
+def test_cuda_batches_are_sized_by_a_sample_budget() -> None:
+    from extract.extractors.audio import TYPICAL_CLIP_SAMPLES, batch_plan, length_buckets
+
+    lengths = sorted([16000 * s for s in (1, 2, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 15, 20, 30)] + [16000 * 200])
+    plan = batch_plan(lengths, batch_size=2, device="cuda")
+    assert sorted(k for g in plan for k in g) == list(range(len(lengths)))
+    assert all(g == sorted(g) and g[-1] - g[0] == len(g) - 1 for g in plan)  # runs of the sorted order
+    budget = 2 * TYPICAL_CLIP_SAMPLES
+    assert all(len(g) * lengths[g[-1]] <= budget for g in plan if len(g) > 1)
+    assert plan[-1] == [len(lengths) - 1]  # longer than the budget: alone
+    assert len(plan[0]) > 2  # short clips fill a batch beyond batch_size
+    assert len(plan) < len(length_buckets(lengths, 2))
+    assert batch_plan(lengths, 2, "cuda:1") == plan
+    assert batch_plan(lengths, 2, "cpu") == length_buckets(lengths, 2)  # CPU unchanged
+
+
+def test_budget_batches_keep_features_exact(tiny_audio_model, monkeypatch):
+    import extract.extractors.audio as audio
+
+    ex = AudioExtractor(str(tiny_audio_model), batch_size=1)
+    ex.setup("cpu")
+    clips = [_clip(n, i) for i, n in enumerate([16000, 5000, 23456, 401, 40000])]
+    singles = [ex([c])[0]["audio_feat.npy"].astype(np.float32) for c in clips]
+    seen: list[list[list[int]]] = []
+    real_plan = audio.batch_plan
+
+    def cuda_plan(lengths, batch_size, device):  # the CUDA policy on CPU
+        seen.append(real_plan(lengths, batch_size, "cuda"))
+        return seen[-1]
+
+    monkeypatch.setattr(audio, "TYPICAL_CLIP_SAMPLES", 200000)
+    monkeypatch.setattr(audio, "batch_plan", cuda_plan)
+    batched = ex(clips)
+    assert max(len(g) for g in seen[-1]) >= 3
+    for single, b in zip(singles, batched, strict=True):
+        assert np.abs(single - b["audio_feat.npy"].astype(np.float32)).max() < 2e-3

@@ -122,6 +122,49 @@ def test_rank_defaults_from_torchrun_and_slurm():
     assert rank_from_env({}) == (0, 1)
 
 
+def test_cuda_under_torchrun_takes_the_local_rank_gpu(monkeypatch):
+    import torch
+
+    from extract.config import local_device
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert local_device("cuda", {"LOCAL_RANK": "2"}) == "cuda:2"
+    assert local_device("cuda", {"LOCAL_RANK": "5"}) == "cuda:1"  # more ranks than GPUs: shared round robin
+    assert local_device("cuda", {}) == "cuda"  # not under torchrun
+    assert local_device("cuda:3", {"LOCAL_RANK": "1"}) == "cuda:3"  # an explicit index wins
+    assert local_device("cpu", {"LOCAL_RANK": "1"}) == "cpu"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert local_device("cuda", {"LOCAL_RANK": "1"}) == "cuda"  # left to the CUDA check
+
+
+def test_extract_command_passes_the_local_rank_gpu(monkeypatch, tmp_path):
+    import torch
+
+    import extract.pipeline
+    from mmfuse.cli import main
+
+    seen = {}
+
+    def fake_run_extract(manifest, media_root, out, cfg, progress=None):
+        seen["cfg"] = cfg
+        return {
+            "samples_written": 0,
+            "shards_written": 0,
+            "shards_this_rank": 0,
+            "out": out,
+            "wall_s": 0.0,
+            "counts": {},
+            "complete": True,
+        }
+
+    monkeypatch.setattr(extract.pipeline, "run_extract", fake_run_extract)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    for name, value in {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3"}.items():
+        monkeypatch.setenv(name, value)
+    assert main(["extract", "m.csv", "--out", str(tmp_path), "--device", "cuda", "-q", "--no-progress"]) == 0
+    assert (seen["cfg"].device, seen["cfg"].rank, seen["cfg"].world_size) == ("cuda:3", 3, 8)
+
+
 def test_feature_set_hash_changes_with_model_and_fps(tmp_path, tiny_cfg, tiny_text_model):
     from extract.pipeline import build_extractors, describe_feature_set
     from shards.dataset import feature_set_hash

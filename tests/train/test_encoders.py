@@ -54,3 +54,28 @@ def test_gradient_checkpointing_switch(bundled_dataset: Path) -> None:
     assert TextEncoder(extractors["text"], gradient_checkpointing=True).model.is_gradient_checkpointing
     assert AudioEncoder(extractors["audio"], gradient_checkpointing=True).model.is_gradient_checkpointing
     assert not TextEncoder(extractors["text"]).model.is_gradient_checkpointing
+
+
+@pytest.mark.parametrize("top_k", [0, 1])
+def test_frozen_audio_front_end_is_not_back_propagated(top_k: int) -> None:
+    audio = AudioEncoder({"model": "random:wav2vec2-small"}).train()
+    audio.set_trainable(top_k)
+    front = audio.model.feature_extractor
+    wave = torch.randn(2, 8000) * 0.1
+    assert not front(wave).requires_grad  # the conv front end runs without a graph
+    frames, _ = audio(wave, torch.ones(2, 8000, dtype=torch.bool))
+    assert frames.requires_grad == (top_k > 0)
+    if frames.requires_grad:
+        frames.sum().backward()
+        assert all(p.grad is None for p in front.parameters())
+        assert any(p.grad is not None for p in audio.layers[-1].parameters())
+
+
+def test_unfrozen_audio_front_end_trains_again() -> None:
+    audio = AudioEncoder({"model": "random:wav2vec2-small"}).train()
+    audio.set_trainable(0)
+    audio.set_trainable(-1)
+    frames, _ = audio(torch.randn(1, 8000) * 0.1, torch.ones(1, 8000, dtype=torch.bool))
+    frames.sum().backward()
+    assert all(p.grad is not None for p in audio.model.feature_extractor.parameters() if p.requires_grad)
+    assert audio.model.feature_extractor._requires_grad

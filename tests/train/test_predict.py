@@ -121,3 +121,52 @@ def test_unreadable_video_and_missing_checkpoint_exit_1(checkpoint: Path, tmp_pa
     assert last.startswith("mmfuse predict: error: cannot decode") and "unreadable container notes.mp4" in last
     assert main(["predict", "--checkpoint", str(tmp_path / "none.pt"), str(GRID)]) == 1
     assert "not found" in capsys.readouterr().err
+
+
+def test_device_flag_resolves_auto_and_refuses_a_missing_gpu(monkeypatch) -> None:
+    from train.predict import DeviceUnavailable, resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu" and resolve_device("cpu") == "cpu"
+    with pytest.raises(DeviceUnavailable, match="CUDA is not available; use --device cpu or auto"):
+        resolve_device("cuda:1")
+    with pytest.raises(DeviceUnavailable, match="use auto, cpu, cuda or cuda:N"):
+        resolve_device("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("auto") == "cuda" and resolve_device("cuda:1") == "cuda:1"
+    with pytest.raises(DeviceUnavailable, match="has 2 GPU"):
+        resolve_device("cuda:2")
+
+
+def test_eval_and_predict_take_a_device(checkpoint: Path, bundled_dataset: Path, capsys, monkeypatch) -> None:
+    evaluate = ["eval", "--checkpoint", str(checkpoint), "--shards", str(bundled_dataset), "--split", "train"]
+    assert main([*evaluate, "--json", "--device", "cpu"]) == 0
+    on_cpu = json.loads(capsys.readouterr().out)
+    if not torch.cuda.is_available():  # auto is cpu here: the same numbers
+        assert main([*evaluate, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out) == on_cpu
+    predict = ["predict", "--checkpoint", str(checkpoint), str(GRID), "--text", GRID_TEXT, "--json"]
+    assert main([*predict, "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["prediction"]["task"] == "regression"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for command, args in (("eval", evaluate), ("predict", predict)):
+        capsys.readouterr()
+        assert main([*args, "--device", "cuda"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [
+            f"mmfuse {command}: error: --device cuda was asked for but CUDA is not available; use --device cpu or auto"
+        ]
+
+
+@pytest.mark.gpu
+def test_eval_and_predict_on_cuda_match_cpu(checkpoint: Path, bundled_dataset: Path, capsys) -> None:
+    evaluate = ["eval", "--checkpoint", str(checkpoint), "--shards", str(bundled_dataset), "--split", "train", "--json"]
+    scores = {}
+    for device in ("cpu", "cuda"):
+        assert main([*evaluate, "--device", device]) == 0
+        scores[device] = json.loads(capsys.readouterr().out)
+    assert scores["cuda"]["n"] == scores["cpu"]["n"]
+    assert scores["cuda"]["mae"] == pytest.approx(scores["cpu"]["mae"], abs=1e-3)
+    cpu = predict_clip(checkpoint, GRID, GRID_TEXT, "cpu")["prediction"]["score"]
+    assert predict_clip(checkpoint, GRID, GRID_TEXT, "cuda")["prediction"]["score"] == pytest.approx(cpu, abs=1e-3)
