@@ -14,7 +14,7 @@ import torch
 import webdataset as wds
 from torch import nn
 
-from shards.dataset import ShardDataset
+from shards.dataset import IMPORTED_VIDEO, ShardDataset
 from train.inputs import GEOM_DIM, DataError, feature_dims
 from train.stages import BAD, GEOM_INPUT, STD_FLOOR
 
@@ -255,14 +255,21 @@ class Normalise(nn.Module):
 
     @classmethod
     def from_dataset(
-        cls, dataset: ShardDataset | str | Path, modalities: Sequence[str], video_geom: bool | None = None
+        cls,
+        dataset: ShardDataset | str | Path,
+        modalities: Sequence[str],
+        video_geom: bool | None = None,
+        dims: Mapping[str, int] | None = None,
     ) -> Normalise:
-        """Train-split statistics of ``modalities`` from dataset.json; a clear error when any are missing."""
+        """Train-split statistics of ``modalities`` from dataset.json; a clear error when any are missing.
+        ``dims``: the input widths (default ``feature_dims``; a checkpoint's dataset has no shards to tell)."""
         ds = ShardDataset.of(dataset)
-        dims = feature_dims(ds, modalities, video_geom)
+        dims = feature_dims(ds, modalities, video_geom) if dims is None else dims
         mean, std = {}, {}
         for m in modalities:
             member = ds.feature_member(m)
+            if m == "video" and ds.train_stats(member) is None and ds.train_stats(IMPORTED_VIDEO) is not None:
+                member = IMPORTED_VIDEO  # a checkpoint's dataset: imported features, told by their statistics
             stats = ds.train_stats(member)
             if stats is None or not stats.count:
                 raise DataError(

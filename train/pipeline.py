@@ -31,7 +31,7 @@ class FusionPipeline(nn.Module):
     def __init__(self, config: TrainConfig, dims: dict[str, int], dataset: ShardDataset) -> None:
         super().__init__()
         self.fusion = fusion.build_model(config.model, **config.model_kwargs(dims))
-        self.normalise = _normalise(config, dataset)
+        self.normalise = _normalise(config, dims, dataset)
         self.encoders = nn.ModuleDict()
         self.end_to_end = config.mode == "end_to_end"
         if self.end_to_end:
@@ -87,12 +87,12 @@ class FusionPipeline(nn.Module):
         return torch.where(mask[..., None], (x.float() - mean) / std, torch.zeros((), device=x.device))
 
 
-def _normalise(config: TrainConfig, dataset: ShardDataset) -> Normalise:
+def _normalise(config: TrainConfig, dims: dict[str, int], dataset: ShardDataset) -> Normalise:
     """The loader batches' step to model inputs, with the statistics the loader's config asks for."""
     if not config.data.normalise:
         return Normalise({}, {})
     geom = has_video_geom(dataset) if config.data.video_geom is None else config.data.video_geom
-    return Normalise.from_dataset(dataset, config.data.modalities, geom)
+    return Normalise.from_dataset(dataset, config.data.modalities, geom, dims)
 
 
 def _stats(dataset: ShardDataset, member: str) -> tuple[Tensor, Tensor]:
