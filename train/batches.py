@@ -1,5 +1,6 @@
-"""The [main] stages of the training data pipeline (the list is in ``train/stages.py``): the workers' lists of
-samples become padded, normalised batches in the training process."""
+"""The batch stages of the training data pipeline (the list is in ``train/stages.py``): workers collate their
+lists of samples into padded tensors, the training process only re-cuts them into batches, and the network
+(``train/pipeline.py``) makes them float32 and standardises them on the device (:class:`Normalise`)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 import webdataset as wds
+from torch import nn
 
-from shards.dataset import ShardDataset
+from shards.dataset import IMPORTED_VIDEO, ShardDataset
 from train.inputs import GEOM_DIM, DataError, feature_dims
 from train.stages import BAD, GEOM_INPUT, STD_FLOOR
 
@@ -20,22 +22,29 @@ log = logging.getLogger(__name__)
 
 
 class WorkerBatches:
-    """Stage (main process): worker batches from DataLoader workers, shut down as soon as the epoch ends or fails.
+    """Stage (main process): the workers' collated chunks (:func:`collate_chunk`), round robin, the DataLoader shut
+    down as soon as the epoch ends or fails.
 
-    ``batch_size=None`` with :func:`keep_batch` turns auto-collation off, so NumPy arrays stay NumPy (the
-    default would convert them to tensors) and batching stays in the pipeline.
+    ``batch_size=None`` with :func:`keep_batch` turns the DataLoader's own batching off: batching stays in the
+    pipeline. Chunk tensors cross the process boundary through shared memory (not pickled element by element);
+    with ``pin_memory`` the DataLoader's pinning thread copies them into page-locked memory for non-blocking
+    host-to-device copies.
     """
 
-    def __init__(self, dataset: wds.DataPipeline, num_workers: int, prefetch_factor: int) -> None:
+    def __init__(
+        self, dataset: wds.DataPipeline, num_workers: int, prefetch_factor: int, pin_memory: bool = False
+    ) -> None:
         self.dataset, self.num_workers, self.prefetch_factor = dataset, num_workers, prefetch_factor
+        self.pin_memory = pin_memory
 
-    def __call__(self) -> Iterator[list[dict[str, Any]]]:
+    def __call__(self) -> Iterator[dict[str, Any]]:
         loader = torch.utils.data.DataLoader(
             self.dataset,
             batch_size=None,
             collate_fn=keep_batch,
             num_workers=self.num_workers,
             prefetch_factor=self.prefetch_factor,
+            pin_memory=self.pin_memory,
         )
         batches = iter(loader)
         try:
@@ -46,13 +55,13 @@ class WorkerBatches:
                 shutdown()
 
 
-def keep_batch(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """DataLoader collate_fn: pass worker batches through as they are (NumPy stays NumPy, no auto-collation)."""
+def keep_batch(batch: Any) -> Any:
+    """DataLoader collate_fn: pass worker items through as they are (no auto-collation)."""
     return batch
 
 
 class DropBad:
-    """Stage (main process): count, log and drop bad-sample markers; ``errors`` lists this epoch's messages."""
+    """Stage: count, log and drop bad-sample markers; ``errors`` lists this epoch's messages."""
 
     def __init__(self) -> None:
         self.errors: list[str] = []
@@ -73,8 +82,8 @@ class Equalise:
     def __init__(self, n: int, keep: int = 4) -> None:
         self.n, self.keep = n, keep
 
-    def __call__(self, batches: Iterable[list[dict[str, Any]]]) -> Iterator[list[dict[str, Any]]]:
-        first: list[list[dict[str, Any]]] = []
+    def __call__(self, batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        first: list[dict[str, Any]] = []
         count, source = 0, iter(batches)
         while count < self.n:  # never pull more than n batches: the rest of the rank's data is not read
             batch = next(source, None)
@@ -89,39 +98,50 @@ class Equalise:
                 raise DataError(f"this rank produced no batch but {self.n} are needed to match the other ranks")
             log.warning("rank ran %d batches short (bad samples skipped); repeating its first batches", self.n - count)
             for i in range(self.n - count):
-                yield first[i % len(first)]
+                yield dict(first[i % len(first)])  # a new dict: a consumer may replace entries of the one it got
 
 
 def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Stage: model-input samples → one batch: every ``x`` with an ``x_mask`` padded with zeros to the longest.
 
-    Returns torch tensors ``x`` (B, T, ...) and ``x_mask`` (B, T) bool (False on padding), ``label`` (B,)
-    float32 (or (B, K) for (K,) multilabel sample labels) and ``key`` (list of str).
+    Returns torch tensors ``x`` (B, T, ...) in the samples' dtype (features stay float16 as stored: half the
+    bytes to the device, where :class:`Normalise` makes them float32) and ``x_mask`` (B, T) bool (False on
+    padding), ``video_geom`` (B, T, 4) float32 apart from ``video`` (Normalise joins them), ``label`` (B,) float32
+    (or (B, K) for (K,) multilabel sample labels) and ``key`` (list of str).
     """
-    if not samples:
-        raise DataError("cannot collate an empty batch")
-    first = samples[0]
-    batch: dict[str, Any] = {"key": [str(s["key"]) for s in samples]}
-    batch["label"] = _stack_labels(samples)
+    return collate_chunk(samples)["batch"]
+
+
+def collate_chunk(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Stage (worker): a worker's list of samples → a chunk: ``batch`` (:func:`collate` of its good samples, None
+    when it has none), ``lengths`` (per padded tensor, (B,) int64 sample lengths, so :class:`Rebatch` can join
+    chunks exactly) and ``errors`` (the messages of its bad-sample markers, in order)."""
+    good = [s for s in samples if BAD not in s]
+    chunk: dict[str, Any] = {"batch": None, "lengths": {}, "errors": [s[BAD] for s in samples if BAD in s]}
+    if not good:
+        if not chunk["errors"]:
+            raise DataError("cannot collate an empty batch")
+        return chunk
+    first = good[0]
+    batch: dict[str, Any] = {"key": [str(s["key"]) for s in good], "label": _stack_labels(good)}
     for name in first:
         if name.startswith("__") or name.endswith("_mask") or name in ("key", "label"):
             continue
         if f"{name}_mask" not in first:
             raise DataError(f"input {name!r} has no {name}_mask; every sequence input needs a mask")
-        arrays = [np.asarray(s[name]) for s in samples]
-        length = max(len(a) for a in arrays)
-        values = np.zeros((len(arrays), length, *arrays[0].shape[1:]), arrays[0].dtype)
-        mask = np.zeros((len(arrays), length), bool)
-        for i, (a, s) in enumerate(zip(arrays, samples, strict=True)):
+        arrays = [np.asarray(s[name]) for s in good]
+        lengths = [len(a) for a in arrays]
+        values = np.zeros((len(arrays), max(lengths), *arrays[0].shape[1:]), arrays[0].dtype)
+        mask = np.zeros((len(arrays), max(lengths)), bool)
+        for i, (a, s) in enumerate(zip(arrays, good, strict=True)):
             values[i, : len(a)] = a
             mask[i, : len(a)] = s[f"{name}_mask"]
-        tensor = torch.from_numpy(values)
-        batch[name] = tensor.float() if tensor.dtype == torch.float16 else tensor
-        batch[f"{name}_mask"] = torch.from_numpy(mask)
-    if GEOM_INPUT in batch:  # video = landmarks then the 4 geometry features, as feature_dims declares
-        batch["video"] = torch.cat([batch["video"], batch.pop(GEOM_INPUT).float()], -1)
-        batch.pop(f"{GEOM_INPUT}_mask")
-    return batch
+        batch[name] = torch.from_numpy(values)
+        chunk["lengths"][name] = torch.tensor(lengths, dtype=torch.int64)
+        if name != GEOM_INPUT:  # the geometry shares video's mask
+            batch[f"{name}_mask"] = torch.from_numpy(mask)
+    chunk["batch"] = batch
+    return chunk
 
 
 def _stack_labels(samples: Sequence[Mapping[str, Any]]) -> torch.Tensor:
@@ -135,29 +155,121 @@ def _stack_labels(samples: Sequence[Mapping[str, Any]]) -> torch.Tensor:
     return torch.from_numpy(np.stack(labels))
 
 
-class Normalise:
-    """Stage: ``(x - mean) / std`` per feature dimension at valid positions; masked positions stay 0.
+class Rebatch:
+    """Stage (main process): the workers' chunks → batches of exactly ``batch_size`` samples (the last one partial
+    when ``partial``), the samples in the order the chunks bring them; ``errors`` lists this epoch's bad samples.
 
-    Statistics are dataset.json's train-split ones; a std below ``STD_FLOOR`` divides by 1. The 4 video
-    geometry features have no stored statistics and pass unchanged.
+    A worker yields ``batch_size`` samples per chunk, less only at the end of its shards or where bad samples were
+    dropped. A full chunk arriving on a sample boundary passes through untouched (no per-element work); otherwise
+    its tensors are sliced, trimmed to the longest sample of the new batch and concatenated: the result equals
+    :func:`collate` of the same samples.
+    """
+
+    def __init__(self, batch_size: int, partial: bool) -> None:
+        self.batch_size, self.partial = batch_size, partial
+        self.errors: list[str] = []
+
+    def __call__(self, chunks: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        self.errors.clear()
+        pieces: list[tuple[dict[str, Any], int, int]] = []  # (chunk, start, stop) not yet in a batch
+        held = 0
+        for chunk in chunks:
+            for error in chunk["errors"]:
+                self.errors.append(error)
+                log.warning("skipped bad sample (%d so far): %s", len(self.errors), error)
+            size = 0 if chunk["batch"] is None else len(chunk["batch"]["key"])
+            if size == self.batch_size and not pieces:
+                yield chunk["batch"]
+                continue
+            if size:
+                pieces.append((chunk, 0, size))
+                held += size
+            while held >= self.batch_size:
+                yield join_pieces(take(pieces, self.batch_size))
+                held -= self.batch_size
+        if pieces and self.partial:
+            yield join_pieces(pieces)
+
+
+def take(pieces: list[tuple[dict[str, Any], int, int]], n: int) -> list[tuple[dict[str, Any], int, int]]:
+    """Remove the first ``n`` samples from ``pieces`` and return them as pieces."""
+    out = []
+    while n:
+        chunk, start, stop = pieces[0]
+        k = min(n, stop - start)
+        out.append((chunk, start, start + k))
+        if start + k == stop:
+            pieces.pop(0)
+        else:
+            pieces[0] = (chunk, start + k, stop)
+        n -= k
+    return out
+
+
+def join_pieces(pieces: Sequence[tuple[dict[str, Any], int, int]]) -> dict[str, Any]:
+    """One batch of the samples ``start:stop`` of each piece's chunk, in order, as :func:`collate` pads them."""
+    if len(pieces) == 1 and pieces[0][1] == 0 and pieces[0][2] == len(pieces[0][0]["batch"]["key"]):
+        return pieces[0][0]["batch"]
+    first = pieces[0][0]
+    batch: dict[str, Any] = {"key": [k for c, lo, hi in pieces for k in c["batch"]["key"][lo:hi]]}
+    for name in first["batch"]:
+        if name == "key":
+            continue
+        base = name.removesuffix("_mask")
+        if base not in first["lengths"]:  # label: no time axis
+            batch[name] = torch.cat([c["batch"][name][lo:hi] for c, lo, hi in pieces])
+            continue
+        length = max(int(c["lengths"][base][lo:hi].max()) for c, lo, hi in pieces)
+        parts = []
+        for c, lo, hi in pieces:
+            part = c["batch"][name][lo:hi, :length]
+            if part.shape[1] < length:
+                part = torch.cat([part, part.new_zeros((hi - lo, length - part.shape[1], *part.shape[2:]))], 1)
+            parts.append(part)
+        batch[name] = torch.cat(parts)
+    return batch
+
+
+class Normalise(nn.Module):
+    """The step from a loader batch to the models' inputs (on the device, in ``FusionPipeline.forward``): float16
+    features become float32, ``video_geom`` is joined onto ``video`` (landmarks then the 4 geometry features, as
+    ``feature_dims`` declares), and features are standardised ``(x - mean) / std`` per feature dimension at valid
+    positions; masked positions stay 0.
+
+    Statistics are dataset.json's train-split ones; a std below ``STD_FLOOR`` divides by 1. The 4 video geometry
+    features have no stored statistics and pass unchanged; without statistics (``normalise=False``) features are
+    only made float32. Only features still as stored (float16) are standardised, so the step is idempotent: a
+    batch it already made (float32) passes unchanged. Mean and std are non-persistent buffers: they follow the
+    module to its device and stay out of checkpoints.
     """
 
     def __init__(self, mean: Mapping[str, np.ndarray], std: Mapping[str, np.ndarray]) -> None:
-        self.mean = {m: torch.as_tensor(np.asarray(v, np.float32)) for m, v in mean.items()}
-        self.std = {
-            m: torch.as_tensor(np.where(np.asarray(v) < STD_FLOOR, 1.0, v).astype(np.float32)) for m, v in std.items()
-        }
+        super().__init__()
+        self.modalities = tuple(mean)
+        for m, v in mean.items():
+            sd = np.asarray(std[m])
+            self.register_buffer(f"{m}_mean", torch.as_tensor(np.asarray(v, np.float32)), persistent=False)
+            self.register_buffer(
+                f"{m}_std", torch.as_tensor(np.where(sd < STD_FLOOR, 1.0, sd).astype(np.float32)), persistent=False
+            )
 
     @classmethod
     def from_dataset(
-        cls, dataset: ShardDataset | str | Path, modalities: Sequence[str], video_geom: bool | None = None
+        cls,
+        dataset: ShardDataset | str | Path,
+        modalities: Sequence[str],
+        video_geom: bool | None = None,
+        dims: Mapping[str, int] | None = None,
     ) -> Normalise:
-        """Train-split statistics of ``modalities`` from dataset.json; a clear error when any are missing."""
+        """Train-split statistics of ``modalities`` from dataset.json; a clear error when any are missing.
+        ``dims``: the input widths (default ``feature_dims``; a checkpoint's dataset has no shards to tell)."""
         ds = ShardDataset.of(dataset)
-        dims = feature_dims(ds, modalities, video_geom)
+        dims = feature_dims(ds, modalities, video_geom) if dims is None else dims
         mean, std = {}, {}
         for m in modalities:
             member = ds.feature_member(m)
+            if m == "video" and ds.train_stats(member) is None and ds.train_stats(IMPORTED_VIDEO) is not None:
+                member = IMPORTED_VIDEO  # a checkpoint's dataset: imported features, told by their statistics
             stats = ds.train_stats(member)
             if stats is None or not stats.count:
                 raise DataError(
@@ -173,9 +285,16 @@ class Normalise:
             mean[m], std[m] = mu, sd
         return cls(mean, std)
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        for m, mean in self.mean.items():
-            if m in batch:
-                x, valid = batch[m], batch[f"{m}_mask"].unsqueeze(-1)
-                batch[m] = torch.where(valid, (x - mean) / self.std[m], torch.zeros((), dtype=x.dtype))
-        return batch
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        out = dict(batch)
+        stored = {name for name, v in batch.items() if isinstance(v, torch.Tensor) and v.dtype == torch.float16}
+        for name in stored:
+            out[name] = batch[name].float()
+        if GEOM_INPUT in out:
+            out["video"] = torch.cat([out["video"].float(), out.pop(GEOM_INPUT).float()], -1)
+        for m in self.modalities:
+            if m in stored:
+                x, valid = out[m], out[f"{m}_mask"].unsqueeze(-1)
+                mean, std = getattr(self, f"{m}_mean"), getattr(self, f"{m}_std")
+                out[m] = torch.where(valid, (x - mean) / std, torch.zeros((), dtype=x.dtype, device=x.device))
+        return out

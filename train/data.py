@@ -12,8 +12,16 @@ yield different numbers of batches, so gather evaluation results once at the end
 
 Resume: the batch sequence is a pure function of (shards, config — seed, batch_size, num_workers,
 shuffle_buffer —, epoch, rank, world_size), so ``make_loader(..., epoch=e, skip_batches=k)`` yields exactly
-batches ``k, k+1, ...`` of the epoch (the skipped ones are still read, not collated). The sample shuffle runs
-before "to inputs" so its buffer holds the compact float16 members.
+batches ``k, k+1, ...`` of the epoch (the skipped ones are still read and collated by the workers, then
+dropped). The sample shuffle runs before "to inputs" so its buffer holds the compact float16 members.
+
+Work per batch in the training process: none per element. Workers collate (``collate_chunk``), tensors reach
+the training process through shared memory, features stay float16 and masks bool; the main process only
+re-cuts chunks into exact batches (``Rebatch``: a pass-through unless a worker's shards ended mid-batch or bad
+samples were dropped), and ``FusionPipeline`` makes features float32 and standardises them on the device.
+Workers are started per epoch (``persistent_workers`` stays off): the epoch's shard plan and shuffle seeds are
+fixed in the pipeline the workers copy at start-up, and the trainer makes a new loader per epoch; start-up is
+one pass over no data, small against an epoch.
 """
 
 from __future__ import annotations
@@ -27,13 +35,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import webdataset as wds
 
 from mmfuse.settings import NOT_A_SETTING
 from shards.dataset import ShardDataset, ShardEntry
 from shards.schema import MODALITIES
 from train.align import AlignWords
-from train.batches import DropBad, Equalise, Normalise, WorkerBatches, collate
+from train.batches import Equalise, Normalise, Rebatch, WorkerBatches, collate_chunk
 from train.inputs import DataError, feature_dims, has_video_geom, label_keys
 from train.stages import (
     ReadShards,
@@ -74,6 +83,8 @@ class DataConfig:
     equalise: bool = field(default=True, metadata=NOT_A_SETTING)  # training: as many batches on every rank
     video_geom: bool | None = field(default=None, metadata=NOT_A_SETTING)  # the 4 geometry features; None: if stored
     prefetch_factor: int = field(default=2, metadata=NOT_A_SETTING)  # batches each worker prepares ahead
+    # page-locked batches for non-blocking copies to a GPU; None: when CUDA is available (off on CPU)
+    pin_memory: bool | None = field(default=None, metadata=NOT_A_SETTING)
 
     def problems(self) -> list[str]:
         """Every invalid setting, each naming its key."""
@@ -196,10 +207,15 @@ def sample_stages(dataset: ShardDataset, config: DataConfig, *, train: bool, epo
 
 
 class ShardLoader:
-    """Iterable over one epoch's batches of one rank; ``len()`` is known in advance (see :func:`num_batches`)."""
+    """Iterable over one epoch's batches of one rank; ``len()`` is known in advance (see :func:`num_batches`).
 
-    def __init__(self, pipeline: wds.DataPipeline, length: int, bad: DropBad) -> None:
-        self.pipeline, self.length, self._bad = pipeline, length, bad
+    Batches are as :func:`train.batches.collate` makes them (features float16, as stored); ``normalise`` (the
+    config's :class:`train.batches.Normalise`, which ``FusionPipeline`` applies on the device) turns one into the
+    models' float32, standardised inputs.
+    """
+
+    def __init__(self, pipeline: wds.DataPipeline, length: int, bad: Rebatch, normalise: Normalise) -> None:
+        self.pipeline, self.length, self._bad, self.normalise = pipeline, length, bad, normalise
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         batches = iter(self.pipeline)
@@ -242,27 +258,24 @@ def make_loader(
     dataset = ShardDataset.of(shards)
     tasks = plan_shards(dataset, split, train=train, seed=config.seed, epoch=epoch, rank=rank, world_size=world_size)
     geom = has_video_geom(dataset) if config.video_geom is None else config.video_geom
-    normalise = Normalise.from_dataset(dataset, config.modalities, geom) if config.normalise else None
+    normalise = Normalise.from_dataset(dataset, config.modalities, geom) if config.normalise else Normalise({}, {})
     total = num_batches(dataset, split, config, train=train, epoch=epoch, rank=rank, world_size=world_size)
     worker = wds.DataPipeline(
         ShardList(tasks),  # this rank's shards in epoch order
         wds.split_by_worker,  # this worker's share of them
         *sample_stages(dataset, config, train=train, epoch=epoch, rank=rank),
-        wds.batched(config.batch_size, collation_fn=None, partial=True),  # lists of model-input samples
+        wds.batched(config.batch_size, collation_fn=collate_chunk, partial=True),  # padded tensors, bad samples apart
     )
     source: Any = worker
     if config.num_workers > 0:
-        source = WorkerBatches(worker, config.num_workers, config.prefetch_factor)
-    bad = DropBad()
+        pin = torch.cuda.is_available() if config.pin_memory is None else config.pin_memory
+        source = WorkerBatches(worker, config.num_workers, config.prefetch_factor, pin)
     equalise = train and config.equalise
+    rebatch = Rebatch(config.batch_size, partial=not (train and (config.drop_last or equalise)))
     pipeline = wds.DataPipeline(
         source,
-        wds.filters.unlisted(),  # samples in the workers' round-robin order
-        bad,  # bad-sample markers counted and dropped
-        wds.batched(config.batch_size, collation_fn=None, partial=not (train and (config.drop_last or equalise))),
+        rebatch,  # exactly batch_size samples, in the workers' round-robin order; bad samples counted
         Equalise(total) if equalise else None,  # the same number of batches on every rank
         wds.slice(skip_batches, None),  # resume: the first skip_batches batches are dropped
-        wds.map(collate),  # padded tensors and masks
-        wds.map(normalise) if normalise else None,  # train-split standardisation
     )
-    return ShardLoader(pipeline, max(0, total - skip_batches), bad)
+    return ShardLoader(pipeline, max(0, total - skip_batches), rebatch, normalise)

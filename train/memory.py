@@ -24,7 +24,9 @@ class InMemorySource:
     ``data`` is either a list of samples as :class:`train.stages.ToInputs` makes them (``key``, ``label`` — a
     number, or a (K,) 0/1 array for multilabel —, and ``x`` with ``x_mask`` arrays per input), padded per batch,
     or a dict of (N, ...) tensors sliced into batches (``label`` (N,) or (N, K); a ``key`` list is optional).
-    Shuffling uses ``Random(f"{seed}-{epoch}")``; call :meth:`set_epoch`.
+    Shuffling uses ``Random(f"{seed}-{epoch}")``; call :meth:`set_epoch`. Batches are as the streaming loader
+    yields them (features float16 as stored, standardised by ``FusionPipeline`` on the device); ``normalise``
+    applies :class:`train.batches.Normalise` here instead (float32 batches, which the network leaves as they are).
     """
 
     def __init__(
@@ -48,7 +50,8 @@ class InMemorySource:
     def from_shards(
         cls, shards: ShardDataset | str | Path, split: str, config: DataConfig, *, shuffle: bool = False
     ) -> InMemorySource:
-        """Every sample of ``split`` read once into memory, with the same stages and normalisation as streaming."""
+        """Every sample of ``split`` read once into memory, with the same stages as streaming (a clear error, as
+        ``make_loader`` gives, when normalising needs statistics the shards lack)."""
         config.check()
         dataset = ShardDataset.of(shards)
         tasks = plan_shards(dataset, split, train=False, seed=0, epoch=0, rank=0, world_size=1)
@@ -56,11 +59,10 @@ class InMemorySource:
             ShardList(tasks), *sample_stages(dataset, config, train=False, epoch=0, rank=0), DropBad()
         )
         geom = has_video_geom(dataset) if config.video_geom is None else config.video_geom
-        normalise = Normalise.from_dataset(dataset, config.modalities, geom) if config.normalise else None
+        if config.normalise:
+            Normalise.from_dataset(dataset, config.modalities, geom)
         drop = config.drop_last and shuffle
-        return cls(
-            list(pipeline), config.batch_size, shuffle=shuffle, seed=config.seed, drop_last=drop, normalise=normalise
-        )
+        return cls(list(pipeline), config.batch_size, shuffle=shuffle, seed=config.seed, drop_last=drop)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -1,10 +1,12 @@
 """The trainable network: optional text / audio encoders (end-to-end mode) in front of a fusion model.
 
 ``FusionPipeline.forward(batch)`` takes a loader batch (train/stages.py) and returns the fusion model's
-``FusionOutput``. In end-to-end mode the text features are recomputed from ``text_ids`` and the audio
-features from ``audio_wave`` with gradients, then standardised with the same train-split statistics the
-frozen features get, so at initialisation both modes feed the fusion model identical inputs. Video always
-uses the stored landmarks. One module, so DDP wraps it whole.
+``FusionOutput``. It first makes the batch the models' inputs on the batch's device (``train.batches.Normalise``:
+float16 features to float32, video geometry joined, train-split standardisation when ``config.data.normalise``),
+so the training process does no per-element work on batches. In end-to-end mode the text features are
+recomputed from ``text_ids`` and the audio features from ``audio_wave`` with gradients, then standardised with
+the same train-split statistics the frozen features get, so at initialisation both modes feed the fusion model
+identical inputs. Video always uses the stored landmarks. One module, so DDP wraps it whole.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ import fusion
 from fusion.base import FusionOutput
 from shards.dataset import ShardDataset
 from shards.schema import FEATURE_MEMBERS
+from train.batches import Normalise
 from train.config import TrainConfig, TrainConfigError
 from train.encoders import AudioEncoder, TextEncoder
+from train.inputs import has_video_geom
 from train.stages import STD_FLOOR
 
 
@@ -27,6 +31,7 @@ class FusionPipeline(nn.Module):
     def __init__(self, config: TrainConfig, dims: dict[str, int], dataset: ShardDataset) -> None:
         super().__init__()
         self.fusion = fusion.build_model(config.model, **config.model_kwargs(dims))
+        self.normalise = _normalise(config, dims, dataset)
         self.encoders = nn.ModuleDict()
         self.end_to_end = config.mode == "end_to_end"
         if self.end_to_end:
@@ -64,8 +69,8 @@ class FusionPipeline(nn.Module):
         return [g for g in groups if g["params"]]
 
     def forward(self, batch: dict[str, Any]) -> FusionOutput:
+        batch = self.normalise(batch)  # a new dict; float32 inputs already normalised pass unchanged
         if self.end_to_end:
-            batch = dict(batch)
             if "text" in self.encoders and "text_ids" in batch:
                 feats = self.encoders["text"](batch["text_ids"], batch["text_ids_mask"])
                 batch["text"] = self._standardise("text", feats, batch["text_ids_mask"])
@@ -81,6 +86,14 @@ class FusionPipeline(nn.Module):
     def _standardise(self, m: str, x: Tensor, mask: Tensor) -> Tensor:
         mean, std = getattr(self, f"{m}_mean"), getattr(self, f"{m}_std")
         return torch.where(mask[..., None], (x.float() - mean) / std, torch.zeros((), device=x.device))
+
+
+def _normalise(config: TrainConfig, dims: dict[str, int], dataset: ShardDataset) -> Normalise:
+    """The loader batches' step to model inputs, with the statistics the loader's config asks for."""
+    if not config.data.normalise:
+        return Normalise({}, {})
+    geom = has_video_geom(dataset) if config.data.video_geom is None else config.data.video_geom
+    return Normalise.from_dataset(dataset, config.data.modalities, geom, dims)
 
 
 def _stats(dataset: ShardDataset, member: str) -> tuple[Tensor, Tensor]:

@@ -1,7 +1,7 @@
 """The stages of the training data pipeline, in pipeline order: shard list → padded, normalised batch.
 
-``train.data.make_loader`` chains them; [worker] stages (this module) run in every DataLoader worker (in the
-training process with ``num_workers=0``), [main] ones (``train/batches.py``) in the training process. Stage, what
+``train.data.make_loader`` chains them; [worker] stages run in every DataLoader worker (in the training process
+with ``num_workers=0``), [main] ones in the training process, [device] in the network on its device. Stage, what
 it yields, callable::
 
     shard list       this rank's shards in epoch order (train.data.plan_shards)      ShardList         [worker]
@@ -13,18 +13,19 @@ it yields, callable::
     align words      one audio / video step per word (align_words; train/align.py)   AlignWords        [worker]
     shuffle          samples in a seeded buffer order (training)                     ShuffleSamples    [worker]
     to inputs        (T, D) features + masks, raw inputs, label, key                 ToInputs          [worker]
-    batch            lists of model-input samples                                    wds.batched       [worker]
-    worker batches   the workers' lists, round robin                                 WorkerBatches     [main]
-    drop bad         BAD markers counted, logged and dropped                         DropBad           [main]
-    rebatch          lists of exactly batch_size samples                             wds.batched       [main]
+    batch            padded tensors of batch_size samples, bad markers apart         collate_chunk     [worker]
+    worker batches   the workers' chunks via shared memory (pinned on CUDA)          WorkerBatches     [main]
+    rebatch          exactly batch_size samples; bad samples counted and logged      Rebatch           [main]
     equalise         the same number of batches on every rank (training)             Equalise          [main]
     skip             batches from ``skip_batches`` on (resume mid-epoch)             wds.slice         [main]
-    collate          padded torch tensors and masks                                  collate           [main]
-    normalise        features standardised with dataset.json's train mean/std        Normalise         [main]
+    normalise        float32 features, standardised with dataset.json's train stats  Normalise         [device]
 
-The batch format is the contract with ``fusion`` (see ``fusion/base.py``): per modality ``m`` in use, ``m``
-(B, T, D) float32 and ``m_mask`` (B, T) bool in the mask convention of shards/schema.py; a sample lacking the
-modality has an all-False mask (one zero row if it has no steps at all), it is never dropped. With ``raw=True``
+The [device] stage runs in ``FusionPipeline.forward`` (``train/pipeline.py``); [main] and [worker] stages live in
+``train/batches.py`` and here. A loader batch holds features as stored (float16) and ``video_geom`` (B, T, 4)
+float32 apart from ``video``; after Normalise the batch format is the contract with ``fusion`` (see
+``fusion/base.py``): per modality ``m`` in use, ``m`` (B, T, D) float32 and ``m_mask`` (B, T) bool in the mask
+convention of shards/schema.py; a sample lacking the modality has an all-False mask (one zero row if it has no
+steps at all), it is never dropped. With ``raw=True``
 also ``text_ids`` (B, T) int64 and ``audio_wave`` (B, N) float32 in [-1, 1], each with its ``_mask``. ``label``
 (B,) float32, or (B, K) float32 0/1 for multilabel targets (NaN = no label), and ``key`` (list of B sample
 keys) complete it.
@@ -53,7 +54,7 @@ log = logging.getLogger(__name__)
 
 RAW_MEMBERS = {"text": "text_ids.npy", "audio": "audio_wave.npy"}
 RAW_INPUTS = {"text": "text_ids", "audio": "audio_wave"}
-GEOM_INPUT = "video_geom"  # ToInputs' separate geometry input, joined onto "video" by collate
+GEOM_INPUT = "video_geom"  # ToInputs' separate geometry input, joined onto "video" by Normalise
 STD_FLOOR = 1e-6  # a feature whose train std is below this is only centred (divided by 1)
 BAD = "__bad__"  # marker member of a sample that failed decoding or validation (with skip_bad_samples)
 
@@ -195,8 +196,8 @@ class ShuffleSamples:
 
 
 def _steps(feat: np.ndarray | None, mask: np.ndarray | None, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """(T, D) features (float16 as stored: half the bytes between worker and trainer; ``collate`` makes them
-    float32) and (T,) bool mask, or one zero row with a False mask when missing."""
+    """(T, D) features (float16 as stored: half the bytes between worker, trainer and device; ``Normalise`` makes
+    them float32) and (T,) bool mask, or one zero row with a False mask when missing."""
     if feat is None or len(feat) == 0:
         return np.zeros((1, width), np.float16), np.zeros(1, bool)
     feat = np.asarray(feat)
@@ -243,7 +244,7 @@ class ToInputs:
             geom = None
             if m == "video" and feat is not None and IMPORTED_VIDEO not in sample:
                 feat = feat.reshape(len(feat), -1)
-                if self.video_geom:  # float32, kept apart so landmarks can travel as float16; collate joins them
+                if self.video_geom:  # float32, kept apart so landmarks can travel as float16; Normalise joins them
                     geom = sample.get("video_geom.npy", np.zeros((len(feat), GEOM_DIM), np.float32))
             width = self.dims[m] - (GEOM_DIM if m == "video" and self.video_geom else 0)
             out[m], out[f"{m}_mask"] = _steps(feat, mask, width)

@@ -25,7 +25,7 @@ from shards import (
 from shards.io import atomic_write_json
 from shards.schema import FEATURE_MEMBERS, MASK_MEMBERS
 from shards.stats import RunningStats
-from train.batches import collate
+from train.batches import Normalise, collate
 from train.data import DataConfig, make_loader, num_batches, plan_shards
 from train.inputs import DataError, feature_dims
 from train.memory import InMemorySource
@@ -116,6 +116,11 @@ def keys_of(loader) -> list[str]:
     return [k for batch in loader for k in batch["key"]]
 
 
+def model_batches(loader) -> list[dict]:
+    """The loader's batches as the fusion models get them (``FusionPipeline`` applies ``normalise`` on the device)."""
+    return [loader.normalise(batch) for batch in loader]
+
+
 def test_collate_pads_and_masks() -> None:
     a = {"key": "a", "label": 1.0, "text": np.ones((2, 3), np.float32), "text_mask": np.array([True, True]),
          "audio": np.arange(4, dtype=np.float32).reshape(1, 4), "audio_mask": np.array([False])}  # fmt: skip
@@ -138,10 +143,10 @@ def test_missing_modality_is_an_all_false_mask_not_a_dropped_sample(toy) -> None
     inputs = ToInputs(("text", "audio", "video"), {"text": DT, "audio": DA, "video": 1438}, True, "label", True)(s)
     assert inputs["audio"].shape == (1, DA) and not inputs["audio"].any() and inputs["audio_mask"].tolist() == [False]
     assert inputs["video_mask"].tolist() == [False]
-    assert collate([inputs])["video"].shape == (1, 1, 1438)  # landmarks, then the geometry collate joins on
+    assert Normalise({}, {})(collate([inputs]))["video"].shape == (1, 1, 1438)  # landmarks, then the geometry
     assert inputs["audio_wave_mask"].tolist() == [False] and inputs["text_mask"].all()
     cfg = DataConfig(batch_size=64, num_workers=0, normalise=False)
-    (batch,) = list(make_loader(root, "valid", cfg, train=False))
+    (batch,) = model_batches(make_loader(root, "valid", cfg, train=False))
     assert len(batch["key"]) == sum(LAYOUT["valid"])
     for i, key in enumerate(batch["key"]):
         failed = "audio_feat.npy" not in samples[key]
@@ -153,7 +158,7 @@ def test_missing_modality_is_an_all_false_mask_not_a_dropped_sample(toy) -> None
 def test_values_labels_and_video_geometry(toy) -> None:
     root, samples = toy
     cfg = DataConfig(batch_size=4, num_workers=0, normalise=False)
-    for batch in make_loader(root, "train", cfg, train=False):
+    for batch in model_batches(make_loader(root, "train", cfg, train=False)):
         for i, key in enumerate(batch["key"]):
             s = samples[key]
             tv, ta = len(s["video_mask.npy"]), len(s.get("audio_mask.npy", [0]))
@@ -172,8 +177,10 @@ def test_values_labels_and_video_geometry(toy) -> None:
 def test_normalise_equals_numpy_on_valid_positions(toy) -> None:
     root, _ = toy
     stats = load_dataset_json(root)["stats"]
-    plain = list(make_loader(root, "valid", DataConfig(batch_size=4, num_workers=0, normalise=False), train=False))
-    normed = list(make_loader(root, "valid", DataConfig(batch_size=4, num_workers=0), train=False))
+    plain = model_batches(
+        make_loader(root, "valid", DataConfig(batch_size=4, num_workers=0, normalise=False), train=False)
+    )
+    normed = model_batches(make_loader(root, "valid", DataConfig(batch_size=4, num_workers=0), train=False))
     assert stats["text_feat.npy"]["std"][0] < 1e-6  # the constant feature exercises the std floor
     for p, n in zip(plain, normed, strict=True):
         assert p["key"] == n["key"]
@@ -387,8 +394,8 @@ def test_bundled_shards_load_with_predicted_dims(bundled_dataset) -> None:
     assert dims == {"text": TEXT_DIM, "audio": AUDIO_DIM, "video": 478 * 3 + 4}
     keys = []
     for split in ("train", "valid", "test"):
-        for batch in make_loader(
-            bundled_dataset, split, DataConfig(batch_size=2, num_workers=0, raw=True), train=False
+        for batch in model_batches(
+            make_loader(bundled_dataset, split, DataConfig(batch_size=2, num_workers=0, raw=True), train=False)
         ):
             keys += batch["key"]
             for m, d in dims.items():

@@ -15,7 +15,8 @@ from train.encoders import AudioEncoder, EncoderMismatch, TextEncoder
 def raw_batches(root: Path):
     config = DataConfig(batch_size=4, num_workers=0, raw=True, normalise=False)
     for split in ("train", "valid", "test"):
-        yield from make_loader(root, split, config, train=False)
+        loader = make_loader(root, split, config, train=False)
+        yield from (loader.normalise(batch) for batch in loader)  # float32, as FusionPipeline gives the models
 
 
 def test_encoders_reproduce_stored_features(bundled_dataset: Path) -> None:
