@@ -125,7 +125,7 @@ def benchmark(args: argparse.Namespace, work: Path, progress: Progress | None = 
     tick()
     ddp, rss = {}, {}
     for n in (1, 2):
-        ddp[n] = run_child(work / f"ddp{n}", shards, frozen, args, n, **timing)
+        ddp[n] = run_child(work / f"ddp{n}", shards, frozen, args, n, steps=args.steps, warmup=args.warmup)
         tick()
     epoch = {n: args.samples * n // args.batch_size for n in (1, 4)}
     for n in (1, 4):
@@ -235,11 +235,14 @@ def _config(args: argparse.Namespace, overrides: list[str]):
 def stage_profile(shards: Path, data: Any, batches: int) -> dict[str, float]:
     """Milliseconds per batch of each data stage, run one after another in this process (no workers).
 
-    Worker stages: read, decode, validate, select, to_inputs; ``pickle`` is one pickle round trip of a worker
-    batch (what the DataLoader's queue does to it, without the pipe); main-process stages: collate, normalise.
+    Worker stages: read, decode, validate, select, to_inputs, collate (``collate_chunk``: padded tensors);
+    ``handoff`` is one round trip of that chunk through the DataLoader queue's pickler (tensors move to shared
+    memory, without the pipe); ``normalise`` is the network's first step (on the training device; here the CPU).
     """
+    from multiprocessing.reduction import ForkingPickler
+
     from shards.dataset import ShardDataset
-    from train.batches import Normalise, collate
+    from train.batches import Normalise, collate_chunk
     from train.data import plan_shards
     from train.inputs import feature_dims, has_video_geom
     from train.stages import ReadShards, SafeDecode, SelectModalities, ToInputs, Validate
@@ -247,14 +250,15 @@ def stage_profile(shards: Path, data: Any, batches: int) -> dict[str, float]:
     dataset = ShardDataset.load(shards)
     tasks = plan_shards(dataset, "train", train=False, seed=0, epoch=0, rank=0, world_size=1)
     geom = has_video_geom(dataset)
+    dims = feature_dims(dataset, data.modalities, geom)
     stages = {
         "decode": SafeDecode(False),
         "validate": Validate(dataset, False),
         "select": SelectModalities(data.modalities, data.raw),
-        "to_inputs": ToInputs(data.modalities, feature_dims(dataset, data.modalities, geom), data.raw, "label", geom),
+        "to_inputs": ToInputs(data.modalities, dims, data.raw, "label", geom),
     }
-    normalise = Normalise.from_dataset(dataset, data.modalities, geom)
-    spent = dict.fromkeys(["read", *stages, "pickle", "collate", "normalise"], 0.0)
+    normalise = Normalise.from_dataset(dataset, data.modalities, geom, dims)
+    spent = dict.fromkeys(["read", *stages, "collate", "handoff", "normalise"], 0.0)
     reader = ReadShards(False)(tasks)
     for _ in range(batches):
         items = []
@@ -268,13 +272,13 @@ def stage_profile(shards: Path, data: Any, batches: int) -> dict[str, float]:
                 spent[name] += time.perf_counter() - last
             items.append(sample)
         clock = [time.perf_counter()]
-        items = pickle.loads(pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL))
+        chunk = collate_chunk(items)
         clock.append(time.perf_counter())
-        batch = collate(items)
+        chunk = pickle.loads(ForkingPickler.dumps(chunk))
         clock.append(time.perf_counter())
-        normalise(batch)
+        normalise(chunk)
         clock.append(time.perf_counter())
-        for name, lo, hi in zip(("pickle", "collate", "normalise"), clock, clock[1:], strict=False):
+        for name, lo, hi in zip(("collate", "handoff", "normalise"), clock, clock[1:], strict=False):
             spent[name] += hi - lo
     reader.close()
     return {f"{name}_ms_per_batch": 1000 * s / batches for name, s in spent.items()}
@@ -355,17 +359,17 @@ def _setup(s: dict[str, Any]) -> str:
 def analysis(report: dict[str, Any]) -> list[str]:
     """Where the data time goes, from the stage profile and the measured waits (numbers only, no judgement)."""
     s, r, p = report["setup"], report["results"], report["profile"]
-    work = {k: p[f"{k}_ms_per_batch"] for k in ("read", "decode", "validate", "select", "to_inputs")}
+    work = {k: p[f"{k}_ms_per_batch"] for k in ("read", "decode", "validate", "select", "to_inputs", "collate")}
     worker, top = sum(work.values()), max(work, key=work.get)
-    main = p["pickle_ms_per_batch"] / 2 + p["collate_ms_per_batch"] + p["normalise_ms_per_batch"]
+    main = p["handoff_ms_per_batch"] / 2 + p["normalise_ms_per_batch"]
     cores = os.cpu_count() or 1
     return [
         f"Where the data time goes: the worker stages cost {worker:.0f} ms of CPU per batch (largest: {top}, "
         f"{work[top]:.0f} ms), spread over {s['workers']} worker(s) but taken from the same {cores} cores the "
-        f"training process uses; the main process then spends about {main:.0f} ms per batch on data (half the "
-        f"pickle round trip for unpickling, collate, normalise) against {1000 * r['memory_s_per_step']:.0f} ms "
-        f"for a whole in-memory step. Measured wait for the next batch: {1000 * r['stream_data_wait_s_per_step']:.0f}"
-        f" ms per step streamed (in-memory collate + normalise are inside the in-memory step).",
+        f"training process uses; the training process then spends about {main:.0f} ms per batch on data (half "
+        f"the hand-off round trip for receiving the chunk, and the network's normalisation step) against "
+        f"{1000 * r['memory_s_per_step']:.0f} ms for a whole in-memory step. Measured wait for the next batch: "
+        f"{1000 * r['stream_data_wait_s_per_step']:.0f} ms per step streamed.",
     ]
 
 

@@ -9,6 +9,7 @@ from ``checkpoints/last.pt``; ``make_run`` is the part that writes nothing (``mm
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -143,7 +144,7 @@ def make_run(
     where ``checkpoint`` stopped. Writes nothing."""
     seed_everything(config.run.seed)
     net = FusionPipeline(config, dims, dataset).to(d.device)
-    data = config.data
+    data = dataclasses.replace(config.data, pin_memory=d.device.type == "cuda")  # pinned: non-blocking copies
     per_epoch = train_batches(config, dataset, d)
     total_steps = config.run.max_steps or config.run.epochs * (per_epoch // config.optim.grad_accum)
     optimizer = torch.optim.AdamW(net.param_groups(config.optim.lr, config.optim.encoder_lr, config.optim.weight_decay))

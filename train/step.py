@@ -148,6 +148,11 @@ def labelled_rows(batch: dict[str, Any]) -> dict[str, Any]:
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     pin = device.type == "cuda"
     return {
-        k: (v.pin_memory().to(device, non_blocking=True) if pin else v.to(device)) if isinstance(v, torch.Tensor) else v
+        k: (_pinned(v).to(device, non_blocking=True) if pin else v.to(device)) if isinstance(v, torch.Tensor) else v
         for k, v in batch.items()
     }
+
+
+def _pinned(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in page-locked memory (the loader's pinning thread has usually done it already)."""
+    return tensor if tensor.is_pinned() else tensor.pin_memory()

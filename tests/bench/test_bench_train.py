@@ -19,7 +19,7 @@ RESULTS = {
     "ddp2_s_per_step", "ddp2_over_ddp1", "rss_1x_main_mb", "rss_1x_worker_mb", "rss_4x_main_mb", "rss_4x_worker_mb",
     "rss_1x_steps", "rss_4x_steps", "rss_4x_over_1x_main", "rss_4x_over_1x_worker",
 }  # fmt: skip
-STAGES = ("read", "decode", "validate", "select", "to_inputs", "pickle", "collate", "normalise")
+STAGES = ("read", "decode", "validate", "select", "to_inputs", "collate", "handoff", "normalise")
 
 
 @pytest.mark.integration

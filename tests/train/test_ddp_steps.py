@@ -37,12 +37,12 @@ def _worker(rank: int, tmp: str, shards: str, overrides: list[str], unlabelled_r
     batches = list(make_loader(dataset, "train", run.data, train=False))
     if rank == unlabelled_rank:
         batches = [{**b, "label": torch.full_like(b["label"], math.nan)} for b in batches]
-    wrappers = [id(getattr(run, "ddp", None))]
+    wrappers = [run.ddp]  # the objects themselves: a freed wrapper's id could be reused by the next one
     for _ in range(3):
         train_step(run, batches)
-        wrappers.append(id(getattr(run, "ddp", None)))
+        wrappers.append(run.ddp)
     params = [p.detach().clone() for p in run.net.parameters()]
-    torch.save({"params": params, "step": run.step, "wrappers": len(set(wrappers))}, f"{tmp}/rank{rank}.pt")
+    torch.save({"params": params, "step": run.step, "wrappers": len({id(w) for w in wrappers})}, f"{tmp}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
