@@ -24,6 +24,7 @@ This module imports nothing of ours (every package may use it).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import types
@@ -106,12 +107,39 @@ def _boolean(value: Any) -> bool:
     raise ValueError(f"{value!r} is not a boolean (true/false)")
 
 
+@functools.cache
+def _loader() -> type:
+    """PyYAML's safe loader with YAML 1.2's booleans: only ``true`` / ``false`` are booleans, so ``amp: off`` is
+    the text "off" (YAML 1.1 made it False); the field's type reads ``yes`` / ``off`` as a boolean where one is
+    wanted (:func:`coerce`)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.yaml_implicit_resolvers = {
+        first: [(tag, regex) for tag, regex in resolvers if tag != "tag:yaml.org,2002:bool"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+    )
+    return Loader
+
+
+def load_yaml(text: str) -> Any:
+    """``text`` read as YAML with :func:`_loader`'s rules."""
+    import yaml
+
+    return yaml.load(text, Loader=_loader())  # noqa: S506 - a SafeLoader subclass
+
+
 def read_yaml(path: Path | str, error: type[Exception]) -> dict[str, Any]:
     """A YAML file of ``setting: value``; ``error`` naming the file when it cannot be read or is not a mapping."""
     import yaml
 
     try:
-        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        loaded = load_yaml(Path(path).read_text(encoding="utf-8")) or {}
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise error(f"cannot read config {path}: {exc}") from exc
     if not isinstance(loaded, dict):
@@ -128,7 +156,7 @@ def parse_override(token: str, error: type[Exception]) -> tuple[str, Any]:
         raise error(f"override {token!r} is not KEY=VALUE")
     key, raw = token.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.strip(), value

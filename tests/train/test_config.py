@@ -110,3 +110,12 @@ def test_sections_take_flat_dotted_and_nested_keys_and_record_flat(tmp_path) -> 
     assert make_train_config("late", base=recorded) == config  # config.json -> the same settings
     with pytest.raises(TrainConfigError, match="unknown setting 'raw'"):
         make_train_config("late", overrides=["raw=true"])  # derived from mode, not a setting
+
+
+def test_words_yaml_1_1_took_for_booleans_stay_words(tmp_path) -> None:
+    """`amp=off` / `amp: off` is the setting "off" (YAML 1.1 read it as False); boolean settings still take it."""
+    assert make_train_config("late", overrides=["amp=off"]).run.amp == "off"
+    path = tmp_path / "words.yaml"
+    path.write_text("amp: off\nskip_bad_samples: yes\ncompile: off\n")
+    config = make_train_config("late", path)
+    assert (config.run.amp, config.data.skip_bad_samples, config.run.compile) == ("off", True, False)
