@@ -173,10 +173,8 @@ def _print_final(run_dir: Path, final: dict[str, Any]) -> None:
     """The selected checkpoint, its test metrics, and the files of the run directory that are there."""
     test = final.get("test") or {}
     shown = ", ".join(f"{k} {v:.4f}" for k, v in test.items() if isinstance(v, float))
-    chosen = final.get("checkpoint", "checkpoints/best.pt")
-    print(
-        f"selected {chosen} (step {final['selected_step']}) by {final['selected_by']}; test: {shown or 'no test split'}"
-    )
+    print(f"selected step {final['selected_step']} by {final['selected_by']}; test: {shown or 'no test split'}")
+    print(f"selected checkpoint: {run_dir / final.get('checkpoint', 'checkpoints/best.pt')}")
     written = [name + ("/" if name == "events" else "") for name in RUN_FILES if (run_dir / name).exists()]
     print(f"run directory: {run_dir} ({', '.join(written)})")
 

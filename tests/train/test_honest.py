@@ -40,8 +40,8 @@ def named_paths(out: str) -> list[Path]:
     """The files a `mmfuse train` success message names: the selected checkpoint and the run directory's list."""
     run_dir = Path(re.search(r"run directory: (\S+) \(", out)[1])
     listed = re.search(r"run directory: \S+ \((.*)\)", out)[1].split(", ")
-    chosen = re.search(r"selected (\S+) \(step", out)[1]
-    return [run_dir / chosen, *(run_dir / name for name in listed)]
+    chosen = Path(re.search(r"selected checkpoint: (\S+)", out)[1])
+    return [chosen, *(run_dir / name for name in listed)]
 
 
 def test_shards_without_a_valid_split_are_refused_unless_selection_last(
@@ -58,7 +58,8 @@ def test_shards_without_a_valid_split_are_refused_unless_selection_last(
     assert final["checkpoint"] == "checkpoints/last.pt" and final["selected_by"] == "last step (selection=last)"
     assert final["selected_step"] == load_checkpoint(tmp_path / "last" / "checkpoints" / "last.pt")["state"]["step"]
     assert final["selected_step"] == 2 and final["test"]["n"] == 1 and final["valid"] == {}
-    assert "best.pt" not in out and "selected checkpoints/last.pt (step 2) by last step (selection=last)" in out
+    assert "best.pt" not in out and "selected step 2 by last step (selection=last);" in out
+    assert f"selected checkpoint: {tmp_path / 'last' / 'checkpoints' / 'last.pt'}" in out
     assert all(p.exists() for p in named_paths(out))
 
 
@@ -70,7 +71,10 @@ def test_success_messages_name_only_what_exists(bundled_dataset: Path, tmp_path:
     names = {str(p.relative_to(tmp_path / "run")) for p in paths}
     assert {"checkpoints/best.pt", "checkpoints/last.pt", "final.json", "config.json", "events"} <= names
     final = json.loads((tmp_path / "run" / "final.json").read_text())
-    assert f"(step {final['selected_step']}) by valid mae" in out and final["checkpoint"] == "checkpoints/best.pt"
+    assert (
+        f"selected step {final['selected_step']} by valid mae; test: mae " in out
+        and final["checkpoint"] == "checkpoints/best.pt"
+    )
     ckpt = str(tmp_path / "run" / "checkpoints" / "best.pt")
     assert main(["eval", "--checkpoint", ckpt, "--shards", str(bundled_dataset), "--split", "valid"]) == 0
     assert "valid (removed: none): n=1 " in capsys.readouterr().out  # the bundled valid split has one clip
