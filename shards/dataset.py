@@ -115,8 +115,23 @@ class ShardDataset:
 
     @classmethod
     def load(cls, root: Path | str) -> ShardDataset:
-        """Read ``root/dataset.json`` (the errors of :func:`load_dataset_json`)."""
-        return cls.from_json(load_dataset_json(root), root)
+        """Read ``root/dataset.json`` (the errors of :func:`load_dataset_json`); ``SchemaError`` naming the member
+        when a train statistic (mean or std) is not a finite number: standardising with it would turn every
+        feature of that member into NaN."""
+        dataset = cls.from_json(load_dataset_json(root), root)
+        for member, entry in dataset.stats.items():
+            for name in ("mean", "std"):
+                try:
+                    finite = bool(np.isfinite(np.asarray((entry or {}).get(name, []), np.float64)).all())
+                except (TypeError, ValueError):
+                    finite = False
+                if not finite:
+                    raise SchemaError(
+                        f"{Path(root) / DATASET_JSON}: the train statistics of {member} ({name}) are not all finite "
+                        "numbers, and standardising with them would make every feature of it NaN; "
+                        "extract the train split again"
+                    )
+        return dataset
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any], root: Path | str | None = None) -> ShardDataset:

@@ -19,6 +19,11 @@ from train.jsonout import dumps
 # re-import the `mmfuse` entry point when they start, and must not pay for torch there.
 
 SHORT = {"t": "text", "a": "audio", "v": "video"}
+SPLITS = ("train", "valid", "test")  # the splits `mmfuse extract` writes
+RUN_FILES = (
+    *("config.json", "metrics.jsonl", "curves.png", "events"),
+    *("checkpoints/last.pt", "checkpoints/best.pt", "final.json"),
+)
 DEVICE_HELP = "auto, cpu, cuda or cuda:N (default auto: cuda when available, else cpu)"
 
 TRAIN_EXAMPLES = """examples:
@@ -79,7 +84,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--checkpoint", required=True, type=Path)
     p.add_argument("--shards", required=True, type=Path)
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default="test", choices=SPLITS, help="split to score (default test)")
     p.add_argument("--missing", default="", help="modalities to remove: t, a, v, ta, ...; 'all' = every subset")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -165,10 +170,13 @@ def seeds_table(results: dict[int, dict[str, Any]]) -> str:
 
 
 def _print_final(run_dir: Path, final: dict[str, Any]) -> None:
+    """The selected checkpoint, its test metrics, and the files of the run directory that are there."""
     test = final.get("test") or {}
     shown = ", ".join(f"{k} {v:.4f}" for k, v in test.items() if isinstance(v, float))
     print(f"selected step {final['selected_step']} by {final['selected_by']}; test: {shown or 'no test split'}")
-    print(f"run directory: {run_dir} (metrics.jsonl, curves.png, events/, checkpoints/best.pt, final.json)")
+    print(f"selected checkpoint: {run_dir / final.get('checkpoint', 'checkpoints/best.pt')}")
+    written = [name + ("/" if name == "events" else "") for name in RUN_FILES if (run_dir / name).exists()]
+    print(f"run directory: {run_dir} ({', '.join(written)})")
 
 
 def missing_sets(spec: str, modalities: tuple[str, ...]) -> list[tuple[str, ...]]:
@@ -200,6 +208,11 @@ def run_eval(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     ckpt = load_checkpoint(args.checkpoint)
     dataset = ShardDataset.load(args.shards)
+    if args.split not in dataset.splits:
+        raise DataError(
+            f"the shards in {args.shards} have no {args.split} split "
+            f"(they have: {', '.join(dataset.splits) or 'no complete shard'})"
+        )
     check_feature_set(ckpt["feature_set_hash"], dataset, what=f"checkpoint {args.checkpoint}")
     config, net = load_network(ckpt, device)
     d = Dist(device=torch.device(device))

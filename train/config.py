@@ -30,6 +30,7 @@ PRESETS = Path(__file__).resolve().parent / "configs"
 MODES = ("frozen", "end_to_end")
 AMP = ("auto", "off", "bf16", "fp16")
 SCHEDULES = ("cosine", "linear", "constant")
+SELECTIONS = ("valid", "last")
 
 
 class TrainConfigError(MmfuseError, ValueError):
@@ -77,6 +78,9 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "auto"  # auto (bf16 on CUDA when supported, off on CPU) | off | bf16 | fp16
     compile: bool = False  # torch.compile the fusion model
+    # valid: the checkpoint with the best validation score (shards without a valid split are refused) |
+    # last: the last step's checkpoint, for shards without a valid split
+    selection: str = "valid"
 
     def problems(self) -> list[str]:
         out = []
@@ -88,6 +92,8 @@ class RunConfig:
                 out.append(f"{name}: must be >= 0, got {getattr(self, name)}")
         if self.amp not in AMP:
             out.append(f"amp: must be one of {', '.join(AMP)}, got {self.amp!r}")
+        if self.selection not in SELECTIONS:
+            out.append(f"selection: must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
             out.append(f"device: {self.device!r} must be auto, cpu, cuda or cuda:N")
         return out
@@ -256,3 +262,46 @@ def check_model_settings(config: TrainConfig, dims: dict[str, int]) -> None:
         fusion.make_config(fusion.MODELS[config.model].Config, config.model_kwargs(dims))
     except FusionConfigError as exc:
         raise TrainConfigError(f"model settings: {exc}") from exc
+
+
+# Settings a resumed run may change. They decide how long the run goes on, what it records and where it runs,
+# not what a step computes: a step after the change is the step an uninterrupted run with the new value takes.
+# epochs and max_steps lengthen or shorten the run (the learning-rate schedule then spans the new length from the
+# step reached); log_every, eval_every and checkpoint_every only change what is written when; num_workers only how
+# the same batches are read; device the hardware (the RNG streams are restored on it); skip_bad_samples only
+# whether a corrupt sample stops the run. Everything else (lr, batch_size, seed, the model, amp, ...) would
+# silently be overridden by the checkpoint (the optimiser's learning rates) or break the identity of the resumed
+# run with an uninterrupted one (the batches, the numerics): a new run is the way to change it.
+RESUMABLE = (
+    "epochs",
+    "max_steps",
+    "log_every",
+    "eval_every",
+    "checkpoint_every",
+    "num_workers",
+    "device",
+    "skip_bad_samples",
+)
+
+
+def resume_changes(saved: dict[str, Any], config: TrainConfig) -> dict[str, dict[str, Any]]:
+    """The settings ``config`` changes from ``saved`` (a checkpoint's config), as ``{key: {"from", "to"}}``
+    (``model.KEY`` for the model's); ``TrainConfigError`` naming every changed key outside ``RESUMABLE``."""
+    old = make_train_config(saved.get("model"), None, [], base=saved).to_dict()
+    new = config.to_dict()
+    keys = sorted(set(old) | set(new))
+    changes = {k: {"from": old.get(k), "to": new.get(k)} for k in keys if old.get(k) != new.get(k)}
+    settings = changes.pop("model_settings", None)
+    if settings is not None:
+        before, after = settings["from"] or {}, settings["to"] or {}
+        for key in sorted(set(before) | set(after)):
+            if before.get(key) != after.get(key):
+                changes[f"model.{key}"] = {"from": before.get(key), "to": after.get(key)}
+    refused = [f"{k}: {v['from']!r} -> {v['to']!r}" for k, v in changes.items() if k not in RESUMABLE]
+    if refused:
+        raise TrainConfigError(
+            "--resume: the run was trained with other settings; a resumed run may change only "
+            f"{', '.join(RESUMABLE)}. Changed: {'; '.join(refused)}. Resume with the run's settings "
+            "(see its config.json), or start a new run in another --run-dir"
+        )
+    return changes

@@ -10,6 +10,7 @@ from ``checkpoints/last.pt``; ``make_run`` is the part that writes nothing (``mm
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from shards import Progress
 from shards.dataset import ShardDataset, check_feature_set
 from train.checkpoint import load_checkpoint, save_checkpoint
-from train.config import TrainConfig, check_model_settings
+from train.config import TrainConfig, check_model_settings, resume_changes
 from train.data import DataConfig, ShardLoader, make_loader, num_batches
 from train.inputs import DataError, feature_dims
 from train.logs import RunLog
@@ -112,8 +113,10 @@ def build_run(
 ) -> Run:
     """A run ready for its first step, or resuming (``resume`` and ``checkpoints/last.pt`` present) for the step
     after its last checkpoint. Checks the settings against the shards, prepares ``run_dir`` (``prepare_run_dir``)
-    and writes ``config.json`` when the run is new."""
+    and writes ``config.json`` when the run is new. Resuming, settings may change only as
+    ``train.config.resume_changes`` allows, and config.json records what changed at which step."""
     dataset = ShardDataset.load(shards)
+    check_selection(config, dataset)
     dims = feature_dims(dataset, config.data.modalities)
     check_model_settings(config, dims)
     if d.main:
@@ -122,13 +125,36 @@ def build_run(
     last = run_dir / "checkpoints" / "last.pt"
     # rank 0 decides: on node-local disks other ranks may not see the file, and must not start afresh alone
     checkpoint = load_checkpoint(last) if agreed(d, resume and last.is_file()) else None
+    changes: dict[str, Any] = {}
     if checkpoint is not None:
         check_feature_set(checkpoint["feature_set_hash"], dataset, what=f"the run in {run_dir}")
+        changes = resume_changes(checkpoint["config"], config)
     run = make_run(config, shards, d, dataset, dims, checkpoint)
     run.run_dir, run.log, run.progress = run_dir, RunLog(run_dir, enabled=d.main), progress
     if d.main and checkpoint is None:
         write_json(run_dir / "config.json", run_record(run))
+    elif d.main and changes:
+        record_resume(run, changes)
     return run
+
+
+def check_selection(config: TrainConfig, dataset: ShardDataset) -> None:
+    """``selection=valid`` needs a valid split: refuse, before anything is trained or written, shards without one."""
+    if config.run.selection == "valid" and "valid" not in dataset.splits:
+        raise DataError(
+            f"the shards in {dataset.root} have no valid split (they have: {', '.join(dataset.splits) or 'none'}): "
+            "selection needs one; extract a valid split, or pass selection=last to keep the last step's checkpoint"
+        )
+
+
+def record_resume(run: Run, changes: dict[str, Any]) -> None:
+    """config.json after a resume with changed settings: the settings now in force, and under ``resumed`` the step
+    the run resumed at and each change (from, to)."""
+    path = run.run_dir / "config.json"
+    record = json.loads(path.read_text()) if path.is_file() else run_record(run)
+    record["config"] = run.config.to_dict()
+    record.setdefault("resumed", []).append({"step": run.step, "changes": changes})
+    write_json(path, record)
 
 
 def make_run(

@@ -10,7 +10,7 @@ Run directory (``--run-dir``)::
     events/            TensorBoard event files
     curves.png         learning curves (loss, validation metric)
     checkpoints/last.pt, best.pt   model, optimiser, scheduler, RNG, step and data position, config, feature set
-    final.json         test metrics of the best (validation-selected) checkpoint
+    final.json         valid and test metrics of the selected checkpoint (best.pt; last.pt with selection=last)
 
 Selection is on the validation split only (``train.metrics.SELECTION``); the test split is evaluated once,
 with the selected checkpoint, at the end.
@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from fusion.layers import task_loss
+from mmfuse.errors import MmfuseError
 from shards import Progress
 from shards.dataset import ShardDataset
 from train.checkpoint import load_checkpoint
@@ -47,6 +48,10 @@ __all__ = ["clip_grad_norm_per_group", "evaluate", "fit", "prediction_row"]
 log = logging.getLogger(__name__)
 
 LAST, BEST = Path("checkpoints/last.pt"), Path("checkpoints/best.pt")
+
+
+class NonFiniteLoss(MmfuseError, RuntimeError):
+    """The training loss became NaN or inf; the run stopped at that step, keeping what it had saved before."""
 
 
 def fit(
@@ -80,6 +85,8 @@ def fit(
             fresh, labelled, batches = run.batch == 0, 0, iter(loader)
             while run.step < run.total_steps and (micro := list(islice(batches, config.optim.grad_accum))):
                 step = train_step(run, micro)
+                if step.loss is not None:
+                    check_finite(run, step)
                 run.batch += len(micro)
                 labelled += step.labelled
                 if step.stepped:
@@ -112,6 +119,25 @@ def after_step(run: Run, step: Step) -> None:
         save(run, run.run_dir / LAST)
 
 
+def check_finite(run: Run, step: Step) -> None:
+    """``NonFiniteLoss`` when the loss (or the gradient norm of a step taken) of a full group is NaN or inf on
+    any rank: nothing after it is logged or saved, so the checkpoints keep the last finite state."""
+    values = [step.loss.detach().float().reshape(())]
+    if step.grad_norm is not None:
+        values.append(step.grad_norm.detach().float().reshape(()).to(values[0].device))
+    bad = not bool(torch.isfinite(torch.stack(values)).all())
+    if _total(int(bad), run.d) == 0:
+        return
+    at = run.step if step.stepped else run.step + 1
+    what = f"loss {float(values[0])}" + (f", gradient norm {float(values[1])}" if len(values) > 1 else "")
+    kept = [str(p) for p in (LAST, BEST) if (run.run_dir / p).is_file()] if run.run_dir else []
+    raise NonFiniteLoss(
+        f"training stopped at step {at} (epoch {run.epoch}): the {what} is not finite. "
+        f"{'Kept from before: ' + ', '.join(kept) if kept else 'No checkpoint had been saved'} in {run.run_dir}. "
+        "Start a new run with a lower lr (and encoder_lr), or amp=off"
+    )
+
+
 def check_labelled(run: Run, fresh: bool, labelled: int) -> None:
     """A whole epoch (not a resumed remainder) without one labelled sample on any rank is a ``DataError``."""
     if fresh and _total(labelled, run.d) == 0:
@@ -142,7 +168,7 @@ def end_of_epoch(run: Run) -> None:
         changed = run.net.fusion.end_epoch(metrics)
         if changed:
             run.log.note(run.step, "end_epoch", changed)
-        if select(run, metrics):
+        if run.config.run.selection == "valid" and select(run, metrics):
             save(run, run.run_dir / BEST)
     save(run, run.run_dir / LAST)
 
@@ -158,19 +184,25 @@ def select(run: Run, metrics: dict[str, Any]) -> bool:
 
 
 def finish(run: Run) -> dict[str, Any]:
-    """Evaluate the selected checkpoint on the validation and test splits; write final.json and the curves."""
-    best_path = run.run_dir / BEST
-    # from state every rank holds alike, not each rank's view of the disk (node-local disks disagree)
-    if run.best_step < 0:  # no validation split or no finite score: the last state is the selection
-        best_path = run.run_dir / LAST
-        save(run, best_path)
-    barrier(run.d)
-    run.net.load_state_dict(load_checkpoint(best_path)["model"])
+    """Evaluate the selected checkpoint on the validation and test splits; write final.json and the curves.
+    final.json names the selected checkpoint (``checkpoint``, relative to the run directory), its step, and how it
+    was selected: ``best.pt`` by the validation score, or ``last.pt`` with ``selection=last`` or when no
+    validation score was finite (said so in ``selected_by``)."""
     select_key = SELECTION[run.config.task][0]
-    final = {"selected_step": run.best_step, "selected_by": f"valid {select_key}"}
+    # from state every rank holds alike, not each rank's view of the disk (node-local disks disagree)
+    if run.config.run.selection == "valid" and run.best_step >= 0:
+        chosen, step, by = BEST, run.best_step, f"valid {select_key}"
+    else:
+        chosen, step = LAST, run.step
+        why = "selection=last" if run.config.run.selection == "last" else f"no finite valid {select_key}"
+        by = f"last step ({why})"
+        save(run, run.run_dir / LAST)
+    barrier(run.d)
+    run.net.load_state_dict(load_checkpoint(run.run_dir / chosen)["model"])
+    final = {"selected_step": step, "selected_by": by, "checkpoint": str(chosen)}
     for split in ("valid", "test"):
         final[split] = evaluate(run.net, run.dataset, split, run.config, run.d)
-        run.log.eval(run.best_step, run.epoch, f"{split} (selected)", final[split])
+        run.log.eval(step, run.epoch, f"{split} (selected)", final[split])
     if run.d.main:
         write_json(run.run_dir / "final.json", final)
         run.log.curves(select_key)

@@ -88,6 +88,7 @@ def test_training_on_word_aligned_features(aligned_shards: Path, tmp_path: Path)
         "num_workers=0",
         "epochs=1",
         "align_words=true",
+        "selection=last",  # the aligned shards have a train split only
         "model.hidden=12",
         "model.num_heads=3",
     ]
