@@ -97,10 +97,15 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
 
 def _read_csv(path: Path) -> list[tuple[int, dict[str, Any]]]:
     rows: list[tuple[int, dict[str, Any]]] = []
+    problems: list[str] = []
     with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f, strict=True)
         try:
             for n, row in enumerate(reader, start=2):
+                extra = row.pop(None, None)  # type: ignore[call-overload]
+                if extra is not None:
+                    problems.append(f"row {n}: {len(extra)} more field(s) than the header ({extra!r}); quote fields "
+                                    "holding commas")  # fmt: skip
                 rows.append((n, dict(row)))
         except csv.Error as exc:
             where = f"row {len(rows) + 2} (line {reader.line_num})"
@@ -109,9 +114,9 @@ def _read_csv(path: Path) -> list[tuple[int, dict[str, Any]]]:
         text = f.read()
     expected = count_csv_records(text) - 1  # less the header
     if len(rows) != max(expected, 0):
-        raise ManifestError(
-            str(path), [f"{len(rows)} rows parsed but the file holds {expected} records; check the quoting"]
-        )
+        problems.append(f"{len(rows)} rows parsed but the file holds {expected} records; check the quoting")
+    if problems:
+        raise ManifestError(str(path), problems)
     return rows
 
 

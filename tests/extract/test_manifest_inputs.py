@@ -57,6 +57,9 @@ def test_malformed_csv_quoting_is_a_manifest_error(tmp_path):
         (tmp_path / "m.csv").write_text(good + bad, encoding="utf-8")
         with pytest.raises(ManifestError, match=r"row 3 .*malformed CSV"):
             load_manifest(tmp_path / "m.csv", None, need_media=False)
+    (tmp_path / "m.csv").write_text(good + "g,b,hello, world\n", encoding="utf-8")  # an unquoted comma
+    with pytest.raises(ManifestError, match=r"row 3: 1 more field\(s\) than the header \(\[' world'\]\)"):
+        load_manifest(tmp_path / "m.csv", None, need_media=False)
 
 
 @pytest.mark.parametrize(
