@@ -8,32 +8,26 @@ object), ``words`` (JSON list of ``[word, start, end]``).
 
 from __future__ import annotations
 
-import csv
-import json
+import dataclasses
+import logging
 import math
-from collections.abc import Sequence
+import os
+import re
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any
 
-from mmfuse.errors import MmfuseError
+from extract.manifest_read import ManifestError, NonFinite, find_non_finite, is_jsonl, loads_strict, read_rows
 from shards.schema import SPLITS, make_key
 
+__all__ = ["Clip", "ManifestError", "load_manifest", "read_rows"]
+
+log = logging.getLogger(__name__)
 MEDIA_EXTENSIONS = (".mp4", ".avi", ".mpg", ".mpeg", ".mov", ".mkv", ".webm", ".m4v", ".flv", ".wav", ".mp3", ".m4a")
 SPLIT_ALIASES = {"val": "valid", "dev": "valid", "validation": "valid"}
 LABEL_COLUMNS = ("label", "label_T", "label_A", "label_V", "annotation")
-MAX_PROBLEMS_SHOWN = 50
-
-
-class ManifestError(MmfuseError, ValueError):
-    """The manifest has problems; the message lists all of them."""
-
-    def __init__(self, source: str, problems: Sequence[str]) -> None:
-        self.problems = list(problems)
-        shown = "\n  ".join(self.problems[:MAX_PROBLEMS_SHOWN])
-        more = len(self.problems) - MAX_PROBLEMS_SHOWN
-        tail = f"\n  ... and {more} more" if more > 0 else ""
-        super().__init__(f"{source}: {len(self.problems)} problem(s), nothing was extracted:\n  {shown}{tail}")
+DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+ROWS_SHOWN = 10
 
 
 @dataclass(frozen=True)
@@ -53,31 +47,7 @@ class Clip:
     end: float | None = None
     labels: dict[str, Any] = field(default_factory=dict)
     words: list[tuple[str, float, float]] | None = None
-
-
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """Raw rows of a CSV or JSONL manifest (by extension; ``.jsonl``/``.json`` are JSON lines)."""
-    if not path.is_file():
-        raise ManifestError(str(path), [f"manifest file {path} does not exist"])
-    text = path.read_text(encoding="utf-8-sig")
-    if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
-        rows, problems = [], []
-        for n, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError as exc:
-                problems.append(f"line {n}: not valid JSON ({exc})")
-                continue
-            if not isinstance(obj, dict):
-                problems.append(f"line {n}: expected a JSON object, got {type(obj).__name__}")
-                continue
-            rows.append(obj)
-        if problems:
-            raise ManifestError(str(path), problems)
-        return rows
-    return [dict(r) for r in csv.DictReader(text.splitlines())]
+    unlabelled: tuple[str, ...] = ()  # labels other rows have and this one leaves empty: training skips it there
 
 
 def load_manifest(
@@ -86,7 +56,8 @@ def load_manifest(
     """Read and validate a manifest; raise :class:`ManifestError` with every problem found.
 
     ``need_text=False`` makes the ``text`` column optional (transcripts come from ASR): rows without it, or with
-    it empty, get ``text=""``.
+    it empty, get ``text=""``. Rows left without a label that other rows have are allowed: they are counted,
+    logged and marked in :attr:`Clip.unlabelled`.
     """
     path = Path(path)
     rows = read_rows(path)
@@ -94,7 +65,7 @@ def load_manifest(
     problems: list[str] = []
     if not rows:
         raise ManifestError(str(path), ["the manifest has no rows"])
-    columns = set().union(*(r.keys() for r in rows))
+    columns = set().union(*(r.keys() for _, r in rows))
     required = {"video_id", "clip_id"} | ({"text"} if need_text else set())
     missing = sorted(required - columns)
     if missing:
@@ -110,8 +81,8 @@ def load_manifest(
         raise ManifestError(str(path), problems)
     clips: list[Clip] = []
     seen: dict[str, int] = {}
-    for n, row in enumerate(rows, start=2 if path.suffix.lower() == ".csv" else 1):
-        where = f"row {n}" if path.suffix.lower() == ".csv" else f"line {n}"
+    for n, row in rows:
+        where = f"line {n}" if is_jsonl(path) else f"row {n}"
         clip = _parse_row(row, n, where, root if need_media else None, need_text, problems)
         if clip is None:
             continue
@@ -122,7 +93,25 @@ def load_manifest(
         clips.append(clip)
     if problems:
         raise ManifestError(str(path), problems)
-    return clips
+    return _mark_unlabelled(clips, [c for c in LABEL_COLUMNS if c in columns], "line" if is_jsonl(path) else "row")
+
+
+def _mark_unlabelled(clips: list[Clip], label_columns: list[str], unit: str) -> list[Clip]:
+    """Mark (and log, one line per label) the clips without a value for a label that other rows have."""
+    names = list(dict.fromkeys([*label_columns, *(k for c in clips for k in c.labels)]))
+    out = []
+    for clip in clips:
+        empty = tuple(k for k in names if clip.labels.get(k) is None)
+        out.append(dataclasses.replace(clip, unlabelled=empty) if empty else clip)
+    for name in names:
+        at = [c.row for c in out if name in c.unlabelled]
+        if at:
+            shown = ", ".join(map(str, at[:ROWS_SHOWN])) + (", ..." if len(at) > ROWS_SHOWN else "")
+            log.warning(
+                "%d of %d rows have no %r label (%s %s): extracted without it; training and metrics on %r leave "
+                "them out", len(at), len(out), name, unit, shown, name,
+            )  # fmt: skip
+    return out
 
 
 def _text(value: Any) -> str:
@@ -133,6 +122,10 @@ def _parse_row(
     row: dict[str, Any], n: int, where: str, root: Path | None, need_text: bool, problems: list[str]
 ) -> Clip | None:
     before = len(problems)
+    for column, value in row.items():  # JSON NaN / Infinity / 1e400, anywhere in a JSONL record
+        bad = find_non_finite(value)
+        if bad is not None:
+            problems.append(f"{where}, column {column!r}: {bad} is not a finite number (NaN and Infinity are refused)")
     video_id, clip_id = _text(row.get("video_id")), _text(row.get("clip_id"))
     if not video_id or not clip_id:
         problems.append(f"{where}: empty video_id or clip_id")
@@ -158,7 +151,7 @@ def _parse_row(
         text="" if text is None else str(text),
         row=n,
         path=path,
-        media=str(path.relative_to(root)) if path is not None and root is not None else None,
+        media=path.relative_to(root).as_posix() if path is not None and root is not None else None,
         start=start,
         end=end,
         labels=labels,
@@ -167,7 +160,7 @@ def _parse_row(
 
 
 def _seconds(value: Any, name: str, where: str, problems: list[str]) -> float | None:
-    if value is None or _text(value) == "":
+    if value is None or isinstance(value, NonFinite) or _text(value) == "":
         return None
     try:
         x = float(value)
@@ -180,29 +173,52 @@ def _seconds(value: Any, name: str, where: str, problems: list[str]) -> float | 
     return x
 
 
-def _number_or_text(value: Any) -> Any:
-    if isinstance(value, (int, float, bool)) or value is None:
+def _label_value(value: Any, column: str, where: str, problems: list[str]) -> Any:
+    """A label cell: a finite number, a text label (a class name), or ``None`` (empty: the row is unlabelled)."""
+    if value is None or find_non_finite(value) is not None:  # JSON NaN is reported with the record
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        problems.append(f"{where}, column {column!r}: {value} is not a finite number")
+        return None
+    if not isinstance(value, str):
         return value
-    try:
-        x = float(value)
-        return x if math.isfinite(x) else str(value)
-    except ValueError:
-        return str(value)
+    cell = value.strip()
+    if cell == "":
+        return None
+    if DECIMAL.fullmatch(cell):
+        x = float(cell)
+        if math.isfinite(x):
+            return x
+    else:
+        try:
+            float(cell)  # nan, inf, Infinity, 1_0: spelled as numbers but not plain finite ones
+        except ValueError:
+            return value
+    problems.append(f"{where}, column {column!r}: {cell!r} is not a finite number")
+    return None
 
 
 def _labels(row: dict[str, Any], where: str, problems: list[str]) -> dict[str, Any]:
-    labels = {c: _number_or_text(row[c]) for c in LABEL_COLUMNS if c in row and _text(row[c]) != ""}
+    labels = {c: _label_value(row[c], c, where, problems) for c in LABEL_COLUMNS if c in row}
+    labels = {c: v for c, v in labels.items() if v is not None}
     extra = row.get("labels")
     if isinstance(extra, str) and extra.strip():
         try:
-            extra = json.loads(extra)
+            extra = loads_strict(extra)
         except ValueError as exc:
-            problems.append(f"{where}: labels is not valid JSON ({exc})")
+            problems.append(f"{where}, column 'labels': not valid JSON ({exc})")
+            return labels
+        bad = find_non_finite(extra)
+        if bad is not None:
+            problems.append(f"{where}, column 'labels': {bad} is not a finite number (NaN and Infinity are refused)")
             return labels
     if isinstance(extra, dict):
-        labels.update(extra)
+        for k, v in extra.items():
+            if isinstance(v, str) and v.strip() and _label_value(v, f"labels.{k}", where, problems) is None:
+                continue  # a string spelling a non-finite number: reported
+            labels[k] = v
     elif extra not in (None, ""):
-        problems.append(f"{where}: labels must be a JSON object, got {type(extra).__name__}")
+        problems.append(f"{where}, column 'labels': must be a JSON object, got {type(extra).__name__}")
     return labels
 
 
@@ -210,12 +226,19 @@ def _words(value: Any, where: str, problems: list[str]) -> list[tuple[str, float
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     try:
-        items = json.loads(value) if isinstance(value, str) else value
+        items = loads_strict(value) if isinstance(value, str) else value
+        bad = find_non_finite(items)
+        if bad is not None:
+            if isinstance(value, str):  # a JSONL record's own NaN is reported with the record
+                problems.append(f"{where}, column 'words': {bad} is not a finite number")
+            return None
         words = [(str(w), float(s), float(e)) for w, s, e in items]
     except (ValueError, TypeError) as exc:
-        problems.append(f"{where}: words must be a JSON list of [word, start, end] ({exc})")
+        problems.append(f"{where}, column 'words': must be a JSON list of [word, start, end] ({exc})")
         return None
-    if any(e < s for _, s, e in words):
+    if not all(math.isfinite(s) and math.isfinite(e) for _, s, e in words):
+        problems.append(f"{where}, column 'words': a word time is not a finite number")
+    elif any(e < s for _, s, e in words):
         problems.append(f"{where}: a word ends before it starts")
     return words
 
@@ -223,18 +246,25 @@ def _words(value: Any, where: str, problems: list[str]) -> list[tuple[str, float
 def _media_path(
     row: dict[str, Any], video_id: str, clip_id: str, root: Path, where: str, problems: list[str]
 ) -> Path | None:
+    """The media file of a row, resolved (symlinks followed); ``None`` with a problem when it leaves ``root``."""
     explicit = _text(row.get("path"))
     if explicit:
-        candidate = (root / explicit).resolve()
+        windows = PureWindowsPath(explicit)  # accepts both separators; a drive or leading slash shows in anchor
+        if windows.anchor:
+            problems.append(
+                f"{where}, column 'path': {explicit!r} is absolute; paths are relative to the media root {root}"
+            )
+            return None
+        named = "/".join(windows.parts)
+        candidate = root / named
     else:
-        base = (root / video_id / clip_id).resolve()
-        found = [
-            base.with_name(base.name + ext) for ext in MEDIA_EXTENSIONS if base.with_name(base.name + ext).exists()
-        ]
+        named = f"{video_id}/{clip_id}"
+        base = root / video_id / clip_id
+        found = [base.with_name(base.name + e) for e in MEDIA_EXTENSIONS if base.with_name(base.name + e).exists()]
         candidate = found[0] if found else base.with_name(base.name + ".mp4")
-    try:
-        candidate.relative_to(root)
-    except ValueError:
-        problems.append(f"{where}: media path {explicit or video_id + '/' + clip_id} escapes the media root {root}")
+    resolved = candidate.resolve()
+    if not resolved.is_relative_to(root):
+        via = f" (through a symlink, to {resolved})" if Path(os.path.normpath(candidate)).is_relative_to(root) else ""
+        problems.append(f"{where}: media path {named} escapes the media root {root}{via}")
         return None
-    return candidate
+    return resolved

@@ -177,6 +177,8 @@ def _overlay(sample: dict[str, Any], media: Path | None, out: Path, index: int) 
     if media is None:
         return Overlay(key, None, "media not reachable: no media root recorded (pass --media-root)")
     path = media / meta["media"]
+    if not path.resolve().is_relative_to(media.resolve()):  # an absolute or ../ path, or a symlink leading out
+        return Overlay(key, None, f"media not decoded: {meta['media']} resolves outside the media root {media}")
     if not path.is_file():
         return Overlay(key, None, f"media not reachable: {path} does not exist (pass --media-root)")
     try:

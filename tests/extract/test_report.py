@@ -153,6 +153,18 @@ def test_overlay_on_real_media(tmp_path: Path) -> None:
     assert image.shape[1] > 3 * image.shape[0]  # 3 frames with a face and one without, side by side
 
 
+def test_overlay_decodes_only_media_inside_the_media_root(tmp_path: Path) -> None:
+    root = tmp_path / "media"
+    (root / "grid").mkdir(parents=True)
+    (root / "grid" / "link.mpg").symlink_to(MEDIA / "grid" / "bbaf2n.mpg")  # leads out of the root
+    outside = [str(MEDIA / "grid" / "bbaf2n.mpg"), "../../examples/media/grid/bbaf2n.mpg", "grid/link.mpg"]
+    samples = [make_sample("grid", f"c{i}", "train", frames=75, media=m) for i, m in enumerate(outside)]
+    shards = build(tmp_path / "shards", {"train": samples}, root)
+    html = write_report(shards, tmp_path / "rep", overlays=3).read_text(encoding="utf-8")
+    assert html.count("media not decoded") == 3 and html.count("resolves outside the media root") == 3
+    assert not list((tmp_path / "rep").glob("overlay_*.png"))
+
+
 def test_overlays_zero_and_import_is_cheap(synthetic: Path, tmp_path: Path) -> None:
     html = write_report(synthetic, tmp_path / "rep", overlays=0).read_text(encoding="utf-8")
     assert "none drawn" in html
