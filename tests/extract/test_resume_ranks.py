@@ -14,6 +14,7 @@ from conftest import MEDIA, ROOT, bundled_rows, write_manifest
 
 from extract.pipeline import run_extract
 from shards import iter_shard, load_dataset_json, read_sidecar
+from shards.io import host_name
 
 CLIPS = ["grid/bbaf2n.mpg", "grid/pwij3p.mpg", "grid/id2_vcd_swwp2s.mpg"]
 
@@ -87,12 +88,14 @@ def test_partial_shard_is_redone(tmp_path, tiny_cfg):
     # Simulate a crash: one shard half-written under a temp name, another committed tar without its sidecar.
     (out / "train-000000.json").unlink()
     (out / "train-000000.tar").write_bytes(b"garbage")
-    (out / "valid-000000.tar.tmp-999").write_bytes(b"partial")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = out / f"valid-000000.tar.tmp-r0-p{int(gone.stdout)}-{host_name()}"  # its writer has exited
+    stale.write_bytes(b"partial")
     before = (out / "test-000000.tar").stat().st_mtime_ns
     summary = run_extract(manifest, MEDIA, out, cfg)
     assert summary["shards_written"] == 1 and summary["complete"]
     assert (out / "test-000000.tar").stat().st_mtime_ns == before
-    assert not (out / "valid-000000.tar.tmp-999").exists()
+    assert not stale.exists()
     assert set(keys_in_shards(out).values()) == {1} and sum(keys_in_shards(out).values()) == 4
 
 
