@@ -88,6 +88,11 @@ def run_extract_cmd(args: argparse.Namespace) -> int:
             f"({summary['shards_this_rank'] - summary['shards_written']} already complete) to {summary['out']} "
             f"in {summary['wall_s']:.1f} s; {counts}"
             + ("" if summary["complete"] else " (other ranks still have shards to write)")
+            + (
+                f"; {len(summary['shards_held_elsewhere'])} shards left to the other writer that is writing them"
+                if summary.get("shards_held_elsewhere")
+                else ""
+            )
         )
     return 0
 

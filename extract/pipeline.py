@@ -13,7 +13,6 @@ incomplete ones redone, and every clip ends up exactly once.
 
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing as mp
 import os
@@ -32,11 +31,12 @@ from extract.clip import decode_settings
 from extract.config import ExtractConfig
 from extract.extractors.base import DecodedClip, ExtractionError, read_settings
 from extract.manifest import Clip, load_manifest
+from extract.outdir import DATASET_LOCK, ShardLock, check_feature_set, check_out_dir, claim_shards, clean_stale
 from extract.registry import EXTRACTORS, extractor_for
 from extract.worker import DecodeSettings, decode_clip, init_worker
-from extract.writer import ShardBuilder, clean_stale, is_complete
+from extract.writer import ShardBuilder
 from shards import Progress
-from shards.dataset import DATASET_JSON, build_dataset, feature_set_hash, shard_name
+from shards.dataset import build_dataset, feature_set_hash, shard_name
 from shards.schema import MODALITIES, SAMPLE_RATE, SCHEMA_VERSION, SPLITS
 
 log = logging.getLogger(__name__)
@@ -111,12 +111,14 @@ class ExtractionJob:
     clips: list[Clip]
     plans: list[ShardPlan]
     mine: list[ShardPlan]  # this rank's shards
-    todo: list[ShardPlan]  # ... that are not complete yet
+    todo: list[ShardPlan]  # ... that are not complete yet, locked by this run
     extractors: dict[str, Any]
     feature_set: dict[str, Any]
     fs_hash: str
     settings: DecodeSettings
     tic: float  # when setup began (after reading the manifest)
+    locks: list[ShardLock]  # of the shards in todo
+    held: list[str]  # this rank's incomplete shards another live writer holds (left to it)
 
 
 def run_extract(
@@ -142,22 +144,33 @@ def run_extract(
     if progress is not None:
         progress(done, total)
     setup_s = time.perf_counter() - job.tic
-    written, waits = encode_and_write(job, out, cfg, progress, done, total)
-    dataset = build_dataset(
-        out,
-        [(p.split, p.index) for p in job.plans],
-        job.feature_set,
-        extra={
-            "manifest": str(Path(manifest).resolve()),
-            "media_root": str(Path(media_root).resolve()) if media_root else None,
-        },
-    )
+    try:
+        written, waits = encode_and_write(job, out, cfg, progress, done, total)
+    finally:
+        for lock in job.locks:
+            lock.release()
+    # Serialised, so the last rank or run to get here sees every committed shard and writes the complete one.
+    dataset_lock = ShardLock.claim(out / DATASET_LOCK, cfg.rank, wait=True)
+    try:
+        dataset = build_dataset(
+            out,
+            [(p.split, p.index) for p in job.plans],
+            job.feature_set,
+            extra={
+                "manifest": str(Path(manifest).resolve()),
+                "media_root": str(Path(media_root).resolve()) if media_root else None,
+            },
+        )
+    finally:
+        if dataset_lock is not None:
+            dataset_lock.release()
     return {
         "out": str(out),
         "clips": len(job.clips),
         "shards_total": len(job.plans),
         "shards_this_rank": len(job.mine),
         "shards_written": len(job.todo),
+        "shards_held_elsewhere": job.held,
         "samples_written": written,
         "feature_set_hash": job.fs_hash,
         "complete": dataset["complete"],
@@ -174,21 +187,23 @@ def prepare(manifest: Path | str, media_root: Path | str | None, out: Path, cfg:
     settings = decode_settings(cfg)
     need_text = "text" in cfg.modalities and cfg.asr is None  # with --asr, empty transcripts are recognised
     clips = load_manifest(manifest, media_root, need_media=bool(settings.modalities), need_text=need_text)
-    out.mkdir(parents=True, exist_ok=True)
+    check_out_dir(out, cfg.overwrite)
     tic = time.perf_counter()
     extractors = build_extractors(cfg)
     feature_set = describe_feature_set(cfg, extractors)
     fs_hash = feature_set_hash(feature_set)
     plans = plan_shards(clips, cfg.shard_size)
-    _check_out_dir(out, fs_hash, cfg.overwrite)
+    check_feature_set(out, fs_hash, cfg.overwrite)
     clean_stale(out, {p.name for p in plans}, remove_all=cfg.overwrite and cfg.rank == 0)
     mine = [p for k, p in enumerate(plans) if k % cfg.world_size == cfg.rank]
-    todo = [p for p in mine if not is_complete(out, p.name, [c.key for c in p.clips], fs_hash, cfg.raw)]
+    todo, held, locks = claim_shards(out, mine, fs_hash, cfg.rank, cfg.raw)
     log.info(
-        "%d clips in %d shards; rank %d/%d owns %d shards, %d already complete",
-        len(clips), len(plans), cfg.rank, cfg.world_size, len(mine), len(mine) - len(todo),
+        "%d clips in %d shards; rank %d/%d owns %d shards, %d already complete, %d being written by another writer",
+        len(clips), len(plans), cfg.rank, cfg.world_size, len(mine), len(mine) - len(todo) - len(held), len(held),
     )  # fmt: skip
-    return ExtractionJob(clips, plans, mine, todo, extractors, feature_set, fs_hash, settings, tic)
+    if held:
+        log.warning("left to the writers that hold them: %s", ", ".join(held))
+    return ExtractionJob(clips, plans, mine, todo, extractors, feature_set, fs_hash, settings, tic, locks, held)
 
 
 def encode_and_write(
@@ -232,21 +247,6 @@ def encode_and_write(
     finally:
         clips_in.close()  # shuts the decode pool down, also on errors
     return written, waits
-
-
-def _check_out_dir(out: Path, fs_hash: str, overwrite: bool) -> None:
-    path = out / DATASET_JSON
-    if overwrite or not path.is_file():
-        return
-    try:
-        old = json.loads(path.read_text()).get("feature_set_hash")
-    except (OSError, ValueError):
-        return
-    if old and old != fs_hash:
-        raise ExtractionError(
-            f"{out} holds shards of another feature set ({old}, this run is {fs_hash}): a model, layer, fps or "
-            "modality differs. Pass --overwrite to replace them, or choose another --out."
-        )
 
 
 def decode_clips(

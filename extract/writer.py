@@ -13,7 +13,7 @@ import numpy as np
 from extract.clip import make_sample, run_extractors
 from extract.config import ExtractConfig
 from extract.extractors.base import DecodedClip, ExtractionError
-from shards.dataset import DATASET_JSON, STATUS_JSONL, read_sidecar
+from shards.dataset import read_sidecar
 from shards.io import DiskFullError, ShardWriter, atomic_write_json
 from shards.schema import FEATURE_MEMBERS, MASK_MEMBERS, MODALITIES, SAMPLE_RATE, SCHEMA_VERSION
 from shards.stats import RunningStats
@@ -33,21 +33,6 @@ def is_complete(out: Path, name: str, keys: list[str], fs_hash: str, raw: bool) 
     )
 
 
-def clean_stale(out: Path, planned: set[str], remove_all: bool) -> None:
-    """Remove temporary files of interrupted writes, shards outside the current plan, or (``--overwrite``) all."""
-    for path in out.iterdir():
-        stem = path.name.split(".")[0]
-        ours = path.suffix in (".tar", ".json") or ".tmp-" in path.name
-        if not ours or path.name == DATASET_JSON:
-            if remove_all and path.name in (DATASET_JSON, STATUS_JSONL):
-                path.unlink(missing_ok=True)
-            continue
-        is_shard = len(stem.split("-")) == 2 and stem.split("-")[1].isdigit()
-        if ".tmp-" in path.name or (is_shard and (remove_all or stem not in planned)):
-            log.info("removing %s", path.name)
-            path.unlink(missing_ok=True)
-
-
 class ShardBuilder:
     """One shard, built as its clips arrive: encoders run on each group of ``group`` decoded clips (so they
     overlap the decoding of later clips in the workers), samples stream into the temporary tar in plan order,
@@ -61,7 +46,7 @@ class ShardBuilder:
     ) -> None:
         self.out, self.plan, self.extractors, self.fs_hash, self.cfg = out, plan, extractors, fs_hash, cfg
         self.group = max(1, group)
-        self.writer = ShardWriter(out / f"{plan.name}.tar")
+        self.writer = ShardWriter(out / f"{plan.name}.tar", rank=cfg.rank)
         self.pending: list[DecodedClip] = []
         self.records: list[dict[str, Any]] = []
         self.stats: dict[str, RunningStats] = {}
@@ -107,7 +92,7 @@ class ShardBuilder:
             "audio_seconds": round(self.audio_seconds, 3),
             "host": os.uname().nodename,
         }
-        self._guard(lambda: atomic_write_json(self.out / f"{self.plan.name}.json", sidecar), "json")
+        self._guard(lambda: atomic_write_json(self.out / f"{self.plan.name}.json", sidecar, cfg.rank), "json")
         return len(self.writer.keys)
 
     def abort(self) -> None:

@@ -10,6 +10,7 @@ import errno
 import io
 import json
 import os
+import re
 import tarfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -48,9 +49,20 @@ def decode_member(name: str, data: bytes) -> Any:
     raise SchemaError(f"member {name!r}: only .npy and .json members are allowed")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary name, fsync, rename."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+def host_name() -> str:
+    """This host's name as temporary file names carry it (characters other than ``A-Za-z0-9_.-`` become ``_``)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", os.uname().nodename) or "localhost"
+
+
+def temp_path(path: Path, rank: int = 0) -> Path:
+    """The temporary name this process writes ``path`` under: ``<name>.tmp-r<rank>-p<pid>-<host>``. It names its
+    writer (rank, pid, host), so a clean-up removes it only once that writer is gone."""
+    return path.with_name(f"{path.name}.tmp-r{rank}-p{os.getpid()}-{host_name()}")
+
+
+def atomic_write_bytes(path: Path, data: bytes, rank: int = 0) -> None:
+    """Write ``data`` to ``path`` via a temporary name (:func:`temp_path`), fsync, rename."""
+    tmp = temp_path(path, rank)
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -64,20 +76,20 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True, allow_nan=False) + "\n").encode())
+def atomic_write_json(path: Path, obj: Any, rank: int = 0) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True, allow_nan=False) + "\n").encode(), rank)
 
 
 class ShardWriter:
-    """Write one shard to ``<path>.tmp-<pid>``; :meth:`commit` renames it into place.
+    """Write one shard to its temporary name (:func:`temp_path`); :meth:`commit` renames it into place.
 
     Every sample is validated before it is written. On any error the temporary file is removed, so a
     half-written shard never appears under its final name.
     """
 
-    def __init__(self, path: Path | str, validate: bool = True) -> None:
+    def __init__(self, path: Path | str, validate: bool = True, rank: int = 0) -> None:
         self.path = Path(path)
-        self.tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+        self.tmp = temp_path(self.path, rank)
         self.validate = validate
         self.keys: list[str] = []
         self.nbytes = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from conftest import MEDIA, ROOT, bundled_rows, write_manifest
 
 from extract.pipeline import run_extract
 from shards import iter_shard, load_dataset_json, read_sidecar
+from shards.io import host_name
 
 CLIPS = ["grid/bbaf2n.mpg", "grid/pwij3p.mpg", "grid/id2_vcd_swwp2s.mpg"]
 
@@ -79,6 +81,53 @@ def test_kill_mid_run_then_rerun_gives_every_clip_once(tmp_path, tiny_text_model
     assert ds["complete"] and ds["samples"] == 8
 
 
+def extract_args(manifest, out, text_model, audio_model, *extra: str) -> list[str]:
+    return cli(
+        "extract", str(manifest), "--media-root", str(MEDIA), "--out", str(out), "--shard-size", "2",
+        "--workers", "0", "--modalities", "text,audio", "--text-model", str(text_model),
+        "--audio-model", str(audio_model), "--no-progress", *extra,
+    )  # fmt: skip
+
+
+def assert_complete_once(out, n: int) -> None:
+    counts = keys_in_shards(out)
+    assert set(counts) == {f"v{i % 3}__c{i}" for i in range(n)} and set(counts.values()) == {1}
+    ds = load_dataset_json(out)
+    assert ds["complete"] and ds["samples"] == n and not ds["missing_shards"]
+    assert not list(out.glob("*.tmp-*")) and not list(out.glob("*.lock"))
+
+
+@pytest.mark.integration
+def test_second_rank_started_later_leaves_the_first_ranks_work_alone(tmp_path, tiny_text_model, tiny_audio_model):
+    manifest = write_manifest(tmp_path / "m.csv", many_rows(16))
+    out = tmp_path / "out"
+    args = [extract_args(manifest, out, tiny_text_model, tiny_audio_model, "--rank", str(r), "--world-size", "2")
+            for r in (0, 1)]  # fmt: skip
+    first = subprocess.Popen(args[0], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(out.glob("*.tmp-r0-*")) and first.poll() is None:
+        time.sleep(0.02)
+    assert first.poll() is None, "rank 0 should still be writing"
+    second = subprocess.run(args[1], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out0, err0 = first.communicate(timeout=300)
+    assert first.returncode == 0 and second.returncode == 0, err0 + second.stderr
+    assert_complete_once(out, 16)
+
+
+@pytest.mark.integration
+def test_two_whole_runs_at_once_write_every_clip_once(tmp_path, tiny_text_model, tiny_audio_model):
+    manifest = write_manifest(tmp_path / "m.csv", many_rows(12))
+    out = tmp_path / "out"
+    args = extract_args(manifest, out, tiny_text_model, tiny_audio_model)
+    runs = [subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]  # fmt: skip
+    results = [run.communicate(timeout=300) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], results
+    assert_complete_once(out, 12)
+    written = [int(re.search(r"wrote (\d+) samples", stdout)[1]) for stdout, _ in results]
+    assert sum(written) == 12  # no clip extracted twice
+
+
 def test_partial_shard_is_redone(tmp_path, tiny_cfg):
     manifest = write_manifest(tmp_path / "m.csv", many_rows(4))
     out = tmp_path / "out"
@@ -87,12 +136,14 @@ def test_partial_shard_is_redone(tmp_path, tiny_cfg):
     # Simulate a crash: one shard half-written under a temp name, another committed tar without its sidecar.
     (out / "train-000000.json").unlink()
     (out / "train-000000.tar").write_bytes(b"garbage")
-    (out / "valid-000000.tar.tmp-999").write_bytes(b"partial")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = out / f"valid-000000.tar.tmp-r0-p{int(gone.stdout)}-{host_name()}"  # its writer has exited
+    stale.write_bytes(b"partial")
     before = (out / "test-000000.tar").stat().st_mtime_ns
     summary = run_extract(manifest, MEDIA, out, cfg)
     assert summary["shards_written"] == 1 and summary["complete"]
     assert (out / "test-000000.tar").stat().st_mtime_ns == before
-    assert not (out / "valid-000000.tar.tmp-999").exists()
+    assert not stale.exists()
     assert set(keys_in_shards(out).values()) == {1} and sum(keys_in_shards(out).values()) == 4
 
 

@@ -1,0 +1,209 @@
+"""The output directory: which of its files are ours, who owns a temporary file, and per-shard locks.
+
+Only files with our exact names are ever removed: ``{split}-{NNNNNN}.tar|.json`` (split train, valid or test,
+six digits), their temporary names (:func:`shards.io.temp_path`: ``<name>.tmp-r<rank>-p<pid>-<host>``),
+``dataset.json``, ``status.jsonl`` and the lock files ``{split}-{NNNNNN}.lock`` and ``dataset.lock``.
+
+A temporary file belongs to its writer. It is removed as stale only once that writer is gone: on this host
+when its pid is no longer alive; written on another host (a shared file system), when it has not been
+modified for :data:`FOREIGN_LEASE_S` (one hour; a live writer touches its file as it writes).
+
+A writer holds a shard's lock (``fcntl.flock`` on ``{shard}.lock``) while it writes that shard, so two ranks or
+two whole runs on the same ``--out`` never write the same shard at once; the lock is released when the writer
+exits, however it exits, and the lock file is removed by whoever releases it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from extract.extractors.base import ExtractionError
+from extract.writer import is_complete
+from shards.dataset import DATASET_JSON, STATUS_JSONL
+from shards.io import host_name, temp_path
+
+log = logging.getLogger(__name__)
+
+FOREIGN_LEASE_S = 3600.0  # a temporary file from another host is stale after an hour without a write
+DATASET_LOCK = "dataset.lock"
+SHARD_FILE = re.compile(r"^(?P<stem>(?:train|valid|test)-\d{6})\.(?:tar|json)$")
+LOCK_FILE = re.compile(r"^(?P<stem>(?:train|valid|test)-\d{6})\.lock$")
+TEMP_FILE = re.compile(
+    r"^(?P<final>(?:train|valid|test)-\d{6}\.(?:tar|json)|dataset\.json|status\.jsonl)"
+    r"\.tmp-r(?P<rank>\d+)-p(?P<pid>\d+)-(?P<host>[A-Za-z0-9_.-]+)$"
+)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, owned by someone else
+    return True
+
+
+def owner_gone(path: Path, now: float | None = None) -> bool:
+    """Whether the writer of the temporary file ``path`` (our temporary naming) is gone."""
+    m = TEMP_FILE.match(path.name)
+    if m is None:
+        return False
+    if m["host"] == host_name():
+        return not pid_alive(int(m["pid"]))
+    try:
+        age = (time.time() if now is None else now) - path.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    return age > FOREIGN_LEASE_S
+
+
+def clean_stale(out: Path, planned: set[str], remove_all: bool) -> None:
+    """Remove temporary files whose writer is gone and unheld lock files; with ``remove_all`` (``--overwrite``)
+    also every shard, ``dataset.json`` and ``status.jsonl``. Shards outside the plan are left (they are not
+    listed in ``dataset.json``); files that are not named like ours are never touched."""
+    outside = []
+    for path in sorted(out.iterdir()):
+        name = path.name
+        if TEMP_FILE.match(name):
+            if owner_gone(path):
+                log.info("removing %s (its writer is gone)", name)
+                path.unlink(missing_ok=True)
+        elif (m := LOCK_FILE.match(name)) or name == DATASET_LOCK:
+            lock = ShardLock.claim(path)  # removes a lock file nobody holds
+            if lock is not None:
+                lock.release()
+        elif m := SHARD_FILE.match(name):
+            if remove_all:
+                log.info("removing %s (--overwrite)", name)
+                path.unlink(missing_ok=True)
+            elif m["stem"] not in planned:
+                outside.append(name)
+        elif remove_all and name in (DATASET_JSON, STATUS_JSONL):
+            path.unlink(missing_ok=True)
+    if outside:
+        log.warning("%s: %d shard files are not in this run's plan and are left as they are: %s", out, len(outside),
+                    ", ".join(outside[:5]) + (" ..." if len(outside) > 5 else ""))  # fmt: skip
+
+
+class ShardLock:
+    """An exclusive ``flock`` on a lock file, with its owner (rank, pid, host) written inside."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path, self.fd = path, fd
+
+    @classmethod
+    def claim(cls, path: Path, rank: int = 0, wait: bool = False) -> ShardLock | None:
+        """The lock on ``path``, or None when another live writer holds it (``wait``: block until it is free)."""
+        while True:
+            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:  # not a file its last holder removed while we waited for it
+                owner = {"rank": rank, "pid": os.getpid(), "host": host_name()}
+                os.ftruncate(fd, 0)
+                os.write(fd, json.dumps(owner).encode())
+                return cls(path, fd)
+            os.close(fd)
+
+    def release(self) -> None:
+        """Remove the lock file (while still holding it) and unlock."""
+        if self.fd < 0:
+            return
+        self.path.unlink(missing_ok=True)
+        os.close(self.fd)
+        self.fd = -1
+
+
+def lock_owner(path: Path) -> str:
+    """Who holds the lock at ``path``, in words (for messages)."""
+    try:
+        owner = json.loads(path.read_text())
+        return f"rank {owner['rank']}, pid {owner['pid']} on {owner['host']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another writer"
+
+
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse an ``--out`` that is not a directory, cannot be written, or holds a ``dataset.json`` mmfuse did not
+    write; before any model is loaded."""
+    if out.exists() and not out.is_dir():
+        raise ExtractionError(f"--out {out} is a file, not a directory: choose a directory for the shards.")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = temp_path(out / DATASET_JSON)
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        probe.unlink()
+    except OSError as exc:
+        raise ExtractionError(f"--out {out} cannot be written ({exc.strerror}): choose a writable directory.") from exc
+    path = out / DATASET_JSON
+    if overwrite or not path.exists():
+        return
+    try:
+        obj: Any = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ExtractionError(
+            f"{path} is not readable JSON ({exc}): pass --overwrite to replace it, or choose another --out."
+        ) from exc
+    missing = [k for k in ("schema_version", "feature_set_hash") if not isinstance(obj, dict) or k not in obj]
+    if missing:
+        raise ExtractionError(
+            f"{path} lacks {', '.join(missing)}: it was not written by `mmfuse extract`. Pass --overwrite to "
+            "replace it, or choose another --out."
+        )
+
+
+def check_feature_set(out: Path, fs_hash: str, overwrite: bool) -> None:
+    """Refuse to mix shards of another feature set into ``out`` without ``--overwrite``."""
+    path = out / DATASET_JSON
+    if overwrite or not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text()).get("feature_set_hash")
+    except (OSError, ValueError, AttributeError):
+        return
+    if old and old != fs_hash:
+        raise ExtractionError(
+            f"{out} holds shards of another feature set ({old}, this run is {fs_hash}): a model, layer, fps or "
+            "modality differs. Pass --overwrite to replace them, or choose another --out."
+        )
+
+
+def claim_shards(out: Path, plans: list[Any], fs_hash: str, rank: int, raw: bool) -> tuple[list, list, list]:
+    """Lock this rank's incomplete shards: ``(todo, held, locks)``, where ``todo`` are the plans now locked by us
+    (``locks``) and ``held`` names the shards another live writer is writing, left to it."""
+    todo: list[Any] = []
+    held: list[str] = []
+    locks: list[ShardLock] = []
+    try:
+        for plan in plans:
+            keys = [c.key for c in plan.clips]
+            if is_complete(out, plan.name, keys, fs_hash, raw):
+                continue
+            lock = ShardLock.claim(out / f"{plan.name}.lock", rank)
+            if lock is None:
+                held.append(f"{plan.name} ({lock_owner(out / f'{plan.name}.lock')})")
+            elif is_complete(out, plan.name, keys, fs_hash, raw):  # its writer finished it meanwhile
+                lock.release()
+            else:
+                locks.append(lock)
+                todo.append(plan)
+    except BaseException:
+        for lock in locks:
+            lock.release()
+        raise
+    return todo, held, locks
