@@ -87,6 +87,7 @@ def run_extract_cmd(args: argparse.Namespace) -> int:
             f"wrote {summary['samples_written']} samples in {summary['shards_written']} shards "
             f"({summary['shards_this_rank'] - summary['shards_written']} already complete) to {summary['out']} "
             f"in {summary['wall_s']:.1f} s; {counts}"
+            + (f"; {summary['clips_unlabelled']} clips without a label" if summary.get("clips_unlabelled") else "")
             + ("" if summary["complete"] else " (other ranks still have shards to write)")
             + (
                 f"; {len(summary['shards_held_elsewhere'])} shards left to the other writer that is writing them"

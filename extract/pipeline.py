@@ -167,6 +167,7 @@ def run_extract(
     return {
         "out": str(out),
         "clips": len(job.clips),
+        "clips_unlabelled": sum(1 for c in job.clips if c.unlabelled),  # rows left without a label on purpose
         "shards_total": len(job.plans),
         "shards_this_rank": len(job.mine),
         "shards_written": len(job.todo),

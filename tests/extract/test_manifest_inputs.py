@@ -169,3 +169,16 @@ def test_symlinks_leaving_the_media_root_are_refused(tmp_path):
     assert all("escapes the media root" in p and "through a symlink" in p for p in err.value.problems)
     (clip,) = load_manifest(write_manifest(tmp_path / "ok.csv", rows[-1:]), root)
     assert clip.path == (root / "grid" / "bbaf2n.mpg").resolve() and clip.media == "grid/bbaf2n.mpg"
+
+
+def test_extraction_summary_counts_the_unlabelled_clips(tmp_path, tiny_cfg):
+    from conftest import bundled_rows
+
+    from extract.pipeline import run_extract
+
+    rows = bundled_rows()
+    rows[1]["label"] = ""  # deliberately unlabelled
+    summary = run_extract(
+        write_manifest(tmp_path / "m.csv", rows), MEDIA, tmp_path / "out", tiny_cfg(modalities="text")
+    )
+    assert summary["clips_unlabelled"] == 1 and summary["samples_written"] == len(rows)
