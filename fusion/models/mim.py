@@ -205,6 +205,11 @@ def _masked_mse(prediction: Tensor, target: Tensor, weight: Tensor) -> Tensor:
 class MIM(FusionModel):
     Config = MIMConfig
 
+    @property
+    def uses_every_parameter(self) -> bool:  # type: ignore[override]
+        """True with gates (missing modalities are masked, never skipped); ``gates=False`` leaves the UPN unused."""
+        return self.config.gates
+
     def __init__(self, config: MIMConfig) -> None:
         super().__init__(config)
         c = config
