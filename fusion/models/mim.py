@@ -51,8 +51,8 @@ reference/methods.md §5):
   scorer's final ReLU is dropped too, so alpha can go negative and gates can close at eval;
 - the penalty and the purified mean run over valid steps (the published code averages over padding too);
 - gates are deterministic at eval. ``faithful=True`` restores the published sampled (stochastic) gates at eval;
-- the Hard-Concrete noise and gates are computed in float32 whatever the autocast dtype (bf16 would quantise
-  the noise to 8 bits).
+- the Hard-Concrete noise and gates, and the mask learner's BiLSTM, are computed in float32 whatever the
+  autocast dtype (bf16 would quantise the noise to 8 bits).
 
 Ablation: ``gates=False`` removes purification: no mask learner runs, every valid step is kept (gate = 1), and
 ``purified`` and ``penalty`` are zeros still connected to the graph (the loss keys stay the same); the KGS
@@ -70,6 +70,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fusion.base import FusionConfig, FusionModel, FusionOutput, Inputs
+from fusion.estimators.critics import full_precision
 from fusion.layers import SequenceEncoder, frozen_call, last_valid_length, masked_mean, task_loss
 
 FUSIONS = ("multiplication", "add")
@@ -165,9 +166,12 @@ class MaskedBiLSTM(nn.Module):
 
     def _direction(self, x: Tensor, suffix: str) -> Tensor:
         weights = [getattr(self, f"{kind}_l0{suffix}") for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
-        weights = [w.to(x.dtype) for w in weights]
+        x = x.float()
         zeros = x.new_zeros(1, x.shape[0], self.hidden_size)
-        return torch.lstm(x, (zeros, zeros), weights, True, 1, 0.0, self.training, False, True)[0]
+        with full_precision(x.device):  # fp32 under any autocast (CPU's oneDNN has no fp16 LSTM)
+            return torch.lstm(
+                x, (zeros, zeros), [w.float() for w in weights], True, 1, 0.0, self.training, False, True
+            )[0]
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         """x (B, T, D), mask (B, T) -> (B, T, 2 * hidden)."""
