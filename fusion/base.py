@@ -132,9 +132,17 @@ class Inputs:
 
 
 class FusionModel(nn.Module):
-    """Base class: subclasses set ``Config`` and implement ``forward(batch) -> FusionOutput``."""
+    """Base class: subclasses set ``Config`` and implement ``forward(batch) -> FusionOutput``.
+
+    ``uses_every_parameter``: a model sets it True when one backward of ``sum(losses)`` after a training forward
+    gives every parameter that requires a gradient a gradient (zeros allowed, never None), whatever modalities
+    are present: samples with all-False masks, a modality absent from the batch, every configuration the model
+    accepts. Missing modalities must then be handled with tensor ops (masks, ``torch.where``), not by skipping
+    modules. DDP can then run without ``find_unused_parameters`` (train/run.py). Default False: not claimed.
+    """
 
     Config: ClassVar[type[FusionConfig]] = FusionConfig
+    uses_every_parameter: bool = False
 
     def __init__(self, config: FusionConfig) -> None:
         super().__init__()

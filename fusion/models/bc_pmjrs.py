@@ -137,6 +137,7 @@ class BCPMJRSConfig(FusionConfig):
 
 class BCPMJRS(FusionModel):
     Config = BCPMJRSConfig
+    uses_every_parameter = True  # missing modalities are masked, never skipped (FusionModel)
 
     def __init__(self, config: BCPMJRSConfig) -> None:
         super().__init__(config)

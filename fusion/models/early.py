@@ -26,6 +26,7 @@ class EarlyConfig(FusionConfig):
 
 class EarlyFusion(FusionModel):
     Config = EarlyConfig
+    uses_every_parameter = True  # missing modalities are masked, never skipped (FusionModel)
 
     def __init__(self, config: EarlyConfig) -> None:
         super().__init__(config)

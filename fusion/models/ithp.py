@@ -109,6 +109,7 @@ def masked_mse(prediction: Tensor, target: Tensor, valid: Tensor | None) -> Tens
 
 class ITHP(FusionModel):
     Config = ITHPConfig
+    uses_every_parameter = True  # missing modalities are masked, never skipped (FusionModel)
 
     def __init__(self, config: ITHPConfig) -> None:
         super().__init__(config)

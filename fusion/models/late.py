@@ -24,6 +24,7 @@ class LateConfig(FusionConfig):
 
 class LateFusion(FusionModel):
     Config = LateConfig
+    uses_every_parameter = True  # missing modalities are masked, never skipped (FusionModel)
 
     def __init__(self, config: LateConfig) -> None:
         super().__init__(config)

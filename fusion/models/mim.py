@@ -1,8 +1,8 @@
 """MIM (Zeng, Mai, Yan, Hu, IEEE TMM 2023): unimodal purification (UPN) + knowledge-guided supervision (KGS).
 
 Per modality m: x_m (B, T, D_m) -> ``SequenceEncoder`` -> h_m (B, T, H); unmasked vector u_m = masked mean of
-tanh(h_m) (B, H). The UPN mask learner (BiLSTM over h_m, packed to the last valid step, then a per-step
-scorer MLP) gives logits alpha_m (B, T). A Hard-Concrete gate per step (Louizos et al. 2018):
+tanh(h_m) (B, H). The UPN mask learner (BiLSTM over h_m up to the last valid step, as if packed, then a
+per-step scorer MLP) gives logits alpha_m (B, T). A Hard-Concrete gate per step (Louizos et al. 2018):
 
     training: u ~ U(1e-6, 1 - 1e-6), s = sigmoid((log u - log(1 - u) + alpha + loc_bias) / beta);
     eval:     s = sigmoid((alpha + loc_bias) / beta) (u = 1/2: deterministic);
@@ -30,14 +30,20 @@ Losses (named, already weighted; "modalities" below are those some sample of the
   the weights sum to M and a lower loss gives a larger weight. With fewer than two modalities the key holds
   a zero that is still connected to the graph, so the loss keys never change between batches.
 
+The selection (which modalities some sample has, which branch is better, the teacher) is made with tensor ops
+(``torch.where``, a masked argmin), not Python branches: no host sync, one graph under ``torch.compile``. A
+modality no sample has adds exact zeros, so the losses are the same as leaving it out.
+
 Optimiser groups: "upn" (mask learners) and "model" (everything else). One backward of the summed losses
 gives "model" exactly the gradient of task + unimodal + intra + inter; "upn" gets purified + penalty and, as
 the published second optimiser step (over all parameters) did, the model losses that reach it through the
 gates.
 
 Diagnostics (detached): ``gate_rate/<m>`` (fraction of valid steps kept), ``gates/<m>`` (B, T) (0 at padding),
-``loss_u/<m>``, ``loss_p/<m>``, ``inter_weight/<m>`` and ``teacher`` (index into the model's modalities; -1
-with fewer than two). Departures from the published code (zengy268/MIM @ 08df574, see reference/methods.md §5):
+``loss_u/<m>``, ``loss_p/<m>`` (0 for a modality no sample has), ``inter_weight/<m>`` (with two or more
+modalities in the model; 0 for a modality no sample has) and ``teacher`` (index into the model's modalities;
+-1 when fewer than two are present). Departures from the published code (zengy268/MIM @ 08df574, see
+reference/methods.md §5):
 
 - one forward and one backward instead of two Adam steps and six backward calls over a stale graph;
 - the mask learner reads h_m detached, so the encoder gets no gradient through the mask learner's input;
@@ -45,8 +51,8 @@ with fewer than two). Departures from the published code (zengy268/MIM @ 08df574
   scorer's final ReLU is dropped too, so alpha can go negative and gates can close at eval;
 - the penalty and the purified mean run over valid steps (the published code averages over padding too);
 - gates are deterministic at eval. ``faithful=True`` restores the published sampled (stochastic) gates at eval;
-- the Hard-Concrete noise and gates are computed in float32 whatever the autocast dtype (bf16 would quantise
-  the noise to 8 bits).
+- the Hard-Concrete noise and gates, and the mask learner's BiLSTM, are computed in float32 whatever the
+  autocast dtype (bf16 would quantise the noise to 8 bits).
 
 Ablation: ``gates=False`` removes purification: no mask learner runs, every valid step is kept (gate = 1), and
 ``purified`` and ``penalty`` are zeros still connected to the graph (the loss keys stay the same); the KGS
@@ -62,9 +68,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from fusion.base import FusionConfig, FusionModel, FusionOutput, Inputs
+from fusion.estimators.critics import full_precision
 from fusion.layers import SequenceEncoder, frozen_call, last_valid_length, masked_mean, task_loss
 
 FUSIONS = ("multiplication", "add")
@@ -127,12 +133,57 @@ def l0_penalty(alpha: Tensor, mask: Tensor, config: MIMConfig) -> Tensor:
     return (torch.sigmoid(alpha + shift) * weights).sum() / weights.sum().clamp_min(1.0)
 
 
-def inter_weights(losses: Tensor) -> Tensor:
+def inter_weights(losses: Tensor, active: Tensor | None = None) -> Tensor:
     """KGS weights (M,) from purified losses (M,): a_m = M prod_{n!=m}(1+l_n) / sum_k prod_{n!=k}(1+l_n),
-    l = losses / sum(losses). They sum to M; a lower loss gets a larger weight."""
-    lam = 1.0 + losses / losses.sum().clamp_min(1e-12)
+    l = losses / sum(losses). They sum to M; a lower loss gets a larger weight. ``active`` (M,) bool: only
+    these modalities take part (M counts them, n and k run over them; the others get weight 0); None = all."""
+    if active is None:
+        active = torch.ones(losses.shape, dtype=torch.bool, device=losses.device)
+    losses = torch.where(active, losses, torch.zeros_like(losses))
+    lam = torch.where(active, 1.0 + losses / losses.sum().clamp_min(1e-12), torch.ones_like(losses))
     others = torch.stack([torch.cat([lam[:k], lam[k + 1 :]]).prod() for k in range(len(lam))])
-    return len(lam) * others / others.sum()
+    others = others * active.to(others.dtype)
+    return active.sum().to(others.dtype) * others / others.sum().clamp_min(1e-12)  # the sum is >= 1 if any
+
+
+class MaskedBiLSTM(nn.Module):
+    """One-layer BiLSTM over each sample's steps up to its last valid one, without packing.
+
+    Same parameters (names, shapes, initialisation) as ``nn.LSTM(in_dim, hidden, batch_first=True,
+    bidirectional=True)`` and, at steps before the last valid one, the same outputs as running it on the
+    packed sequence; 0 after. The forward direction runs over the padded batch (trailing padding comes after
+    every step that matters); the backward direction runs forward over each sample's steps reversed in place
+    (a gather built from the mask), and its outputs are reversed back. No host sync, so it compiles; Dynamo
+    would not trace an ``nn.LSTM`` module (``allow_rnn``), this module calls the ``torch.lstm`` op itself.
+    """
+
+    def __init__(self, in_dim: int, hidden: int) -> None:
+        super().__init__()
+        self.hidden_size = hidden
+        reference = nn.LSTM(in_dim, hidden, batch_first=True, bidirectional=True)  # its initialisation
+        for name, param in reference.named_parameters():
+            self.register_parameter(name, param)
+
+    def _direction(self, x: Tensor, suffix: str) -> Tensor:
+        weights = [getattr(self, f"{kind}_l0{suffix}") for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+        x = x.float()
+        zeros = x.new_zeros(1, x.shape[0], self.hidden_size)
+        with full_precision(x.device):  # fp32 under any autocast (CPU's oneDNN has no fp16 LSTM)
+            return torch.lstm(
+                x, (zeros, zeros), [w.float() for w in weights], True, 1, 0.0, self.training, False, True
+            )[0]
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        """x (B, T, D), mask (B, T) -> (B, T, 2 * hidden)."""
+        lengths = last_valid_length(mask)[:, None]  # (B, 1)
+        steps = torch.arange(x.shape[1], device=x.device)[None]
+        inside = steps < lengths
+        order = torch.where(inside, lengths - 1 - steps, steps)  # reverses steps < length; its own inverse
+        gather = order[..., None]
+        backward = self._direction(x.gather(1, gather.expand(-1, -1, x.shape[2])), "_reverse")
+        backward = backward.gather(1, gather.expand(-1, -1, backward.shape[2]))
+        out = torch.cat([self._direction(x, ""), backward], -1)
+        return out * inside[..., None].to(out.dtype)
 
 
 class MaskLearner(nn.Module):
@@ -141,14 +192,11 @@ class MaskLearner(nn.Module):
     def __init__(self, hidden: int) -> None:
         super().__init__()
         half = (hidden + 1) // 2
-        self.lstm = nn.LSTM(hidden, half, batch_first=True, bidirectional=True)
+        self.lstm = MaskedBiLSTM(hidden, half)
         self.scorer = nn.Sequential(nn.Linear(2 * half, half), nn.ReLU(), nn.Linear(half, 1))
 
     def forward(self, h: Tensor, mask: Tensor) -> Tensor:
-        lengths = last_valid_length(mask).cpu()  # trailing padding never reaches the backward direction
-        packed = pack_padded_sequence(h, lengths, batch_first=True, enforce_sorted=False)
-        seq, _ = pad_packed_sequence(self.lstm(packed)[0], batch_first=True, total_length=h.shape[1])
-        return self.scorer(seq).squeeze(-1)
+        return self.scorer(self.lstm(h, mask)).squeeze(-1)
 
 
 def _masked_mse(prediction: Tensor, target: Tensor, weight: Tensor) -> Tensor:
@@ -160,6 +208,11 @@ def _masked_mse(prediction: Tensor, target: Tensor, weight: Tensor) -> Tensor:
 
 class MIM(FusionModel):
     Config = MIMConfig
+
+    @property
+    def uses_every_parameter(self) -> bool:  # type: ignore[override]
+        """True with gates (missing modalities are masked, never skipped); ``gates=False`` leaves the UPN unused."""
+        return self.config.gates
 
     def __init__(self, config: MIMConfig) -> None:
         super().__init__(config)
@@ -211,8 +264,7 @@ class MIM(FusionModel):
             diagnostics[f"gates/{m}"] = gates[m].detach()
         losses: dict[str, Tensor] = {}
         if inputs.label is not None:
-            losses, teacher = self._losses(prediction, inputs, pooled, y_u, y_p, y_upn, penalties, diagnostics)
-            diagnostics["teacher"] = torch.tensor(float(teacher), device=prediction.device)
+            losses = self._losses(prediction, inputs, pooled, y_u, y_p, y_upn, penalties, diagnostics)
         return FusionOutput(prediction, losses, diagnostics)
 
     def _squeeze(self, out: Tensor) -> Tensor:
@@ -237,49 +289,58 @@ class MIM(FusionModel):
         y_upn: dict[str, Tensor],
         penalties: dict[str, Tensor],
         diagnostics: dict[str, Tensor],
-    ) -> tuple[dict[str, Tensor], int]:
-        """The named, weighted losses and the index (in ``self.modalities``) of the inter-modal teacher (-1:
-        none). Per-modality unimodal / purified losses go into ``diagnostics``."""
+    ) -> dict[str, Tensor]:
+        """The named, weighted losses; per-modality unimodal / purified losses and the inter-modal teacher go
+        into ``diagnostics``. Tensor ops only (no host sync): a modality no sample has contributes exact zeros
+        (its masked losses, MSE and penalty are 0) instead of being left out, which gives the same values."""
         c, label, present = self.config, inputs.label, inputs.present
-        active = [m for m in self.modalities if bool(present[m].any())]
         zero = prediction.sum() * 0.0  # connected to the graph, so every key always backpropagates
-        loss_u = {m: task_loss(y_u[m], label, c.task, present[m]) for m in active}
-        loss_p = {m: task_loss(y_upn[m], label, c.task, present[m]) for m in active}
-        for m in active:
+        loss_u = {m: task_loss(y_u[m], label, c.task, present[m]) for m in self.modalities}
+        loss_p = {m: task_loss(y_upn[m], label, c.task, present[m]) for m in self.modalities}
+        intra = zero
+        for m in self.modalities:  # the better branch in this batch teaches the other
             diagnostics[f"loss_u/{m}"] = loss_u[m].detach()
             diagnostics[f"loss_p/{m}"] = loss_p[m].detach()
-
-        intra = zero
-        for m in active:  # the better branch in this batch teaches the other
-            better_purified = bool(loss_p[m].detach() < loss_u[m].detach())
-            student, teacher = (y_u[m], y_p[m]) if better_purified else (y_p[m], y_u[m])
+            better_purified = loss_p[m].detach() < loss_u[m].detach()
+            student = torch.where(better_purified, y_u[m], y_p[m])
+            teacher = torch.where(better_purified, y_p[m], y_u[m])
             intra = intra + _masked_mse(student, teacher.detach(), present[m])
-
-        inter, teacher_index = zero, -1
-        if len(active) >= 2:
-            lp = torch.stack([loss_p[m].detach() for m in active])
-            weights = inter_weights(lp)
-            t = int(lp.argmin())
-            target = pooled[active[t]].detach().float().softmax(-1)
-            kl = zero
-            for s in active:
-                if s == active[t]:
-                    continue
-                both = (present[active[t]] & present[s]).to(target.dtype)
-                per_sample = F.kl_div(pooled[s].float().log_softmax(-1), target, reduction="none").sum(-1)
-                kl = kl + (per_sample * both).sum() / both.sum().clamp_min(1.0)
-            inter = 0.5 * (c.inter_temp * weights[t]) ** 2 * kl
-            teacher_index = self.modalities.index(active[t])
-            for i, m in enumerate(active):
-                diagnostics[f"inter_weight/{m}"] = weights[i]
-
-        penalty = torch.stack([penalties[m] for m in active]).sum() if active else zero
         losses = {
             "task": task_loss(prediction, label, c.task),
-            "unimodal": c.unimodal_weight * (sum(loss_u.values()) if active else zero),
-            "purified": c.purified_weight * (sum(loss_p.values()) if active and c.gates else zero),  # UPN only
-            "penalty": c.penalty_weight * penalty,
+            "unimodal": c.unimodal_weight * sum(loss_u.values(), zero),
+            "purified": c.purified_weight * (sum(loss_p.values(), zero) if c.gates else zero),  # UPN only
+            "penalty": c.penalty_weight * torch.stack([penalties[m] for m in self.modalities]).sum(),
             "intra": c.intra_weight * intra,
-            "inter": c.inter_weight * inter,
+            "inter": c.inter_weight * self._inter(pooled, present, loss_p, diagnostics, zero),
         }
-        return losses, teacher_index
+        return losses
+
+    def _inter(
+        self,
+        pooled: dict[str, Tensor],
+        present: dict[str, Tensor],
+        loss_p: dict[str, Tensor],
+        diagnostics: dict[str, Tensor],
+        zero: Tensor,
+    ) -> Tensor:
+        """Inter-modal KGS (unweighted) over the modalities some sample has; ``zero`` with fewer than two. The
+        teacher (lowest purified loss) is chosen by a masked argmin and the KL terms are selected by mask."""
+        names = self.modalities
+        active = torch.stack([present[m].any() for m in names])  # (M,) some sample has m
+        lp = torch.stack([loss_p[m].detach() for m in names])
+        weights = inter_weights(lp, active)
+        t = torch.where(active, lp, torch.full_like(lp, math.inf)).argmin().reshape(1)  # index_select, no sync
+        target = torch.stack([pooled[m] for m in names]).index_select(0, t)[0].detach().float().softmax(-1)
+        teacher_present = torch.stack([present[m] for m in names]).index_select(0, t)[0]
+        kl = zero
+        for i, s in enumerate(names):
+            both = (teacher_present & present[s]).to(target.dtype)
+            per_sample = F.kl_div(pooled[s].float().log_softmax(-1), target, reduction="none").sum(-1)
+            term = (per_sample * both).sum() / both.sum().clamp_min(1.0)
+            kl = kl + torch.where(active[i] & (t[0] != i), term, zero)  # adding an exact 0 leaves the sum as it is
+        enough = active.sum() >= 2
+        diagnostics["teacher"] = torch.where(enough, t[0], -1).float()
+        if len(names) >= 2:
+            for i, m in enumerate(names):
+                diagnostics[f"inter_weight/{m}"] = weights[i]
+        return torch.where(enough, 0.5 * (self.config.inter_temp * weights.index_select(0, t)[0]) ** 2 * kl, zero)

@@ -44,6 +44,7 @@ class MulTConfig(FusionConfig):
 
 class MulT(FusionModel):
     Config = MulTConfig
+    uses_every_parameter = True  # missing modalities are masked, never skipped (FusionModel)
 
     def __init__(self, config: MulTConfig) -> None:
         super().__init__(config)

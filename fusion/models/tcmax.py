@@ -133,6 +133,7 @@ class ConcatMLPCritic(nn.Module):
 
 class TCMax(FusionModel):
     Config = TCMaxConfig
+    uses_every_parameter = True  # missing modalities are masked, never skipped (FusionModel)
 
     def __init__(self, config: TCMaxConfig) -> None:
         super().__init__(config)

@@ -14,7 +14,6 @@ from test_models import DIMS, NAMES, assert_outputs_equal, tiny
 from torch._dynamo.testing import CompileCounter
 
 SIZES = [(5, 7), (6, 9), (4, 5), (8, 12), (3, 6), (7, 8), (5, 10), (9, 4), (6, 11), (2, 7)]  # (B, T)
-NOT_YET = {"mim": "the UPN's packed BiLSTM and the KGS loss selection still sync with the host"}
 
 
 def varied_batch(b: int, t: int, seed: int) -> dict[str, torch.Tensor]:
@@ -30,10 +29,7 @@ def varied_batch(b: int, t: int, seed: int) -> dict[str, torch.Tensor]:
     return batch
 
 
-@pytest.mark.parametrize(
-    "name",
-    [pytest.param(n, marks=pytest.mark.xfail(reason=NOT_YET[n], strict=True)) if n in NOT_YET else n for n in NAMES],
-)
+@pytest.mark.parametrize("name", NAMES)
 def test_compiled_model_does_not_recompile_and_matches_eager(name: str) -> None:
     torch._dynamo.reset()
     model = tiny(name).eval()

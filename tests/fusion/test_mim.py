@@ -276,3 +276,128 @@ def test_gates_learn_to_keep_clean_steps_over_noisy_ones() -> None:
     clean_rate, noisy_rate = gates[~noisy].mean().item(), gates[noisy].mean().item()
     assert clean_rate > noisy_rate + 0.25, (clean_rate, noisy_rate)  # seeds 0-9: gaps from 0.36 to 0.62
     assert out.losses["task"].item() < 0.3  # seeds 0-9: 0.10 to 0.19; predicting 0 gives E|y| = 0.5
+
+
+def _packed_bilstm(lstm: torch.nn.LSTM, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The UPN's former BiLSTM: packed to each sample's last valid step (host-synced lengths), zeros after."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    from fusion.layers import last_valid_length
+
+    packed = pack_padded_sequence(x, last_valid_length(mask).cpu(), batch_first=True, enforce_sorted=False)
+    return pad_packed_sequence(lstm(packed)[0], batch_first=True, total_length=x.shape[1])[0]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_unpacked_bilstm_matches_the_packed_one(seed: int) -> None:
+    from fusion.models.mim import MaskedBiLSTM
+
+    g = torch.Generator().manual_seed(seed)
+    b, t, d, hidden = int(torch.randint(1, 9, (1,), generator=g)), int(torch.randint(1, 12, (1,), generator=g)), 6, 5
+    torch.manual_seed(seed)
+    ours = MaskedBiLSTM(d, hidden)
+    torch.manual_seed(seed)
+    packed = torch.nn.LSTM(d, hidden, batch_first=True, bidirectional=True)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in packed.state_dict().items()}
+    for k, v in ours.state_dict().items():  # same names, same initialisation
+        assert torch.equal(v, packed.state_dict()[k]), k
+    mask = torch.rand(b, t, generator=g) < 0.7  # interior and leading gaps, and samples with no valid step
+    mask[0] = torch.arange(t) < t  # one full-length sample
+    if b > 2:
+        mask[1] = False
+    x = torch.randn(b, t, d, generator=g) * mask[..., None]  # zero at invalid steps, as the encoders give
+    x.requires_grad_()
+    expected = _packed_bilstm(packed, x, mask)
+    got = ours(x, mask)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    weights = torch.randn(expected.shape, generator=g)
+    grads = torch.autograd.grad((got * weights).sum(), [x, *ours.parameters()])
+    expected_grads = torch.autograd.grad((expected * weights).sum(), [x, *packed.parameters()])
+    for a, e in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-4)
+
+
+def _reference_losses(model, prediction, inputs, pooled, y_u, y_p, y_upn, penalties):
+    """The KGS loss selection as it was with host syncs (Python branches on which modalities are present, on
+    which branch is better, and on the teacher index): the tensor version must give identical losses."""
+    import torch.nn.functional as F
+
+    from fusion.layers import task_loss
+    from fusion.models.mim import _masked_mse
+
+    c, label, present = model.config, inputs.label, inputs.present
+    active = [m for m in model.modalities if bool(present[m].any())]
+    zero = prediction.sum() * 0.0
+    loss_u = {m: task_loss(y_u[m], label, c.task, present[m]) for m in active}
+    loss_p = {m: task_loss(y_upn[m], label, c.task, present[m]) for m in active}
+    intra = zero
+    for m in active:
+        better_purified = bool(loss_p[m].detach() < loss_u[m].detach())
+        student, teacher = (y_u[m], y_p[m]) if better_purified else (y_p[m], y_u[m])
+        intra = intra + _masked_mse(student, teacher.detach(), present[m])
+    inter, teacher_index = zero, -1
+    if len(active) >= 2:
+        lp = torch.stack([loss_p[m].detach() for m in active])
+        weights = inter_weights(lp)
+        t = int(lp.argmin())
+        target = pooled[active[t]].detach().float().softmax(-1)
+        kl = zero
+        for s in active:
+            if s == active[t]:
+                continue
+            both = (present[active[t]] & present[s]).to(target.dtype)
+            per_sample = F.kl_div(pooled[s].float().log_softmax(-1), target, reduction="none").sum(-1)
+            kl = kl + (per_sample * both).sum() / both.sum().clamp_min(1.0)
+        inter = 0.5 * (c.inter_temp * weights[t]) ** 2 * kl
+        teacher_index = model.modalities.index(active[t])
+    penalty = torch.stack([penalties[m] for m in active]).sum() if active else zero
+    losses = {
+        "task": task_loss(prediction, label, c.task),
+        "unimodal": c.unimodal_weight * (sum(loss_u.values()) if active else zero),
+        "purified": c.purified_weight * (sum(loss_p.values()) if active and c.gates else zero),
+        "penalty": c.penalty_weight * penalty,
+        "intra": c.intra_weight * intra,
+        "inter": c.inter_weight * inter,
+    }
+    return losses, teacher_index
+
+
+def _kgs_batches():
+    full = make_batch(seed=3, b=7)
+    some = make_batch(seed=4, b=7)
+    some["audio_mask"][2] = False
+    some["video_mask"][[0, 4]] = False
+    some["text_mask"][4] = False
+    no_audio = {k: v for k, v in make_batch(seed=5, b=7).items() if not k.startswith("audio")}
+    text_only = {k: v for k, v in make_batch(seed=6, b=7).items() if k == "label" or k.startswith("text")}
+    nothing = {"label": full["label"]}
+    return [full, some, no_audio, text_only, nothing]
+
+
+@pytest.mark.parametrize("extra", [{}, {"task": "classification", "num_classes": 3}, {"gates": False}])
+@pytest.mark.parametrize("train", [False, True])
+def test_kgs_losses_equal_the_host_synced_selection(monkeypatch, extra: dict, train: bool) -> None:
+    from fusion.models.mim import MIM
+
+    original, seen = MIM._losses, []
+
+    def spy(self, prediction, inputs, pooled, y_u, y_p, y_upn, penalties, diagnostics):
+        losses = original(self, prediction, inputs, pooled, y_u, y_p, y_upn, penalties, diagnostics)
+        expected, teacher = _reference_losses(self, prediction, inputs, pooled, y_u, y_p, y_upn, penalties)
+        seen.append(teacher)
+        assert losses.keys() == expected.keys()
+        for key in losses:
+            assert torch.equal(losses[key], expected[key]), key  # bit for bit
+        assert diagnostics["teacher"].item() == teacher
+        return losses
+
+    monkeypatch.setattr(MIM, "_losses", spy)
+    model = tiny(**extra).train(train)
+    for seed, batch in enumerate(_kgs_batches()):
+        if "num_classes" in extra:
+            batch["label"] = torch.randint(0, 3, batch["label"].shape, generator=torch.Generator().manual_seed(seed))
+        torch.manual_seed(seed)
+        out = model(batch)
+        if train:
+            sum(out.losses.values()).backward()
+    assert len(seen) == 5 and seen[-2:] == [-1, -1]  # one modality, none: no teacher
