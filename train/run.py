@@ -216,9 +216,12 @@ def may_leave_parameters_unused(run: Run) -> bool:
     """Whether a training forward pass can leave a parameter that requires a gradient out of the loss (DDP's
     ``find_unused_parameters``, which costs a graph walk every step). Yes unless the fusion model declares
     ``uses_every_parameter = True`` (its forward reaches every parameter whatever modalities are present), and
-    always with modality dropout, which can drop a modality from a whole batch. Frozen encoder parameters do not
-    count: DDP leaves out what does not require a gradient when it is built (``train_encoders`` rebuilds it)."""
+    always with modality dropout, which can drop a modality from a whole batch, and while an encoder trains
+    (BERT's pooler and wav2vec 2.0's mask embedding take no part in the features). Frozen encoder parameters do
+    not count: DDP leaves out what does not require a gradient when it is built (``train_encoders`` rebuilds it)."""
     if getattr(run.net.fusion.config, "modality_dropout", 0.0) > 0:
+        return True
+    if any(p.requires_grad for encoder in run.net.encoders.values() for p in encoder.parameters()):
         return True
     return not getattr(run.net.fusion, "uses_every_parameter", False)
 

@@ -70,6 +70,7 @@ def test_scaler_state_round_trips_through_a_checkpoint(bundled_dataset: Path, tm
 
 def test_find_unused_parameters_only_where_a_model_may_leave_some_unused(bundled_dataset: Path, monkeypatch) -> None:
     run = tiny_run(bundled_dataset)
+    monkeypatch.setattr(type(run.net.fusion), "uses_every_parameter", False, raising=False)
     assert may_leave_parameters_unused(run)  # undeclared: the safe setting
     monkeypatch.setattr(type(run.net.fusion), "uses_every_parameter", True, raising=False)
     assert not may_leave_parameters_unused(run)
