@@ -161,19 +161,20 @@ def iter_raw_samples(
         except (tarfile.TarError, OSError) as exc:
             raise SchemaError(f"shard {label}: not a readable tar ({exc})") from exc
         current: dict[str, Any] | None = None
+        done = 0
         try:
             for info in tar:
                 key, name = check_member(info, label, limits)
                 if current is not None and current["__key__"] != key:
                     yield current
-                    current = None
+                    current, done = None, done + 1
                 if current is None:
                     current = {"__key__": key, "__url__": str(path)}
                 if name in current:
                     raise SchemaError(f"shard {label}: member {info.name} appears twice")
                 current[name] = tar.extractfile(info).read()
         except (tarfile.TarError, OSError) as exc:
-            raise SchemaError(f"shard {label}: truncated or corrupt tar ({exc})") from exc
+            raise SchemaError(f"shard {label}: truncated or corrupt tar after sample {done} ({exc})") from exc
         if current is not None:
             yield current
 

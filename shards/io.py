@@ -130,9 +130,7 @@ class ShardWriter:
         self.tmp.unlink(missing_ok=True)
 
 
-def iter_shard(
-    path: Path | str, validate: bool = True, limits: ShardLimits | None = None
-) -> Iterator[dict[str, Any]]:
+def iter_shard(path: Path | str, validate: bool = True, limits: ShardLimits | None = None) -> Iterator[dict[str, Any]]:
     """Yield decoded samples of one shard in order; errors name the shard and member.
 
     The tar is read through :func:`shards.guard.iter_raw_samples` (``limits``: its member caps, by default from
