@@ -44,6 +44,8 @@ MIN_STEPS = 4096  # a time axis may always be this long (short clips with long t
 MAX_WIDTH = 8192  # a feature width dataset.json does not declare
 NPY_HEADER_BYTES = 1 << 16  # room for a .npy header on top of the array bytes
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_STEP = bytes.maketrans(b"[]{}", b"\x02\x00\x02\x00")  # opening +1, closing -1 (after subtracting 1)
 
 
 @dataclass(frozen=True)
@@ -215,6 +217,6 @@ def load_json(data: bytes, max_bytes: int = META_MAX_BYTES, max_depth: int = JSO
 
 def json_depth(data: bytes) -> int:
     """Deepest bracket nesting of a JSON text, strings left out (an over-estimate for malformed text)."""
-    bare = np.frombuffer(_STRING.sub(b"", data), np.uint8)
-    step = np.isin(bare, (ord("["), ord("{"))).astype(np.int64) - np.isin(bare, (ord("]"), ord("}")))
+    brackets = _STRING.sub(b"", data).translate(None, _NOT_BRACKETS)
+    step = np.frombuffer(brackets.translate(_STEP), np.int8).astype(np.int32) - 1
     return int(np.cumsum(step).max(initial=0))
