@@ -18,6 +18,7 @@ import numpy as np
 
 from shards import Progress
 from shards.dataset import load_dataset_json
+from shards.guard import ShardLimits
 from shards.inspect import read_status
 from shards.io import iter_shard
 from shards.schema import MEMBERS, SchemaError
@@ -101,9 +102,10 @@ def _scan(
 ) -> Scan:
     scan = Scan()
     listed, read = sum(entry["samples"] for entry in ds.get("shards", [])), 0
+    limits = ShardLimits.of_dataset(ds)  # every shard read through shards.guard with the dataset's member caps
     for entry in ds.get("shards", []):
         try:
-            for sample in iter_shard(root / entry["name"], validate=False):
+            for sample in iter_shard(root / entry["name"], validate=False, limits=limits):
                 read += 1
                 if progress is not None:
                     progress(read, listed)

@@ -3,7 +3,9 @@
 The builder infers column types from the first samples of the first tar, so a split whose samples differ in
 which modalities they carry (a failed transcript, a clip without audio) would not load. ``hf_features``
 declares every schema member (missing members become None) and the union of all ``meta.json`` fields, so any
-shard directory loads. The builder decodes ``.npy`` members with ``allow_pickle=False``.
+shard directory loads. The builder decodes ``.npy`` members with ``allow_pickle=False``; before it reads a shard,
+:func:`hf_features` has read every shard through ``shards.guard`` (via ``iter_shard``), so a compressed tar, a
+link or a member over its cap is a SchemaError naming the shard and member, never handed to the builder.
 
 ``datasets`` is an optional dependency (``pip install 'mmfuse[hf]'``); it is imported only here.
 """

@@ -9,6 +9,7 @@ from typing import Any
 
 from shards import Progress
 from shards.dataset import STATUS_JSONL, load_dataset_json, read_sidecar
+from shards.guard import ShardLimits
 from shards.io import iter_shard
 from shards.schema import MODALITIES, SchemaError
 
@@ -58,8 +59,11 @@ def inspect_dataset(root: Path | str, verify: bool = False, progress: Progress |
 
 
 def verify_dataset(root: Path, ds: dict[str, Any], progress: Progress | None = None) -> dict[str, Any]:
-    """Read every sample of every listed shard; report problems instead of stopping at the first."""
+    """Read every sample of every listed shard; report problems instead of stopping at the first.
+
+    Shards go through ``shards.guard`` with the member caps of ``ds``: a refused shard is one problem."""
     problems: list[str] = []
+    limits = ShardLimits.of_dataset(ds)
     samples = 0
     listed = sum(entry["samples"] for entry in ds["shards"])
     if progress is not None:
@@ -72,7 +76,7 @@ def verify_dataset(root: Path, ds: dict[str, Any], progress: Progress | None = N
             continue
         keys = []
         try:
-            for sample in iter_shard(path, validate=True):
+            for sample in iter_shard(path, validate=True, limits=limits):
                 keys.append(sample["__key__"])
                 if progress is not None:
                     progress(samples + len(keys), listed)

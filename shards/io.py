@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from mmfuse.errors import MmfuseError
+from shards.guard import ShardLimits, iter_raw_samples, load_json, load_npy
 from shards.schema import MEMBERS, SchemaError, validate_sample
 
 MEMBER_ORDER = ("meta.json", *MEMBERS)
@@ -41,11 +42,12 @@ def encode_member(name: str, value: Any) -> bytes:
 
 
 def decode_member(name: str, data: bytes) -> Any:
-    """Decode one member; never unpickles."""
+    """Decode one member; never unpickles. A ``.npy`` header declaring more data than the member holds, or JSON
+    nested deeper than :data:`shards.guard.JSON_MAX_DEPTH`, is a SchemaError (see :mod:`shards.guard`)."""
     if name.endswith(".json"):
-        return json.loads(data.decode("utf-8"))
+        return load_json(data)
     if name.endswith(".npy"):
-        return np.load(io.BytesIO(data), allow_pickle=False)
+        return load_npy(data)
     raise SchemaError(f"member {name!r}: only .npy and .json members are allowed")
 
 
@@ -140,36 +142,24 @@ class ShardWriter:
         self.tmp.unlink(missing_ok=True)
 
 
-def iter_shard(path: Path | str, validate: bool = True) -> Iterator[dict[str, Any]]:
-    """Yield decoded samples of one shard in order; errors name the shard and member."""
+def iter_shard(path: Path | str, validate: bool = True, limits: ShardLimits | None = None) -> Iterator[dict[str, Any]]:
+    """Yield decoded samples of one shard in order; errors name the shard and member.
+
+    The tar is read through :func:`shards.guard.iter_raw_samples` (``limits``: its member caps, by default from
+    the dataset.json beside the shard).
+    """
     path = Path(path)
-    try:
-        tar = tarfile.open(path, "r:")
-    except (tarfile.TarError, OSError) as exc:
-        raise SchemaError(f"shard {path}: not a readable tar ({exc})") from exc
-    with tar:
-        current: dict[str, Any] | None = None
-        try:
-            for info in tar:
-                if not info.isfile():
-                    raise SchemaError(f"shard {path}: member {info.name} is not a regular file")
-                key, _, suffix = info.name.partition(".")
-                if current is not None and current["__key__"] != key:
-                    yield _finish(current, path, validate)
-                    current = None
-                if current is None:
-                    current = {"__key__": key, "__url__": str(path)}
-                if suffix in current:
-                    raise SchemaError(f"shard {path}: member {info.name} appears twice")
-                data = tar.extractfile(info).read()
-                try:
-                    current[suffix] = decode_member(suffix, data)
-                except (ValueError, OSError, UnicodeDecodeError) as exc:
-                    raise SchemaError(f"shard {path}: member {info.name} cannot be decoded ({exc})") from exc
-        except tarfile.TarError as exc:
-            raise SchemaError(f"shard {path}: truncated or corrupt tar ({exc})") from exc
-        if current is not None:
-            yield _finish(current, path, validate)
+    for raw in iter_raw_samples(path, limits):
+        sample = {"__key__": raw["__key__"], "__url__": raw["__url__"]}
+        for suffix, data in raw.items():
+            if suffix.startswith("__"):
+                continue
+            try:
+                sample[suffix] = decode_member(suffix, data)
+            except (ValueError, OSError, UnicodeDecodeError) as exc:
+                member = f"{raw['__key__']}.{suffix}"
+                raise SchemaError(f"shard {path}: member {member} cannot be decoded ({exc})") from exc
+        yield _finish(sample, path, validate)
 
 
 def _finish(sample: dict[str, Any], path: Path, validate: bool) -> dict[str, Any]:

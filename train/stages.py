@@ -35,17 +35,17 @@ from __future__ import annotations
 
 import logging
 import math
-import tarfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import webdataset as wds
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from shards.dataset import IMPORTED_VIDEO, ShardDataset
+from shards.guard import ShardLimits, iter_raw_samples
 from shards.io import decode_member
 from shards.schema import FEATURE_MEMBERS, MASK_MEMBERS, MODALITIES, SchemaError, validate_sample
 from train.inputs import GEOM_DIM, DataError, binary_labels, label_keys, scalar_label
@@ -85,25 +85,43 @@ class ShardList:
 
 
 class ReadShards:
-    """Stage: shard tasks → samples with members as bytes, plus ``__shard__`` (the shard's file name)."""
+    """Stage: shard tasks → samples with members as bytes, plus ``__shard__`` (the shard's file name).
 
-    def __init__(self, skip_bad: bool) -> None:
-        self.skip_bad = skip_bad
+    Shards are read through ``shards.guard.iter_raw_samples`` with the member caps of the dataset.json beside
+    them (or ``limits``). A shard the guard refuses (compressed, a link or other non-file member, a member over
+    its cap) or a corrupt one stops training, or with ``skip_bad`` ends that shard with one bad sample.
+    """
+
+    def __init__(self, skip_bad: bool, limits: ShardLimits | None = None) -> None:
+        self.skip_bad, self.limits = skip_bad, limits
+        self._beside: dict[str, ShardLimits] = {}
+
+    def _limits(self, path: str) -> ShardLimits:
+        if self.limits is not None:
+            return self.limits
+        folder = str(Path(path).parent)
+        if folder not in self._beside:
+            self._beside[folder] = ShardLimits.beside(path)
+        return self._beside[folder]
 
     def __call__(self, tasks: Iterable[ShardTask]) -> Iterator[dict[str, Any]]:
         for task in tasks:
             j = -1
             try:
-                with open(task.path, "rb") as stream:
-                    files = tar_file_expander([{"url": task.path, "stream": stream}])
-                    for j, sample in enumerate(group_by_keys(files)):
-                        if j % task.every == task.phase:
-                            yield {**sample, "__shard__": task.name}
-            except (tarfile.TarError, OSError, ValueError) as exc:
-                error = SchemaError(f"shard {task.name}: truncated or corrupt tar after sample {j + 1} ({reason(exc)})")
+                for j, sample in enumerate(iter_raw_samples(task.path, self._limits(task.path), task.name)):
+                    if j % task.every == task.phase:
+                        yield {**sample, "__shard__": task.name}
+            except SchemaError as exc:
+                if not self.skip_bad:
+                    raise
+                error = exc
+            except OSError as exc:
+                error = SchemaError(f"shard {task.name}: unreadable ({reason(exc)})")
                 if not self.skip_bad:
                     raise error from exc
-                yield {"__key__": f"{task.name}#{j + 1}", "__shard__": task.name, BAD: str(error)}
+            else:
+                continue
+            yield {"__key__": f"{task.name}#{j + 1}", "__shard__": task.name, BAD: str(error)}
 
 
 class SelectModalities:

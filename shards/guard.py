@@ -1,0 +1,222 @@
+"""The one guarded way into a shard: every reader (iter_shard, inspect, report, Hugging Face, training) goes here.
+
+A shard is a plain POSIX tar of flat ``<key>.<member>`` regular files. The reader refuses, with a
+:class:`~shards.schema.SchemaError` naming the shard and member, before it reads the bytes:
+
+* a compressed tar (gzip, bzip2, xz, zstd magic bytes): a few MB on disk may inflate to GBs;
+* anything but a regular file: symbolic or hard links, devices, FIFOs, folders, sparse members (a few KB on
+  disk declaring GBs), names in a folder, absolute or with ``..``;
+* a member that is not in the schema, or whose size in the tar header is over its cap. The caps follow from the
+  schema's declared shapes (:data:`shards.schema.MEMBERS`): item size times the product of the axes, the widths
+  from dataset.json's ``dims`` and each time axis bounded by its step rate times the longest clip
+  (dataset.json's ``max_duration_s`` or extraction's default, with a margin). ``meta.json`` is capped at 1 MB.
+
+Decoding (:func:`load_npy`, :func:`load_json`) then checks a ``.npy`` header's declared shape against the bytes
+the member holds before NumPy allocates anything, and a JSON document's nesting depth before ``json.loads``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+import tarfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+from numpy.lib import format as npformat
+
+from shards.schema import MEMBERS, SAMPLE_RATE, SchemaError
+
+COMPRESSED_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+META_MEMBER = "meta.json"
+META_MAX_BYTES = 1 << 20
+JSON_MAX_DEPTH = 64
+DEFAULT_MAX_DURATION_S = 3600.0  # extraction's default max_duration_s (extract/config.py)
+DURATION_MARGIN = 2.0  # time axes may be this many times the longest clip's steps
+DEFAULT_FPS = 30.0  # extraction's frame rate cap when the feature set records "native"
+STEP_RATES = {"Tt": 20.0, "Ta": 50.0, "N": float(SAMPLE_RATE)}  # steps per second; "Tv" comes from the fps
+MIN_STEPS = 4096  # a time axis may always be this long (short clips with long transcripts)
+MAX_WIDTH = 8192  # a feature width dataset.json does not declare
+NPY_HEADER_BYTES = 1 << 16  # room for a .npy header on top of the array bytes
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_STEP = bytes.maketrans(b"[]{}", b"\x02\x00\x02\x00")  # opening +1, closing -1 (after subtracting 1)
+
+
+@dataclass(frozen=True)
+class ShardLimits:
+    """Per-member byte caps (member suffix → bytes) for the shards of one dataset."""
+
+    caps: Mapping[str, int]
+
+    @classmethod
+    def derive(
+        cls,
+        dims: Mapping[str, Any] | None = None,
+        feature_set: Mapping[str, Any] | None = None,
+        max_duration_s: float | None = None,
+    ) -> ShardLimits:
+        """Caps from the schema's shapes, dataset.json's ``dims`` and ``feature_set`` and the longest clip."""
+        fps = (feature_set or {}).get("fps")
+        fps = float(fps) if isinstance(fps, (int, float)) and fps > 0 else DEFAULT_FPS
+        seconds = float(max_duration_s or DEFAULT_MAX_DURATION_S) * DURATION_MARGIN
+        bounds = {sym: max(MIN_STEPS, math.ceil(rate * seconds)) for sym, rate in {**STEP_RATES, "Tv": fps}.items()}
+        for sym, width in (dims or {}).items():
+            if sym not in bounds and isinstance(width, int) and width > 0:
+                bounds[sym] = width
+        caps = {META_MEMBER: META_MAX_BYTES}
+        for name, spec in MEMBERS.items():
+            axes = [axis if isinstance(axis, int) else bounds.get(axis, MAX_WIDTH) for axis in spec.shape]
+            caps[name] = np.dtype(spec.dtype).itemsize * math.prod(axes) + NPY_HEADER_BYTES
+        return cls(caps)
+
+    @classmethod
+    def of_dataset(cls, ds: Mapping[str, Any]) -> ShardLimits:
+        """Caps for the shards a dataset.json object lists."""
+        fs = ds.get("feature_set") if isinstance(ds.get("feature_set"), Mapping) else {}
+        dims = ds.get("dims") if isinstance(ds.get("dims"), Mapping) else {}
+        return cls.derive(dims, fs, ds.get("max_duration_s") or fs.get("max_duration_s"))
+
+    @classmethod
+    def beside(cls, shard: Path | str) -> ShardLimits:
+        """Caps from the dataset.json next to ``shard`` (the schema's defaults when there is none)."""
+        path = Path(shard).with_name("dataset.json")
+        try:
+            if path.stat().st_size <= 64 * META_MAX_BYTES:
+                ds = load_json(path.read_bytes(), max_bytes=64 * META_MAX_BYTES)
+                if isinstance(ds, Mapping):
+                    return cls.of_dataset(ds)
+        except (OSError, ValueError):
+            pass
+        return cls.derive()
+
+
+def refuse_compressed(head: bytes, label: str) -> None:
+    """SchemaError if ``head`` (a file's first bytes) starts like a compressed stream."""
+    for magic, kind in COMPRESSED_MAGIC.items():
+        if head.startswith(magic):
+            raise SchemaError(
+                f"shard {label}: a {kind}-compressed tar; shards are plain (uncompressed) tars, refused unread"
+            )
+
+
+def check_member(info: tarfile.TarInfo, label: str, limits: ShardLimits) -> tuple[str, str]:
+    """``(key, member)`` of a tar entry, or SchemaError if it is not a regular schema member within its cap."""
+    where = f"shard {label}: member {info.name}"
+    parts = PurePosixPath(info.name).parts
+    if info.name.startswith("/") or ".." in parts:
+        raise SchemaError(f"{where}: the name escapes the shard (absolute or '..'); refused")
+    if info.issym() or info.islnk():
+        kind = "symbolic" if info.issym() else "hard"
+        raise SchemaError(f"{where}: a {kind} link (to {info.linkname}), not a regular file; refused")
+    if info.issparse() or not info.isreg():
+        kind = "sparse file" if info.issparse() else _kind(info)
+        raise SchemaError(f"{where}: a {kind}, not a regular file; refused")
+    if len(parts) != 1:
+        raise SchemaError(f"{where}: in a folder; shard members are flat <key>.<member> files")
+    key, _, name = info.name.partition(".")
+    cap = limits.caps.get(name)
+    if cap is None:
+        raise SchemaError(f"{where}: {name!r} is not a member of the shard schema; refused")
+    if info.size > cap:
+        raise SchemaError(
+            f"{where}: the tar header declares {info.size} bytes, over the {cap}-byte cap for {name} "
+            "(from the schema's shape, dataset.json's dims and the longest clip); refused unread"
+        )
+    return key, name
+
+
+def _kind(info: tarfile.TarInfo) -> str:
+    if info.isdir():
+        return "folder"
+    if info.ischr() or info.isblk():
+        return "device"
+    if info.isfifo():
+        return "FIFO"
+    return f"tar entry of type {info.type!r}"
+
+
+def iter_raw_samples(
+    path: Path | str, limits: ShardLimits | None = None, label: str | None = None
+) -> Iterator[dict[str, Any]]:
+    """Samples of one shard in order with members as bytes: ``{"__key__", "__url__", member: bytes, ...}``.
+
+    ``limits`` defaults to those of the dataset.json beside the shard; ``label`` names the shard in errors
+    (its path by default). Every refusal is a SchemaError naming the shard and, where there is one, the member.
+    """
+    label = label or str(path)
+    limits = limits or ShardLimits.beside(path)
+    try:
+        stream = open(path, "rb")  # noqa: SIM115 - closed by the with below
+    except OSError as exc:
+        raise SchemaError(f"shard {label}: not a readable tar ({exc})") from exc
+    with stream:
+        refuse_compressed(stream.read(8), label)
+        stream.seek(0)
+        try:
+            tar = tarfile.open(fileobj=stream, mode="r|")
+        except (tarfile.TarError, OSError) as exc:
+            raise SchemaError(f"shard {label}: not a readable tar ({exc})") from exc
+        current: dict[str, Any] | None = None
+        done = 0
+        try:
+            for info in tar:
+                key, name = check_member(info, label, limits)
+                if current is not None and current["__key__"] != key:
+                    yield current
+                    current, done = None, done + 1
+                if current is None:
+                    current = {"__key__": key, "__url__": str(path)}
+                if name in current:
+                    raise SchemaError(f"shard {label}: member {info.name} appears twice")
+                current[name] = tar.extractfile(info).read()
+        except (tarfile.TarError, OSError) as exc:
+            raise SchemaError(f"shard {label}: truncated or corrupt tar after sample {done} ({exc})") from exc
+        if current is not None:
+            yield current
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    """A ``.npy`` member, never unpickled; its header's shape is checked against the bytes present first."""
+    buf = io.BytesIO(data)
+    version = npformat.read_magic(buf)
+    if version == (1, 0):
+        shape, _, dtype = npformat.read_array_header_1_0(buf)
+    elif version == (2, 0):
+        shape, _, dtype = npformat.read_array_header_2_0(buf)
+    else:
+        raise SchemaError(f".npy format version {version} is not one mmfuse writes (1.0 or 2.0)")
+    if not dtype.hasobject:  # object arrays: np.load refuses them below (allow_pickle=False)
+        declared, present = dtype.itemsize * math.prod(shape), len(data) - buf.tell()
+        if declared > present:
+            raise SchemaError(
+                f".npy header declares shape {shape} of {dtype} ({declared} bytes) but the member holds "
+                f"{present}; refused before allocating"
+            )
+    buf.seek(0)
+    return np.load(buf, allow_pickle=False)
+
+
+def load_json(data: bytes, max_bytes: int = META_MAX_BYTES, max_depth: int = JSON_MAX_DEPTH) -> Any:
+    """A JSON member of at most ``max_bytes`` nested at most ``max_depth`` deep (checked before parsing)."""
+    if len(data) > max_bytes:
+        raise SchemaError(f"JSON of {len(data)} bytes, over the {max_bytes}-byte cap")
+    depth = json_depth(data)
+    if depth > max_depth:
+        raise SchemaError(f"JSON nested {depth} levels deep, over the limit of {max_depth}")
+    try:
+        return json.loads(data.decode("utf-8"))
+    except RecursionError as exc:  # pragma: no cover - json_depth bounds the nesting first
+        raise SchemaError("JSON nested too deep to parse") from exc
+
+
+def json_depth(data: bytes) -> int:
+    """Deepest bracket nesting of a JSON text, strings left out (an over-estimate for malformed text)."""
+    brackets = _STRING.sub(b"", data).translate(None, _NOT_BRACKETS)
+    step = np.frombuffer(brackets.translate(_STEP), np.int8).astype(np.int32) - 1
+    return int(np.cumsum(step).max(initial=0))

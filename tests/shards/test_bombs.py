@@ -1,0 +1,226 @@
+"""Memory bombs and unsafe members in a shard: every reader refuses them with one SchemaError naming the shard
+and member, under a small address-space limit, without a traceback (also with ``skip_bad_samples``)."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shards import SchemaError
+from shards.guard import ShardLimits, json_depth, load_json, load_npy
+from tests.train.test_data import write_shards
+
+GB = 1 << 30
+BOMB = 8 * GB  # what each bomb inflates to
+LIMIT_AS = 4 * GB + GB // 2  # a reader's address space: a normal run (torch's mappings included) peaks near 3.1 GB
+SHARD = "valid-000000.tar"
+VICTIM = "valid0__c1"  # the second sample of the shard
+CHILD = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit}))
+reader, root, shard = sys.argv[1], sys.argv[2], sys.argv[3]
+from shards import SchemaError
+try:
+    if reader == "iter_shard":
+        from shards.io import iter_shard
+        for _ in iter_shard(root + "/" + shard):
+            pass
+    elif reader.startswith("train"):
+        from train.data import DataConfig, make_loader
+        cfg = DataConfig(num_workers=0, normalise=False, skip_bad_samples=reader == "train-skip")
+        loader = make_loader(root, "valid", cfg, train=False)
+        keys = [k for batch in loader for k in batch["key"]]
+        print("read", len(keys), "bad", len(loader.bad_samples), *loader.bad_samples, sep="\\n")
+    else:
+        import runpy
+        sys.argv = ["mmfuse", "inspect", root, "--verify"]
+        runpy.run_module("mmfuse", run_name="__main__")
+except SchemaError as exc:
+    print(exc)
+    sys.exit(1)
+"""
+
+
+def _npy(shape: tuple[int, ...], dtype: str = "float16", data: bytes = b"\0" * 64) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": np.dtype(dtype).str, "fortran_order": False, "shape": shape})
+    return buf.getvalue() + data
+
+
+def _rewrite(shard: Path, extra: tarfile.TarInfo | None = None, replace: dict[str, bytes] | None = None) -> None:
+    """Rewrite ``shard`` with members of ``VICTIM`` replaced, and ``extra`` (with no data) added before them."""
+    with tarfile.open(shard) as tin:
+        members = [(info, tin.extractfile(info).read()) for info in tin]
+    with tarfile.open(shard, "w", format=tarfile.GNU_FORMAT) as tout:
+        for info, data in members:
+            if extra is not None and info.name == f"{VICTIM}.meta.json":
+                tout.addfile(extra)
+            data = (replace or {}).get(info.name, data)
+            info.size = len(data)
+            tout.addfile(info, io.BytesIO(data))
+
+
+def _gzip_bomb(shard: Path) -> None:
+    """A gzip'd tar (a few MB) whose first member inflates to ``BOMB`` bytes: gzip members concatenated."""
+    info = tarfile.TarInfo(f"{VICTIM}.text_feat.npy")
+    info.size = BOMB
+    chunk = 64 << 20
+    zeros = gzip.compress(b"\0" * chunk, compresslevel=9)
+    with open(shard, "wb") as f:
+        f.write(gzip.compress(info.tobuf(tarfile.GNU_FORMAT)))
+        for _ in range(BOMB // chunk + 1):
+            f.write(zeros)
+
+
+def _sparse_member(shard: Path) -> None:
+    """An old-GNU sparse member: 512 bytes on disk, ``BOMB`` bytes when read (holes are zeros)."""
+    info = tarfile.TarInfo(f"{VICTIM}.text_feat.npy")
+    info.size = 512
+    head = bytearray(info.tobuf(tarfile.GNU_FORMAT))
+    head[156:157] = tarfile.GNUTYPE_SPARSE
+    head[386:482] = b"".join(b"%011o\0%011o\0" % (i * 128, 128) for i in range(4))  # 512 data bytes up front
+    head[483:495] = b"\x80" + BOMB.to_bytes(11, "big")  # the real size (base-256: over 11 octal digits)
+    head[148:156] = b" " * 8
+    head[148:156] = b"%06o\0 " % sum(head)
+    with tarfile.open(shard) as tin:
+        first = [(i, tin.extractfile(i).read()) for i in tin if i.name.startswith("valid0__c0.")]
+    with tarfile.open(shard, "w", format=tarfile.GNU_FORMAT) as tout:
+        for i, data in first:
+            tout.addfile(i, io.BytesIO(data))
+        tout.fileobj.write(bytes(head) + _npy((BOMB // 2,), data=b"\0" * 400)[:512])
+        tout.offset += 1024
+
+
+def _huge_declared(shard: Path) -> None:
+    """A member whose tar header declares ``BOMB`` bytes, the file sparse on disk (a few KB really written)."""
+    info = tarfile.TarInfo(f"{VICTIM}.text_feat.npy")
+    info.size = BOMB
+    with tarfile.open(shard) as tin:
+        first = [(i, tin.extractfile(i).read()) for i in tin if i.name.startswith("valid0__c0.")]
+    with tarfile.open(shard, "w", format=tarfile.GNU_FORMAT) as tout:
+        for i, data in first:
+            tout.addfile(i, io.BytesIO(data))
+        tout.fileobj.write(info.tobuf(tarfile.GNU_FORMAT))
+    with open(shard, "r+b") as f:
+        f.truncate(f.seek(0, 2) + BOMB + 1024)
+
+
+def _link(kind: bytes, name: str, target: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, target
+    return info
+
+
+def _dotdot() -> tarfile.TarInfo:
+    return tarfile.TarInfo(f"../{VICTIM}.text_feat.npy")
+
+
+def _tamper(case: str, shard: Path) -> str:
+    """Make ``shard`` the bomb ``case``; the text its SchemaError must hold."""
+    member = f"member {VICTIM}.text_feat.npy"
+    if case == "gzip":
+        _gzip_bomb(shard)
+        return "gzip-compressed tar"
+    if case == "sparse":
+        _sparse_member(shard)
+        return f"{member}: a sparse file, not a regular file"
+    if case == "huge":
+        _huge_declared(shard)
+        return f"{member}: the tar header declares {BOMB} bytes, over the"
+    if case == "npy-shape":
+        _rewrite(shard, replace={f"{VICTIM}.text_feat.npy": _npy((1 << 20, 1 << 20))})
+        return f"{member} cannot be decoded (.npy header declares shape (1048576, 1048576)"
+    if case == "deep-json":
+        deep = b"[" * 100_000 + b"]" * 100_000
+        _rewrite(shard, replace={f"{VICTIM}.meta.json": deep})
+        return f"member {VICTIM}.meta.json cannot be decoded (JSON nested 100000 levels deep, over the limit of 64)"
+    if case == "symlink":
+        _rewrite(shard, extra=_link(tarfile.SYMTYPE, f"{VICTIM}.audio_wave.npy", "/dev/zero"))
+        return f"member {VICTIM}.audio_wave.npy: a symbolic link (to /dev/zero), not a regular file"
+    if case == "hardlink":
+        _rewrite(shard, extra=_link(tarfile.LNKTYPE, f"{VICTIM}.audio_wave.npy", "valid0__c0.meta.json"))
+        return f"member {VICTIM}.audio_wave.npy: a hard link (to valid0__c0.meta.json)"
+    if case == "fifo":
+        _rewrite(shard, extra=_link(tarfile.FIFOTYPE, f"{VICTIM}.audio_wave.npy", ""))
+        return f"member {VICTIM}.audio_wave.npy: a FIFO, not a regular file"
+    _rewrite(shard, extra=_dotdot())
+    return f"member ../{VICTIM}.text_feat.npy: the name escapes the shard"
+
+
+CASES = ["gzip", "sparse", "huge", "npy-shape", "deep-json", "symlink", "hardlink", "fifo", "dotdot"]
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("good")
+    write_shards(root, {"train": [2], "valid": [3, 2]})
+    return root
+
+
+def _run(reader: str, root: Path) -> subprocess.CompletedProcess:
+    code = CHILD.format(limit=LIMIT_AS)
+    return subprocess.run(
+        [sys.executable, "-c", code, reader, str(root), SHARD], capture_output=True, text=True, timeout=300
+    )
+
+
+def _copy(good: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for path in good.iterdir():
+        (dst / path.name).write_bytes(path.read_bytes())
+    return dst
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("case", CASES)
+def test_every_reader_refuses_the_bomb_naming_shard_and_member(good, tmp_path, case) -> None:
+    root = _copy(good, tmp_path / "shards")
+    expected = _tamper(case, root / SHARD)
+    assert (root / SHARD).stat().st_blocks * 512 < 64 << 20  # small on disk
+    for reader in ("iter_shard", "inspect", "train", "train-skip"):
+        out = _run(reader, root)
+        text = out.stdout + out.stderr
+        assert "Traceback" not in text and "MemoryError" not in text and "RecursionError" not in text, (reader, text)
+        assert SHARD in text and expected in text, (reader, text)
+        if reader == "train-skip":
+            assert out.returncode == 0, (reader, text)
+            lines = out.stdout.splitlines()
+            assert lines[lines.index("bad") + 1] == "1", (reader, text)  # one bad sample counted and skipped
+        else:
+            assert out.returncode == 1, (reader, text)
+
+
+def test_a_normal_run_fits_the_address_space_limit(good) -> None:
+    for reader in ("iter_shard", "inspect", "train"):
+        out = _run(reader, good)
+        assert out.returncode == 0, (reader, out.stdout + out.stderr)
+
+
+def test_caps_follow_the_schema_and_dataset_json() -> None:
+    small = ShardLimits.derive({"Dt": 8, "Da": 16}, {"fps": 10}, max_duration_s=60)
+    big = ShardLimits.derive({"Dt": 1024, "Da": 1024}, {"fps": 30}, max_duration_s=3600)
+    assert small.caps["meta.json"] == big.caps["meta.json"] == 1 << 20
+    assert small.caps["text_feat.npy"] < big.caps["text_feat.npy"] < BOMB
+    assert big.caps["audio_wave.npy"] >= 2 * 16000 * 3600 * 2  # an hour at 16 kHz int16, with its margin
+    beside = ShardLimits.of_dataset({"dims": {"Dt": 8}, "feature_set": {"fps": 10}, "max_duration_s": 60})
+    assert beside.caps["text_feat.npy"] == ShardLimits.derive({"Dt": 8}, {"fps": 10}, 60).caps["text_feat.npy"]
+
+
+def test_npy_and_json_guards() -> None:
+    with pytest.raises(SchemaError, match=r"declares shape \(4096, 4096\) of float16 \(33554432 bytes\)"):
+        load_npy(_npy((4096, 4096)))
+    assert load_npy(_npy((8,), data=np.zeros(8, np.float16).tobytes())).shape == (8,)
+    assert json_depth(b'{"a": [1, {"b": "[[[[{{{"}]}') == 3
+    assert load_json(json.dumps({"a": [[[1]]]}).encode()) == {"a": [[[1]]]}
+    with pytest.raises(SchemaError, match="nested 65 levels deep"):
+        load_json(b"[" * 65 + b"]" * 65)
+    with pytest.raises(SchemaError, match="over the 1048576-byte cap"):
+        load_json(b" " * (1 << 20) + b"1")
