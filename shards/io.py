@@ -150,16 +150,22 @@ def iter_shard(path: Path | str, validate: bool = True, limits: ShardLimits | No
     """
     path = Path(path)
     for raw in iter_raw_samples(path, limits):
-        sample = {"__key__": raw["__key__"], "__url__": raw["__url__"]}
-        for suffix, data in raw.items():
-            if suffix.startswith("__"):
-                continue
-            try:
-                sample[suffix] = decode_member(suffix, data)
-            except (ValueError, OSError, UnicodeDecodeError) as exc:
-                member = f"{raw['__key__']}.{suffix}"
-                raise SchemaError(f"shard {path}: member {member} cannot be decoded ({exc})") from exc
-        yield _finish(sample, path, validate)
+        yield _finish(decode_sample(raw, path), path, validate)
+
+
+def decode_sample(raw: dict[str, Any], shard: Path | str) -> dict[str, Any]:
+    """``raw`` with every member decoded by :func:`decode_member` (its ``__`` entries kept as they are);
+    :class:`SchemaError` naming the shard and member when one cannot be decoded."""
+    sample = {k: v for k, v in raw.items() if k.startswith("__")}
+    for suffix, data in raw.items():
+        if suffix.startswith("__"):
+            continue
+        try:
+            sample[suffix] = decode_member(suffix, data)
+        except (ValueError, OSError, UnicodeDecodeError) as exc:
+            member = f"{raw['__key__']}.{suffix}"
+            raise SchemaError(f"shard {shard}: member {member} cannot be decoded ({exc})") from exc
+    return sample
 
 
 def _finish(sample: dict[str, Any], path: Path, validate: bool) -> dict[str, Any]:

@@ -46,7 +46,7 @@ import webdataset as wds
 
 from shards.dataset import IMPORTED_VIDEO, ShardDataset
 from shards.guard import ShardLimits, iter_raw_samples
-from shards.io import decode_member
+from shards.io import decode_sample
 from shards.schema import FEATURE_MEMBERS, MASK_MEMBERS, MODALITIES, SchemaError, validate_sample
 from train.inputs import GEOM_DIM, DataError, binary_labels, label_keys, scalar_label
 
@@ -147,7 +147,7 @@ def _is_raw(name: str) -> bool:
 
 
 class SafeDecode:
-    """Stage: ``.npy`` / ``.json`` members decoded with ``shards.io.decode_member`` (no pickle)."""
+    """Stage: ``.npy`` / ``.json`` members decoded with ``shards.io.decode_sample`` (no pickle)."""
 
     def __init__(self, skip_bad: bool) -> None:
         self.skip_bad = skip_bad
@@ -155,16 +155,10 @@ class SafeDecode:
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         if BAD in sample:
             return sample
-        out = {k: v for k, v in sample.items() if k.startswith("__")}
-        for name, data in sample.items():
-            if name.startswith("__"):
-                continue
-            try:
-                out[name] = decode_member(name, data)
-            except (ValueError, OSError, UnicodeDecodeError) as exc:
-                msg = f"shard {sample['__shard__']}: member {sample['__key__']}.{name} cannot be decoded ({exc})"
-                return _bad(sample, SchemaError(msg), self.skip_bad)
-        return out
+        try:
+            return decode_sample(sample, sample["__shard__"])
+        except SchemaError as exc:
+            return _bad(sample, exc, self.skip_bad)
 
 
 class Validate:
