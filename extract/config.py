@@ -92,7 +92,10 @@ def make_config(yaml_path: Path | str | None = None, **overrides: Any) -> Extrac
 
 
 def rank_from_env(env: dict[str, str] | None = None) -> tuple[int, int]:
-    """``(rank, world_size)`` from torchrun (RANK/WORLD_SIZE) or SLURM (array task or job step), else (0, 1)."""
+    """``(rank, world_size)`` from torchrun (RANK/WORLD_SIZE) or SLURM (array task or job step), else (0, 1).
+
+    An array task's rank counts from the array's first index in its steps (``--array=1-8`` and
+    ``--array=0-14:2`` both give ranks 0..7), so any array of N tasks splits the plan N ways."""
     env = dict(os.environ if env is None else env)
     for r, w in (
         ("RANK", "WORLD_SIZE"),
@@ -101,9 +104,13 @@ def rank_from_env(env: dict[str, str] | None = None) -> tuple[int, int]:
     ):
         if r in env and w in env:
             try:
-                return int(env[r]), int(env[w])
+                rank, world = int(env[r]), int(env[w])
+                if r == "SLURM_ARRAY_TASK_ID":
+                    first, step = int(env.get("SLURM_ARRAY_TASK_MIN", 0)), int(env.get("SLURM_ARRAY_TASK_STEP", 1))
+                    rank = (rank - first) // max(step, 1)
             except ValueError:
                 raise ConfigError(f"{r}={env[r]!r} / {w}={env[w]!r} are not integers") from None
+            return rank, world
     return 0, 1
 
 

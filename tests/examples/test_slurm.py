@@ -1,0 +1,134 @@
+"""The SLURM recipes in examples/slurm, run on this machine with a stand-in `srun` and `scontrol`.
+
+The stand-ins do what SLURM does for these scripts: `srun` starts the command once per node with that node's
+SLURM_NODEID / SLURM_PROCID, and `scontrol show hostnames` lists the job's nodes (all this host here). The job
+array is run as SLURM runs it, one process per task with the array variables set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import MEDIA, ROOT, bundled_rows, write_manifest
+
+from shards.dataset import read_sidecar
+
+SLURM = ROOT / "examples" / "slurm"
+BIN = Path(sys.executable).parent
+
+FAKE_SRUN = """#!/usr/bin/env bash
+# srun stand-in: the command once per node, in parallel; fails when any copy fails.
+while [[ "${1:-}" == --* ]]; do shift; done
+pids=()
+for ((node = 0; node < ${SLURM_NNODES:-1}; node++)); do
+    SLURM_NODEID=$node SLURM_PROCID=$node SLURM_NTASKS=${SLURM_NNODES:-1} "$@" &
+    pids+=($!)
+done
+rc=0
+for pid in "${pids[@]}"; do wait "$pid" || rc=1; done
+exit $rc
+"""
+
+FAKE_SCONTROL = """#!/usr/bin/env bash
+# scontrol stand-in: `show hostnames` lists the job's nodes, all of them this host.
+for ((node = 0; node < ${SLURM_NNODES:-1}; node++)); do echo 127.0.0.1; done
+"""
+
+
+def sbatch_lines(script: Path) -> tuple[list[str], list[str]]:
+    """(#SBATCH lines, the commands) of ``script``; SLURM reads #SBATCH only before the first command."""
+    lines = script.read_text().splitlines()
+    first_command = next(i for i, s in enumerate(lines) if s.strip() and not s.startswith("#"))
+    header = [s for s in lines[:first_command] if s.startswith("#SBATCH")]
+    return header, [s for s in lines[first_command:] if s.startswith("#SBATCH")]
+
+
+@pytest.mark.parametrize("name", ["extract-array.sbatch", "train-multinode.sbatch"])
+def test_recipes_parse_and_put_every_directive_in_the_header(name: str) -> None:
+    script = SLURM / name
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    header, late = sbatch_lines(script)
+    assert late == []  # a directive after the first command would be ignored by sbatch
+    assert any(s.startswith("#SBATCH --job-name=mmfuse-") for s in header)
+    assert os.access(script, os.X_OK)
+
+
+def environment(tmp_path: Path, **extra: str) -> dict[str, str]:
+    fake = tmp_path / "fake-slurm"
+    fake.mkdir(exist_ok=True)
+    for name, body in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (fake / name).write_text(body)
+        (fake / name).chmod(0o755)
+    path = f"{fake}:{BIN}:{os.environ['PATH']}"
+    return {**os.environ, "PATH": path, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **extra}
+
+
+@pytest.mark.integration
+def test_extraction_array_splits_the_plan_and_a_partial_rerun_finishes(
+    tmp_path: Path, tiny_text_model: Path, tiny_audio_model: Path
+) -> None:
+    manifest = write_manifest(tmp_path / "label.csv", bundled_rows())
+    out = tmp_path / "shards"
+    env = environment(
+        tmp_path,
+        MANIFEST=str(manifest), MEDIA_ROOT=str(MEDIA), OUT=str(out), DEVICE="cpu",
+        TEXT_MODEL=str(tiny_text_model), AUDIO_MODEL=str(tiny_audio_model),
+        EXTRA_ARGS="--workers 0 --shard-size 1", SLURM_ARRAY_JOB_ID="77",
+    )  # fmt: skip
+    script = str(SLURM / "extract-array.sbatch")
+    # --array=1-3:2 (tasks 1 and 3): ranks 0 and 1 of 2; task 3 runs alone first, task 1 is "lost".
+    array = {"SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_STEP": "2"}
+    done = subprocess.run(["bash", script], env={**env, **array, "SLURM_ARRAY_TASK_ID": "3"}, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    written = sorted(p.name for p in out.glob("*.json") if p.name != "dataset.json")
+    assert {read_sidecar(out / n)["rank"] for n in written} == {1}
+    assert json.loads((out / "dataset.json").read_text())["complete"] is False  # rank 0's shards are missing
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+
+    # The rerun of the lost task alone (sbatch --array=1: one task, world size 1) finishes what is missing.
+    rerun = {"SLURM_ARRAY_TASK_COUNT": "1", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_ID": "1"}
+    done = subprocess.run(["bash", script], env={**env, **rerun}, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    dataset = json.loads((out / "dataset.json").read_text())
+    assert dataset["complete"] is True and dataset["samples"] == 4
+    keys = [k for p in out.glob("*.json") if p.name != "dataset.json" for k in read_sidecar(p)["keys"]]
+    assert sorted(keys) == sorted(f"{r['video_id']}__{r['clip_id']}" for r in bundled_rows())  # each clip once
+    assert all(out.joinpath(n).stat().st_mtime_ns == t for n, t in before.items())  # complete shards kept
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.integration
+def test_multinode_training_recipe_runs_two_nodes_and_resumes_on_one(bundled_dataset: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    settings = "batch_size=1 num_workers=0 log_every=1 device=cpu model.hidden=12 model.num_heads=3"
+    env = environment(
+        tmp_path,
+        SHARDS=str(bundled_dataset), MODEL="late", RUN_DIR=str(run), GPUS_PER_NODE="1",
+        SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="node[01-02]", MMFUSE=str(BIN / "mmfuse"),
+    )  # fmt: skip
+    script = str(SLURM / "train-multinode.sbatch")
+    two = {"SLURM_NNODES": "2", "PORT": str(free_port()), "TRAIN_ARGS": f"{settings} epochs=1"}
+    done = subprocess.run(["bash", script], env={**env, **two}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "2 nodes x 1 processes, rendezvous at 127.0.0.1:" in done.stdout
+    assert json.loads((run / "config.json").read_text())["world_size"] == 2
+    final = json.loads((run / "final.json").read_text())
+    assert final["test"]["n"] == 1 and final["valid"]["n"] == 1  # every sample scored once across the nodes
+
+    # Resubmitted on one node with RESUME=1 and one more epoch: continues from the last checkpoint.
+    one = {"SLURM_NNODES": "1", "PORT": str(free_port()), "RESUME": "1", "TRAIN_ARGS": f"{settings} epochs=2"}
+    done = subprocess.run(["bash", script], env={**env, **one}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if "step" in line]
+    assert max(steps) == 3  # epoch 1: one batch per rank on 2 ranks (step 1); epoch 2 on 1 rank: 2 batches
