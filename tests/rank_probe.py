@@ -1,4 +1,5 @@
-"""``mmfuse`` under torchrun, with a record of what each rank did: ``python rank_probe.py OUT mmfuse-args...``.
+"""``mmfuse`` under torchrun, with a record of what each rank did: ``python rank_probe.py OUT mmfuse-args...``
+(``torchrun`` below starts it so).
 
 Writes ``OUT/rank<RANK>.json`` when the command returns. Training: the step reached, the device, a checksum of
 the network's parameters as training left them (before the final evaluation loads the selected checkpoint), and
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +22,7 @@ import train.step
 import train.trainer
 from mmfuse.cli import main
 
+ROOT = Path(__file__).resolve().parents[1]
 RECORD: dict = {"rank": int(os.environ.get("RANK", "0")), "zero_weight_batches": 0}
 
 
@@ -54,6 +57,22 @@ def probe_extraction() -> None:
         return summary
 
     extract.pipeline.run_extract = run_recorded
+
+
+def torchrun(procs: int, out: Path, args: list[str], env: dict[str, str], timeout: int) -> list[dict]:
+    """``mmfuse ARGS`` on ``procs`` ranks under torchrun through this script; each rank's record. A run that does
+    not finish within ``timeout`` seconds (a hang) fails."""
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs), __file__]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **env}
+    try:
+        done = subprocess.run(
+            [*cmd, str(out), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"{procs} rank(s) did not finish within {timeout} s: hung") from None
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(procs)]
 
 
 if __name__ == "__main__":

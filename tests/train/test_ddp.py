@@ -11,11 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from rank_probe import torchrun
 
 from train.checkpoint import load_checkpoint
-
-ROOT = Path(__file__).resolve().parents[2]
-PROBE = ROOT / "tests" / "rank_probe.py"
 
 
 @pytest.mark.integration
@@ -71,21 +69,6 @@ LOCKSTEP = [
     "batch_size=2", "num_workers=0", "shuffle_buffer=1", "grad_accum=2", "mode=end_to_end", "unfreeze_after=1",
     "encoder_lr=0.01", "log_every=1", "selection=last", "model.hidden=12", "model.num_heads=3",
 ]  # fmt: skip
-
-
-def torchrun(procs: int, out: Path, args: list[str], env: dict[str, str], timeout: int) -> list[dict]:
-    """``mmfuse ARGS`` on ``procs`` ranks through tests/rank_probe.py; each rank's record. A hang fails."""
-    out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs), str(PROBE)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **env}
-    try:
-        done = subprocess.run(
-            [*cmd, str(out), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"{procs} rank(s) did not finish within {timeout} s: hung")
-    assert done.returncode == 0, done.stderr[-3000:]
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(procs)]
 
 
 @pytest.mark.integration
