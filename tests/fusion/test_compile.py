@@ -61,7 +61,7 @@ def on(device: str, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["late", "mult"])
+@pytest.mark.parametrize("name", ["mult"])  # one model: inductor compiles take tens of seconds each
 def test_inductor_on_cuda_recompiles_at_most_twice_and_matches_eager(name: str) -> None:
     """What a GPU user's ``compile=true`` gets: inductor on CUDA, recompiles logged (their reasons are printed
     when this fails), at most 2 over the 10 varied batches, outputs as eager's."""
