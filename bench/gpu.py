@@ -67,7 +67,8 @@ def benchmark(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "setup": setup(args),
         "training": training(args, work),
         "extraction": extraction(args, work),
-        "tests": junit_results(args.junit) if args.junit is not None else None,
+        "tests": junit_results(args.junit) if args.junit is not None and args.junit.is_file() else None,
+        "junit_missing": str(args.junit) if args.junit is not None and not args.junit.is_file() else None,
     }
 
 
@@ -183,6 +184,9 @@ def format_section(report: dict[str, Any]) -> str:
         f"Extraction encoders: text {e['text_model']}, audio {e['audio_model']}, MediaPipe FaceMesh.",
     ]
     tests = report.get("tests")
+    if report.get("junit_missing"):
+        lines += ["", f"GPU tests: no outcomes: `{Path(report['junit_missing']).name}` was not written (pytest did not "
+                  "finish: killed at its time limit, or it could not start)."]  # fmt: skip
     if tests is not None:
         counts = {k: sum(1 for r in tests if r["outcome"] == k) for k in ("passed", "failed", "error", "skipped")}
         lines += ["", "GPU tests (`pytest -m gpu`): " + ", ".join(f"{v} {k}" for k, v in counts.items()) + ".", ""]

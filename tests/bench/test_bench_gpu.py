@@ -63,3 +63,30 @@ def test_quick_cpu_run_writes_the_section_with_figures_and_tests(tmp_path: Path,
     assert rows["`tests/train/test_ddp.py::test_ranks_keep_lockstep[cuda]`"] == failed
     assert rows["`tests/fusion/test_compile.py::test_inductor[late]`"] == "skipped: needs CUDA"
     assert section in capsys.readouterr().out  # printed as written
+
+
+def test_missing_junit_file_is_said_in_the_section() -> None:
+    from bench.gpu import format_section
+
+    setup = {
+        "command": "c",
+        "device_name": "H200",
+        "device": "cuda",
+        "gpus": 1,
+        "torch": "t",
+        "cuda": "12",
+        "date": "d",
+    }
+    training = {"batch_size": 32, "steps": 50, "s_per_step": 0.01, "samples_per_s": 3200.0, "data_wait_s_per_step": 0.006,
+                "wait_fraction": 0.6, "wait_ok": False}  # fmt: skip
+    extraction = {"clips": 32, "clips_per_s": 4.0, "text_model": "a", "audio_model": "b"}
+    report = {
+        "setup": setup,
+        "training": training,
+        "extraction": extraction,
+        "tests": None,
+        "junit_missing": "x/gpu.xml",
+    }
+    lines = format_section(report).splitlines()
+    assert "| training: data wait / step time (target < 50%) | 60.0% (**missed**) |" in lines
+    assert lines[-1].startswith("GPU tests: no outcomes: `gpu.xml` was not written (pytest did not finish")
