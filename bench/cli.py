@@ -1,6 +1,6 @@
-"""``mmfuse bench extract|train|claims|models``: the throughput benchmarks of SPEC §8 (results go to
+"""``mmfuse bench extract|train|claims|models|gpu``: the throughput benchmarks of SPEC §8 (results go to
 BENCHMARKS.md), the seed methods' claims on synthetic tasks built for them, and every model compared on a user's
-own shards.
+own shards; and the GPU check's figures (``bench gpu``).
 
 ``--sweep`` turns either into a sweep: throughput against the worker count and against the batch size, printed
 as a table and drawn as a PNG (``bench/extract_sweep.py``, ``bench/train_sweep.py``).
@@ -14,6 +14,7 @@ import argparse
 def add_bench(sub: argparse._SubParsersAction) -> None:
     from bench.claims import add_arguments as add_claims_arguments
     from bench.extract import add_arguments as add_extract_arguments
+    from bench.gpu import add_arguments as add_gpu_arguments
     from bench.models import add_arguments as add_models_arguments
     from bench.train import add_arguments as add_train_arguments
 
@@ -40,4 +41,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     )
     add_models_arguments(
         kinds.add_parser("models", help="every fusion model on your shards: selected on valid, test mean ± std")
+    )
+    add_gpu_arguments(
+        kinds.add_parser("gpu", help="the timed half of make gpu-check: training steps and extraction on CUDA")
     )

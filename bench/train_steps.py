@@ -15,7 +15,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,11 +128,19 @@ def make_sample(key: str, base: int, label: float, shapes: Shapes, fs_hash: str,
 
 
 def write_dataset(
-    root: Path, samples: int, shapes: Shapes, feature_set: dict[str, Any], *, shard_size: int = 64, pool: int = 0
+    root: Path,
+    samples: int,
+    shapes: Shapes,
+    feature_set: dict[str, Any],
+    *,
+    shard_size: int = 64,
+    pool: int = 0,
+    unlabelled: Collection[int] = (),
 ) -> dict[str, Any]:
     """A train split of ``samples`` samples in shards of ``shard_size``, with sidecars and dataset.json.
 
-    ``pool > 0`` tiles ``pool`` distinct samples under new keys and labels (4x the data, same shapes).
+    ``pool > 0`` tiles ``pool`` distinct samples under new keys and labels (4x the data, same shapes). The samples
+    numbered in ``unlabelled`` have no label.
     """
     root.mkdir(parents=True, exist_ok=True)
     fs_hash, planned = feature_set_hash(feature_set), []
@@ -143,6 +151,8 @@ def write_dataset(
         for j in range(index * shard_size, min(samples, (index + 1) * shard_size)):
             label = float(np.sin(j)) * 2.0
             s = make_sample(f"bench__c{j:07d}", j % pool if pool else j, label, shapes, fs_hash)
+            if j in unlabelled:
+                s["meta.json"]["labels"] = {}
             writer.write(s)
             for m, member in FEATURE_MEMBERS.items():
                 rows = s[member][s[MASK_MEMBERS[m]]] if m in MASK_MEMBERS else s[member]

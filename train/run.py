@@ -311,6 +311,7 @@ def run_record(run: Run) -> dict[str, Any]:
         "dataset_counts": run.dataset.counts,
         "dims": run.dims,
         "world_size": run.d.world_size,
+        "backend": dist.get_backend() if run.d.enabled else None,
         "device": str(run.d.device),
         "torch": str(torch.__version__),
     }

@@ -61,7 +61,7 @@ def cuda_index(local_rank: int) -> int:
 
 
 def setup_distributed(device: str) -> Dist:
-    """Join the torchrun job when WORLD_SIZE > 1 (NCCL on CUDA, gloo on CPU); otherwise a single process."""
+    """Join the torchrun job when WORLD_SIZE > 1 (backend: ``pick_backend``); otherwise a single process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -71,8 +71,24 @@ def setup_distributed(device: str) -> Dist:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        gpus = torch.cuda.device_count() if dev.type == "cuda" else 0
+        backend = pick_backend(dev, local_world, gpus)
+        if dev.type == "cuda" and backend == "gloo" and local == 0:
+            log.warning("%d ranks on this node share %d GPU(s): gloo instead of NCCL (slower)", local_world, gpus)
+        dist.init_process_group(backend)
     return Dist(rank, world, local, dev, True)
+
+
+def pick_backend(device: torch.device, local_world: int, gpus: int) -> str:
+    """NCCL when every rank on the node has a GPU of its own, gloo otherwise: on the CPU, and when torchrun starts
+    more ranks on a node than it has visible GPUs (``local_world`` > ``gpus``: ranks share a GPU by
+    ``LOCAL_RANK % device_count``), which NCCL refuses ("duplicate GPU") and gloo does through host memory.
+    Ranks started without torchrun (``LOCAL_WORLD_SIZE`` unset, one each) keep NCCL: each may see a different GPU
+    as its device 0 (a per-rank ``CUDA_VISIBLE_DEVICES``)."""
+    if device.type != "cuda":
+        return "gloo"
+    return "nccl" if local_world <= gpus else "gloo"
 
 
 def teardown_distributed(d: Dist) -> None:

@@ -54,3 +54,32 @@ def test_compiled_training_step_needs_one_graph() -> None:
         out = compiled(varied_batch(b, t, seed))
         sum(out.losses.values()).backward()
     assert counter.frame_count <= 3
+
+
+def on(device: str, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["mult"])  # one model: inductor compiles take tens of seconds each
+def test_inductor_on_cuda_recompiles_at_most_twice_and_matches_eager(name: str) -> None:
+    """What a GPU user's ``compile=true`` gets: inductor on CUDA, recompiles logged (their reasons are printed
+    when this fails), at most 2 over the 10 varied batches, outputs as eager's."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    torch._logging.set_logs(recompiles=True)
+    try:
+        model = tiny(name).eval().to("cuda")
+        counter = CompileCounterWithBackend("inductor")
+        compiled = torch.compile(model, backend=counter)
+        with torch.no_grad():
+            for seed, (b, t) in enumerate(SIZES):
+                batch = on("cuda", varied_batch(b, t, seed))
+                torch.manual_seed(seed)
+                expected = model(batch)
+                torch.manual_seed(seed)
+                assert_outputs_equal(compiled(batch), expected, atol=1e-3)
+    finally:
+        torch._logging.set_logs()
+    assert counter.frame_count <= 3, f"{counter.frame_count} graphs: graph breaks or more than 2 recompiles"

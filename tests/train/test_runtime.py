@@ -63,3 +63,29 @@ def test_cuda_rng_state_round_trips_on_the_rank_device() -> None:
     runtime.set_rng_state(state, device)
     assert torch.equal(torch.rand(3, device=device), first)
     runtime.set_rng_state({**state, "cuda": [state["cuda"]] * 9}, torch.device("cuda:0"))  # old list format
+
+
+def test_ranks_sharing_a_gpu_use_gloo(monkeypatch) -> None:
+    """NCCL refuses two ranks on one GPU: torchrun with more local ranks than GPUs joins with gloo."""
+    from train.runtime import pick_backend, setup_distributed
+
+    cuda = torch.device("cuda:0")
+    assert pick_backend(cuda, local_world=2, gpus=2) == "nccl"
+    assert pick_backend(cuda, local_world=2, gpus=1) == "gloo"  # both ranks on cuda:0
+    assert pick_backend(cuda, local_world=1, gpus=1) == "nccl"  # one rank per node, or LOCAL_WORLD_SIZE unset
+    assert pick_backend(torch.device("cpu"), local_world=2, gpus=0) == "gloo"
+    joined = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: joined.append(device))
+    monkeypatch.setattr(runtime.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(runtime.dist, "init_process_group", lambda backend: joined.append(backend))
+    env = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    d = setup_distributed("cuda")
+    assert (d.rank, d.world_size, d.device, d.enabled) == (1, 2, cuda, True)
+    assert joined == [cuda, "gloo"]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    joined.clear()
+    assert setup_distributed("cuda").device == torch.device("cuda:1") and joined == [torch.device("cuda:1"), "nccl"]
