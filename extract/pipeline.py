@@ -29,6 +29,7 @@ from typing import Any
 
 from extract.clip import decode_settings
 from extract.config import ExtractConfig
+from extract.decode import AUDIO_DOWNMIX
 from extract.extractors.base import DecodedClip, ExtractionError, read_settings
 from extract.manifest import Clip, load_manifest
 from extract.outdir import (
@@ -101,6 +102,8 @@ def describe_feature_set(cfg: ExtractConfig, extractors: dict[str, Any]) -> dict
         "fps": cfg.fps if cfg.fps is not None else "native (capped at 30)",
         "extractors": {m: extractors[m].provenance() for m in MODALITIES if m in extractors},
     }
+    if "audio" in cfg.modalities:
+        described["audio_downmix"] = AUDIO_DOWNMIX
     if "asr" in extractors:
         described["asr"] = extractors["asr"].provenance()
     return described
