@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 
 NATIVE_FPS_CAP = 30.0
 FRAME_CHUNK = 32
+# Frames larger than this on their long side are decoded scaled down to it (FaceMesh needs no more: it finds
+# faces in a 128-pixel image and places landmarks in a 192-pixel crop), so a chunk of FRAME_CHUNK frames
+# holds at most 32 x 1280 x 720 x 3 bytes (88 MB) whatever the video's resolution.
+MAX_FRAME_SIDE = 1280
 # How audio is made mono, recorded in the feature set (it sets the stored waveform's level).
 AUDIO_DOWNMIX = "equal-weight mean of the channels; a clip whose peak exceeds full scale is scaled down to it"
 
@@ -181,14 +185,27 @@ def frame_plan(pts: np.ndarray, t0: float, t1: float, fps: float | None) -> tupl
 
 
 class VideoFrames:
-    """Frames of one clip, read lazily in chunks so a long clip never sits in memory at once."""
+    """Frames of one clip, read lazily in chunks so a long clip never sits in memory at once.
 
-    def __init__(self, path: Path, p: Probe, t0: float, t1: float, fps: float | None) -> None:
+    ``width`` and ``height`` are the video's own size, the pixel space landmarks are placed in. Frames over
+    ``max_side`` pixels on their long side are decoded scaled down to it (aspect kept; ``decoded_size`` is
+    their ``(width, height)``); ``max_side=None`` decodes at full size."""
+
+    def __init__(
+        self, path: Path, p: Probe, t0: float, t1: float, fps: float | None, max_side: int | None = MAX_FRAME_SIDE
+    ) -> None:
         from decord import VideoReader, cpu
 
         self.path = path
+        self.height, self.width = p.height, p.width
+        self.decoded_size = _scaled_size(p.width, p.height, max_side)
+        scaled = (
+            {}
+            if self.decoded_size == (p.width, p.height)
+            else {"width": self.decoded_size[0], "height": self.decoded_size[1]}
+        )
         try:
-            self._reader = VideoReader(str(path), ctx=cpu(0))
+            self._reader = VideoReader(str(path), ctx=cpu(0), **scaled)
             n = len(self._reader)
             pts = self._reader.get_frame_timestamp(range(n))[:, 0].astype(np.float64) if n else np.zeros(0)
         except Exception as exc:  # decord raises bare RuntimeError/DECORDError
@@ -200,13 +217,12 @@ class VideoFrames:
             fps = NATIVE_FPS_CAP
         self.fps = fps or native
         self.indices, self.times = frame_plan(pts, t0, t1, fps)
-        self.height, self.width = p.height, p.width
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def chunks(self, size: int = FRAME_CHUNK) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yield ``(frames (n, H, W, 3) uint8 RGB, times (n,))``."""
+        """Yield ``(frames (n, h, w, 3) uint8 RGB, times (n,))``, ``(w, h)`` being :attr:`decoded_size`."""
         for lo in range(0, len(self.indices), size):
             idx = self.indices[lo : lo + size]
             try:
@@ -216,3 +232,11 @@ class VideoFrames:
                     f"decoding frames of {self.path.name} failed at {self.times[lo]:.2f} s: {exc}"
                 ) from exc
             yield frames, self.times[lo : lo + size]
+
+
+def _scaled_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
+    """``(width, height)`` scaled so the long side is at most ``max_side`` (aspect kept; unknown sizes kept)."""
+    long = max(width, height)
+    if max_side is None or long <= max_side or min(width, height) <= 0:
+        return width, height
+    return max(1, round(width * max_side / long)), max(1, round(height * max_side / long))
