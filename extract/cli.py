@@ -82,20 +82,29 @@ def run_extract_cmd(args: argparse.Namespace) -> int:
     with args.progress("extract", "clip") as bar:
         summary = run_extract(args.manifest, args.media_root, args.out, cfg, progress=bar)
     if not args.quiet:
-        counts = "; ".join(f"{s}: " + ", ".join(f"{k} {v}" for k, v in c.items()) for s, c in summary["counts"].items())
-        print(
-            f"wrote {summary['samples_written']} samples in {summary['shards_written']} shards "
-            f"({summary['shards_this_rank'] - summary['shards_written']} already complete) to {summary['out']} "
-            f"in {summary['wall_s']:.1f} s; {counts}"
-            + (f"; {summary['clips_unlabelled']} clips without a label" if summary.get("clips_unlabelled") else "")
-            + ("" if summary["complete"] else " (other ranks still have shards to write)")
-            + (
-                f"; {len(summary['shards_held_elsewhere'])} shards left to the other writer that is writing them"
-                if summary.get("shards_held_elsewhere")
-                else ""
-            )
-        )
+        print(summary_line(summary))
     return 0
+
+
+def summary_line(summary: dict) -> str:
+    """What ``mmfuse extract`` prints when it is done: what it wrote, what was complete before, and the shards it
+    left to another extraction that holds them (that run writes them and completes ``dataset.json``)."""
+    held = summary.get("shards_held_elsewhere") or []
+    before = summary["shards_this_rank"] - summary["shards_written"] - len(held)
+    counts = "; ".join(f"{s}: " + ", ".join(f"{k} {v}" for k, v in c.items()) for s, c in summary["counts"].items())
+    line = (
+        f"wrote {summary['samples_written']} samples in {summary['shards_written']} shards ({before} already "
+        f"complete) to {summary['out']} in {summary['wall_s']:.1f} s" + (f"; {counts}" if counts else "")
+    )
+    if summary.get("clips_unlabelled"):
+        line += f"; {summary['clips_unlabelled']} clips without a label"
+    if held:
+        names = ", ".join(held[:3]) + (" ..." if len(held) > 3 else "")
+        return line + (
+            f"; {len(held)} of this run's {summary['shards_this_rank']} shards were left to another extraction "
+            f"that is writing them ({names}): dataset.json is complete once it finishes"
+        )
+    return line + ("" if summary["complete"] else " (other ranks still have shards to write)")
 
 
 def add_inspect(sub: argparse._SubParsersAction) -> None:

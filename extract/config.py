@@ -45,6 +45,14 @@ class ExtractConfig:
     overwrite: bool = False
 
     def validate(self) -> ExtractConfig:
+        """``self``, or :class:`ConfigError` listing every problem of :meth:`problems`."""
+        problems = self.problems()
+        if problems:
+            raise ConfigError("invalid extraction settings:\n  " + "\n  ".join(problems))
+        return self
+
+    def problems(self) -> list[str]:
+        """What is wrong with these values (ranges, choices, settings that need each other), one line each."""
         problems = []
         unknown = sorted(set(self.modalities) - set(MODALITIES))
         if unknown or not self.modalities:
@@ -62,10 +70,7 @@ class ExtractConfig:
             problems.append("audio_chunk_s must be >= 1 and max_duration_s > 0")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             problems.append(f"device: {self.device!r} must be cpu, cuda or cuda:N")
-        problems += self._asr_problems()
-        if problems:
-            raise ConfigError("invalid extraction settings:\n  " + "\n  ".join(problems))
-        return self
+        return problems + self._asr_problems()
 
     def _asr_problems(self) -> list[str]:
         if self.asr is None:
@@ -84,11 +89,12 @@ class ExtractConfig:
 
 
 def make_config(yaml_path: Path | str | None = None, **overrides: Any) -> ExtractConfig:
-    """Defaults <- YAML overrides <- keyword overrides (``None`` values are ignored); all problems reported.
+    """Defaults <- YAML overrides <- keyword overrides (``None`` values are ignored); all problems reported at
+    once (unknown keys, unreadable values and values out of range together).
     Values are read as :mod:`mmfuse.settings` reads every setting (``1e-3``, ``yes``, ``text,audio``)."""
     layers = [read_yaml(yaml_path, ConfigError)] if yaml_path is not None else []
     layers.append({k: v for k, v in overrides.items() if v is not None})
-    return build(ExtractConfig, layers, ConfigError, "extraction settings").validate()
+    return build(ExtractConfig, layers, ConfigError, "extraction settings", checks=ExtractConfig.problems)
 
 
 def rank_from_env(env: dict[str, str] | None = None) -> tuple[int, int]:

@@ -2,8 +2,14 @@
 
 The clip clock starts at the container's earliest stream start (or the manifest's ``start``). A stream that
 starts late or ends early is placed at its true time: audio is silence-padded and its real span recorded, so
-the audio mask covers only real samples. decord does the decoding; PyAV (FFmpeg's libraries) probes the
-streams (decord drops an audio stream's start offset) and decodes what decord cannot read.
+the audio mask covers only real samples. decord decodes the video; PyAV (FFmpeg's libraries) probes the
+streams (decord drops an audio stream's start offset) and decodes the audio.
+
+Audio is made mono by averaging its channels with equal weights, so the mix is never louder than its loudest
+channel; what still exceeds full scale (a lossy codec's or the resampler's overshoot) is scaled down, never
+clipped (:func:`limit`). FFmpeg's own mono downmix (decord's ``mono=True``, or a resampler asked for a mono
+layout) adds the channels with gains of up to 1 each for float output: ×1.41 for stereo, ×3.4 for 5.1, which
+clips once the waveform is stored as int16 (and decord's multichannel output is unreliable: zeroed or NaN channels).
 
 No torch here: this module runs in worker processes.
 """
@@ -24,6 +30,12 @@ log = logging.getLogger(__name__)
 
 NATIVE_FPS_CAP = 30.0
 FRAME_CHUNK = 32
+# Frames larger than this on their long side are decoded scaled down to it (FaceMesh needs no more: it finds
+# faces in a 128-pixel image and places landmarks in a 192-pixel crop), so a chunk of FRAME_CHUNK frames
+# holds at most 32 x 1280 x 720 x 3 bytes (88 MB) whatever the video's resolution.
+MAX_FRAME_SIDE = 1280
+# How audio is made mono, recorded in the feature set (it sets the stored waveform's level).
+AUDIO_DOWNMIX = "equal-weight mean of the channels; a clip whose peak exceeds full scale is scaled down to it"
 
 
 class DecodeError(MmfuseError, RuntimeError):
@@ -113,33 +125,46 @@ def decode_audio(path: Path, p: Probe, t0: float, t1: float) -> tuple[np.ndarray
 
 
 def _read_audio(path: Path) -> np.ndarray:
-    from decord import AudioReader, cpu
+    """The whole audio stream at 16 kHz, float32, its channels averaged (the module docstring says why).
 
-    try:
-        reader = AudioReader(str(path), ctx=cpu(0), sample_rate=SAMPLE_RATE, mono=True)
-        return np.asarray(reader[:].asnumpy(), dtype=np.float32).reshape(-1)
-    except Exception as exc:  # decord raises bare RuntimeError/DECORDError
-        log.debug("decord cannot read audio of %s (%s); trying PyAV", path, exc)
-    return _read_audio_pyav(path)
-
-
-def _read_audio_pyav(path: Path) -> np.ndarray:
+    Each decoded frame is resampled in its own channel layout (no rematrixing) and averaged at once, so a long
+    multichannel clip costs no more memory than a mono one. Lossy codecs may still overshoot full scale
+    slightly (see :func:`limit`).
+    """
     import av
 
     try:
         with av.open(str(path)) as container:
             if not container.streams.audio:
                 raise DecodeError(f"no audio stream in {path.name}")
-            resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+            stream = container.streams.audio[0]
+            resampler = av.AudioResampler(format="fltp", layout=stream.layout, rate=SAMPLE_RATE)
             chunks = []
-            for frame in container.decode(audio=0):
-                chunks.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(frame))
-            chunks.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(None))
+            for frame in container.decode(stream):
+                chunks.extend(_channel_mean(f) for f in resampler.resample(frame))
+            chunks.extend(_channel_mean(f) for f in resampler.resample(None))
     except av.FFmpegError as exc:
         raise DecodeError(f"audio stream of {path.name} cannot be decoded: {exc}") from exc
     if not chunks:
         raise DecodeError(f"audio stream of {path.name} holds no samples")
     return np.concatenate(chunks).astype(np.float32)
+
+
+def _channel_mean(frame) -> np.ndarray:
+    """A planar float frame ``(channels, n)`` -> ``(n,)``: the equal-weight mean of its channels."""
+    planes = frame.to_ndarray()
+    return planes.reshape(-1) if planes.shape[0] == 1 else planes.mean(axis=0, dtype=np.float32)
+
+
+def limit(wave: np.ndarray) -> tuple[np.ndarray, float | None]:
+    """``wave`` scaled down to full scale when its peak exceeds it, and that peak (None when untouched).
+
+    Scaling the whole clip, not clipping the samples over full scale, keeps the waveform's shape: the int16
+    waveform stored never holds a run of clipped samples."""
+    peak = float(np.abs(wave).max()) if wave.size else 0.0
+    if peak <= 1.0:
+        return wave, None
+    return (wave / np.float32(peak)).astype(np.float32), peak
 
 
 def frame_plan(pts: np.ndarray, t0: float, t1: float, fps: float | None) -> tuple[np.ndarray, np.ndarray]:
@@ -160,14 +185,27 @@ def frame_plan(pts: np.ndarray, t0: float, t1: float, fps: float | None) -> tupl
 
 
 class VideoFrames:
-    """Frames of one clip, read lazily in chunks so a long clip never sits in memory at once."""
+    """Frames of one clip, read lazily in chunks so a long clip never sits in memory at once.
 
-    def __init__(self, path: Path, p: Probe, t0: float, t1: float, fps: float | None) -> None:
+    ``width`` and ``height`` are the video's own size, the pixel space landmarks are placed in. Frames over
+    ``max_side`` pixels on their long side are decoded scaled down to it (aspect kept; ``decoded_size`` is
+    their ``(width, height)``); ``max_side=None`` decodes at full size."""
+
+    def __init__(
+        self, path: Path, p: Probe, t0: float, t1: float, fps: float | None, max_side: int | None = MAX_FRAME_SIDE
+    ) -> None:
         from decord import VideoReader, cpu
 
         self.path = path
+        self.height, self.width = p.height, p.width
+        self.decoded_size = _scaled_size(p.width, p.height, max_side)
+        scaled = (
+            {}
+            if self.decoded_size == (p.width, p.height)
+            else {"width": self.decoded_size[0], "height": self.decoded_size[1]}
+        )
         try:
-            self._reader = VideoReader(str(path), ctx=cpu(0))
+            self._reader = VideoReader(str(path), ctx=cpu(0), **scaled)
             n = len(self._reader)
             pts = self._reader.get_frame_timestamp(range(n))[:, 0].astype(np.float64) if n else np.zeros(0)
         except Exception as exc:  # decord raises bare RuntimeError/DECORDError
@@ -179,13 +217,12 @@ class VideoFrames:
             fps = NATIVE_FPS_CAP
         self.fps = fps or native
         self.indices, self.times = frame_plan(pts, t0, t1, fps)
-        self.height, self.width = p.height, p.width
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def chunks(self, size: int = FRAME_CHUNK) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yield ``(frames (n, H, W, 3) uint8 RGB, times (n,))``."""
+        """Yield ``(frames (n, h, w, 3) uint8 RGB, times (n,))``, ``(w, h)`` being :attr:`decoded_size`."""
         for lo in range(0, len(self.indices), size):
             idx = self.indices[lo : lo + size]
             try:
@@ -195,3 +232,11 @@ class VideoFrames:
                     f"decoding frames of {self.path.name} failed at {self.times[lo]:.2f} s: {exc}"
                 ) from exc
             yield frames, self.times[lo : lo + size]
+
+
+def _scaled_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
+    """``(width, height)`` scaled so the long side is at most ``max_side`` (aspect kept; unknown sizes kept)."""
+    long = max(width, height)
+    if max_side is None or long <= max_side or min(width, height) <= 0:
+        return width, height
+    return max(1, round(width * max_side / long)), max(1, round(height * max_side / long))

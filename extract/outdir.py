@@ -10,7 +10,9 @@ modified for :data:`FOREIGN_LEASE_S` (one hour; a live writer touches its file a
 
 A writer holds a shard's lock (``fcntl.flock`` on ``{shard}.lock``) while it writes that shard, so two ranks or
 two whole runs on the same ``--out`` never write the same shard at once; the lock is released when the writer
-exits, however it exits, and the lock file is removed by whoever releases it.
+exits, however it exits, and the lock file is removed by whoever releases it. ``--overwrite`` is refused while
+any lock in ``--out`` is held (:func:`refuse_live_writers`, before any model loads), and a shard whose lock is
+held is never removed: it belongs to the live writer holding it.
 """
 
 from __future__ import annotations
@@ -81,7 +83,11 @@ def clean_stale(out: Path, planned: set[str], remove_all: bool) -> None:
             if lock is not None:
                 lock.release()
         elif m := SHARD_FILE.match(name):
-            if remove_all:
+            if remove_all and is_held(out / f"{m['stem']}.lock"):
+                log.warning(
+                    "%s is left to the writer holding its lock (%s)", name, lock_owner(out / f"{m['stem']}.lock")
+                )
+            elif remove_all:
                 log.info("removing %s (--overwrite)", name)
                 path.unlink(missing_ok=True)
             elif m["stem"] not in planned:
@@ -129,6 +135,39 @@ class ShardLock:
         self.fd = -1
 
 
+def is_held(path: Path) -> bool:
+    """Whether a live writer holds the lock file ``path`` now (probed without taking, changing or removing it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the probe's lock
+    return False
+
+
+def refuse_live_writers(out: Path) -> None:
+    """``--overwrite`` deletes every shard in ``out``: refuse it (``ExtractionError``) while another extraction
+    holds a lock there (a shard being written, or ``dataset.json`` being rebuilt)."""
+    if not out.is_dir():
+        return
+    for path in sorted(out.iterdir()):
+        if (LOCK_FILE.match(path.name) or path.name == DATASET_LOCK) and is_held(path):
+            try:
+                owner = json.loads(path.read_text())
+                who = f"pid {owner['pid']}, host {owner['host']}"
+            except (OSError, ValueError, KeyError, TypeError):
+                who = "pid and host not recorded"
+            raise ExtractionError(
+                f"another extraction ({who}) is writing to {out} (it holds {path.name}); wait for it or stop it. "
+                "--overwrite would delete the shards it is writing, so nothing was removed."
+            )
+
+
 def lock_owner(path: Path) -> str:
     """Who holds the lock at ``path``, in words (for messages)."""
     try:
@@ -165,6 +204,17 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
             f"{path} lacks {', '.join(missing)}: it was not written by `mmfuse extract`. Pass --overwrite to "
             "replace it, or choose another --out."
         )
+
+
+def recorded_max_duration(out: Path, this_run: float) -> float:
+    """The ``max_duration_s`` that ``dataset.json`` records: the largest of this run's and the one already
+    recorded there (an earlier run on this ``--out`` may have allowed longer clips, whose shards are kept)."""
+    try:
+        old = json.loads((out / DATASET_JSON).read_text()).get("max_duration_s")
+    except (OSError, ValueError, AttributeError):
+        old = None
+    valid = isinstance(old, (int, float)) and not isinstance(old, bool) and 0 < old < float("inf")
+    return max(this_run, float(old)) if valid else this_run
 
 
 def check_feature_set(out: Path, fs_hash: str, overwrite: bool) -> None:

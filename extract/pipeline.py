@@ -29,9 +29,19 @@ from typing import Any
 
 from extract.clip import decode_settings
 from extract.config import ExtractConfig
+from extract.decode import AUDIO_DOWNMIX
 from extract.extractors.base import DecodedClip, ExtractionError, read_settings
 from extract.manifest import Clip, load_manifest
-from extract.outdir import DATASET_LOCK, ShardLock, check_feature_set, check_out_dir, claim_shards, clean_stale
+from extract.outdir import (
+    DATASET_LOCK,
+    ShardLock,
+    check_feature_set,
+    check_out_dir,
+    claim_shards,
+    clean_stale,
+    recorded_max_duration,
+    refuse_live_writers,
+)
 from extract.registry import EXTRACTORS, extractor_for
 from extract.worker import DecodeSettings, decode_clip, init_worker
 from extract.writer import ShardBuilder
@@ -92,6 +102,8 @@ def describe_feature_set(cfg: ExtractConfig, extractors: dict[str, Any]) -> dict
         "fps": cfg.fps if cfg.fps is not None else "native (capped at 30)",
         "extractors": {m: extractors[m].provenance() for m in MODALITIES if m in extractors},
     }
+    if "audio" in cfg.modalities:
+        described["audio_downmix"] = AUDIO_DOWNMIX
     if "asr" in extractors:
         described["asr"] = extractors["asr"].provenance()
     return described
@@ -159,6 +171,7 @@ def run_extract(
             extra={
                 "manifest": str(Path(manifest).resolve()),
                 "media_root": str(Path(media_root).resolve()) if media_root else None,
+                "max_duration_s": recorded_max_duration(out, cfg.max_duration_s),  # caps shard readers' members
             },
         )
     finally:
@@ -189,6 +202,8 @@ def prepare(manifest: Path | str, media_root: Path | str | None, out: Path, cfg:
     need_text = "text" in cfg.modalities and cfg.asr is None  # with --asr, empty transcripts are recognised
     clips = load_manifest(manifest, media_root, need_media=bool(settings.modalities), need_text=need_text)
     check_out_dir(out, cfg.overwrite)
+    if cfg.overwrite and cfg.rank == 0:  # rank 0 removes the old shards: never those a live run is writing
+        refuse_live_writers(out)
     tic = time.perf_counter()
     extractors = build_extractors(cfg)
     feature_set = describe_feature_set(cfg, extractors)

@@ -201,7 +201,7 @@ def _decode_frames(path: Path, meta: dict[str, Any], wanted: np.ndarray) -> tupl
 
     p = probe(path)
     t0, t1 = clip_window(p, meta.get("start"), meta.get("end"))
-    frames = VideoFrames(path, p, t0, t1, fps=None)
+    frames = VideoFrames(path, p, t0, t1, fps=None, max_side=None)  # a few frames, drawn in the video's pixels
     if not len(frames):
         raise DecodeError("no video frames inside the clip window")
     pos = [int(np.argmin(np.abs(frames.times - t))) for t in wanted]

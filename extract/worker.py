@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from extract.decode import DecodeError, VideoFrames, clip_window, decode_audio, probe
+from extract.decode import DecodeError, VideoFrames, clip_window, decode_audio, limit, probe
 from extract.extractors.base import DecodedClip, Extractor, ModalityFailure
 from extract.manifest import Clip
 
@@ -127,8 +127,11 @@ def _decode_audio(d: DecodedClip, p, t0: float, t1: float) -> None:
     if span[1] <= span[0]:
         d.status["audio"] = {"status": "failed", "error": "the audio stream has no samples inside the clip"}
         return
+    wave, peak = limit(wave)  # over full scale: the clip is scaled down, and the peak it had recorded
     d.wave, d.audio_span = quantise(wave), span
     d.status["audio"] = {"status": "ok", "error": None, "real_span": [round(span[0], 4), round(span[1], 4)]}
+    if peak is not None:
+        d.status["audio"]["limited_from_peak"] = round(peak, 4)
 
 
 def _open_video(d: DecodedClip, p, t0: float, t1: float, fps: float | None) -> None:

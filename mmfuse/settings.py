@@ -4,7 +4,8 @@ Each command's settings are a dataclass with documented defaults (``extract.conf
 ``train.config.TrainConfig``). A field whose type is itself a dataclass is a *section*; its fields can be
 given flat (``lr``, when no other section has a field of that name), dotted (``optim.lr``) or nested in YAML
 (``optim: {lr: 1e-3}``). Layers are applied in order, later ones winning, and every problem (an unknown key,
-a value of the wrong type) is collected and reported at once, naming the key.
+with the closest valid one; a value of the wrong type; a value out of range) is collected and reported at
+once, naming the key.
 
 Values are read by the field's type, with one set of rules for YAML files and the command line:
 
@@ -24,13 +25,14 @@ This module imports nothing of ours (every package may use it).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import math
 import re
 import types
 import typing
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -207,29 +209,49 @@ def canonical(values: Mapping[str, Any], cls: type) -> dict[str, Any]:
     return {shortest[paths[k]] if k in paths else k: v for k, v in flatten(values, cls).items()}
 
 
-def build(cls: type[T], layers: Iterable[Mapping[str, Any]], error: type[Exception], what: str) -> T:
+def build(
+    cls: type[T],
+    layers: Iterable[Mapping[str, Any]],
+    error: type[Exception],
+    what: str,
+    checks: Callable[[T], list[str]] | None = None,
+    found: Iterable[str] = (),
+) -> T:
     """An instance of ``cls`` from its defaults and ``layers`` (later layers win); ``error`` listing every
-    problem (``invalid {what}: ...``) and the valid keys when a key is unknown."""
+    problem (``invalid {what}: ...``) and the valid keys when a key is unknown, with a close match for each
+    unknown key ("did you mean epochs?").
+
+    ``checks(instance)`` returns the problems of the values themselves (a range, a choice); they are reported
+    together with the unknown keys and unreadable values (such a value keeps its default while checking), as
+    are the problems in ``found`` that the caller found before."""
     paths = leaf_paths(cls)
     chosen: dict[tuple[str, ...], tuple[str, Any]] = {}
     problems: list[str] = []
     for layer in layers:
         for key, value in flatten(layer, cls).items():
             if key not in paths:
-                where = sorted(k for k, p in paths.items() if "." in k and p[-1] == key)
-                problems.append(
-                    f"setting {key!r} is in several sections: write {' or '.join(where)}"
-                    if len(where) > 1
-                    else f"unknown setting {key!r}"
-                )
+                problems.append(_unknown(key, paths))
                 continue
             chosen[paths[key]] = (key, value)
     instance = _instantiate(cls, (), chosen, problems)
+    problems += found
+    if instance is not None and checks is not None:
+        problems += checks(instance)
     if problems:
         valid = sorted(_shortest_keys(cls).values())
         hint = f"\nvalid keys: {', '.join(valid)}" if any(p.startswith("unknown") for p in problems) else ""
         raise error(f"invalid {what}:\n  " + "\n  ".join(dict.fromkeys(problems)) + hint)
     return instance  # type: ignore[return-value]
+
+
+def _unknown(key: str, paths: Mapping[str, tuple[str, ...]]) -> str:
+    """The problem of a key that names no setting: ambiguous (in several sections), or unknown with the
+    closest valid key when one is close (difflib's ratio of at least 0.6)."""
+    where = sorted(k for k, p in paths.items() if "." in k and p[-1] == key)
+    if len(where) > 1:
+        return f"setting {key!r} is in several sections: write {' or '.join(where)}"
+    close = difflib.get_close_matches(key, list(paths), n=1)
+    return f"unknown setting {key!r}" + (f" (did you mean {close[0]}?)" if close else "")
 
 
 def _instantiate(

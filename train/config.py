@@ -216,16 +216,8 @@ def make_train_config(
         values["model"] = model
     _label_settings(values)
     values["model_settings"], problems = _model_settings(str(values.get("model", "late")), settings)
-    try:
-        config = build(TrainConfig, [values], TrainConfigError, "training settings")
-    except TrainConfigError as exc:
-        if not problems:
-            raise
-        raise TrainConfigError(f"{exc}\n  " + "\n  ".join(problems)) from None
-    problems += config.problems()
-    if problems:
-        raise TrainConfigError("invalid training settings:\n  " + "\n  ".join(problems))
-    return config
+    # every problem at once: unknown keys, unreadable values, the model's settings and values out of range
+    return build(TrainConfig, [values], TrainConfigError, "training settings", TrainConfig.problems, problems)
 
 
 def _model_settings(model: str, settings: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:

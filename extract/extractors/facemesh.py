@@ -1,7 +1,9 @@
 """Video: MediaPipe FaceMesh (bundled in the mediapipe 0.10 wheel), 478 landmarks per frame, never dropping frames.
 
-Landmarks are turned into pixels (x·W, y·H, z·W), centred on their mean and divided by the inter-ocular
-distance, so they are comparable across resolutions and head sizes. Frames without a face keep their place
+Landmarks are turned into pixels of the video's own size (x·W, y·H, z·W), centred on their mean and divided by
+the inter-ocular distance, so they are comparable across resolutions and head sizes. Frames over 1280 pixels on
+their long side reach FaceMesh scaled down to it (``extract.decode.MAX_FRAME_SIDE``); the pixels stay the
+video's. Frames without a face keep their place
 with zeros and ``video_mask`` False. A fresh tracker per clip keeps results independent of which worker
 processed which clip before. Runs in worker processes; no torch.
 """
@@ -14,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from extract.decode import MAX_FRAME_SIDE
 from extract.extractors.base import DecodedClip, Extractor, ExtractorResult, ModalityFailure, check_finite
 from shards.schema import N_LANDMARKS
 
@@ -76,6 +79,7 @@ class FaceMeshExtractor(Extractor):
             "min_detection_confidence": self.min_detection_confidence,
             "min_tracking_confidence": self.min_tracking_confidence,
             "normalisation": "pixels, centred on the mean, divided by inter-ocular distance",
+            "max_frame_side": MAX_FRAME_SIDE,  # larger frames reach FaceMesh scaled down to it
             "dims": {"landmarks": N_LANDMARKS},
         }
 
@@ -104,8 +108,8 @@ class FaceMeshExtractor(Extractor):
             for batch, _ in frames.chunks():
                 for image in batch:
                     faces = mesh.process(np.ascontiguousarray(image)).multi_face_landmarks
-                    if faces:
-                        h, w = image.shape[:2]
+                    if faces:  # landmarks are fractions of the image: placed in the video's own pixels
+                        h, w = (frames.height, frames.width) if frames.width > 0 else image.shape[:2]
                         multi += len(faces) > 1
                         points = max((_pixels(f, w, h) for f in faces), key=_area)
                         lmk[i], norm[i], geom[i] = normalise(points)

@@ -201,3 +201,61 @@ def test_missing_model_names_what_to_provide(tmp_path):
 
     with pytest.raises(ExtractionError, match=r"'no-such-org/no-such-model' was not found locally.*never downloads"):
         build_extractors(make_config(None, text_model="no-such-org/no-such-model", modalities=("text",)))
+
+
+def tone_file(path, layout: str, codec: str = "pcm_s16le", level: float = 0.999, seconds: float = 1.0, rate=48000):
+    """A file whose every channel of ``layout`` holds the same 440 Hz tone, ``level`` times full scale."""
+    import av
+
+    n = int(seconds * rate)
+    tone = (np.sin(2 * np.pi * 440 * np.arange(n) / rate) * level).astype(np.float32)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=rate, layout=layout)
+        channels = len(av.AudioLayout(layout).channels)
+        for lo in range(0, n, 1024):
+            frame = av.AudioFrame.from_ndarray(
+                np.tile(tone[lo : lo + 1024], (channels, 1)), format="fltp", layout=layout
+            )
+            frame.sample_rate, frame.pts = rate, lo
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return path
+
+
+def longest_clipped_run(wave: np.ndarray) -> int:
+    clipped = np.abs(wave.astype(np.int32)) >= 32767
+    runs = np.diff(np.flatnonzero(np.diff(np.r_[0, clipped.astype(np.int8), 0])))[::2]
+    return int(runs.max()) if runs.size else 0
+
+
+def test_multichannel_audio_is_averaged_without_clipping(tmp_path, tiny_cfg):
+    """5.1 and stereo full-scale tones: FFmpeg's mono downmix had gains ×3.4 and ×1.41 and clipped; the mean of
+    the channels keeps the tone's level. A float file over full scale (as a lossy codec's overshoot) is scaled
+    down, its peak recorded, never clipped."""
+    media = tmp_path / "media"
+    media.mkdir()
+    tone_file(media / "surround.wav", "5.1")
+    tone_file(media / "stereo.wav", "stereo")
+    tone_file(media / "loud.wav", "5.1", codec="pcm_f32le", level=1.5)
+    rows = [{"video_id": "t", "clip_id": n, "text": "a tone", "path": f"{n.replace('_', '.')}"}
+            for n in ("surround_wav", "stereo_wav", "loud_wav")]  # fmt: skip
+    manifest = write_manifest(tmp_path / "m.csv", rows)
+    run_extract(manifest, media, tmp_path / "out", tiny_cfg(modalities=("text", "audio")))
+    samples = {s["__key__"]: s for p in sorted((tmp_path / "out").glob("*.tar")) for s in iter_shard(p)}
+    for key in ("t__surround_wav", "t__stereo_wav"):
+        wave = samples[key]["audio_wave.npy"]
+        assert len(wave) == 16000 and longest_clipped_run(wave) == 0
+        assert np.abs(wave).max() / 32768 == pytest.approx(0.999, abs=2e-3)  # the level of every channel
+        assert np.sqrt(np.mean((wave[800:-800] / 32768.0) ** 2)) == pytest.approx(0.999 / np.sqrt(2), rel=5e-3)
+        assert "limited_from_peak" not in samples[key]["meta.json"]["modalities"]["audio"]
+    loud = samples["t__loud_wav"]
+    peak = loud["meta.json"]["modalities"]["audio"]["limited_from_peak"]
+    assert peak == pytest.approx(1.5, abs=3e-3)  # measured before scaling
+    assert np.abs(loud["audio_wave.npy"]).max() >= 32766 and longest_clipped_run(loud["audio_wave.npy"]) <= 1
+    assert np.sqrt(np.mean((loud["audio_wave.npy"][800:-800] / 32768.0) ** 2)) == pytest.approx(0.5**0.5, rel=5e-3)
+    status = [json.loads(line) for line in (tmp_path / "out" / "status.jsonl").read_text().splitlines()]
+    assert {r["key"]: r["modalities"]["audio"].get("limited_from_peak") for r in status} == {
+        "t__surround_wav": None, "t__stereo_wav": None, "t__loud_wav": peak
+    }  # fmt: skip

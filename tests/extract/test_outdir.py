@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 
 import pytest
-from conftest import MEDIA, write_manifest
+from conftest import MEDIA, ROOT, write_manifest
 
 from extract.outdir import FOREIGN_LEASE_S, ShardLock, clean_stale, owner_gone
 from mmfuse.cli import main
@@ -82,10 +83,10 @@ def test_a_shard_lock_has_one_holder_and_is_freed_when_its_holder_dies(tmp_path)
     again.release()
 
 
-def run_cli(tmp_path, out, capsys):
+def run_cli(tmp_path, out, capsys, *extra):
     manifest = write_manifest(tmp_path / "m.csv", [{"video_id": "v", "clip_id": "c", "text": "hi", "mode": "train"}])
     # A model that does not exist: the --out error must come first, before any model is loaded.
-    args = ["extract", str(manifest), "--media-root", str(MEDIA), "--out", str(out), "--modalities", "text"]
+    args = ["extract", str(manifest), "--media-root", str(MEDIA), "--out", str(out), "--modalities", "text", *extra]
     code = main([*args, "--text-model", str(tmp_path / "no-model"), "-q", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err and "no-model" not in err
@@ -117,3 +118,76 @@ def test_foreign_dataset_json_is_a_clear_error(tmp_path, capsys, content):
     (out / "dataset.json").write_text(content)
     err = run_cli(tmp_path, out, capsys)
     assert "dataset.json" in err and "--overwrite" in err
+
+
+class LockHolder:
+    """Another process holding our locks on ``names`` in ``out`` (as a live extraction does while it writes)."""
+
+    def __init__(self, out, names) -> None:
+        code = (
+            "import sys, time; from pathlib import Path; from extract.outdir import ShardLock; "
+            f"locks = [ShardLock.claim(Path({str(out)!r}) / n) for n in {list(names)!r}]; "
+            "print('held' if all(locks) else 'taken', flush=True); time.sleep(120)"
+        )
+        self.proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+
+    def __enter__(self) -> subprocess.Popen:
+        assert self.proc.stdout.readline().strip() == "held"
+        return self.proc
+
+    def __exit__(self, *exc) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def test_overwrite_while_another_extraction_writes_is_refused_before_any_model_loads(tmp_path, capsys):
+    out = tmp_path / "out"
+    committed = ["train-000000.tar", "train-000000.json", "dataset.json", "status.jsonl"]
+    fill(out, committed)
+    with LockHolder(out, ["train-000001.lock"]) as holder:
+        err = run_cli(tmp_path, out, capsys, "--overwrite")
+        assert (
+            f"another extraction (pid {holder.pid}, host {host_name()}) is writing to {out} (it holds "
+            "train-000001.lock); wait for it or stop it. --overwrite would delete the shards it is writing, so "
+            "nothing was removed."
+        ) in err
+        assert set(committed) <= {p.name for p in out.iterdir()}
+        # A run that started after that check (while models loaded) keeps the shards it holds as well.
+        fill(out, ["train-000001.tar", "train-000001.json"])
+        clean_stale(out, {"train-000000", "train-000001"}, remove_all=True)
+        assert {p.name for p in out.iterdir()} == {"train-000001.lock", "train-000001.tar", "train-000001.json"}
+
+
+def test_a_run_that_finds_every_shard_held_says_it_left_them_to_the_other_run(
+    tmp_path, capsys, tiny_text_model, tiny_audio_model
+):
+    rows = [{"video_id": "v", "clip_id": f"c{i}", "text": "hi", "mode": s} for i, s in enumerate(["train", "test"])]
+    manifest = write_manifest(tmp_path / "m.csv", rows)
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["extract", str(manifest), "--out", str(out), "--modalities", "text", "--text-model", str(tiny_text_model)]
+    with LockHolder(out, ["train-000000.lock", "test-000000.lock"]) as holder:
+        assert main([*args, "--audio-model", str(tiny_audio_model), "--workers", "0", "--no-progress"]) == 0
+    line = capsys.readouterr().out.strip()
+    who = f"rank 0, pid {holder.pid} on {host_name()}"
+    assert re.fullmatch(
+        rf"wrote 0 samples in 0 shards \(0 already complete\) to {re.escape(str(out))} in [\d.]+ s; 2 of this "
+        rf"run's 2 shards were left to another extraction that is writing them \(train-000000 \({who}\), "
+        rf"test-000000 \({who}\)\): dataset.json is complete once it finishes",
+        line,
+    ), line
+    assert not list(out.glob("*.tar"))
+
+
+def test_dataset_json_records_the_longest_max_duration_of_the_runs_that_wrote_it(tmp_path, tiny_cfg):
+    from extract.pipeline import run_extract
+    from shards import load_dataset_json
+
+    manifest = write_manifest(tmp_path / "m.csv", [{"video_id": "v", "clip_id": "c", "text": "hi", "mode": "train"}])
+    out = tmp_path / "out"
+    run_extract(manifest, None, out, tiny_cfg(modalities=("text",), max_duration_s=600))
+    assert load_dataset_json(out)["max_duration_s"] == 600.0
+    run_extract(manifest, None, out, tiny_cfg(modalities=("text",), max_duration_s=7200))
+    assert load_dataset_json(out)["max_duration_s"] == 7200.0
+    run_extract(manifest, None, out, tiny_cfg(modalities=("text",), max_duration_s=60))  # its shards are kept
+    assert load_dataset_json(out)["max_duration_s"] == 7200.0

@@ -103,3 +103,37 @@ def test_extraction_settings_read_numbers_in_yaml_as_people_type_them(tmp_path) 
     with pytest.raises(ConfigError, match="shard_size: '1e-3' is not an integer") as info:
         make_config(path, shard_size="1e-3")
     assert isinstance(info.value, MmfuseError)
+
+
+def test_unknown_keys_come_with_a_close_match_and_with_every_value_problem() -> None:
+    def checks(s: Settings) -> list[str]:
+        return [] if s.name in ("x", "y") else [f"name: must be x or y, got {s.name!r}"]
+
+    with pytest.raises(Bad) as info:
+        build(Settings, [{"nmae": "y", "optim.lrr": 1, "zzz": 0, "name": "z", "fps": "fast"}], Bad, "s", checks)
+    assert str(info.value) == (
+        "invalid s:\n"
+        "  unknown setting 'nmae' (did you mean name?)\n"
+        "  unknown setting 'optim.lrr' (did you mean optim.lr?)\n"
+        "  unknown setting 'zzz'\n"
+        "  fps: 'fast' is not a number\n"
+        "  name: must be x or y, got 'z'\n"
+        "valid keys: data.steps, flag, fps, lr, modalities, name, optim.steps"
+    )
+
+
+def test_extraction_settings_report_typos_and_bad_values_together(tmp_path) -> None:
+    path = tmp_path / "extract.yaml"
+    path.write_text("shard_sise: 8\nworkres: 2\n")
+    with pytest.raises(ConfigError) as info:
+        make_config(path, workers=-1, fps="fast", modalities="text,smell")
+    message = str(info.value)
+    assert message.startswith(
+        "invalid extraction settings:\n"
+        "  unknown setting 'shard_sise' (did you mean shard_size?)\n"
+        "  unknown setting 'workres' (did you mean workers?)\n"
+        "  fps: 'fast' is not a number\n"
+        "  modalities: ['text', 'smell'] must be a non-empty subset of ['text', 'audio', 'video']\n"
+        "  workers: must be >= 0, got -1\n"
+        "valid keys: asr, "
+    )

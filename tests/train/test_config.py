@@ -50,6 +50,21 @@ def test_every_problem_is_reported_with_its_key() -> None:
     assert "model.task: not a setting of late (set it at the top level)" in message
 
 
+def test_every_typo_and_bad_value_on_the_command_line_is_reported_at_once() -> None:
+    with pytest.raises(TrainConfigError) as info:
+        make_train_config("late", overrides=["lr=1e-3", "epohcs=3", "bacth_size=4", "amp=maybe", "model.dropout=x"])
+    message = str(info.value)
+    assert message.startswith(
+        "invalid training settings:\n"
+        "  unknown setting 'epohcs' (did you mean epochs?)\n"
+        "  unknown setting 'bacth_size' (did you mean batch_size?)\n"
+        "  model.dropout: 'x' is not a number\n"
+        "  amp: must be one of auto, off, bf16, fp16, got 'maybe'\n"
+        "valid keys: align_words, amp, batch_size, "
+    )
+    assert message.count("\n") == 5
+
+
 def test_unknown_model_and_bad_override() -> None:
     with pytest.raises(TrainConfigError, match="model: unknown 'ithq'; valid models: bc_pmjrs"):
         make_train_config("ithq")
