@@ -11,9 +11,9 @@ order, encodes them in groups of ``batch_size`` and commits the shard exactly as
 (:class:`~extract.writer.ShardBuilder`: temporary tar, rename, sidecar last). A shard redone after a lost
 actor is written from the start under a new temporary name, so a clip ends up in its shard exactly once.
 
-``MMFUSE_RAY_FAULT`` injects faults for the tests: ``kill:<clip key or shard name>:<marker file>`` makes the
-actor that reaches that clip (decoding) or shard (encoding) kill itself with SIGKILL, once (the marker file
-records that it happened); ``stall:<clip key>:`` makes the decoder of that clip hang.
+``MMFUSE_RAY_FAULT`` injects faults for the tests, comma-separated: ``kill:<clip key or shard name>:<marker
+file>`` makes the actor that reaches that clip (decoding) or shard (encoding) kill itself with SIGKILL, once
+(the marker file records that it happened); ``stall:<clip key>`` makes the decoder of that clip hang.
 """
 
 from __future__ import annotations
@@ -34,19 +34,19 @@ CRASHED = "the decoder process crashed on this file"  # the local engine's statu
 
 def inject_fault(name: str) -> None:
     """The fault ``MMFUSE_RAY_FAULT`` asks for at ``name`` (a clip key or a shard name), if any."""
-    spec = os.environ.get(FAULT_ENV, "")
-    kind, _, rest = spec.partition(":")
-    target, _, marker = rest.partition(":")
-    if target != name:
-        return
-    if kind == "stall":
-        time.sleep(3600)
-    elif kind == "kill" and marker:
-        try:
-            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        except FileExistsError:
-            return  # it happened already: this is the retry
-        os.kill(os.getpid(), signal.SIGKILL)
+    for spec in os.environ.get(FAULT_ENV, "").split(","):
+        kind, _, rest = spec.partition(":")
+        target, _, marker = rest.partition(":")
+        if target != name:
+            continue
+        if kind == "stall":
+            time.sleep(3600)
+        elif kind == "kill" and marker:
+            try:
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                continue  # it happened already: this is the retry
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 class Decoder:
