@@ -61,9 +61,6 @@ class Decoder:
         inject_fault(clip.key)
         return decode_clip(clip, self.settings)  # its frames are already dropped
 
-    def pid(self) -> int:
-        return os.getpid()
-
 
 class Encoder:
     """The encoder extractors, built once per actor; writes and commits one shard per call."""
@@ -79,19 +76,30 @@ class Encoder:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.cfg, self.fs_hash, self.out = cfg, fs_hash, out
-        self.extractors = build_extractors(cfg)
+        self.extractors: dict[str, Any] = {}
+        self._problem: str | None = None
+        try:
+            self.extractors = build_extractors(cfg)
+        except ExtractionError as exc:  # e.g. a model missing on this node
+            self._problem = f"the encoder on {os.uname().nodename}: {exc}"
+            return
         found = feature_set_hash(describe_feature_set(cfg, self.extractors))
-        self.mismatch = None
         if found != fs_hash:  # another model version or file on this node than on the driver's
-            self.mismatch = (
+            self._problem = (
                 f"the encoder on {os.uname().nodename} has feature set {found}, the driver {fs_hash}: install the "
                 "same mmfuse, packages and model files on every node of the Ray cluster"
             )
+
+    def problem(self) -> str | None:
+        """Why this encoder cannot write shards (``None``: it can); the driver asks before dispatching."""
+        return self._problem
 
     def write(self, plan: Any, items: list[Any]) -> dict[str, Any]:
         """Write and commit the shard of ``plan``; ``items`` are, per clip in plan order, a reference to its
         decoding or (no media to decode) the :class:`DecodedClip` itself. Returns samples written and time spent
         waiting for decoded clips."""
+        if self._problem:
+            raise ExtractionError(self._problem)
         from pathlib import Path
 
         import ray
@@ -99,8 +107,6 @@ class Encoder:
 
         from extract.writer import ShardBuilder
 
-        if self.mismatch:
-            raise ExtractionError(self.mismatch)
         inject_fault(plan.name)
         builder = ShardBuilder(Path(self.out), plan, self.extractors, self.fs_hash, self.cfg, group=self.cfg.batch_size)
         waits = []
@@ -121,6 +127,3 @@ class Encoder:
             builder.abort()
             raise
         return {"shard": plan.name, "samples": samples, "first_clip_s": waits[0], "decode_wait_s": sum(waits)}
-
-    def pid(self) -> int:
-        return os.getpid()

@@ -66,9 +66,9 @@ def run_extract_ray(
     address: str | None = None,
 ) -> dict[str, Any]:
     """:func:`extract.pipeline.run_extract` on Ray: same plan, shards, ``status.jsonl``, ``dataset.json`` and
-    summary (plus ``engine``, ``decoders`` and ``encoders``). ``address``: a Ray cluster to join (default
-    ``RAY_ADDRESS``, else a local Ray started for this run); a Ray already initialised in this process is
-    used as it is."""
+    summary, plus ``engine``, ``ray_start_s`` (in ``setup_s`` too), ``decoders`` and ``encoders``.
+    ``address``: a Ray cluster to join (default ``RAY_ADDRESS``, else a local Ray started for this run); a Ray
+    already initialised in this process is used as it is."""
     ray = import_ray()
     out = Path(out)
     job = prepare(manifest, media_root, out, dataclasses.replace(cfg, device="cpu"))  # provenance only
@@ -76,20 +76,25 @@ def run_extract_ray(
     done = total - sum(len(p.clips) for p in job.todo)
     if progress is not None:
         progress(done, total)
-    started = False
+    started, ray_start_s, decoders, encoders = False, 0.0, [], []
     try:
         if not ray.is_initialized():
+            tic = time.perf_counter()
             start_ray(ray, address or os.environ.get("RAY_ADDRESS"), cfg)
-            started = True
-        setup_s = time.perf_counter() - job.tic
-        written, timings, sizes = run_shards(ray, job, out, cfg, progress, done, total)
+            started, ray_start_s = True, time.perf_counter() - tic
+        start_actors(ray, job, out, cfg, decoders, encoders)
+        setup_s = time.perf_counter() - job.tic  # Ray's start and the encoders' model loading included
+        written, timings = run_shards(ray, job, decoders, encoders, progress, done, total)
     finally:
+        for actor in decoders + encoders:
+            ray.kill(actor)
         for lock in job.locks:
             lock.release()
         if started:
             ray.shutdown()
     summary = finish_run(job, manifest, media_root, out, cfg, written, {"setup_s": setup_s, **timings})
-    return {**summary, "engine": "ray", **sizes}
+    sizes = {"decoders": len(decoders), "encoders": len(encoders)}
+    return {**summary, "engine": "ray", "ray_start_s": round(ray_start_s, 3), **sizes}
 
 
 def start_ray(ray: Any, address: str | None, cfg: ExtractConfig) -> None:
@@ -136,11 +141,10 @@ def actor_counts(ray: Any, cfg: ExtractConfig, media: bool) -> tuple[int, int, i
     return decoders, encoders, per_gpu
 
 
-def run_shards(
-    ray: Any, job: ExtractionJob, out: Path, cfg: ExtractConfig, progress: Progress | None, done: int, total: int
-) -> tuple[int, dict[str, float], dict[str, int]]:
-    """Long: write every shard of ``job.todo`` with decoder and encoder actors; return the samples written,
-    where the encoders' time went (waiting for decoded clips) and the actor counts."""
+def start_actors(ray: Any, job: ExtractionJob, out: Path, cfg: ExtractConfig, decoders: list, encoders: list) -> None:
+    """Start the decoder and encoder actors (appended to ``decoders`` and ``encoders``, so that the caller can
+    stop them whatever happens) and wait until the encoders have loaded their models. ``MMFUSE_*`` variables
+    of this process are passed on to the actors."""
     media = bool(job.settings.modalities)
     n_dec, n_enc, per_gpu = actor_counts(ray, cfg, media)
     env = {k: v for k, v in os.environ.items() if k.startswith(("MMFUSE_", "GLOG_", "TF_CPP_"))}
@@ -156,9 +160,27 @@ def run_shards(
         max_task_retries=ENCODER_RETRIES,
         **runtime,
     )
-    decoders = [decoder_cls.remote(job.settings) for _ in range(n_dec)]
-    encoders = [encoder_cls.remote(cfg, job.fs_hash, str(out)) for _ in range(n_enc)]
+    decoders += [decoder_cls.remote(job.settings) for _ in range(n_dec)]
+    encoders += [encoder_cls.remote(cfg, job.fs_hash, str(out)) for _ in range(n_enc)]
+    for problem in ray.get([e.problem.remote() for e in encoders]):
+        if problem:
+            raise ExtractionError(problem)
     log.info("ray: %d shards (%d clips) on %d decoders and %d encoders", len(job.todo), n_clips, n_dec, n_enc)
+
+
+def run_shards(
+    ray: Any,
+    job: ExtractionJob,
+    decoders: list,
+    encoders: list,
+    progress: Progress | None,
+    done: int,
+    total: int,
+) -> tuple[int, dict[str, float]]:
+    """Long: write every shard of ``job.todo`` with the decoder and encoder actors; return the samples written
+    and where the encoders' time went (waiting for decoded clips)."""
+    media = bool(job.settings.modalities)
+    n_dec, n_enc, n_clips = len(decoders), len(encoders), sum(len(p.clips) for p in job.todo)
     queue = list(job.todo)
     inflight: dict[Any, tuple[ShardPlan, int]] = {}  # shard task -> (plan, encoder index)
     load = [0] * n_enc
@@ -169,39 +191,35 @@ def run_shards(
     def clips_inflight() -> int:
         return sum(len(p.clips) for p, _ in inflight.values())
 
-    try:
-        while queue or inflight:
-            while queue and (len(inflight) < 2 * n_enc or clips_inflight() < CLIPS_QUEUED_PER_DECODER * n_dec):
-                plan = queue.pop(0)
-                if media:
-                    items = []
-                    for clip in plan.clips:
-                        items.append(decoders[turn % n_dec].decode.remote(clip))
-                        turn += 1
-                else:
-                    items = [DecodedClip(clip) for clip in plan.clips]
-                k = load.index(min(load))
-                load[k] += 1
-                inflight[encoders[k].write.remote(plan, items)] = (plan, k)
-            ready, _ = ray.wait(list(inflight), num_returns=1)
-            plan, k = inflight.pop(ready[0])
-            load[k] -= 1
-            result = _result(ray, ready[0], plan)
-            written += result["samples"]
-            if shards_done == 0:
-                timings["first_clip_s"] = result["first_clip_s"]
-            timings["decode_wait_s"] += result["decode_wait_s"]
-            shards_done += 1
-            done += len(plan.clips)
-            rate = (done - (total - n_clips)) / max(time.perf_counter() - tic, 1e-9)
-            log.info("ray: %s committed (%d/%d shards, %d/%d clips, %.1f clips/s)",
-                     plan.name, shards_done, len(job.todo), done, total, rate)  # fmt: skip
-            if progress is not None:
-                progress(done, total)
-    finally:
-        for actor in decoders + encoders:
-            ray.kill(actor)
-    return written, timings, {"decoders": n_dec, "encoders": n_enc}
+    while queue or inflight:
+        while queue and (len(inflight) < 2 * n_enc or clips_inflight() < CLIPS_QUEUED_PER_DECODER * n_dec):
+            plan = queue.pop(0)
+            if media:
+                items = []
+                for clip in plan.clips:
+                    items.append(decoders[turn % n_dec].decode.remote(clip))
+                    turn += 1
+            else:
+                items = [DecodedClip(clip) for clip in plan.clips]
+            k = load.index(min(load))
+            load[k] += 1
+            inflight[encoders[k].write.remote(plan, items)] = (plan, k)
+        ready, _ = ray.wait(list(inflight), num_returns=1)
+        plan, k = inflight.pop(ready[0])
+        load[k] -= 1
+        result = _result(ray, ready[0], plan)
+        written += result["samples"]
+        if shards_done == 0:
+            timings["first_clip_s"] = result["first_clip_s"]
+        timings["decode_wait_s"] += result["decode_wait_s"]
+        shards_done += 1
+        done += len(plan.clips)
+        rate = (done - (total - n_clips)) / max(time.perf_counter() - tic, 1e-9)
+        log.info("ray: %s committed (%d/%d shards, %d/%d clips, %.1f clips/s)",
+                 plan.name, shards_done, len(job.todo), done, total, rate)  # fmt: skip
+        if progress is not None:
+            progress(done, total)
+    return written, timings
 
 
 def _result(ray: Any, ref: Any, plan: ShardPlan) -> dict[str, Any]:

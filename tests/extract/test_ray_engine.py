@@ -154,3 +154,16 @@ def test_ray_address_without_engine_ray_is_refused(tmp_path, capsys):
     assert code == 1
     assert "--ray-address is for --engine ray: add --engine ray" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_encoder_with_another_feature_set_than_the_drivers_refuses_to_write(tiny_cfg, tmp_path):
+    from extract.ray_actors import Encoder
+
+    encoder = Encoder(tiny_cfg(modalities=("text",)), "0123456789abcdef", str(tmp_path))
+    assert encoder.problem().startswith(f"the encoder on {os.uname().nodename} has feature set ")
+    assert encoder.problem().endswith(
+        ", the driver 0123456789abcdef: install the same mmfuse, packages and model files on every node of the Ray cluster"
+    )
+    with pytest.raises(ExtractionError, match="has feature set"):
+        encoder.write(None, [])
+    assert list(tmp_path.iterdir()) == []
