@@ -167,3 +167,16 @@ def test_an_encoder_with_another_feature_set_than_the_drivers_refuses_to_write(t
     with pytest.raises(ExtractionError, match="has feature set"):
         encoder.write(None, [])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_decoder_returns_the_compact_arrays_never_frames(tiny_cfg):
+    from extract.clip import decode_settings
+    from extract.manifest import load_manifest
+    from extract.ray_actors import Decoder
+
+    clip = load_manifest(MEDIA / "manifest.csv", MEDIA)[0]
+    decoded = Decoder(decode_settings(tiny_cfg(fps=5.0))).decode(clip)
+    assert decoded.frames is None  # frames never cross processes
+    assert decoded.wave.dtype == np.int16 and decoded.wave.ndim == 1
+    assert decoded.features["video"]["video_lmk.npy"].shape[1:] == (478, 3)
+    assert decoded.status["video"]["status"] == "ok" and decoded.status["audio"]["status"] == "ok"
