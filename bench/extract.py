@@ -51,6 +51,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-model", help=f"text model (default {DEFAULT_TEXT_MODEL}; --quick: a tiny BERT)")
     p.add_argument("--audio-model", help=f"audio model (default {BENCH_AUDIO_MODEL}; --quick: a tiny wav2vec 2.0)")
     p.add_argument("--quick", action="store_true", help="2 clips, 1 worker, 5 fps, tiny models: a smoke test")
+    p.add_argument(
+        "--engine", choices=("local", "ray"), default="local",
+        help="ray: the pipeline on a local Ray beside the local engine, on the same clips (their time ratio)",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     p.add_argument("--out", type=Path, help="BENCHMARKS.md whose bench-extract section is written or replaced")
     add_sweep_arguments(p, "pipeline clips/s", SWEEP, QUICK_SWEEP, "extract-sweep.png")
@@ -68,6 +72,10 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="mmfuse-bench-") as tmp:
         tmp = Path(tmp)
         base = settings(args, tmp)
+        if args.engine == "ray":
+            from bench.extract_ray import run_engines
+
+            return run_engines(args, base, tmp)
         if args.sweep:
             from bench.extract_sweep import run_sweep
 

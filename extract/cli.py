@@ -17,6 +17,8 @@ EXTRACT_EXAMPLES = """examples:
   # two machines (or `torchrun --nproc-per-node 2 -m mmfuse extract ...`): disjoint shards, one dataset
   mmfuse extract label.csv --media-root Raw --out shards/x --rank 0 --world-size 2
   mmfuse extract label.csv --media-root Raw --out shards/x --rank 1 --world-size 2
+  # a Ray cluster (pip install 'mmfuse[ray]'; --out on a file system every node sees)
+  mmfuse extract label.csv --media-root Raw --out /shared/x --engine ray --ray-address head:6379 --device cuda
 
 Rerunning the same command resumes: complete shards are skipped, incomplete ones redone.
 """
@@ -43,6 +45,11 @@ def add_extract(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="cpu, cuda or cuda:N (default cpu); cuda under torchrun: cuda:LOCAL_RANK")
     p.add_argument("--rank", type=int, help="this process's rank (default: RANK / SLURM env, else 0)")
     p.add_argument("--world-size", type=int, help="number of ranks (default: WORLD_SIZE / SLURM env, else 1)")
+    p.add_argument(
+        "--engine", choices=("local", "ray"), default="local",
+        help="local: this machine's processes (default); ray: Ray actors, on a cluster with --ray-address",
+    )  # fmt: skip
+    p.add_argument("--ray-address", metavar="ADDR", help="Ray cluster to join (default RAY_ADDRESS, else a local Ray)")
     p.add_argument("--modalities", help="comma-separated subset of text,audio,video (default all)")
     p.add_argument(
         "--asr",
@@ -57,7 +64,7 @@ def add_extract(sub: argparse._SubParsersAction) -> None:
 
 
 def run_extract_cmd(args: argparse.Namespace) -> int:
-    from extract.config import local_device, make_config, rank_from_env
+    from extract.config import ConfigError, local_device, make_config, rank_from_env
     from extract.pipeline import run_extract
 
     rank, world = rank_from_env()
@@ -79,8 +86,15 @@ def run_extract_cmd(args: argparse.Namespace) -> int:
         world_size=args.world_size if args.world_size is not None else world,
     )
     cfg.device = local_device(cfg.device)  # torchrun: one GPU per local rank
+    if args.ray_address and args.engine != "ray":
+        raise ConfigError("--ray-address is for --engine ray: add --engine ray")
     with args.progress("extract", "clip") as bar:
-        summary = run_extract(args.manifest, args.media_root, args.out, cfg, progress=bar)
+        if args.engine == "ray":
+            from extract.ray_engine import run_extract_ray
+
+            summary = run_extract_ray(args.manifest, args.media_root, args.out, cfg, bar, args.ray_address)
+        else:
+            summary = run_extract(args.manifest, args.media_root, args.out, cfg, progress=bar)
     if not args.quiet:
         print(summary_line(summary))
     return 0

@@ -161,6 +161,20 @@ def run_extract(
     finally:
         for lock in job.locks:
             lock.release()
+    return finish_run(job, manifest, media_root, out, cfg, written, {"setup_s": setup_s, **waits})
+
+
+def finish_run(
+    job: ExtractionJob,
+    manifest: Path | str,
+    media_root: Path | str | None,
+    out: Path,
+    cfg: ExtractConfig,
+    written: int,
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    """Rebuild ``status.jsonl`` and ``dataset.json`` from every committed sidecar and return the run's summary
+    (whichever engine wrote the shards). ``timings``: ``setup_s`` and where the time went."""
     # Serialised, so the last rank or run to get here sees every committed shard and writes the complete one.
     dataset_lock = ShardLock.claim(out / DATASET_LOCK, cfg.rank, wait=True)
     try:
@@ -189,8 +203,7 @@ def run_extract(
         "feature_set_hash": job.fs_hash,
         "complete": dataset["complete"],
         "counts": dataset["counts"],
-        "setup_s": round(setup_s, 3),
-        **{k: round(v, 3) for k, v in waits.items()},
+        **{k: round(v, 3) for k, v in timings.items()},
         "wall_s": round(time.perf_counter() - job.tic, 3),
     }
 

@@ -171,7 +171,10 @@ def test_rank_defaults_from_torchrun_and_slurm():
     assert rank_from_env({"SLURM_PROCID": "1", "SLURM_NTASKS": "2"}) == (1, 2)
     assert rank_from_env({"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "8"}) == (5, 8)
     # an array that starts at 1 (--array=1-8) or steps (--array=0-14:2) still gives ranks 0..7
-    assert rank_from_env({"SLURM_ARRAY_TASK_ID": "8", "SLURM_ARRAY_TASK_COUNT": "8", "SLURM_ARRAY_TASK_MIN": "1"}) == (7, 8)
+    assert rank_from_env({"SLURM_ARRAY_TASK_ID": "8", "SLURM_ARRAY_TASK_COUNT": "8", "SLURM_ARRAY_TASK_MIN": "1"}) == (
+        7,
+        8,
+    )
     stepped = {"SLURM_ARRAY_TASK_ID": "6", "SLURM_ARRAY_TASK_COUNT": "8", "SLURM_ARRAY_TASK_MIN": "0"}
     assert rank_from_env({**stepped, "SLURM_ARRAY_TASK_STEP": "2"}) == (3, 8)
     assert rank_from_env({}) == (0, 1)
