@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from extract.auto import describe, resolve_precision
 from extract.clip import decode_settings
 from extract.config import ExtractConfig
 from extract.extractors.base import DecodedClip, ExtractionError, read_settings
@@ -67,7 +68,10 @@ def build_extractors(cfg: ExtractConfig) -> dict[str, Any]:
     """The configured extractors by modality (the registry's extractor for each, built from its ``Settings``
     read from ``cfg``) set up on ``cfg.device``, and with ``cfg.asr`` the speech recogniser under ``"asr"`` (a
     ``WhisperTranscriber``). Worker extractors are built here too, for their provenance; the decode workers
-    build their own."""
+    build their own. An automatic ``cfg.precision`` is resolved here, for the device."""
+    if cfg.precision is None:
+        cfg.precision = resolve_precision(None, cfg.device)
+        cfg.auto += ("precision",)
     found: dict[str, Any] = {}
     for modality in MODALITIES:
         if modality in cfg.modalities:
@@ -135,10 +139,12 @@ def run_extract(
     import torch
 
     check_device(cfg.device)
+    cfg.validate()  # also fills workers and batch_size left to auto
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(out)
     job = prepare(manifest, media_root, out, cfg)
+    log.info(describe(cfg.workers, cfg.batch_size, cfg.precision, cfg.auto, cfg.auto_reason))
     total = sum(len(p.clips) for p in job.mine)
     done = total - sum(len(p.clips) for p in job.todo)
     if progress is not None:
