@@ -236,7 +236,7 @@ def encode_and_write(
                 break
             plan, decoded = item
             if builder is None:
-                builder = ShardBuilder(out, plan, job.extractors, job.fs_hash, cfg, group=cfg.batch_size)
+                builder = ShardBuilder(out, plan, job.extractors, job.fs_hash, cfg, group=encode_group(cfg, media))
             before = builder.flushed
             builder.add(decoded)
             complete = builder.added == len(plan.clips)
@@ -254,6 +254,17 @@ def encode_and_write(
     finally:
         clips_in.close()  # shuts the decode pool down, also on errors
     return written, waits
+
+
+TEXT_GROUP = 256  # transcripts encoded together when there is no media (sorted by length, batch_size a batch)
+
+
+def encode_group(cfg: ExtractConfig, media: bool) -> int:
+    """Clips handed to the encoders at once. With media, ``batch_size``: each group is encoded as soon as it is
+    decoded, so encoding overlaps decoding. Text only (nothing to decode), up to ``TEXT_GROUP`` transcripts, so
+    the text encoder sorts many by length before cutting its batches of ``batch_size``: groups of one batch
+    padded every transcript to the longest of 16 random ones."""
+    return cfg.batch_size if media else max(cfg.batch_size, TEXT_GROUP)
 
 
 def decode_clips(

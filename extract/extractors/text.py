@@ -110,7 +110,8 @@ class TextExtractor(Extractor):
                 results[i] = ModalityFailure(empty_transcript(c))
             else:
                 todo.append(i)
-        ids = {i: self._tokenizer(clips[i].clip.text, truncation=False)["input_ids"] for i in todo}
+        tokenised = self._tokenizer([clips[i].clip.text for i in todo], truncation=False)["input_ids"] if todo else []
+        ids = dict(zip(todo, tokenised, strict=True))  # one tokenizer call for the group
         for i in todo:
             if len(ids[i]) > self.max_tokens:
                 clips[i].info["text_truncated_from"] = len(ids[i])
