@@ -144,7 +144,6 @@ def run_extract(
         torch.set_num_threads(cfg.threads)
     out = Path(out)
     job = prepare(manifest, media_root, out, cfg)
-    log.info(describe(cfg.workers, cfg.batch_size, cfg.precision, cfg.auto, cfg.auto_reason))
     total = sum(len(p.clips) for p in job.mine)
     done = total - sum(len(p.clips) for p in job.todo)
     if progress is not None:
@@ -210,6 +209,7 @@ def prepare(manifest: Path | str, media_root: Path | str | None, out: Path, cfg:
     )  # fmt: skip
     if held:
         log.warning("left to the writers that hold them: %s", ", ".join(held))
+    log.info(describe(cfg.workers, cfg.batch_size, cfg.precision, cfg.auto, cfg.auto_reason))
     return ExtractionJob(clips, plans, mine, todo, extractors, feature_set, fs_hash, settings, tic, locks, held)
 
 
