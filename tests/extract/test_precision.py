@@ -84,3 +84,16 @@ def test_auto_precision_per_device(monkeypatch):
     native = False
     assert resolve_precision(None, "cuda") == "fp16" and resolve_precision("fp32", "cuda") == "fp32"
     assert asked == [False, False]  # emulated bf16 (pre-Ampere) does not count
+
+
+def test_predict_reproduces_the_recorded_precision(tiny_cfg):
+    """A checkpoint's shards extracted at bf16 (the CUDA default) are predicted at bf16, also on a CPU whose
+    own default is fp32; shards without a recorded precision at fp32."""
+    from train.predict import extract_config
+
+    for precision in ("bf16", "fp32"):
+        cfg = tiny_cfg(modalities="text,audio", precision=precision)
+        recorded = describe_feature_set(cfg, build_extractors(cfg))
+        again = extract_config(recorded, device="cpu")
+        assert again.precision == precision
+        assert feature_set_hash(describe_feature_set(again, build_extractors(again))) == feature_set_hash(recorded)
