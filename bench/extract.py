@@ -58,7 +58,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     p.add_argument("--out", type=Path, help="BENCHMARKS.md whose bench-extract section is written or replaced")
     add_sweep_arguments(p, "pipeline clips/s", SWEEP, QUICK_SWEEP, "extract-sweep.png")
+    p.add_argument(
+        "--precisions",
+        type=precision_list,
+        metavar="P,P,...",
+        help="instead of the comparison: text and audio encoder speed and feature deviation per precision "
+        "(fp32,bf16,fp16) against fp32; its own --out section",
+    )
+    p.add_argument(
+        "--modalities",
+        choices=["text"],
+        help="text: instead of the comparison, text-only extraction of N transcripts (--clips) against a plain "
+        "batched loop over the same model, both whole processes; its own --out section",
+    )
     p.set_defaults(run=run)
+
+
+def precision_list(text: str) -> list[str]:
+    """An argparse type: comma-separated precisions among fp32, bf16, fp16."""
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in values if v not in ("fp32", "bf16", "fp16")]
+    if bad or not values:
+        raise argparse.ArgumentTypeError(f"{text!r}: give precisions among fp32, bf16, fp16 (e.g. fp32,bf16)")
+    return values
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,6 +102,14 @@ def run(args: argparse.Namespace) -> int:
             from bench.extract_sweep import run_sweep
 
             return run_sweep(args, base, tmp)
+        if args.modalities == "text":
+            from bench.extract_text import run_text
+
+            return run_text(args, base, tmp)
+        if args.precisions:
+            from bench.extract_precision import run_precision
+
+            return run_precision(args, base, tmp)
         small = tile_manifest(tmp / "tiled-n.csv", args.clips)
         large = tile_manifest(tmp / "tiled-4n.csv", 4 * args.clips)
         runs = {}

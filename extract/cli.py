@@ -40,9 +40,24 @@ def add_extract(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--audio-model", help="wav2vec2/HuBERT/WavLM id or local path (default: random:wav2vec2-small)")
     p.add_argument("--fps", type=float, help="video frame rate (default: native, capped at 30)")
     p.add_argument("--shard-size", type=int, help="clips per shard (default 256)")
-    p.add_argument("--workers", type=int, help="decode + FaceMesh processes (default 1; 0 = inline)")
-    p.add_argument("--batch-size", type=int, help="clips per encoder batch (default 8)")
+    p.add_argument(
+        "--workers",
+        type=count_or_auto,
+        metavar="N|auto",
+        help="decode + FaceMesh processes (0 = inline; default auto: cores - 1, none for text only)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=count_or_auto,
+        metavar="N|auto",
+        help="clips per encoder batch (default auto: 2 on CPU, 16 for text only on CPU, 32 on CUDA)",
+    )
     p.add_argument("--device", help="cpu, cuda or cuda:N (default cpu); cuda under torchrun: cuda:LOCAL_RANK")
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "fp16", "auto"],
+        help="text and audio encoder precision (default auto: fp32 on CPU; on CUDA bf16 where supported, else fp16)",
+    )
     p.add_argument("--rank", type=int, help="this process's rank (default: RANK / SLURM env, else 0)")
     p.add_argument("--world-size", type=int, help="number of ranks (default: WORLD_SIZE / SLURM env, else 1)")
     p.add_argument(
@@ -77,6 +92,7 @@ def run_extract_cmd(args: argparse.Namespace) -> int:
         workers=args.workers,
         batch_size=args.batch_size,
         device=args.device,
+        precision=args.precision,
         modalities=args.modalities,
         asr=args.asr,
         asr_language=args.asr_language,
@@ -119,6 +135,19 @@ def summary_line(summary: dict) -> str:
             f"that is writing them ({names}): dataset.json is complete once it finishes"
         )
     return line + ("" if summary["complete"] else " (other ranks still have shards to write)")
+
+
+def count_or_auto(text: str) -> int | str:
+    """An argparse type: a whole number >= 0, or ``auto``."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a whole number nor auto") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative; give a whole number >= 0 or auto")
+    return value
 
 
 def add_inspect(sub: argparse._SubParsersAction) -> None:

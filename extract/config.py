@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from extract.auto import choose, usable_cores
 from extract.models import DEFAULT_AUDIO_MODEL, DEFAULT_TEXT_MODEL
 from mmfuse.errors import MmfuseError
-from mmfuse.settings import build, read_yaml
+from mmfuse.settings import NOT_A_SETTING, build, read_yaml
 from shards.schema import MODALITIES
 
 
@@ -29,9 +30,10 @@ class ExtractConfig:
     audio_chunk_s: float = 30.0  # long audio is encoded in windows of this length
     fps: float | None = None  # None: native frame rate, capped at 30
     shard_size: int = 256  # clips per shard
-    workers: int = 1  # decode + FaceMesh processes (0: inline)
-    batch_size: int = 8  # clips per encoder batch
+    workers: int | None = None  # decode + FaceMesh processes (0: inline; None = auto: chosen by extract.auto)
+    batch_size: int | None = None  # clips per encoder batch (None = auto: chosen by extract.auto)
     device: str = "cpu"
+    precision: str | None = None  # text and audio encoders: fp32, bf16 or fp16 (None = auto: fp32 on CPU, else bf16)
     modalities: tuple[str, ...] = MODALITIES
     raw: bool = True  # store audio_wave.npy for end-to-end fine-tuning
     max_duration_s: float = 3600.0  # longer clips are skipped with a recorded status
@@ -43,12 +45,22 @@ class ExtractConfig:
     rank: int = 0
     world_size: int = 1
     overwrite: bool = False
+    # Which of workers, batch_size and precision were chosen automatically, and from what (extract.auto).
+    auto: tuple[str, ...] = field(default=(), metadata=NOT_A_SETTING)
+    auto_reason: str = field(default="", metadata=NOT_A_SETTING)
 
     def validate(self) -> ExtractConfig:
-        """``self``, or :class:`ConfigError` listing every problem of :meth:`problems`."""
+        """``self`` with ``workers`` and ``batch_size`` left to auto filled in, or :class:`ConfigError` listing
+        every problem of :meth:`problems`."""
         problems = self.problems()
         if problems:
             raise ConfigError("invalid extraction settings:\n  " + "\n  ".join(problems))
+        workers, batch_size, reason = choose(self.device, usable_cores(), self.modalities)
+        self.auto_reason = self.auto_reason or reason
+        if self.workers is None or self.batch_size is None:
+            self.auto += tuple(n for n in ("workers", "batch_size") if getattr(self, n) is None)
+            self.workers = workers if self.workers is None else self.workers
+            self.batch_size = batch_size if self.batch_size is None else self.batch_size
         return self
 
     def problems(self) -> list[str]:
@@ -58,10 +70,12 @@ class ExtractConfig:
         if unknown or not self.modalities:
             problems.append(f"modalities: {list(self.modalities)} must be a non-empty subset of {list(MODALITIES)}")
         for name in ("shard_size", "batch_size", "max_text_tokens", "max_faces", "world_size"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 problems.append(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if self.workers < 0:
-            problems.append(f"workers: must be >= 0, got {self.workers}")
+        if self.workers is not None and self.workers < 0:
+            problems.append(f"workers: must be >= 0 or auto, got {self.workers}")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            problems.append(f"precision: {self.precision!r} must be one of {', '.join(PRECISIONS)} or auto")
         if self.fps is not None and not self.fps > 0:
             problems.append(f"fps: must be > 0, got {self.fps}")
         if not 0 <= self.rank < self.world_size:
@@ -91,10 +105,20 @@ class ExtractConfig:
 def make_config(yaml_path: Path | str | None = None, **overrides: Any) -> ExtractConfig:
     """Defaults <- YAML overrides <- keyword overrides (``None`` values are ignored); all problems reported at
     once (unknown keys, unreadable values and values out of range together).
-    Values are read as :mod:`mmfuse.settings` reads every setting (``1e-3``, ``yes``, ``text,audio``)."""
+    Values are read as :mod:`mmfuse.settings` reads every setting (``1e-3``, ``yes``, ``text,audio``);
+    ``auto`` for workers, batch_size or precision is their default (chosen from the machine)."""
     layers = [read_yaml(yaml_path, ConfigError)] if yaml_path is not None else []
     layers.append({k: v for k, v in overrides.items() if v is not None})
-    return build(ExtractConfig, layers, ConfigError, "extraction settings", checks=ExtractConfig.problems)
+    layers = [{k: None if k in AUTO_KEYS and _is_auto(v) else v for k, v in layer.items()} for layer in layers]
+    return build(ExtractConfig, layers, ConfigError, "extraction settings", checks=ExtractConfig.problems).validate()
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+AUTO_KEYS = ("workers", "batch_size", "precision")  # settings whose default is chosen from the machine
+
+
+def _is_auto(value: Any) -> bool:
+    return isinstance(value, str) and value.strip().lower() == "auto"
 
 
 def rank_from_env(env: dict[str, str] | None = None) -> tuple[int, int]:

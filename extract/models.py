@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from extract.extractors.base import ModelNotFoundError
+from extract.weight_cache import cached_hash, file_identity
 
 DEFAULT_TEXT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_AUDIO_MODEL = "random:wav2vec2-small"
@@ -74,8 +75,32 @@ def resolve_model(model_id: str, kind: str) -> Path:
     )
 
 
-def weights_hash(module: Any) -> str:
-    """sha256 (16 hex digits) over parameter and buffer names, dtypes, shapes and bytes."""
+def weights_hash(module: Any, source: Path | str | None = None) -> str:
+    """sha256 (16 hex digits) over parameter and buffer names, dtypes, shapes and bytes. With ``source`` (the
+    model directory the weights were loaded from, or a ``random:NAME`` id), cached by what it was made from
+    (:mod:`extract.weight_cache`): a rerun on the same files does not hash them again."""
+    if source is None:
+        return state_dict_hash(module)
+    import torch
+    import transformers
+
+    source = str(source)
+    if source.startswith(RANDOM_PREFIX):
+        name = source[len(RANDOM_PREFIX) :]
+        made_from: Any = {"random": name, "config": RANDOM_AUDIO_CONFIGS.get(name), "seed": RANDOM_SEED}
+    else:
+        made_from = file_identity(source)
+    identity = {
+        "made_from": made_from,
+        "class": type(module).__name__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+    return cached_hash(identity, lambda: state_dict_hash(module))
+
+
+def state_dict_hash(module: Any) -> str:
+    """sha256 (16 hex digits) over ``module``'s parameter and buffer names, dtypes, shapes and bytes."""
     import torch  # here, not at import: the command line starts without torch
 
     h = hashlib.sha256()

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from extract.auto import describe, resolve_precision
 from extract.clip import decode_settings
 from extract.config import ExtractConfig
 from extract.decode import AUDIO_DOWNMIX
@@ -77,7 +78,10 @@ def build_extractors(cfg: ExtractConfig) -> dict[str, Any]:
     """The configured extractors by modality (the registry's extractor for each, built from its ``Settings``
     read from ``cfg``) set up on ``cfg.device``, and with ``cfg.asr`` the speech recogniser under ``"asr"`` (a
     ``WhisperTranscriber``). Worker extractors are built here too, for their provenance; the decode workers
-    build their own."""
+    build their own. An automatic ``cfg.precision`` is resolved here, for the device."""
+    if cfg.precision is None:
+        cfg.precision = resolve_precision(None, cfg.device)
+        cfg.auto += ("precision",)
     found: dict[str, Any] = {}
     for modality in MODALITIES:
         if modality in cfg.modalities:
@@ -147,6 +151,7 @@ def run_extract(
     import torch
 
     check_device(cfg.device)
+    cfg.validate()  # also fills workers and batch_size left to auto
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(out)
@@ -232,6 +237,7 @@ def prepare(manifest: Path | str, media_root: Path | str | None, out: Path, cfg:
     )  # fmt: skip
     if held:
         log.warning("left to the writers that hold them: %s", ", ".join(held))
+    log.info(describe(cfg.workers, cfg.batch_size, cfg.precision, cfg.auto, cfg.auto_reason))
     return ExtractionJob(clips, plans, mine, todo, extractors, feature_set, fs_hash, settings, tic, locks, held)
 
 
@@ -258,7 +264,7 @@ def encode_and_write(
                 break
             plan, decoded = item
             if builder is None:
-                builder = ShardBuilder(out, plan, job.extractors, job.fs_hash, cfg, group=cfg.batch_size)
+                builder = ShardBuilder(out, plan, job.extractors, job.fs_hash, cfg, group=encode_group(cfg, media))
             before = builder.flushed
             builder.add(decoded)
             complete = builder.added == len(plan.clips)
@@ -276,6 +282,17 @@ def encode_and_write(
     finally:
         clips_in.close()  # shuts the decode pool down, also on errors
     return written, waits
+
+
+TEXT_GROUP = 256  # transcripts encoded together when there is no media (sorted by length, batch_size a batch)
+
+
+def encode_group(cfg: ExtractConfig, media: bool) -> int:
+    """Clips handed to the encoders at once. With media, ``batch_size``: each group is encoded as soon as it is
+    decoded, so encoding overlaps decoding. Text only (nothing to decode), up to ``TEXT_GROUP`` transcripts, so
+    the text encoder sorts many by length before cutting its batches of ``batch_size``: groups of one batch
+    padded every transcript to the longest of 16 random ones."""
+    return cfg.batch_size if media else max(cfg.batch_size, TEXT_GROUP)
 
 
 def decode_clips(

@@ -16,6 +16,7 @@ from bench.cli import add_bench
 from extract.cli import add_extract, add_import_mmsa, add_inspect, add_report
 from mmfuse import __version__
 from mmfuse.errors import MmfuseError
+from mmfuse.procs import reap_children
 from mmfuse.terminal import ProgressFactory, bars_wanted, native_logs_filtered
 from train.commands import add_eval, add_predict, add_train
 
@@ -86,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
     except KeyboardInterrupt:  # also when it lands outside the command (while the filter is taken down)
         return _interrupted(args)
+    finally:
+        reap_children()  # no worker or helper process outlives the command
 
 
 def _run(args: argparse.Namespace) -> int:

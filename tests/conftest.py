@@ -14,11 +14,25 @@ os.environ.setdefault("GLOG_minloglevel", "2")
 
 
 def pytest_configure(config):
+    import tempfile
+
     import torch
+
+    # Weight hashes are cached (extract.weight_cache): in a directory of this test run, not the user's cache.
+    if "MMFUSE_CACHE" not in os.environ:
+        os.environ["MMFUSE_CACHE"] = config._mmfuse_cache = tempfile.mkdtemp(prefix="mmfuse-test-cache-")
 
     # The tests use tiny models: one intra-op thread is as fast, and it does not oversubscribe the cores
     # that extraction worker processes (and parallel jobs) share.
     torch.set_num_threads(1)
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    if getattr(config, "_mmfuse_cache", None):
+        shutil.rmtree(config._mmfuse_cache, ignore_errors=True)
+        os.environ.pop("MMFUSE_CACHE", None)
 
 
 ROOT = Path(__file__).resolve().parents[1]

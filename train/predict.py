@@ -92,6 +92,8 @@ def extract_config(feature_set: Mapping[str, Any], device: str = "cpu") -> Extra
         "min_detection_confidence": video.get("min_detection_confidence"),
         "workers": 0,
         "batch_size": 1,
+        # the shards' encoder precision (fp32 unless recorded), not this device's default: it is in the hash
+        "precision": text.get("precision") or audio.get("precision") or "fp32",
         "raw": True,  # in memory only; end-to-end checkpoints need the waveform
         "device": device,
     }

@@ -126,7 +126,7 @@ class WhisperTranscriber:
         self._model = model.eval().to(device)
         self.device = device
         self._generation = self._generation_config(path)
-        self._hash = weights_hash(self._model)
+        self._hash = weights_hash(self._model, path)
         try:
             self._transcribe([np.zeros(SAMPLE_RATE // 10, dtype=np.float32)])
         except Exception as exc:  # a checkpoint that cannot decode would fail every clip: stop before any work

@@ -20,12 +20,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from extract.auto import resolve_precision
 from extract.extractors.base import (
     DecodedClip,
     Extractor,
     ExtractorResult,
     ModalityFailure,
     check_finite,
+    precision_context,
+    precision_provenance,
     to_device,
 )
 from extract.models import (
@@ -64,13 +67,15 @@ class AudioExtractor(Extractor):
         batch_size: int = 8
         audio_chunk_s: float = 30.0
         raw: bool = True  # keep the waveform (audio_wave.npy)
+        precision: str | None = None  # None: resolved for the device (extract.auto.resolve_precision)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AudioExtractor:
         s = settings
         return cls(
-            model=s.audio_model, layer=s.audio_layer, batch_size=s.batch_size, chunk_s=s.audio_chunk_s, keep_wave=s.raw
-        )
+            model=s.audio_model, layer=s.audio_layer, batch_size=s.batch_size, chunk_s=s.audio_chunk_s,
+            keep_wave=s.raw, precision=s.precision,
+        )  # fmt: skip
 
     def __init__(
         self,
@@ -79,8 +84,10 @@ class AudioExtractor(Extractor):
         batch_size: int = 8,
         chunk_s: float = 30.0,
         keep_wave: bool = True,
+        precision: str | None = None,
     ):
         self.model_id = model
+        self.precision = precision
         self.layer = layer
         self.batch_size = batch_size
         self.keep_wave = keep_wave
@@ -92,11 +99,11 @@ class AudioExtractor(Extractor):
     def setup(self, device: str = "cpu") -> None:
         if self.model_id.startswith(RANDOM_PREFIX):
             model = build_random_wav2vec2(self.model_id[len(RANDOM_PREFIX) :])
-            self.pretrained = False
+            self.pretrained, source = False, self.model_id
         else:
             from transformers import AutoModel
 
-            path = resolve_model(self.model_id, "audio")
+            path = source = resolve_model(self.model_id, "audio")
             model = AutoModel.from_pretrained(path, local_files_only=True)
             pre = path / "preprocessor_config.json"
             if pre.is_file():
@@ -107,11 +114,12 @@ class AudioExtractor(Extractor):
                 raise ValueError(f"{self.model_id}: {type(model).__name__} is not a wav2vec 2.0-family model")
         self._model = model.eval().to(device)
         self.device = device
+        self.precision = resolve_precision(self.precision, device)
         cfg = model.config
         self.stride = int(np.prod(cfg.conv_stride))
         self.receptive = receptive_field(cfg.conv_kernel, cfg.conv_stride)
         self.chunk = max(self.receptive, int(self._chunk_s * SAMPLE_RATE) // self.stride * self.stride)
-        self._hash = weights_hash(self._model)
+        self._hash = weights_hash(self._model, source)
 
     @property
     def dim(self) -> int:
@@ -131,6 +139,7 @@ class AudioExtractor(Extractor):
             "frame_stride_samples": self.stride,
             "sample_rate": SAMPLE_RATE,
             "dims": {"Da": self.dim},
+            **precision_provenance(self.precision),
         }
 
     def n_frames(self, n_samples: int) -> int:
@@ -176,7 +185,8 @@ class AudioExtractor(Extractor):
         return results  # type: ignore[return-value]
 
     def _encode(self, pieces: list[torch.Tensor]) -> list[np.ndarray]:
-        states, lengths = encode_pieces(self._model, pieces, self.layer)
+        with precision_context(self.device, self.precision):
+            states, lengths = encode_pieces(self._model, pieces, self.layer)
         states = states.float().cpu().numpy()
         return [states[k, :n] for k, n in enumerate(lengths.tolist())]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar, Literal
 
@@ -119,6 +120,23 @@ def check_finite(out: dict[str, np.ndarray]) -> ExtractorResult:
         if arr.dtype.kind == "f" and arr.size and not np.isfinite(arr).all():
             return ModalityFailure(f"{name} has {int((~np.isfinite(arr)).sum())} NaN/inf values")
     return out
+
+
+def precision_context(device: str, precision: str) -> Any:
+    """The context an encoder's forward runs in at ``precision``: nothing for fp32, else autocast to bf16 or
+    fp16 on ``device``'s type (matrix products in the low precision, norms and softmax kept in fp32)."""
+    if precision == "fp32":
+        return nullcontext()
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return torch.autocast(device_type="cuda" if str(device).startswith("cuda") else "cpu", dtype=dtype)
+
+
+def precision_provenance(precision: str) -> dict[str, str]:
+    """What an encoder adds to its provenance for ``precision``: nothing at fp32 (so feature sets extracted
+    before precision was a setting keep their hash), else ``{"precision": ...}``."""
+    return {} if precision == "fp32" else {"precision": precision}
 
 
 def to_device(tensor: Any, device: str) -> Any:

@@ -15,7 +15,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from extract.extractors.base import DecodedClip, Extractor, ExtractorResult, ModalityFailure, check_finite, to_device
+from extract.auto import resolve_precision
+from extract.extractors.base import (
+    DecodedClip,
+    Extractor,
+    ExtractorResult,
+    ModalityFailure,
+    check_finite,
+    precision_context,
+    precision_provenance,
+    to_device,
+)
 from extract.models import DEFAULT_TEXT_MODEL, resolve_model, weights_hash
 
 log = logging.getLogger(__name__)
@@ -34,17 +44,29 @@ class TextExtractor(Extractor):
         text_layer: int = -1
         max_text_tokens: int = 512
         batch_size: int = 16
+        precision: str | None = None  # None: resolved for the device (extract.auto.resolve_precision)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TextExtractor:
         s = settings
-        return cls(model=s.text_model, layer=s.text_layer, max_tokens=s.max_text_tokens, batch_size=s.batch_size)
+        return cls(
+            model=s.text_model, layer=s.text_layer, max_tokens=s.max_text_tokens, batch_size=s.batch_size,
+            precision=s.precision,
+        )  # fmt: skip
 
-    def __init__(self, model: str = DEFAULT_TEXT_MODEL, layer: int = -1, max_tokens: int = 512, batch_size: int = 16):
+    def __init__(
+        self,
+        model: str = DEFAULT_TEXT_MODEL,
+        layer: int = -1,
+        max_tokens: int = 512,
+        batch_size: int = 16,
+        precision: str | None = None,
+    ):
         self.model_id = model
         self.layer = layer
         self.max_tokens = max_tokens
         self.batch_size = batch_size
+        self.precision = precision
         self.device = "cpu"
         self._model: Any = None
         self._tokenizer: Any = None
@@ -56,9 +78,10 @@ class TextExtractor(Extractor):
         self._tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self._model = AutoModel.from_pretrained(path, local_files_only=True).eval().to(device)
         self.device = device
+        self.precision = resolve_precision(self.precision, device)
         limit = getattr(self._model.config, "max_position_embeddings", self.max_tokens)
         self.max_tokens = min(self.max_tokens, limit)
-        self._hash = weights_hash(self._model)
+        self._hash = weights_hash(self._model, path)
 
     @property
     def dim(self) -> int:
@@ -75,6 +98,7 @@ class TextExtractor(Extractor):
             "layer": self.layer,
             "max_tokens": self.max_tokens,
             "dims": {"Dt": self.dim},
+            **precision_provenance(self.precision),
         }
 
     @torch.inference_mode()
@@ -86,7 +110,8 @@ class TextExtractor(Extractor):
                 results[i] = ModalityFailure(empty_transcript(c))
             else:
                 todo.append(i)
-        ids = {i: self._tokenizer(clips[i].clip.text, truncation=False)["input_ids"] for i in todo}
+        tokenised = self._tokenizer([clips[i].clip.text for i in todo], truncation=False)["input_ids"] if todo else []
+        ids = dict(zip(todo, tokenised, strict=True))  # one tokenizer call for the group
         for i in todo:
             if len(ids[i]) > self.max_tokens:
                 clips[i].info["text_truncated_from"] = len(ids[i])
@@ -109,11 +134,12 @@ class TextExtractor(Extractor):
         for row, s in enumerate(seqs):
             input_ids[row, : len(s)] = torch.tensor(s)
             mask[row, : len(s)] = 1
-        out = self._model(
-            input_ids=to_device(input_ids, self.device),
-            attention_mask=to_device(mask, self.device),
-            output_hidden_states=self.layer != -1,
-        )
+        with precision_context(self.device, self.precision):
+            out = self._model(
+                input_ids=to_device(input_ids, self.device),
+                attention_mask=to_device(mask, self.device),
+                output_hidden_states=self.layer != -1,
+            )
         hidden = out.last_hidden_state if self.layer == -1 else out.hidden_states[self.layer]
         hidden = hidden.float().cpu().numpy()
         return [hidden[row, : len(s)] for row, s in enumerate(seqs)]

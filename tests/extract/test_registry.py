@@ -160,8 +160,8 @@ def test_settings_fields_are_extraction_config_keys():
             entry.name, entry.modality, entry.runs_in, entry.members,
         ), name  # fmt: skip
     assert {f.name for f in fields(WhisperTranscriber.Settings)} <= keys
-    cfg = ExtractConfig(max_text_tokens=77, text_layer=-2, audio_chunk_s=12.0, raw=False, max_faces=2)
-    assert EXTRACTORS["text"].settings(cfg) == EXTRACTORS["text"].load().Settings(cfg.text_model, -2, 77, 8)
+    cfg = ExtractConfig(max_text_tokens=77, text_layer=-2, audio_chunk_s=12.0, raw=False, max_faces=2, batch_size=8)
+    assert EXTRACTORS["text"].settings(cfg) == EXTRACTORS["text"].load().Settings(cfg.text_model, -2, 77, 8, None)
     audio = EXTRACTORS["audio"].build(EXTRACTORS["audio"].settings(cfg))
     assert (audio.layer, audio._chunk_s, audio.keep_wave) == (-1, 12.0, False)
     assert get_extractor("facemesh", max_faces=2).max_faces == EXTRACTORS["facemesh"].build(

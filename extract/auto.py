@@ -1,0 +1,77 @@
+"""``--workers auto`` and ``--batch-size auto`` (the defaults): what the machine's sweeps found fastest, chosen
+from the device, the usable cores and the modalities (BENCHMARKS.md, "Extraction defaults").
+
+- CPU with audio or video: encoder batches of 2. The sweep on 2 cores: batch 1 and 2 beat 4, 8 and 16 by 12-20%
+  (wav2vec 2.0 is the bottleneck and padding costs more than batching saves). Up to 2 cores, no worker:
+  decoding and FaceMesh in the encoder process were as fast as 1 or 2 workers in both sweeps and spent the
+  fewest CPU-seconds (a worker costs its start-up, imports and the results' trip back). From 3 cores on,
+  one decode + FaceMesh worker per core beside the encoder process's (cores - 1): FaceMesh and decoding are
+  half the CPU work and scale with processes. Audio without video: at most 2 workers (decoding alone is
+  about a fifth of the CPU work).
+- CPU, text only: no worker (there is nothing to decode; no pool is started) and batches of 16
+  length-sorted transcripts, as a plain batched loop over the same model uses.
+- CUDA: batches of 32 (audio batches are then sized by padded samples, 32 typical clips' worth:
+  ``extract.extractors.audio.batch_plan``), and every other core decodes and runs FaceMesh for the GPU.
+
+Neither choice changes a feature: a clip's features do not depend on its batch mates or on the process that
+decoded it, and the feature set records neither.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+CPU_MEDIA_BATCH = 2
+CPU_TEXT_BATCH = 16
+CUDA_BATCH = 32
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (``os.sched_getaffinity``: a container's or ``taskset``'s limit), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def choose(device: str, cpu_count: int, modalities: Sequence[str]) -> tuple[int, int, str]:
+    """``(workers, batch_size, reason)`` for extracting ``modalities`` on ``device`` with ``cpu_count`` cores;
+    ``reason`` is what the choice was made from, e.g. ``"2 CPU cores, cpu"``."""
+    cores = max(1, int(cpu_count))
+    media = any(m in modalities for m in ("audio", "video"))
+    cuda = str(device).startswith("cuda")
+    reason = f"{cores} CPU core{'s' if cores != 1 else ''}, {device}" + ("" if media else ", text only")
+    if not media:
+        return 0, CUDA_BATCH if cuda else CPU_TEXT_BATCH, reason
+    if cuda:
+        workers = max(1, cores - 1)
+    else:  # without video a worker only decodes audio, which is cheap next to wav2vec 2.0 on a CPU
+        workers = 0 if cores <= 2 else cores - 1 if "video" in modalities else 2
+    return workers, CUDA_BATCH if cuda else CPU_MEDIA_BATCH, reason
+
+
+def describe(workers: int, batch_size: int, precision: str | None, auto: Sequence[str], reason: str) -> str:
+    """The one line ``mmfuse extract`` logs about the settings in use, e.g.
+    ``workers=1 batch_size=2 precision=fp32 (auto: 2 CPU cores, cpu)``."""
+    line = f"workers={workers} batch_size={batch_size}" + (f" precision={precision}" if precision else "")
+    if not auto:
+        return line + " (as given)"
+    chosen = "" if set(auto) >= {"workers", "batch_size", "precision"} else ", ".join(auto) + " "
+    return f"{line} ({chosen}auto: {reason})"
+
+
+def resolve_precision(asked: str | None, device: str) -> str:
+    """The encoder precision to use: ``asked`` when given, else fp32 on CPU and, on CUDA, bf16 where the GPU
+    computes it natively (not emulated), else fp16."""
+    if asked is not None:
+        return asked
+    if not str(device).startswith("cuda"):
+        return "fp32"
+    import torch
+
+    try:
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch before 2.3 has no including_emulation (and reports native support only)
+        native = torch.cuda.is_bf16_supported()
+    return "bf16" if native else "fp16"
