@@ -248,7 +248,7 @@ def _write_shard(out, split, index, rows, table, ids, fmt, aligned, present, dim
     sidecar = {
         "schema_version": SCHEMA_VERSION, "shard": f"{name}.tar", "split": split, "index": index, "rank": 0,
         "feature_set_hash": fs_hash, "planned": [r["key"] for r in records], "keys": writer.keys,
-        "bytes": (out / f"{name}.tar").stat().st_size, "clips": records, "dims": dims,
+        "digests": writer.digests, "bytes": (out / f"{name}.tar").stat().st_size, "clips": records, "dims": dims,
         "stats": {k: v.to_json() for k, v in stats.items()}, "timings": {}, "audio_seconds": 0.0,
     }  # fmt: skip
     atomic_write_json(out / f"{name}.json", sidecar)

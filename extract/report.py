@@ -22,6 +22,7 @@ from shards.guard import ShardLimits
 from shards.inspect import read_status
 from shards.io import iter_shard
 from shards.schema import MEMBERS, SchemaError
+from shards.sidecar import dataset_problems
 
 MAX_BARS = 60  # above this many clips a per-clip plot becomes a histogram
 MAX_ROWS = 500  # rows of the per-clip table
@@ -86,6 +87,7 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     media = media_root if media_root is not None else ds.get("media_root")
     scan = _scan(root, ds, out, Path(media) if media else None, overlays, progress)
+    scan.problems[:0] = dataset_problems(root, ds)  # dataset.json against the sidecars: a shard listed twice...
     plots = _plots(scan.clips, out)
     index = out / "index.html"
     index.write_text(_render(root, ds, read_status(root), scan, plots), encoding="utf-8")

@@ -84,6 +84,7 @@ class ShardBuilder:
             "raw_wave": cfg.raw,
             "planned": [c.key for c in self.plan.clips],
             "keys": self.writer.keys,
+            "digests": self.writer.digests,
             "bytes": (self.out / f"{self.plan.name}.tar").stat().st_size,
             "clips": self.records,
             "dims": {k: v for e in self.extractors.values() for k, v in e.provenance().get("dims", {}).items()},

@@ -27,6 +27,7 @@ import numpy as np
 
 from shards.io import atomic_write_bytes, atomic_write_json
 from shards.schema import ALTERNATIVES, FEATURE_MEMBERS, N_LANDMARKS, SCHEMA_VERSION, STATS_MEMBERS, SchemaError
+from shards.sidecar import dataset_problems, read_json_file, read_sidecar
 from shards.stats import RunningStats
 
 DATASET_JSON = "dataset.json"
@@ -48,31 +49,61 @@ def feature_set_hash(feature_set: Mapping[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def read_sidecar(path: Path) -> dict[str, Any] | None:
-    """The sidecar at ``path``, or ``None`` if it is absent or unreadable (the shard is then incomplete)."""
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return obj if isinstance(obj, dict) and obj.get("schema_version") == SCHEMA_VERSION else None
+DATASET_MAX_BYTES = 64 << 20  # dataset.json: statistics of a few thousand dims and a shard list; far below this
+# What every reader of a shard directory needs from dataset.json, with its type (checked before use).
+DATASET_FIELDS = {"feature_set": dict, "feature_set_hash": str, "dims": dict, "counts": dict, "shards": list}
+ENTRY_FIELDS = {"name": str, "split": str, "samples": int}
 
 
 def load_dataset_json(root: Path | str) -> dict[str, Any]:
-    """Read ``dataset.json`` of a shard directory with clear errors for missing or foreign files."""
+    """Read ``dataset.json`` of a shard directory with clear errors for missing or foreign files.
+
+    It is read like a shard member (:func:`shards.guard.load_json`): at most :data:`DATASET_MAX_BYTES`, nesting
+    checked before parsing; a file that is not JSON, lacks a field every reader needs or has one of the wrong type
+    is a SchemaError naming dataset.json and the field."""
     path = Path(root) / DATASET_JSON
     if not path.is_file():
         raise SchemaError(f"{path} not found: is {root} a directory written by `mmfuse extract`?")
     try:
-        obj = json.loads(path.read_text())
-    except ValueError as exc:
-        raise SchemaError(f"{path} is not valid JSON ({exc})") from exc
+        obj = read_json_file(path, DATASET_MAX_BYTES)
+    except OSError as exc:
+        raise SchemaError(f"{path} cannot be read ({exc.strerror or exc})") from exc
     version = obj.get("schema_version") if isinstance(obj, dict) else None
     if version != SCHEMA_VERSION:
         raise SchemaError(
             f"{path} has schema version {version!r}; this mmfuse reads version {SCHEMA_VERSION}. "
             "Re-extract the corpus with this release."
         )
+    problems = _field_problems(obj, DATASET_FIELDS, "")
+    for i, entry in enumerate(obj.get("shards") if isinstance(obj.get("shards"), list) else []):
+        problems += _field_problems(entry, ENTRY_FIELDS, f"shards[{i}].")
+    if problems:
+        raise SchemaError(f"{path}: " + "; ".join(problems[:10]) + "; extract the corpus again")
     return obj
+
+
+def _field_problems(obj: Any, fields: Mapping[str, type], prefix: str) -> list[str]:
+    if not isinstance(obj, dict):
+        return [f"{prefix.rstrip('.')} is not an object"]
+    problems = []
+    for name, kind in fields.items():
+        if name not in obj:
+            problems.append(f"no field '{prefix}{name}'")
+        elif not isinstance(obj[name], kind) or isinstance(obj[name], bool):
+            problems.append(f"'{prefix}{name}' is not a {kind.__name__} ({type(obj[name]).__name__})")
+    return problems
+
+
+def check_dataset_json(root: Path | str, ds: Mapping[str, Any]) -> None:
+    """SchemaError listing where dataset.json disagrees with the shards beside it (see
+    :func:`shards.sidecar.dataset_problems`): readers plan from the sidecars, never from a count that disagrees."""
+    problems = dataset_problems(root, ds)
+    if problems:
+        more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+        raise SchemaError(
+            "; ".join(problems[:5]) + more + "; rebuild dataset.json from the sidecars (`mmfuse extract` resumes) "
+            "or extract the corpus again"
+        )
 
 
 @dataclass(frozen=True)
@@ -115,10 +146,13 @@ class ShardDataset:
 
     @classmethod
     def load(cls, root: Path | str) -> ShardDataset:
-        """Read ``root/dataset.json`` (the errors of :func:`load_dataset_json`); ``SchemaError`` naming the member
-        when a train statistic (mean or std) is not a finite number: standardising with it would turn every
-        feature of that member into NaN."""
-        dataset = cls.from_json(load_dataset_json(root), root)
+        """Read ``root/dataset.json`` (the errors of :func:`load_dataset_json`), checked against the shards and
+        their sidecars (:func:`check_dataset_json`: no shard listed twice, every count equal to the sidecars');
+        ``SchemaError`` naming the member when a train statistic (mean or std) is not a finite number:
+        standardising with it would turn every feature of that member into NaN."""
+        obj = load_dataset_json(root)
+        check_dataset_json(root, obj)
+        dataset = cls.from_json(obj, root)
         for member, entry in dataset.stats.items():
             for name in ("mean", "std"):
                 try:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from shards.dataset import load_dataset_json
+from shards.dataset import ShardDataset
 from shards.io import iter_shard
 from shards.schema import MEMBERS
 
@@ -51,12 +51,13 @@ def hf_features(root: Path | str) -> Any:
 
 
 def load_hf_dataset(root: Path | str, splits: tuple[str, ...] | None = None, cache_dir: str | None = None) -> Any:
-    """A ``datasets.DatasetDict`` with one split per shard split of ``root`` (or the given ``splits``)."""
+    """A ``datasets.DatasetDict`` with one split per shard split of ``root`` (or the given ``splits``); dataset.json
+    is checked against the shards first (:meth:`shards.dataset.ShardDataset.load`)."""
     datasets = _datasets()
     root = Path(root)
-    shards = load_dataset_json(root)["shards"]
-    wanted = splits or tuple(sorted({s["split"] for s in shards}))
-    files = {split: [str(root / s["name"]) for s in shards if s["split"] == split] for split in wanted}
+    dataset = ShardDataset.load(root)  # dataset.json checked against the sidecars: no shard listed twice
+    wanted = splits or tuple(dataset.splits)
+    files = {split: [str(dataset.path(s)) for s in dataset.split_shards(split)] for split in wanted}
     return datasets.load_dataset(
         "webdataset", data_files={k: v for k, v in files.items() if v}, features=hf_features(root), cache_dir=cache_dir
     )

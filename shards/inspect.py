@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from shards import Progress
-from shards.dataset import STATUS_JSONL, load_dataset_json, read_sidecar
-from shards.guard import ShardLimits
-from shards.io import iter_shard
-from shards.schema import MODALITIES, SchemaError
+from shards.dataset import STATUS_JSONL, load_dataset_json
+from shards.guard import ShardLimits, iter_raw_samples
+from shards.io import decode_sample
+from shards.schema import MODALITIES, SchemaError, validate_sample
+from shards.sidecar import ShardCheck, dataset_problems
 
 
 def read_status(root: Path) -> list[dict[str, Any]]:
@@ -37,11 +38,11 @@ def inspect_dataset(root: Path | str, verify: bool = False, progress: Progress |
         "root": str(root),
         "schema_version": ds["schema_version"],
         "feature_set_hash": ds["feature_set_hash"],
-        "complete": ds["complete"],
-        "missing_shards": ds["missing_shards"],
-        "samples": ds["samples"],
+        "complete": ds.get("complete", True),
+        "missing_shards": ds.get("missing_shards", []),
+        "samples": ds.get("samples", sum(s["samples"] for s in ds["shards"])),
         "shards": len(ds["shards"]),
-        "bytes": sum(s["bytes"] for s in ds["shards"]),
+        "bytes": sum(s.get("bytes", 0) for s in ds["shards"]),
         "counts": ds["counts"],
         "modalities": ds["feature_set"].get("modalities", []),
         "coverage": {m: dict(c) for m, c in coverage.items() if c},
@@ -61,38 +62,64 @@ def inspect_dataset(root: Path | str, verify: bool = False, progress: Progress |
 def verify_dataset(root: Path, ds: dict[str, Any], progress: Progress | None = None) -> dict[str, Any]:
     """Read every sample of every listed shard; report problems instead of stopping at the first.
 
-    Shards go through ``shards.guard`` with the member caps of ``ds``: a refused shard is one problem."""
-    problems: list[str] = []
+    dataset.json is checked against the sidecars (:func:`shards.sidecar.dataset_problems`), then each shard goes
+    through ``shards.guard`` with the member caps of ``ds`` (a refused shard is one problem) and every sample is
+    checked against its sidecar (:class:`shards.sidecar.ShardCheck`: every member's digest, the member set, the
+    key list, the split) and the schema. A sidecar without digests (written before they were recorded) is a
+    warning, not a problem: its members are checked against everything but digests."""
+    problems: list[str] = dataset_problems(root, ds)
+    warnings: list[str] = []
     limits = ShardLimits.of_dataset(ds)
-    samples = 0
-    listed = sum(entry["samples"] for entry in ds["shards"])
+    entries = list({entry["name"]: entry for entry in ds["shards"]}.values())  # a shard listed twice is read once
+    listed, samples = sum(entry["samples"] for entry in entries), 0
     if progress is not None:
         progress(0, listed)
-    for entry in ds["shards"]:
-        path = root / entry["name"]
-        side = read_sidecar(path.with_suffix(".json"))
-        if side is None:
-            problems.append(f"{entry['name']}: sidecar missing or unreadable")
-            continue
-        keys = []
+    for entry in entries:
         try:
-            for sample in iter_shard(path, validate=True, limits=limits):
-                keys.append(sample["__key__"])
+            check = ShardCheck.load(root / entry["name"], entry["split"])
+        except SchemaError as exc:
+            problems.append(f"{entry['name']}: {exc}")
+            continue
+        if check.digests is None:
+            warnings.append(f"{check.side_name} records no member digests (an older extraction): not checked")
+        count = 0
+        try:
+            for count, raw in enumerate(iter_raw_samples(root / entry["name"], limits, entry["name"]), 1):
                 if progress is not None:
-                    progress(samples + len(keys), listed)
-                if sample["meta.json"]["feature_set_hash"] != ds["feature_set_hash"]:
-                    problems.append(f"{entry['name']}: sample {sample['__key__']} has another feature-set hash")
-                for name, width in (("text_feat.npy", "Dt"), ("audio_feat.npy", "Da")):
-                    if name in sample and width in ds["dims"] and sample[name].shape[-1] != ds["dims"][width]:
-                        problems.append(f"{entry['name']}: {sample['__key__']} {name} width {sample[name].shape[-1]}")
+                    progress(samples + count, listed)
+                problems.extend(check.sample(count - 1, raw))
+                problems.extend(_sample_problems(raw, entry, ds))
         except SchemaError as exc:
             problems.append(str(exc))
-        samples += len(keys)
-        if keys != side["keys"]:
-            missing = sorted(set(side["keys"]) - set(keys))
-            extra = sorted(set(keys) - set(side["keys"]))
-            problems.append(f"{entry['name']}: keys differ from its sidecar (missing {missing[:5]}, extra {extra[:5]})")
-    return {"shards_checked": len(ds["shards"]), "samples_checked": samples, "problems": problems, "ok": not problems}
+        else:
+            problems.extend(p for p in [check.end(count)] if p)
+        samples += count
+    return {
+        "shards_checked": len(entries),
+        "samples_checked": samples,
+        "problems": problems,
+        "warnings": warnings,
+        "ok": not problems,
+    }
+
+
+def _sample_problems(raw: dict[str, Any], entry: dict[str, Any], ds: dict[str, Any]) -> list[str]:
+    """Problems of one sample read back (members as bytes): decoding, the schema, feature set, split, widths."""
+    where = f"{entry['name']}: sample {raw['__key__']}"
+    try:
+        sample = decode_sample(raw, entry["name"])
+        validate_sample(sample)
+    except SchemaError as exc:
+        return [f"{entry['name']}: {exc}" if entry["name"] not in str(exc) else str(exc)]
+    meta, problems = sample["meta.json"], []
+    if meta["feature_set_hash"] != ds["feature_set_hash"]:
+        problems.append(f"{where} has another feature-set hash")
+    if meta["split"] != entry["split"]:
+        problems.append(f"{where}: meta.json says split {meta['split']!r} but it is in a {entry['split']} shard")
+    for name, width in (("text_feat.npy", "Dt"), ("audio_feat.npy", "Da")):
+        if name in sample and width in ds["dims"] and sample[name].shape[-1] != ds["dims"][width]:
+            problems.append(f"{where} {name} width {sample[name].shape[-1]}")
+    return problems
 
 
 def format_summary(s: dict[str, Any]) -> str:
@@ -116,4 +143,5 @@ def format_summary(s: dict[str, Any]) -> str:
         verdict = "OK" if v["ok"] else f"{len(v['problems'])} PROBLEM(S)"
         lines.append(f"  verify: {v['samples_checked']} samples in {v['shards_checked']} shards read back: {verdict}")
         lines.extend(f"    {p}" for p in v["problems"][:50])
+        lines.extend(f"    warning: {w}" for w in v.get("warnings", [])[:20])
     return "\n".join(lines)

@@ -21,6 +21,7 @@ import numpy as np
 from mmfuse.errors import MmfuseError
 from shards.guard import ShardLimits, iter_raw_samples, load_json, load_npy
 from shards.schema import MEMBERS, SchemaError, validate_sample
+from shards.sidecar import member_digest
 
 MEMBER_ORDER = ("meta.json", *MEMBERS)
 DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
@@ -86,7 +87,8 @@ class ShardWriter:
     """Write one shard to its temporary name (:func:`temp_path`); :meth:`commit` renames it into place.
 
     Every sample is validated before it is written. On any error the temporary file is removed, so a
-    half-written shard never appears under its final name.
+    half-written shard never appears under its final name. ``keys`` lists the samples written, in order, and
+    ``digests`` each one's members with their digests (:func:`shards.sidecar.member_digest`), for the sidecar.
     """
 
     def __init__(self, path: Path | str, validate: bool = True, rank: int = 0) -> None:
@@ -94,6 +96,7 @@ class ShardWriter:
         self.tmp = temp_path(self.path, rank)
         self.validate = validate
         self.keys: list[str] = []
+        self.digests: dict[str, dict[str, str]] = {}
         self.nbytes = 0
         self._tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
 
@@ -101,24 +104,28 @@ class ShardWriter:
         if self.validate:
             validate_sample(sample)
         key = sample["__key__"]
+        digests: dict[str, str] = {}
         try:
             for name in MEMBER_ORDER:
                 if name in sample:
-                    self._add(f"{key}.{name}", encode_member(name, sample[name]))
+                    digests[name] = self._add(f"{key}.{name}", encode_member(name, sample[name]))
         except OSError as exc:
             self.abort()
             if exc.errno in DISK_FULL:
                 raise DiskFullError(exc.errno, f"no space left writing shard {self.path}") from exc
             raise
         self.keys.append(key)
+        self.digests[key] = digests
 
-    def _add(self, name: str, data: bytes) -> None:
+    def _add(self, name: str, data: bytes) -> str:
+        """Append one member; its digest."""
         info = tarfile.TarInfo(name)
         info.size = len(data)
         info.mode = 0o644
         info.mtime = 0  # reproducible bytes: same input, same shard
         self._tar.addfile(info, io.BytesIO(data))
         self.nbytes += len(data)
+        return member_digest(data)
 
     def commit(self) -> Path:
         """Flush, fsync and rename the shard to its final name."""

@@ -149,7 +149,7 @@ def plan_shards(
     if len(shards) < world_size:
         offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int)
         return [
-            ShardTask(s.name, str(dataset.path(s)), n, world_size, (rank - int(o)) % world_size)
+            ShardTask(s.name, str(dataset.path(s)), n, world_size, (rank - int(o)) % world_size, split)
             for s, n, o in zip(shards, sizes, offsets, strict=True)
         ]
     loads, owner = [0] * world_size, [0] * len(shards)
@@ -157,7 +157,9 @@ def plan_shards(
         owner[i] = min(range(world_size), key=loads.__getitem__)
         loads[owner[i]] += sizes[i]
     return [
-        ShardTask(s.name, str(dataset.path(s)), n) for s, n, r in zip(shards, sizes, owner, strict=True) if r == rank
+        ShardTask(s.name, str(dataset.path(s)), n, split=split)
+        for s, n, r in zip(shards, sizes, owner, strict=True)
+        if r == rank
     ]
 
 
@@ -189,8 +191,11 @@ def num_batches(
     return int(rounding(samples(rank) / config.batch_size))
 
 
-def sample_stages(dataset: ShardDataset, config: DataConfig, *, train: bool, epoch: int, rank: int) -> list[Any]:
-    """The per-sample worker stages, from raw tar samples to model inputs."""
+def sample_stages(
+    dataset: ShardDataset, config: DataConfig, *, train: bool, epoch: int, rank: int, split: str | None = None
+) -> list[Any]:
+    """The per-sample worker stages, from raw tar samples to model inputs (``split``: the split read, which every
+    sample's meta.json must name)."""
     skip = config.skip_bad_samples
     geom = has_video_geom(dataset) if config.video_geom is None else config.video_geom
     dims = feature_dims(dataset, config.modalities, geom)
@@ -199,7 +204,7 @@ def sample_stages(dataset: ShardDataset, config: DataConfig, *, train: bool, epo
         ReadShards(skip),  # samples with members as bytes and their shard name
         wds.map(SelectModalities(config.modalities, config.raw)),  # only the members the model uses, still bytes
         wds.map(SafeDecode(skip)),  # members decoded without pickle
-        wds.map(Validate(dataset, skip, config.modalities)),  # schema-checked samples (or bad markers)
+        wds.map(Validate(dataset, skip, config.modalities, split)),  # schema-checked samples (or bad markers)
         wds.map(AlignWords(config.modalities)) if config.align_words else None,  # one audio/video step per word
         ShuffleSamples(config.shuffle_buffer, config.seed, epoch, rank) if train else None,  # seeded sample order
         wds.map(to_inputs),  # float32 inputs + masks, label (a number or a (K,) 0/1 vector)
@@ -263,7 +268,7 @@ def make_loader(
     worker = wds.DataPipeline(
         ShardList(tasks),  # this rank's shards in epoch order
         wds.split_by_worker,  # this worker's share of them
-        *sample_stages(dataset, config, train=train, epoch=epoch, rank=rank),
+        *sample_stages(dataset, config, train=train, epoch=epoch, rank=rank, split=split),
         wds.batched(config.batch_size, collation_fn=collate_chunk, partial=True),  # padded tensors, bad samples apart
     )
     source: Any = worker

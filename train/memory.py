@@ -56,7 +56,7 @@ class InMemorySource:
         dataset = ShardDataset.of(shards)
         tasks = plan_shards(dataset, split, train=False, seed=0, epoch=0, rank=0, world_size=1)
         pipeline = wds.DataPipeline(
-            ShardList(tasks), *sample_stages(dataset, config, train=False, epoch=0, rank=0), DropBad()
+            ShardList(tasks), *sample_stages(dataset, config, train=False, epoch=0, rank=0, split=split), DropBad()
         )
         geom = has_video_geom(dataset) if config.video_geom is None else config.video_geom
         if config.normalise:

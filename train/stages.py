@@ -48,6 +48,7 @@ from shards.dataset import IMPORTED_VIDEO, ShardDataset
 from shards.guard import ShardLimits, iter_raw_samples
 from shards.io import decode_sample
 from shards.schema import FEATURE_MEMBERS, MASK_MEMBERS, MODALITIES, SchemaError, validate_sample
+from shards.sidecar import ShardCheck
 from train.inputs import GEOM_DIM, DataError, binary_labels, label_keys, scalar_label
 
 log = logging.getLogger(__name__)
@@ -61,13 +62,15 @@ BAD = "__bad__"  # marker member of a sample that failed decoding or validation 
 
 @dataclass(frozen=True)
 class ShardTask:
-    """One shard for one rank: keep the samples at positions ``j`` with ``j % every == phase``."""
+    """One shard for one rank: keep the samples at positions ``j`` with ``j % every == phase``. ``split`` is the
+    split it is read as (its sidecar's and every sample's must agree; empty: not checked)."""
 
     name: str
     path: str
     samples: int
     every: int = 1
     phase: int = 0
+    split: str = ""
 
     @property
     def count(self) -> int:
@@ -88,8 +91,13 @@ class ReadShards:
     """Stage: shard tasks → samples with members as bytes, plus ``__shard__`` (the shard's file name).
 
     Shards are read through ``shards.guard.iter_raw_samples`` with the member caps of the dataset.json beside
-    them (or ``limits``). A shard the guard refuses (compressed, a link or other non-file member, a member over
-    its cap) or a corrupt one stops training, or with ``skip_bad`` ends that shard with one bad sample.
+    them (or ``limits``), and checked against their sidecars (``shards.sidecar.ShardCheck``: its split, each
+    sample's key at its place in the key list, its member set and ``meta.json``'s digest; feature digests are
+    left to ``mmfuse inspect --verify``, hashing them would cost about half of decoding them). A sample that
+    disagrees is a SchemaError naming shard and sample, or with ``skip_bad`` a bad sample. A shard the guard
+    refuses (compressed, a link or other non-file member, a member over its cap), a corrupt one, one whose sidecar
+    is missing or records another split, or one holding another number of samples than its sidecar lists stops
+    training, or with ``skip_bad`` ends that shard with one bad sample.
     """
 
     def __init__(self, skip_bad: bool, limits: ShardLimits | None = None) -> None:
@@ -108,9 +116,17 @@ class ReadShards:
         for task in tasks:
             j = -1
             try:
+                check = ShardCheck.load(task.path, task.split, "meta", task.name) if task.split else None
                 for j, sample in enumerate(iter_raw_samples(task.path, self._limits(task.path), task.name)):
-                    if j % task.every == task.phase:
+                    if j % task.every != task.phase:
+                        continue
+                    problems = check.sample(j, sample) if check is not None else []
+                    if problems:
+                        yield _bad(sample | {"__shard__": task.name}, SchemaError("; ".join(problems)), self.skip_bad)
+                    else:
                         yield {**sample, "__shard__": task.name}
+                if check is not None and check.end(j + 1):
+                    raise SchemaError(check.end(j + 1))
             except SchemaError as exc:
                 if not self.skip_bad:
                     raise
@@ -162,11 +178,18 @@ class SafeDecode:
 
 
 class Validate:
-    """Stage: ``validate_sample`` with widths and feature-set hash pinned to dataset.json's; errors name the shard."""
+    """Stage: ``validate_sample`` with widths and feature-set hash pinned to dataset.json's and meta.json's split to
+    the split being read (``split``; None: not checked); errors name the shard."""
 
-    def __init__(self, dataset: ShardDataset, skip_bad: bool, modalities: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        dataset: ShardDataset,
+        skip_bad: bool,
+        modalities: Sequence[str] | None = None,
+        split: str | None = None,
+    ) -> None:
         self.dims = {k: int(v) for k, v in dataset.dims.items() if k in ("Dt", "Da", "Dv")}
-        self.fs_hash, self.skip_bad = dataset.feature_set_hash, skip_bad
+        self.fs_hash, self.skip_bad, self.split = dataset.feature_set_hash, skip_bad, split
         self.modalities = tuple(modalities) if modalities is not None else None
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
@@ -179,6 +202,11 @@ class Validate:
                 raise SchemaError(
                     f"sample {sample['__key__']}: meta.json feature_set_hash {got} differs from dataset.json's "
                     f"{self.fs_hash}; the shard comes from another extraction: re-extract it or remove it"
+                )
+            if self.split is not None and sample["meta.json"]["split"] != self.split:
+                raise SchemaError(
+                    f"sample {sample['__key__']}: meta.json says split {sample['meta.json']['split']!r} but it is "
+                    f"read as split {self.split!r}"
                 )
         except SchemaError as exc:
             return _bad(sample, SchemaError(f"shard {sample['__shard__']}: {exc}"), self.skip_bad)

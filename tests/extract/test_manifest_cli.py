@@ -84,6 +84,7 @@ def test_cli_inspect_json_and_verify(bundled_dataset):
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout)
     assert summary["samples"] == 4 and summary["verify"]["ok"] and summary["verify"]["samples_checked"] == 4
+    assert summary["verify"]["warnings"] == []  # extraction records every member's digest in the sidecars
     assert summary["coverage"]["text"] == {"failed": 1, "ok": 3}
 
 

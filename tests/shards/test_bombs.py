@@ -1,5 +1,6 @@
-"""Memory bombs and unsafe members in a shard: every reader refuses them with one SchemaError naming the shard
-and member, under a small address-space limit, without a traceback (also with ``skip_bad_samples``)."""
+"""Memory bombs and unsafe members in a shard: every reader (iter_shard, inspect --verify, report, Hugging Face
+loading, training) refuses them with one SchemaError naming the shard and member, under a small address-space
+limit and below 1 GB peak resident memory, without a traceback (also with ``skip_bad_samples``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import subprocess
 import sys
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,37 +18,74 @@ import pytest
 
 from shards import SchemaError
 from shards.guard import ShardLimits, json_depth, load_json, load_npy
+from shards.sidecar import member_digest
 from tests.train.test_data import write_shards
 
 GB = 1 << 30
 BOMB = 8 * GB  # what each bomb inflates to
 LIMIT_AS = 4 * GB + GB // 2  # a reader's address space: a normal run (torch's mappings included) peaks near 3.1 GB
+MAX_RSS = GB  # what a reader may hold in memory (peak resident set, VmHWM), bomb or not
 SHARD = "valid-000000.tar"
 VICTIM = "valid0__c1"  # the second sample of the shard
+READERS = ("iter_shard", "inspect", "report", "hf", "train", "train-skip")
+# One process runs every reader in turn (torch and datasets are imported once); before each reader its peak
+# resident set is reset (writing 5 to /proc/self/clear_refs), after it VmHWM is that reader's peak.
 CHILD = """
-import resource, sys
+import contextlib, html, io, resource, sys
 resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit}))
-reader, root, shard = sys.argv[1], sys.argv[2], sys.argv[3]
+root, readers = sys.argv[1], sys.argv[2:]
 from shards import SchemaError
-try:
+
+def read(reader):
     if reader == "iter_shard":
         from shards.io import iter_shard
-        for _ in iter_shard(root + "/" + shard):
-            pass
+        for path in sorted(__import__("pathlib").Path(root).glob("*.tar")):
+            for _ in iter_shard(path):
+                pass
     elif reader.startswith("train"):
         from train.data import DataConfig, make_loader
         cfg = DataConfig(num_workers=0, normalise=False, skip_bad_samples=reader == "train-skip")
         loader = make_loader(root, "valid", cfg, train=False)
         keys = [k for batch in loader for k in batch["key"]]
         print("read", len(keys), "bad", len(loader.bad_samples), *loader.bad_samples, sep="\\n")
+    elif reader == "report":
+        from extract.report import write_report
+        text = html.unescape(write_report(root, root + ".report").read_text())
+        problems = [line for line in text.split("<") if "{shard}" in line]
+        print(*problems, sep="\\n")
+        return 1 if problems else 0
+    elif reader == "hf":
+        from shards.hf import load_hf_dataset
+        data = load_hf_dataset(root, cache_dir=root + ".hf-cache")
+        print({{k: len(v) for k, v in data.items()}})
     else:
-        import runpy
-        sys.argv = ["mmfuse", "inspect", root, "--verify"]
-        runpy.run_module("mmfuse", run_name="__main__")
-except SchemaError as exc:
-    print(exc)
-    sys.exit(1)
+        from mmfuse.cli import main
+        return main(["inspect", root, "--verify"])
+    return 0
+
+for reader in readers:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            rc = read(reader)
+        except SchemaError as exc:
+            print(exc)
+            rc = 1
+    hwm = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    print(f"=== {{reader}} rc={{rc}} peak_rss={{hwm}}")
+    print(out.getvalue(), flush=True)
 """
+
+
+@dataclass
+class Result:
+    """What one reader printed, its exit code and its peak resident set (bytes)."""
+
+    text: str
+    rc: int
+    peak_rss: int
 
 
 def _npy(shape: tuple[int, ...], dtype: str = "float16", data: bytes = b"\0" * 64) -> bytes:
@@ -56,7 +95,16 @@ def _npy(shape: tuple[int, ...], dtype: str = "float16", data: bytes = b"\0" * 6
 
 
 def _rewrite(shard: Path, extra: tarfile.TarInfo | None = None, replace: dict[str, bytes] | None = None) -> None:
-    """Rewrite ``shard`` with members of ``VICTIM`` replaced, and ``extra`` (with no data) added before them."""
+    """Rewrite ``shard`` with members of ``VICTIM`` replaced, and ``extra`` (with no data) added before them.
+
+    The sidecar's digests of replaced members are forged to match: the bomb must be refused by the guards, not
+    only by the digest check."""
+    sidecar = shard.with_suffix(".json")
+    side = json.loads(sidecar.read_text())
+    for name, data in (replace or {}).items():
+        key, _, member = name.partition(".")
+        side["digests"][key][member] = member_digest(data)
+    sidecar.write_text(json.dumps(side))
     with tarfile.open(shard) as tin:
         members = [(info, tin.extractfile(info).read()) for info in tin]
     with tarfile.open(shard, "w", format=tarfile.GNU_FORMAT) as tout:
@@ -165,11 +213,17 @@ def good(tmp_path_factory) -> Path:
     return root
 
 
-def _run(reader: str, root: Path) -> subprocess.CompletedProcess:
-    code = CHILD.format(limit=LIMIT_AS)
-    return subprocess.run(
-        [sys.executable, "-c", code, reader, str(root), SHARD], capture_output=True, text=True, timeout=300
-    )
+def _run(root: Path, readers: tuple[str, ...] = READERS) -> dict[str, Result]:
+    code = CHILD.format(limit=LIMIT_AS, shard=SHARD)
+    out = subprocess.run([sys.executable, "-c", code, str(root), *readers], capture_output=True, text=True, timeout=600)
+    sections = out.stdout.split("=== ")[1:]
+    assert len(sections) == len(readers), out.stdout + out.stderr
+    results = {}
+    for section in sections:
+        head, _, text = section.partition("\n")
+        reader, rc, peak = head.split()
+        results[reader] = Result(text, int(rc.removeprefix("rc=")), int(peak.removeprefix("peak_rss=")))
+    return results
 
 
 def _copy(good: Path, dst: Path) -> Path:
@@ -185,23 +239,26 @@ def test_every_reader_refuses_the_bomb_naming_shard_and_member(good, tmp_path, c
     root = _copy(good, tmp_path / "shards")
     expected = _tamper(case, root / SHARD)
     assert (root / SHARD).stat().st_blocks * 512 < 64 << 20  # small on disk
-    for reader in ("iter_shard", "inspect", "train", "train-skip"):
-        out = _run(reader, root)
-        text = out.stdout + out.stderr
-        assert "Traceback" not in text and "MemoryError" not in text and "RecursionError" not in text, (reader, text)
-        assert SHARD in text and expected in text, (reader, text)
+    for reader, out in _run(root).items():
+        assert "Traceback" not in out.text and "MemoryError" not in out.text, (reader, out.text)
+        assert "RecursionError" not in out.text, (reader, out.text)
+        assert SHARD in out.text and expected in out.text, (reader, out.text)
+        assert out.peak_rss < MAX_RSS, (reader, out.peak_rss)
         if reader == "train-skip":
-            assert out.returncode == 0, (reader, text)
-            lines = out.stdout.splitlines()
-            assert lines[lines.index("bad") + 1] == "1", (reader, text)  # one bad sample counted and skipped
+            assert out.rc == 0, (reader, out.text)
+            lines = out.text.splitlines()
+            assert lines[lines.index("bad") + 1] == "1", (reader, out.text)  # one bad sample counted and skipped
         else:
-            assert out.returncode == 1, (reader, text)
+            assert out.rc == 1, (reader, out.text)
 
 
-def test_a_normal_run_fits_the_address_space_limit(good) -> None:
-    for reader in ("iter_shard", "inspect", "train"):
-        out = _run(reader, good)
-        assert out.returncode == 0, (reader, out.stdout + out.stderr)
+def test_a_normal_run_fits_the_memory_limits(good) -> None:
+    results = _run(good, ("iter_shard", "inspect", "report", "hf", "train"))
+    for reader, out in results.items():
+        assert out.rc == 0, (reader, out.text)
+        assert out.peak_rss < MAX_RSS, (reader, out.peak_rss)
+    assert "{'train': 2, 'valid': 5}" in results["hf"].text
+    assert results["train"].text.splitlines()[:4] == ["read", "5", "bad", "0"]
 
 
 def test_caps_follow_the_schema_and_dataset_json() -> None:

@@ -30,6 +30,11 @@ def write(root: Path, **over) -> Path:
     }
     root.mkdir(parents=True, exist_ok=True)
     (root / "dataset.json").write_text(json.dumps(obj))
+    for entry in obj["shards"]:  # each listed shard with a sidecar listing as many samples (the tar left empty)
+        (root / entry["name"]).touch()
+        keys = [f"{entry['name']}-{i}" for i in range(entry["samples"])]
+        side = {"schema_version": SCHEMA_VERSION, "split": entry["split"], "keys": keys}
+        (root / entry["name"]).with_suffix(".json").write_text(json.dumps(side))
     return root
 
 

@@ -97,7 +97,7 @@ def write_shards(root: Path, layout: dict = LAYOUT, special: dict | None = None)
             writer.commit()
             side = {
                 "schema_version": SCHEMA_VERSION, "feature_set_hash": feature_set_hash(FEATURE_SET), "keys": writer.keys,
-                "bytes": (root / f"{name}.tar").stat().st_size, "clips": [{"key": k, "status": "ok"} for k in writer.keys],
+                "split": split, "digests": writer.digests, "bytes": (root / f"{name}.tar").stat().st_size, "clips": [{"key": k, "status": "ok"} for k in writer.keys],
                 "dims": {"Dt": DT, "Da": DA, "landmarks": 478}, "stats": {m: st.to_json() for m, st in stats.items()},
             }  # fmt: skip
             atomic_write_json(root / f"{name}.json", side)

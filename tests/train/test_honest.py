@@ -28,6 +28,8 @@ def without_splits(bundled: Path, out: Path, *splits: str) -> Path:
     shutil.copytree(bundled, out)
     ds = json.loads((out / "dataset.json").read_text())
     ds["shards"] = [s for s in ds["shards"] if s["split"] not in splits]
+    ds["counts"] = {split: counts for split, counts in ds["counts"].items() if split not in splits}
+    ds["samples"] = sum(s["samples"] for s in ds["shards"])
     (out / "dataset.json").write_text(json.dumps(ds))
     return out
 

@@ -234,7 +234,8 @@ def test_models_train_and_evaluate_per_emotion(iemocap, model: str, tmp_path: Pa
 
 
 def relabel(shards: Path, labels: dict[str, dict]) -> None:
-    """Rewrite every shard's meta.json labels in place (same samples, same counts: dataset.json stays valid)."""
+    """Rewrite every shard's meta.json labels in place (same samples, same counts: dataset.json stays valid) and
+    the member digests in its sidecar."""
     for tar in sorted(shards.glob("*.tar")):
         samples = list(iter_shard(tar))
         writer = ShardWriter(tar)
@@ -242,6 +243,8 @@ def relabel(shards: Path, labels: dict[str, dict]) -> None:
             sample["meta.json"]["labels"] = labels[sample["__key__"]]
             writer.write({k: v for k, v in sample.items() if k != "__url__"})
         writer.commit()
+        side = json.loads(tar.with_suffix(".json").read_text())
+        tar.with_suffix(".json").write_text(json.dumps({**side, "digests": writer.digests}))
 
 
 def test_predict_names_probabilities_by_label_key(bundled_dataset: Path, tmp_path: Path, capsys) -> None:
