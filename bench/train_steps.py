@@ -159,7 +159,8 @@ def write_dataset(
                 stats.setdefault(member, RunningStats()).update(rows)
         writer.commit()
         side = {
-            "schema_version": SCHEMA_VERSION, "feature_set_hash": fs_hash, "keys": writer.keys,
+            "schema_version": SCHEMA_VERSION, "feature_set_hash": fs_hash, "split": "train", "keys": writer.keys,
+            "digests": writer.digests,
             "bytes": (root / f"{name}.tar").stat().st_size, "clips": [{"key": k, "status": "ok"} for k in writer.keys],
             "dims": dims, "stats": {m: st.to_json() for m, st in stats.items()},
         }  # fmt: skip
