@@ -159,7 +159,7 @@ def make_report(args: argparse.Namespace, base: dict[str, Any], runs: dict[str, 
     """Every figure, units in the names; ``results`` holds the numbers, ``targets`` the verdicts."""
     st, nv, pl, p4 = runs["stages"], runs["naive"], runs["pipeline"], runs["pipeline_4n"]
     mach = machine()
-    n, cores_used = st["clips"], min(mach["cores"], args.workers + 1)
+    n, cores_used = st["clips"], min(mach["cores"], args.workers + args.threads)
     r: dict[str, float] = {"clips": n, "clips_4n": 4 * n, "audio_total_s": st["audio_s"], "video_frames": st["frames"]}
     r.update(_rates(st, nv, pl, p4))
     r.update(_cpu(st, nv, pl, cores_used))

@@ -176,9 +176,10 @@ def decode_facemesh(clip: Clip, settings: DecodeSettings) -> dict[str, float]:
 def _pooled(fn: Any, clips: list[Clip], arg: Any, workers: int, settings: DecodeSettings) -> tuple[float, list]:
     """Wall time (worker start-up included, as in the pipeline) and per-clip results of ``fn`` over a pool."""
     tic = time.perf_counter()
-    if workers == 0:
+    if workers == 0:  # in this process, as the pipeline decodes without workers
         init_worker(settings)
-        return time.perf_counter() - tic, [fn(c, arg) for c in clips]
+        results = [fn(c, arg) for c in clips]
+        return time.perf_counter() - tic, results
     ctx = mp.get_context("spawn")
     with ProcessPoolExecutor(
         workers, mp_context=ctx, initializer=init_worker, initargs=(settings, os.getpid())

@@ -113,8 +113,9 @@ def start_ray(ray: Any, address: str | None, cfg: ExtractConfig) -> None:
 
 
 def _wanted_decoders(cfg: ExtractConfig, cpus: int) -> int:
-    """``--workers N`` decoders (at least one: nothing runs inline under Ray); ``auto``: a CPU each but one."""
-    if isinstance(cfg.workers, int):
+    """``--workers N`` decoders (at least one: nothing runs inline under Ray); ``auto`` (the default): one per
+    CPU of the cluster but one. The local engine's auto choice is this machine's, not the cluster's."""
+    if "workers" not in cfg.auto and isinstance(cfg.workers, int):
         return max(1, cfg.workers)
     return max(1, cpus - 1)
 

@@ -139,11 +139,18 @@ def test_cuda_on_a_ray_cluster_without_gpus_is_refused_and_actors_fit_the_cpus(t
         return SimpleNamespace(cluster_resources=lambda: resources)
 
     with pytest.raises(ExtractionError, match="--device cuda was asked for but the Ray cluster has no GPU"):
-        actor_counts(cluster(CPU=8.0), SimpleNamespace(device="cuda", workers=2), media=True)
-    assert actor_counts(cluster(CPU=16.0, GPU=2.0), SimpleNamespace(device="cuda", workers=12), True) == (12, 2, 1)
-    assert actor_counts(cluster(CPU=4.0), SimpleNamespace(device="cpu", workers=8), True) == (3, 1, 0)
-    assert actor_counts(cluster(CPU=4.0), SimpleNamespace(device="cpu", workers=0), True) == (1, 1, 0)
-    assert actor_counts(cluster(CPU=4.0), SimpleNamespace(device="cpu", workers=8), False) == (0, 1, 0)
+        actor_counts(cluster(CPU=8.0), SimpleNamespace(device="cuda", workers=2, auto=()), media=True)
+    assert actor_counts(cluster(CPU=16.0, GPU=2.0), SimpleNamespace(device="cuda", workers=12, auto=()), True) == (
+        12,
+        2,
+        1,
+    )
+    assert actor_counts(cluster(CPU=4.0), SimpleNamespace(device="cpu", workers=8, auto=()), True) == (3, 1, 0)
+    assert actor_counts(cluster(CPU=4.0), SimpleNamespace(device="cpu", workers=0, auto=()), True) == (1, 1, 0)
+    assert actor_counts(cluster(CPU=4.0), SimpleNamespace(device="cpu", workers=8, auto=()), False) == (0, 1, 0)
+    # --workers auto (the default) sizes the decoders to the cluster, not to the driver's machine
+    auto = SimpleNamespace(device="cuda", workers=0, auto=("workers", "batch_size"))
+    assert actor_counts(cluster(CPU=16.0, GPU=2.0), auto, True) == (14, 2, 1)
 
 
 def test_ray_address_without_engine_ray_is_refused(tmp_path, capsys):
