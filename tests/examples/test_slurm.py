@@ -23,11 +23,20 @@ SLURM = ROOT / "examples" / "slurm"
 BIN = Path(sys.executable).parent
 
 FAKE_SRUN = """#!/usr/bin/env bash
-# srun stand-in: the command once per node, in parallel; fails when any copy fails.
-while [[ "${1:-}" == --* ]]; do shift; done
+# srun stand-in: the command once per node (--nodes=N, else the job's), in parallel; fails when any copy fails.
+# One copy replaces this process, so the caller's pid is the command's.
+count=${SLURM_NNODES:-1}
+while [[ "${1:-}" == -* ]]; do
+    case "$1" in
+        --nodes=*) count=${1#--nodes=}; shift ;;
+        -w) export FAKE_SRUN_HOST=$2; shift 2 ;;
+        *) shift ;;
+    esac
+done
+if [ "$count" = 1 ]; then SLURM_NODEID=0 SLURM_PROCID=0 SLURM_NTASKS=1 exec "$@"; fi
 pids=()
-for ((node = 0; node < ${SLURM_NNODES:-1}; node++)); do
-    SLURM_NODEID=$node SLURM_PROCID=$node SLURM_NTASKS=${SLURM_NNODES:-1} "$@" &
+for ((node = 0; node < count; node++)); do
+    SLURM_NODEID=$node SLURM_PROCID=$node SLURM_NTASKS=$count "$@" &
     pids+=($!)
 done
 rc=0
@@ -36,7 +45,8 @@ exit $rc
 """
 
 FAKE_SCONTROL = """#!/usr/bin/env bash
-# scontrol stand-in: `show hostnames` lists the job's nodes, all of them this host.
+# scontrol stand-in: `show hostnames` lists the job's nodes: FAKE_HOSTS when set, else this host once per node.
+if [ -n "${FAKE_HOSTS:-}" ]; then tr ' ' '\\n' <<< "$FAKE_HOSTS"; exit 0; fi
 for ((node = 0; node < ${SLURM_NNODES:-1}; node++)); do echo 127.0.0.1; done
 """
 
@@ -49,7 +59,7 @@ def sbatch_lines(script: Path) -> tuple[list[str], list[str]]:
     return header, [s for s in lines[first_command:] if s.startswith("#SBATCH")]
 
 
-@pytest.mark.parametrize("name", ["extract-array.sbatch", "train-multinode.sbatch"])
+@pytest.mark.parametrize("name", ["extract-array.sbatch", "extract-ray.sbatch", "train-multinode.sbatch"])
 def test_recipes_parse_and_put_every_directive_in_the_header(name: str) -> None:
     script = SLURM / name
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
@@ -132,3 +142,81 @@ def test_multinode_training_recipe_runs_two_nodes_and_resumes_on_one(bundled_dat
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if "step" in line]
     assert max(steps) == 3  # epoch 1: one batch per rank on 2 ranks (step 1); epoch 2 on 1 rank: 2 batches
+
+
+FAKE_RAY = """#!/usr/bin/env bash
+# ray stand-in: records each call; `ray start ... --block` joins the "cluster" and stays until it is killed.
+echo "ray $* on=${FAKE_SRUN_HOST:-} pid=$$" >> "$FAKE_LOG"
+if [[ " $* " == *" --block "* ]]; then echo "$$" >> "$FAKE_NODES"; exec sleep 300; fi
+"""
+FAKE_PYTHON = """#!/usr/bin/env bash
+# the node count the recipe waits for: the stand-in nodes started so far
+if [ -f "$FAKE_NODES" ]; then wc -l < "$FAKE_NODES"; else echo 0; fi
+"""
+FAKE_MMFUSE = """#!/usr/bin/env bash
+echo "mmfuse $*" >> "$FAKE_LOG"
+"""
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def test_ray_recipe_starts_a_head_and_a_worker_per_node_then_one_driver_and_stops_them(tmp_path: Path) -> None:
+    fake = tmp_path / "stand-ins"
+    fake.mkdir()
+    for name, body in (("ray", FAKE_RAY), ("python", FAKE_PYTHON), ("mmfuse", FAKE_MMFUSE)):
+        (fake / name).write_text(body)
+        (fake / name).chmod(0o755)
+    log, nodes = tmp_path / "calls.log", tmp_path / "nodes"
+    env = environment(
+        tmp_path,
+        SLURM_JOB_ID="99", SLURM_NNODES="3", SLURM_JOB_NODELIST="gpu[01-03]", FAKE_HOSTS="gpu01 gpu02 gpu03",
+        SLURM_CPUS_PER_TASK="8", GPUS_PER_NODE="2", PORT="6390", WAIT_S="20", FAKE_LOG=str(log),
+        FAKE_NODES=str(nodes), RAY=str(fake / "ray"), PYTHON=str(fake / "python"), MMFUSE=str(fake / "mmfuse"),
+        MANIFEST="m.csv", MEDIA_ROOT="/shared/media", OUT="/shared/out",
+    )  # fmt: skip
+    done = subprocess.run(
+        ["bash", str(SLURM / "extract-ray.sbatch")], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Ray cluster up: 3 nodes" in done.stdout
+    calls = log.read_text().splitlines()
+    head_ip = subprocess.run(["hostname", "--ip-address"], capture_output=True, text=True).stdout.split()[0]
+    starts = [c for c in calls if c.startswith("ray start")]
+    assert len(starts) == 3
+    assert starts[0].startswith(
+        f"ray start --head --node-ip-address={head_ip} --port=6390 --num-cpus=8 --num-gpus=2 "
+        "--include-dashboard=false --block on=gpu01"
+    )
+    workers = sorted(c.split(" on=")[1].split()[0] for c in starts[1:])
+    assert workers == ["gpu02", "gpu03"]
+    assert all(f"--address={head_ip}:6390 --num-cpus=8 --num-gpus=2 --block" in c for c in starts[1:])
+    assert calls[-1] == (
+        f"mmfuse extract m.csv --media-root /shared/media --out /shared/out --engine ray --ray-address {head_ip}:6390 "
+        "--text-model bert-base-uncased --audio-model facebook/wav2vec2-base --device cuda --no-progress"
+    )
+    started = [int(c.rsplit("pid=", 1)[1]) for c in starts]
+    assert not any(alive(pid) for pid in started)  # the Ray steps are stopped when the extraction ends
+
+
+def test_ray_recipe_gives_up_when_nodes_do_not_join(tmp_path: Path) -> None:
+    fake = tmp_path / "stand-ins"
+    fake.mkdir()
+    (fake / "ray").write_text("#!/usr/bin/env bash\nexec sleep 300\n")  # never joins
+    (fake / "python").write_text("#!/usr/bin/env bash\necho 1\n")
+    for name in ("ray", "python"):
+        (fake / name).chmod(0o755)
+    env = environment(
+        tmp_path, SLURM_JOB_ID="98", SLURM_NNODES="2", FAKE_HOSTS="gpu01 gpu02", SLURM_JOB_NODELIST="gpu[01-02]",
+        WAIT_S="2", RAY=str(fake / "ray"), PYTHON=str(fake / "python"), MMFUSE="/bin/false",
+    )  # fmt: skip
+    done = subprocess.run(
+        ["bash", str(SLURM / "extract-ray.sbatch")], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1
+    assert "only 1 of 2 Ray nodes joined within 2 s" in done.stderr
