@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.extract_runs import MEDIA
 from bench.markdown import replace_section
 from bench.train_runs import workdir
-from bench.train_steps import ROOT
 
 SECTION, WAIT_TARGET = "gpu-check", 0.5
 QUICK_ARGS = {"steps": 3, "warmup": 1, "batch_size": 4, "samples": 16, "workers": 0, "clips": 2}
@@ -117,7 +117,7 @@ def extraction(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from extract.config import make_config
     from extract.pipeline import run_extract
 
-    media = ROOT / "examples" / "media"
+    media = MEDIA
     clips = sorted(p.relative_to(media) for p in (media / "grid").glob("*.mpg"))
     manifest = work / "extract.csv"
     rows = [f"v{i % len(clips)},c{i},clip number {i},train,{clips[i % len(clips)]},0" for i in range(args.clips)]
