@@ -2,12 +2,12 @@
 from the device, the usable cores and the modalities (BENCHMARKS.md, "Extraction defaults").
 
 - CPU with audio or video: encoder batches of 2. The sweep on 2 cores: batch 1 and 2 beat 4, 8 and 16 by 12-20%
-  (wav2vec 2.0 is the bottleneck and padding costs more than batching saves). Up to 2 cores, no worker:
-  decoding and FaceMesh in the encoder process were as fast as 1 or 2 workers in both sweeps and spent the
-  fewest CPU-seconds (a worker costs its start-up, imports and the results' trip back). From 3 cores on,
-  one decode + FaceMesh worker per core beside the encoder process's (cores - 1): FaceMesh and decoding are
-  half the CPU work and scale with processes. Audio without video: at most 2 workers (decoding alone is
-  about a fifth of the CPU work).
+  (wav2vec 2.0 is the bottleneck and padding costs more than batching saves). One decode + FaceMesh worker
+  per core but one (cores - 1): on 2 quiet cores 1 worker took 11.95 s against 16.33 s inline (0 workers)
+  and 13.36 s with 2, for the same CPU-seconds (BENCHMARKS.md, "Extraction defaults"); FaceMesh and decoding
+  are half the CPU work and run beside the encoders. One core: no worker (nothing to overlap with, and a
+  worker costs its start-up). Audio without video: at most 2 workers (decoding alone is about a fifth of
+  the CPU work).
 - CPU, text only: no worker (there is nothing to decode; no pool is started) and batches of 16
   length-sorted transcripts, as a plain batched loop over the same model uses.
 - CUDA: batches of 32 (audio batches are then sized by padded samples, 32 typical clips' worth:
@@ -47,7 +47,7 @@ def choose(device: str, cpu_count: int, modalities: Sequence[str]) -> tuple[int,
     if cuda:
         workers = max(1, cores - 1)
     else:  # without video a worker only decodes audio, which is cheap next to wav2vec 2.0 on a CPU
-        workers = 0 if cores <= 2 else cores - 1 if "video" in modalities else 2
+        workers = cores - 1 if "video" in modalities else min(2, cores - 1)
     return workers, CUDA_BATCH if cuda else CPU_MEDIA_BATCH, reason
 
 

@@ -21,7 +21,8 @@ ALL = ("text", "audio", "video")
     ("device", "cores", "modalities", "expected"),
     [
         ("cpu", 1, ALL, (0, 2, "1 CPU core, cpu")),
-        ("cpu", 2, ALL, (0, 2, "2 CPU cores, cpu")),
+        ("cpu", 2, ALL, (1, 2, "2 CPU cores, cpu")),
+        ("cpu", 2, ("text", "audio"), (1, 2, "2 CPU cores, cpu")),
         ("cpu", 16, ALL, (15, 2, "16 CPU cores, cpu")),
         ("cpu", 16, ("text", "audio"), (2, 2, "16 CPU cores, cpu")),
         ("cpu", 2, ("text",), (0, 16, "2 CPU cores, cpu, text only")),
