@@ -71,30 +71,47 @@ def run_extract_ray(
     already initialised in this process is used as it is."""
     ray = import_ray()
     out = Path(out)
-    job = prepare(manifest, media_root, out, dataclasses.replace(cfg, device="cpu"))  # provenance only
-    total = sum(len(p.clips) for p in job.mine)
-    done = total - sum(len(p.clips) for p in job.todo)
-    if progress is not None:
-        progress(done, total)
-    started, ray_start_s, decoders, encoders = False, 0.0, [], []
+    cfg = dataclasses.replace(cfg)  # the precision may be resolved below: the caller's settings stay as given
+    started, ray_start_s, decoders, encoders, locks = False, 0.0, [], [], []
     try:
         if not ray.is_initialized():
             tic = time.perf_counter()
             start_ray(ray, address or os.environ.get("RAY_ADDRESS"), cfg)
             started, ray_start_s = True, time.perf_counter() - tic
+        if cfg.precision is None:  # the encoders' GPUs decide it, not the driver's machine
+            cfg.precision, cfg.auto = cluster_precision(ray, cfg.device), cfg.auto + ("precision",)
+        job = prepare(manifest, media_root, out, dataclasses.replace(cfg, device="cpu"))  # provenance only
+        locks = job.locks
+        total = sum(len(p.clips) for p in job.mine)
+        done = total - sum(len(p.clips) for p in job.todo)
+        if progress is not None:
+            progress(done, total)
         start_actors(ray, job, out, cfg, decoders, encoders)
-        setup_s = time.perf_counter() - job.tic  # Ray's start and the encoders' model loading included
+        setup_s = time.perf_counter() - job.tic + ray_start_s  # Ray's start and the encoders' model loading
         written, timings = run_shards(ray, job, decoders, encoders, progress, done, total)
     finally:
         for actor in decoders + encoders:
             ray.kill(actor)
-        for lock in job.locks:
+        for lock in locks:
             lock.release()
         if started:
             ray.shutdown()
     summary = finish_run(job, manifest, media_root, out, cfg, written, {"setup_s": setup_s, **timings})
     sizes = {"decoders": len(decoders), "encoders": len(encoders)}
     return {**summary, "engine": "ray", "ray_start_s": round(ray_start_s, 3), **sizes}
+
+
+def cluster_precision(ray: Any, device: str) -> str:
+    """The automatic encoder precision for the cluster: fp32 on CPUs; with ``--device cuda`` what a GPU of the
+    cluster computes natively (bf16, else fp16), asked of that GPU by a one-GPU task (the driver may have none)."""
+    from extract.auto import resolve_precision
+
+    if not device.startswith("cuda"):
+        return resolve_precision(None, device)
+    if int(ray.cluster_resources().get("GPU", 0)) < 1:
+        raise ExtractionError(f"--device {device} was asked for but the Ray cluster has no GPU; use --device cpu")
+    probe = ray.remote(num_gpus=1, num_cpus=0, max_retries=2)(resolve_precision)
+    return ray.get(probe.remote(None, "cuda"))
 
 
 def start_ray(ray: Any, address: str | None, cfg: ExtractConfig) -> None:

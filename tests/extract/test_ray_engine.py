@@ -21,7 +21,7 @@ from conftest import MEDIA, ROOT, bundled_rows, write_manifest
 
 from extract.extractors.base import ExtractionError
 from extract.outdir import owner_gone
-from extract.ray_engine import actor_counts, import_ray, run_extract_ray
+from extract.ray_engine import actor_counts, cluster_precision, import_ray, run_extract_ray
 from shards import iter_shard
 
 KEYS = ["grid__bbaf2n", "grid__pwij3p", "grid__id2_vcd_swwp2s", "faces__face_noface"]
@@ -151,6 +151,34 @@ def test_cuda_on_a_ray_cluster_without_gpus_is_refused_and_actors_fit_the_cpus(t
     # --workers auto (the default) sizes the decoders to the cluster, not to the driver's machine
     auto = SimpleNamespace(device="cuda", workers=0, auto=("workers", "batch_size"))
     assert actor_counts(cluster(CPU=16.0, GPU=2.0), auto, True) == (14, 2, 1)
+
+
+def test_the_automatic_precision_is_the_clusters_gpus_not_the_drivers(monkeypatch):
+    import torch
+
+    asked = []
+
+    class FakeRay:
+        def __init__(self, **resources):
+            self.resources = resources
+
+        def cluster_resources(self):
+            return self.resources
+
+        def remote(self, **options):
+            asked.append(options)
+            return lambda fn: SimpleNamespace(remote=lambda *a: fn(*a))
+
+        def get(self, value):
+            return value
+
+    # The task runs where Ray puts it, on a GPU node: there the GPU computes bf16 natively.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert cluster_precision(FakeRay(CPU=8.0, GPU=1.0), "cuda") == "bf16"
+    assert asked == [{"num_gpus": 1, "num_cpus": 0, "max_retries": 2}]
+    assert cluster_precision(FakeRay(CPU=8.0), "cpu") == "fp32"
+    with pytest.raises(ExtractionError, match="--device cuda was asked for but the Ray cluster has no GPU"):
+        cluster_precision(FakeRay(CPU=8.0), "cuda")
 
 
 def test_ray_address_without_engine_ray_is_refused(tmp_path, capsys):
