@@ -73,6 +73,7 @@ def run_extract_ray(
     out = Path(out)
     cfg = dataclasses.replace(cfg)  # the precision may be resolved below: the caller's settings stay as given
     started, ray_start_s, decoders, encoders, locks = False, 0.0, [], [], []
+    began = time.perf_counter()  # set-up and wall time count from here, Ray's start included
     try:
         if not ray.is_initialized():
             tic = time.perf_counter()
@@ -81,13 +82,14 @@ def run_extract_ray(
         if cfg.precision is None:  # the encoders' GPUs decide it, not the driver's machine
             cfg.precision, cfg.auto = cluster_precision(ray, cfg.device), cfg.auto + ("precision",)
         job = prepare(manifest, media_root, out, dataclasses.replace(cfg, device="cpu"))  # provenance only
+        job = dataclasses.replace(job, tic=began)
         locks = job.locks
         total = sum(len(p.clips) for p in job.mine)
         done = total - sum(len(p.clips) for p in job.todo)
         if progress is not None:
             progress(done, total)
         start_actors(ray, job, out, cfg, decoders, encoders)
-        setup_s = time.perf_counter() - job.tic + ray_start_s  # Ray's start and the encoders' model loading
+        setup_s = time.perf_counter() - job.tic  # Ray's start and the encoders' model loading included
         written, timings = run_shards(ray, job, decoders, encoders, progress, done, total)
     finally:
         for actor in decoders + encoders:
