@@ -26,9 +26,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench.extract_runs import MEDIA, QUICK_SWEEP, SWEEP, command, machine, measure, tile_manifest
+from bench.extract_runs import MEDIA, QUICK_SWEEP, SWEEP, command, machine, measure_all, tile_manifest
 from bench.markdown import markers, replace_section
-from bench.sweep import add_sweep_arguments, stray_sweep_flags, ticker
+from bench.sweep import add_sweep_arguments, stray_sweep_flags
 from extract.extractors.base import ExtractionError
 from extract.models import DEFAULT_TEXT_MODEL
 
@@ -112,20 +112,13 @@ def run(args: argparse.Namespace) -> int:
             return run_precision(args, base, tmp)
         small = tile_manifest(tmp / "tiled-n.csv", args.clips)
         large = tile_manifest(tmp / "tiled-4n.csv", 4 * args.clips)
-        runs = {}
-        plan = (
+        plan = [
             ("stages", "stages", small),
             ("naive", "naive", small),
             ("pipeline", "pipeline", small),
             ("pipeline_4n", "pipeline", large),
-        )
-        with args.progress("bench extract", "run") as bar:
-            tick = ticker(bar, len(plan))
-            for name, variant, manifest in plan:
-                log.info("bench extract: running %s", name)
-                spec = {**base, "variant": variant, "manifest": str(manifest), "out": str(tmp / f"out-{name}")}
-                runs[name] = measure(spec, tmp / f"{name}.json")
-                tick()
+        ]
+        runs = measure_all(args, "bench extract", plan, base, tmp)
     report = make_report(args, base, runs)
     print(json.dumps(report, indent=2) if args.json else format_table(report))
     if args.out is not None:

@@ -18,9 +18,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench.extract_runs import command, machine, measure, tile_manifest
+from bench.extract_runs import command, machine, measure_all, tile_manifest
 from bench.markdown import replace_section
-from bench.sweep import ticker
 from extract.extractors.base import ExtractionError
 
 log = logging.getLogger(__name__)
@@ -34,14 +33,8 @@ def run_engines(args: argparse.Namespace, base: dict[str, Any], tmp: Path) -> in
     if args.sweep:
         raise ExtractionError("--engine ray compares the two engines once: leave out --sweep")
     manifest = tile_manifest(tmp / "tiled-n.csv", args.clips)
-    runs = {}
-    with args.progress("bench extract --engine ray", "run") as bar:
-        tick = ticker(bar, 2)
-        for name in ("pipeline", "ray"):
-            log.info("bench extract: running the %s engine", "local" if name == "pipeline" else "ray")
-            spec = {**base, "variant": name, "manifest": str(manifest), "out": str(tmp / f"out-{name}")}
-            runs[name] = measure(spec, tmp / f"{name}.json")
-            tick()
+    plan = [("pipeline", "pipeline", manifest), ("ray", "ray", manifest)]  # the local engine, then Ray
+    runs = measure_all(args, "bench extract --engine ray", plan, base, tmp)
     report = make_report(args, base, runs)
     print(json.dumps(report, indent=2) if args.json else format_table(report))
     if args.out is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -13,9 +14,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench.sweep import spell
+from bench.sweep import spell, ticker
 from extract.extractors.base import ExtractionError
 
+log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
 MEDIA = ROOT / "examples" / "media"
 SWEEP, QUICK_SWEEP = ((0, 1, 2, 3), (1, 2, 4, 8, 16)), ((0, 1), (1, 2))  # (worker counts, batch sizes)
@@ -44,6 +46,22 @@ def tile_manifest(path: Path, n: int, media: Path = MEDIA) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+def measure_all(
+    args: argparse.Namespace, title: str, plan: list[tuple[str, str, Path]], base: dict[str, Any], tmp: Path
+) -> dict[str, dict[str, Any]]:
+    """Each ``(name, variant, manifest)`` of ``plan`` measured in turn (:func:`measure`, output under ``tmp``),
+    with a progress bar titled ``title``; the measurements by name."""
+    runs = {}
+    with args.progress(title, "run") as bar:
+        tick = ticker(bar, len(plan))
+        for name, variant, manifest in plan:
+            log.info("%s: running %s", title, name)
+            spec = {**base, "variant": variant, "manifest": str(manifest), "out": str(tmp / f"out-{name}")}
+            runs[name] = measure(spec, tmp / f"{name}.json")
+            tick()
+    return runs
 
 
 def measure(spec: dict[str, Any], result: Path) -> dict[str, Any]:
