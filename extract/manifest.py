@@ -99,6 +99,7 @@ def load_manifest(
 def _mark_unlabelled(clips: list[Clip], label_columns: list[str], unit: str) -> list[Clip]:
     """Mark (and log, one line per label) the clips without a value for a label that other rows have."""
     names = list(dict.fromkeys([*label_columns, *(k for c in clips for k in c.labels)]))
+    names = [k for k in names if any(c.labels.get(k) is not None for c in clips)]  # a column no row fills: no label
     out = []
     for clip in clips:
         empty = tuple(k for k in names if clip.labels.get(k) is None)

@@ -127,6 +127,10 @@ def test_unlabelled_rows_are_allowed_counted_and_logged(tmp_path, caplog):
     (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
     clips = load_manifest(tmp_path / "m.jsonl", None, need_media=False)
     assert [c.unlabelled for c in clips] == [(), ("happy", "sad"), ("happy", "sad")]
+    # A label column no row fills (MMSA's label_T/label_A/label_V in MOSI's label.csv) leaves nobody unlabelled.
+    rows = [{"video_id": "g", "clip_id": k, "text": "x", "label": "1", "label_T": ""} for k in "ab"]
+    clips = load_manifest(write_manifest(tmp_path / "mmsa.csv", rows), None, need_media=False)
+    assert [c.unlabelled for c in clips] == [(), ()]
 
 
 def test_windows_paths_are_normalised_and_absolute_ones_refused(tmp_path):
