@@ -14,15 +14,9 @@ incomplete ones redone, and every clip ends up exactly once.
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
-import os
-import signal
-import threading
 import time
-from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager, nullcontext
+from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +25,7 @@ from extract.auto import describe, resolve_precision
 from extract.clip import decode_settings
 from extract.config import ExtractConfig
 from extract.decode import AUDIO_DOWNMIX
-from extract.extractors.base import DecodedClip, ExtractionError, read_settings
+from extract.extractors.base import ExtractionError, read_settings
 from extract.manifest import Clip, load_manifest
 from extract.outdir import (
     DATASET_LOCK,
@@ -43,8 +37,9 @@ from extract.outdir import (
     recorded_max_duration,
     refuse_live_writers,
 )
+from extract.pool import DecodePool, decode_clips
 from extract.registry import EXTRACTORS, extractor_for
-from extract.worker import DecodeSettings, decode_clip, init_worker
+from extract.worker import DecodeSettings
 from extract.writer import ShardBuilder
 from shards import Progress
 from shards.dataset import build_dataset, feature_set_hash, shard_name
@@ -91,8 +86,9 @@ def build_extractors(cfg: ExtractConfig) -> dict[str, Any]:
         from extract.extractors.asr import WhisperTranscriber
 
         found["asr"] = WhisperTranscriber.from_settings(read_settings(WhisperTranscriber.Settings, cfg))
-    for ex in found.values():
-        ex.setup(cfg.device)
+    for ex in found.values():  # worker extractors are here for their provenance: the decode workers set up theirs
+        if getattr(ex, "runs_in", "encoder") != "worker":
+            ex.setup(cfg.device)
     return found
 
 
@@ -155,17 +151,20 @@ def run_extract(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(out)
-    job = prepare(manifest, media_root, out, cfg)
-    total = sum(len(p.clips) for p in job.mine)
-    done = total - sum(len(p.clips) for p in job.todo)
-    if progress is not None:
-        progress(done, total)
-    setup_s = time.perf_counter() - job.tic
-    try:
-        written, waits = encode_and_write(job, out, cfg, progress, done, total)
-    finally:
-        for lock in job.locks:
-            lock.release()
+    settings = decode_settings(cfg)
+    # Decode workers start while the models load (their start-up on the cores the loading leaves idle).
+    with DecodePool(settings, cfg.workers) if settings.modalities and cfg.workers else nullcontext() as pool:
+        job = prepare(manifest, media_root, out, cfg, pool)
+        total = sum(len(p.clips) for p in job.mine)
+        done = total - sum(len(p.clips) for p in job.todo)
+        if progress is not None:
+            progress(done, total)
+        setup_s = time.perf_counter() - job.tic
+        try:
+            written, waits = encode_and_write(job, out, cfg, progress, done, total, pool)
+        finally:
+            for lock in job.locks:
+                lock.release()
     return finish_run(job, manifest, media_root, out, cfg, written, {"setup_s": setup_s, **waits})
 
 
@@ -213,9 +212,12 @@ def finish_run(
     }
 
 
-def prepare(manifest: Path | str, media_root: Path | str | None, out: Path, cfg: ExtractConfig) -> ExtractionJob:
+def prepare(
+    manifest: Path | str, media_root: Path | str | None, out: Path, cfg: ExtractConfig, pool: DecodePool | None = None
+) -> ExtractionJob:
     """Read the manifest, build the extractors and their feature set, plan the shards, check and clean ``out``,
-    and find this rank's incomplete shards."""
+    and find this rank's incomplete shards. ``pool``: decode workers to start once the inputs are checked, before
+    the models load."""
     settings = decode_settings(cfg)
     need_text = "text" in cfg.modalities and cfg.asr is None  # with --asr, empty transcripts are recognised
     clips = load_manifest(manifest, media_root, need_media=bool(settings.modalities), need_text=need_text)
@@ -223,6 +225,8 @@ def prepare(manifest: Path | str, media_root: Path | str | None, out: Path, cfg:
     if cfg.overwrite and cfg.rank == 0:  # rank 0 removes the old shards: never those a live run is writing
         refuse_live_writers(out)
     tic = time.perf_counter()
+    if pool is not None and clips:
+        pool.start()
     extractors = build_extractors(cfg)
     feature_set = describe_feature_set(cfg, extractors)
     fs_hash = feature_set_hash(feature_set)
@@ -242,7 +246,13 @@ def prepare(manifest: Path | str, media_root: Path | str | None, out: Path, cfg:
 
 
 def encode_and_write(
-    job: ExtractionJob, out: Path, cfg: ExtractConfig, progress: Progress | None, done: int, total: int
+    job: ExtractionJob,
+    out: Path,
+    cfg: ExtractConfig,
+    progress: Progress | None,
+    done: int,
+    total: int,
+    pool: DecodePool | None = None,
 ) -> tuple[int, dict[str, float]]:
     """Decode the clips of ``job.todo`` (ahead, in workers) and encode and write them shard by shard; return the
     samples written and where the time went: waiting for decoded clips (the first wait includes worker start-up)
@@ -251,7 +261,7 @@ def encode_and_write(
     builder: ShardBuilder | None = None
     waits, first = {"first_clip_s": 0.0, "decode_wait_s": 0.0}, True
     media = bool(job.settings.modalities)
-    clips_in = decode_clips(job.todo, job.settings, cfg.workers, media, window=2 * cfg.batch_size)
+    clips_in = decode_clips(job.todo, job.settings, cfg.workers, media, window=2 * cfg.batch_size, pool=pool)
     try:
         while True:
             asked = time.perf_counter()
@@ -293,95 +303,3 @@ def encode_group(cfg: ExtractConfig, media: bool) -> int:
     the text encoder sorts many by length before cutting its batches of ``batch_size``: groups of one batch
     padded every transcript to the longest of 16 random ones."""
     return cfg.batch_size if media else max(cfg.batch_size, TEXT_GROUP)
-
-
-def decode_clips(
-    plans: Sequence[ShardPlan], settings: DecodeSettings, workers: int, media: bool, window: int = 16
-) -> Iterator[tuple[ShardPlan, DecodedClip]]:
-    """Every clip of ``plans`` decoded, in plan order, with its shard. With workers, decode jobs stay in flight
-    (``window`` clips, at least 4 per worker) while the caller encodes: decoding and encoding overlap."""
-    if not media:
-        for plan in plans:
-            for clip in plan.clips:
-                yield plan, DecodedClip(clip)
-        return
-    if workers == 0:
-        init_worker(settings)
-        for plan in plans:
-            for clip in plan.clips:
-                yield plan, decode_clip(clip, settings)
-        return
-    jobs = [(plan, clip) for plan in plans for clip in plan.clips]
-    yield from _pooled(jobs, settings, workers, max(window, 4 * workers))
-
-
-def _pooled(
-    jobs: list[tuple[ShardPlan, Clip]], settings: DecodeSettings, workers: int, window: int
-) -> Iterator[tuple[ShardPlan, DecodedClip]]:
-    ctx = mp.get_context("spawn")  # the parent holds torch threads; forking it is unsafe
-
-    submitted = [0]  # to the current pool
-
-    def new_pool() -> ProcessPoolExecutor:
-        submitted[0] = 0
-        return ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker, initargs=(settings, os.getpid()))
-
-    def submit(j: int) -> tuple[int, Future]:
-        # A pool starts a worker on each of its first `workers` submits (at most): a worker started with SIGINT
-        # ignored inherits that, so a Ctrl-C while it is still importing prints no traceback there. Later
-        # submits start nothing and leave SIGINT alone, so no Ctrl-C is lost while the pool runs.
-        spawning = submitted[0] < workers
-        submitted[0] += 1
-        with _sigint_ignored() if spawning else nullcontext():
-            return j, pool.submit(decode_clip, jobs[j][1], settings)
-
-    pool = new_pool()
-    pending: list[tuple[int, Future]] = []
-    attempts = [0] * len(jobs)
-    nxt = 0
-    try:
-        while nxt < len(jobs) or pending:
-            while nxt < len(jobs) and len(pending) < window:
-                pending.append(submit(nxt))
-                nxt += 1
-            i, fut = pending.pop(0)
-            try:
-                decoded = fut.result()
-            except BrokenProcessPool:
-                # A decoder crashed the worker (corrupt media can do that). Restart and retry every clip in
-                # flight once; a clip that crashes twice is recorded as skipped.
-                pool.shutdown(cancel_futures=True)
-                pool = new_pool()
-                retry = [i] + [j for j, _ in pending]
-                pending = []
-                decoded = None
-                for j in retry:
-                    attempts[j] += 1
-                if attempts[i] >= 2:
-                    decoded = DecodedClip(jobs[i][1], info={"skipped": "the decoder process crashed on this file"})
-                    retry = retry[1:]
-                pending = [submit(j) for j in retry]
-                if decoded is None:
-                    continue
-            # Top the window up before handing this clip over, so workers decode while the caller encodes.
-            while nxt < len(jobs) and len(pending) < window:
-                pending.append(submit(nxt))
-                nxt += 1
-            yield jobs[i][0], decoded
-    finally:
-        pool.shutdown(cancel_futures=True)
-
-
-@contextmanager
-def _sigint_ignored() -> Iterator[None]:
-    """SIGINT ignored meanwhile (main thread only). A process started inside inherits the ignored disposition,
-    which CPython keeps, so a Ctrl-C while a decode worker is still importing does not print its traceback;
-    afterwards the worker ignores SIGINT by itself (``init_worker``) and the parent handles it again."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)

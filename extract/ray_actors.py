@@ -26,7 +26,7 @@ from typing import Any
 from extract.config import ExtractConfig
 from extract.extractors.base import DecodedClip, ExtractionError
 from extract.manifest import Clip
-from extract.worker import DecodeSettings, decode_clip, init_worker
+from extract.worker import DecodeSettings, cap_malloc_arenas, decode_clip, init_worker
 
 FAULT_ENV = "MMFUSE_RAY_FAULT"
 CRASHED = "the decoder process crashed on this file"  # the local engine's status for the same case
@@ -54,6 +54,7 @@ class Decoder:
 
     def __init__(self, settings: DecodeSettings) -> None:
         os.environ.setdefault("GLOG_minloglevel", "2")
+        cap_malloc_arenas()  # a process that only decodes (see there)
         self.settings = settings
         init_worker(settings)
 

@@ -3,6 +3,7 @@ processes (or inline with ``--workers 0``). No torch here."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import threading
@@ -46,6 +47,7 @@ def init_worker(settings: DecodeSettings, parent_pid: int | None = None) -> None
     os.environ.setdefault("GLOG_minloglevel", "2")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if parent_pid is not None:
+        cap_malloc_arenas()
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
         if os.environ.get("MMFUSE_NATIVE_LOGS") != "show":
@@ -54,6 +56,24 @@ def init_worker(settings: DecodeSettings, parent_pid: int | None = None) -> None
             os.close(devnull)
     for entry, options in settings.extractors:
         _extractor(entry, options)
+
+
+MALLOC_ARENAS = 2  # glibc's malloc arenas in a decode process; its default is 8 per core
+M_ARENA_MAX = -8  # mallopt's parameter number for it (glibc's malloc.h)
+
+
+def cap_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
+    """Cap glibc's malloc arenas in this process (``mallopt(M_ARENA_MAX)``, what ``MALLOC_ARENA_MAX`` sets at
+    start-up); True when it took effect. Called first thing in a process that only decodes.
+
+    FaceMesh builds a graph per clip, and the threads of each new graph take fresh arenas, where the freed
+    memory of earlier clips stays resident: a decode worker's peak RSS grew 40 % over 32 clips (527 to 734 MiB),
+    against 6 % with two arenas (503 to 534 MiB), for the same CPU-seconds."""
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(M_ARENA_MAX, arenas))
+    except (OSError, AttributeError):  # not glibc
+        return False
 
 
 def _extractor(entry: Any, options: Any) -> Extractor:

@@ -256,9 +256,10 @@ def test_sigint_is_left_alone_once_the_decode_workers_are_started(tmp_path, tiny
     Ctrl-C reaches the parent, which stops the run with one line (a Ctrl-C was lost when every submit ignored it)."""
     from contextlib import contextmanager
 
-    import extract.pipeline as pipeline
+    import extract.pool as pool
     from extract.clip import decode_settings
     from extract.manifest import load_manifest
+    from extract.pipeline import plan_shards
 
     windows = []
 
@@ -267,12 +268,12 @@ def test_sigint_is_left_alone_once_the_decode_workers_are_started(tmp_path, tiny
         windows.append(1)
         yield
 
-    monkeypatch.setattr(pipeline, "_sigint_ignored", counted)
+    monkeypatch.setattr(pool, "_sigint_ignored", counted)
     rows = [
         {**r, "clip_id": f"{r['clip_id']}-{k}"} for k in range(3) for r in bundled_rows() if r["video_id"] == "grid"
     ]
     clips = load_manifest(write_manifest(tmp_path / "m.csv", rows), MEDIA, need_text=False)
     cfg = tiny_cfg(modalities="audio", workers=2)
-    decoded = list(pipeline.decode_clips(pipeline.plan_shards(clips, 4), decode_settings(cfg), 2, True))
+    decoded = list(pool.decode_clips(plan_shards(clips, 4), decode_settings(cfg), 2, True))
     assert len(decoded) == len(clips) == 9
     assert len(windows) == 2  # one per worker started, not one per clip

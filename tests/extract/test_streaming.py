@@ -8,6 +8,7 @@ import pytest
 from conftest import MEDIA, write_manifest
 
 import extract.pipeline as pipeline
+import extract.pool as pool
 from extract.pipeline import run_extract
 from shards import iter_shard, load_dataset_json, read_sidecar
 
@@ -28,13 +29,13 @@ def samples(out) -> dict[str, dict]:
 
 def test_encoders_run_per_group_as_clips_arrive(tmp_path, tiny_cfg, monkeypatch):
     events: list[tuple[str, ...]] = []
-    decode = pipeline.decode_clip
+    decode = pool.decode_clip
 
     def logged_decode(clip, settings):
         events.append(("decode", clip.clip_id))
         return decode(clip, settings)
 
-    monkeypatch.setattr(pipeline, "decode_clip", logged_decode)
+    monkeypatch.setattr(pool, "decode_clip", logged_decode)
     built = pipeline.build_extractors
 
     def logged_build(cfg):
