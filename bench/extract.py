@@ -180,6 +180,9 @@ def _rates(st: dict[str, Any], nv: dict[str, Any], pl: dict[str, Any], p4: dict[
         r[f"{name}_clips_per_s"] = n / secs
         r[f"{name}_audio_s_per_s"] = st["audio_s"] / secs
         r[f"{name}_frames_per_s"] = st["frames"] / secs
+    r["pipeline_whole_s"] = pl["load_s"] + pl["run_s"]  # set-up (model loading, workers starting) + run
+    r["naive_whole_s"] = nv["load_s"] + nv["run_s"]
+    r["speedup_vs_naive_whole"] = r["naive_whole_s"] / r["pipeline_whole_s"]
     r["pipeline_4n_s"] = p4["run_s"]
     r["pipeline_4n_clips_per_s"] = 4 * n / p4["run_s"]
     r["pipeline_marginal_clips_per_s"] = 3 * n / (p4["run_s"] - pl["run_s"])
@@ -273,6 +276,8 @@ def format_table(report: dict[str, Any]) -> str:
         f"- (a)/(b) speed-up: **{r['speedup_vs_naive']:.2f}×** (marginal, N → 4N without start-up: "
         f"{r['speedup_vs_naive_marginal']:.2f}×; pipeline marginal rate {r['pipeline_marginal_clips_per_s']:.2f} "
         "clips/s)",
+        f"- set-up + run (model loading included; the pipeline's workers start while its models load): pipeline "
+        f"{r['pipeline_whole_s']:.2f} s, naive {r['naive_whole_s']:.2f} s: **{r['speedup_vs_naive_whole']:.2f}×**",
         f"- (a) time / (d) time: **{r['pipeline_over_ceiling']:.2f}×** ((d)/(a) = {r['ceiling_over_pipeline']:.2f})",
         f"- stage CPU-seconds alone: decode {r['decode_cpu_s']:.2f}, FaceMesh {r['facemesh_cpu_s']:.2f}, text "
         f"{r['text_cpu_s']:.2f}, audio {r['audio_cpu_s']:.2f} (batched); floor = sum / {s['cores_used']} cores = "
@@ -284,10 +289,10 @@ def format_table(report: dict[str, Any]) -> str:
         f"- naive loop time shares: decode + FaceMesh {r['naive_decode_facemesh_share']:.0%}, text "
         f"{r['naive_text_share']:.0%}, audio {r['naive_audio_share']:.0%}",
         f"- inside (a), the encoder process waited {r['pipeline_decode_wait_s']:.2f} s for decoded clips, "
-        f"{r['pipeline_first_clip_s']:.2f} s of it for the first (worker start-up); it was busy encoding and "
+        f"{r['pipeline_first_clip_s']:.2f} s of it for the first (its decode + FaceMesh); it was busy encoding and "
         f"writing {r['pipeline_encoder_busy_share']:.0%} of the run",
-        f"- model loading (not in any time above): {r['model_load_s']:.2f} s in the naive process, pipeline setup "
-        f"{r['pipeline_setup_s']:.2f} s",
+        f"- model loading (in no time above but set-up + run): {r['model_load_s']:.2f} s in the naive process, "
+        f"pipeline set-up {r['pipeline_setup_s']:.2f} s",
         f"- peak RSS, MiB (`VmHWM`: main = the measuring process; worker = the largest single "
         f"worker): naive {r['naive_rss_main_mib']:.0f}; pipeline N main {r['pipeline_rss_main_mib']:.0f} / "
         f"worker {r['pipeline_rss_worker_mib']:.0f}; 4N main {r['pipeline_4n_rss_main_mib']:.0f} / worker "
@@ -353,8 +358,10 @@ def section(report: dict[str, Any]) -> str:
             f"{m['load_avg_1min_at_end']}; device {s['device']}. Models: text "
             f"`{s['text_model']}`, audio `{s['audio_model']}` (wav2vec2-base's shapes, random weights), MediaPipe "
             f"FaceMesh; fps {s['fps'] or 'native'}; shard size {s['shard_size']}. Clips: the bundled clips tiled to "
-            "N. Every variant runs in a fresh process; model loading is excluded from every time (warm-up), "
-            "worker start-up is included. Timings are only comparable within this run (shared machine).",
+            "N. Every variant runs in a fresh process; model loading is excluded from every time but the set-up + "
+            "run line (warm-up). The pipeline's decode workers start while its models load, so their start-up is "
+            "in its set-up; (c) and (d) start theirs inside their time. Timings are only comparable within this "
+            "run (shared machine).",
             "",
             format_table(report),
             "",

@@ -2,11 +2,10 @@
 
 Both run the pipeline with K decode workers (Ray: K decoder actors and one encoder actor, on a local Ray
 started by the run) and the same models, batch size and shard size, each in a fresh interpreter. Set-up is
-excluded from both times: the local engine's is model loading; Ray's is starting the local cluster (reported
-apart: a cluster is started once for many runs) and its actors, the encoder loading its models while the
-decoders start. So the local engine's time includes its workers' start-up and Ray's mostly not; both include
-waiting for the first decoded clip. The ratio of the two times is Ray's overhead on this machine (target: at
-most 1.25×).
+excluded from both times: the local engine's is model loading, its decode workers starting meanwhile; Ray's is
+starting the local cluster (reported apart: a cluster is started once for many runs) and its actors, the encoder
+loading its models while the decoders start. Both include waiting for the first decoded clip. The ratio of the
+two times is Ray's overhead on this machine (target: at most 1.25×).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Only variant (a) runs: ``run_pipeline`` (``bench/extract_variants.py``) on the s
 a fresh interpreter through ``bench.extract.measure``, once per ``--sweep-workers`` count at ``--batch-size`` and
 once per ``--sweep-batch-sizes`` value at ``--workers`` (the setting on both lines runs once). Each point
 reports clips/s and audio-seconds/s over the run without model loading (``run_s``; the setup, ``load_s``, is
-reported apart) but with worker start-up, as (a) does, and the peak RSS of the encoder process and of its
+reported apart; the decode workers start during it, as in (a)), and the peak RSS of the encoder process and of its
 largest worker (``VmHWM``).
 
 The plot (``bench.sweep.plot_sweep``) goes to ``--plot``, else to ``docs/bench/extract-sweep.png`` beside
@@ -152,11 +152,11 @@ def section(report: dict[str, Any], out: Path, png: Path | None) -> str:
         f"1-minute load average at the end {m['load_avg_1min_at_end']}; device {s['device']}. Models: text "
         f"`{s['text_model']}`, audio `{s['audio_model']}`, MediaPipe FaceMesh; fps {s['fps'] or 'native'}; shard "
         f"size {s['shard_size']}. Each point is the pipeline, (a) of the extraction benchmark, in a fresh process "
-        "on the same tiled clips: model loading and planning (setup) are excluded from the time, worker start-up "
-        "is included. Workers are the decode + FaceMesh processes (0: all in the encoder process); the batch is "
-        "the pipeline's `--batch-size` (clips per text and audio encoder call). Peak RSS is `VmHWM`: main = the "
-        "encoder process, worker = the largest single worker (at 0 workers: the largest helper process that "
-        "library imports start, such as `lscpu`).",
+        "on the same tiled clips: model loading and planning (setup) are excluded from the time; the decode "
+        "workers start during setup. Workers are the decode + FaceMesh processes (0: all in the encoder "
+        "process); the batch is the pipeline's `--batch-size` (clips per text and audio encoder call). Peak RSS "
+        "is `VmHWM`: main = the encoder process, worker = the largest single worker (at 0 workers: the largest "
+        "helper process that library imports start, such as `lscpu`).",
         "",
         format_table(report),
     ]

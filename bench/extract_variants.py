@@ -81,7 +81,7 @@ def run_pipeline(spec: dict[str, Any]) -> dict[str, Any]:
         "load_s": summary["setup_s"],
         "run_s": summary["wall_s"] - summary["setup_s"],
         "samples": summary["samples_written"],
-        "first_clip_s": summary["first_clip_s"],  # the encoder process waiting for worker start-up
+        "first_clip_s": summary["first_clip_s"],  # the encoder process waiting for its first decoded clip
         "decode_wait_s": summary["decode_wait_s"],  # ... and for decoded clips in all
     }
 
@@ -198,7 +198,8 @@ def run_stages(spec: dict[str, Any]) -> dict[str, Any]:
     cfg = config(spec)
     settings = decode_settings(cfg)
     clips = load_manifest(spec["manifest"], spec["media_root"])
-    decode_wall, decoded = _pooled(decode_only, clips, cfg.fps, cfg.workers, settings)
+    bare = DecodeSettings(settings.modalities, cfg.fps, cfg.max_duration_s)  # (c): its workers set up no FaceMesh
+    decode_wall, decoded = _pooled(decode_only, clips, cfg.fps, cfg.workers, bare)
     mesh_wall, meshed = _pooled(decode_facemesh, clips, settings, cfg.workers, settings)
     tic = time.perf_counter()
     extractors = build_extractors(config(spec, modalities=("text", "audio")))

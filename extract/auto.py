@@ -1,5 +1,6 @@
-"""``--workers auto`` and ``--batch-size auto`` (the defaults): what the machine's sweeps found fastest, chosen
-from the device, the usable cores and the modalities (BENCHMARKS.md, "Extraction defaults").
+"""``--workers auto`` and ``--batch-size auto`` (the defaults), and the encoder's threads: what the machine's
+sweeps found fastest, chosen from the device, the usable cores and the modalities (BENCHMARKS.md, "Extraction
+defaults").
 
 - CPU with audio or video: encoder batches of 2. The sweep on 2 cores: batch 1 and 2 beat 4, 8 and 16 by 12-20%
   (wav2vec 2.0 is the bottleneck and padding costs more than batching saves). One decode + FaceMesh worker
@@ -13,7 +14,12 @@ from the device, the usable cores and the modalities (BENCHMARKS.md, "Extraction
 - CUDA: batches of 32 (audio batches are then sized by padded samples, 32 typical clips' worth:
   ``extract.extractors.audio.batch_plan``), and every other core decodes and runs FaceMesh for the GPU.
 
-Neither choice changes a feature: a clip's features do not depend on its batch mates or on the process that
+- Threads: the encoder process's torch threads are the cores the workers leave (at least one), unless
+  ``threads`` or ``OMP_NUM_THREADS`` says otherwise: torch's default (every core) made the encoder and
+  FaceMesh fight over the same cores.
+
+None of these choices changes a feature beyond float rounding (torch's sums over another thread count round
+differently, as on another machine): a clip's features do not depend on its batch mates or on the process that
 decoded it, and the feature set records neither.
 """
 
@@ -51,13 +57,28 @@ def choose(device: str, cpu_count: int, modalities: Sequence[str]) -> tuple[int,
     return workers, CUDA_BATCH if cuda else CPU_MEDIA_BATCH, reason
 
 
-def describe(workers: int, batch_size: int, precision: str | None, auto: Sequence[str], reason: str) -> str:
+def encoder_threads(cpu_count: int, workers: int) -> int:
+    """Torch intra-op threads of the encoder process: the cores the decode workers leave, at least one.
+
+    Torch's own default is every core, which the workers' FaceMesh also wants: on 2 cores with 1 worker, 2
+    encoder threads took 18.6 s and 46 CPU-seconds for 16 clips against 14.5 s and 35 with 1 (BENCHMARKS.md,
+    "Extraction defaults")."""
+    return max(1, int(cpu_count) - workers)
+
+
+ALL_AUTO = ("workers", "batch_size", "threads", "precision")
+
+
+def describe(
+    workers: int, batch_size: int, precision: str | None, auto: Sequence[str], reason: str, threads: int | None = None
+) -> str:
     """The one line ``mmfuse extract`` logs about the settings in use, e.g.
-    ``workers=1 batch_size=2 precision=fp32 (auto: 2 CPU cores, cpu)``."""
-    line = f"workers={workers} batch_size={batch_size}" + (f" precision={precision}" if precision else "")
+    ``workers=1 batch_size=2 threads=1 precision=fp32 (auto: 2 CPU cores, cpu)``."""
+    line = f"workers={workers} batch_size={batch_size}" + (f" threads={threads}" if threads else "")
+    line += f" precision={precision}" if precision else ""
     if not auto:
         return line + " (as given)"
-    chosen = "" if set(auto) >= {"workers", "batch_size", "precision"} else ", ".join(auto) + " "
+    chosen = "" if set(auto) >= set(ALL_AUTO) else ", ".join(auto) + " "
     return f"{line} ({chosen}auto: {reason})"
 
 

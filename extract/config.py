@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from extract.auto import choose, usable_cores
+from extract.auto import choose, encoder_threads, usable_cores
 from extract.models import DEFAULT_AUDIO_MODEL, DEFAULT_TEXT_MODEL
 from mmfuse.errors import MmfuseError
 from mmfuse.settings import NOT_A_SETTING, build, read_yaml
@@ -39,13 +39,13 @@ class ExtractConfig:
     max_duration_s: float = 3600.0  # longer clips are skipped with a recorded status
     max_faces: int = 1  # FaceMesh faces per frame; the largest is kept
     min_detection_confidence: float = 0.5
-    threads: int | None = None  # torch intra-op threads in the encoder process
+    threads: int | None = None  # torch intra-op threads in the encoder process (None: the cores workers leave)
     asr: str | None = None  # local Whisper checkpoint: transcribe clips whose manifest text is empty
     asr_language: str | None = None  # Whisper language code or name for the ASR model (None: detect per window)
     rank: int = 0
     world_size: int = 1
     overwrite: bool = False
-    # Which of workers, batch_size and precision were chosen automatically, and from what (extract.auto).
+    # Which of workers, batch_size, threads and precision were chosen automatically, and from what (extract.auto).
     auto: tuple[str, ...] = field(default=(), metadata=NOT_A_SETTING)
     auto_reason: str = field(default="", metadata=NOT_A_SETTING)
 
@@ -55,12 +55,16 @@ class ExtractConfig:
         problems = self.problems()
         if problems:
             raise ConfigError("invalid extraction settings:\n  " + "\n  ".join(problems))
-        workers, batch_size, reason = choose(self.device, usable_cores(), self.modalities)
+        cores = usable_cores()
+        workers, batch_size, reason = choose(self.device, cores, self.modalities)
         self.auto_reason = self.auto_reason or reason
         if self.workers is None or self.batch_size is None:
             self.auto += tuple(n for n in ("workers", "batch_size") if getattr(self, n) is None)
             self.workers = workers if self.workers is None else self.workers
             self.batch_size = batch_size if self.batch_size is None else self.batch_size
+        if self.threads is None and not os.environ.get("OMP_NUM_THREADS"):  # else torch follows OMP_NUM_THREADS
+            self.threads = encoder_threads(cores, self.workers)
+            self.auto += ("threads",)
         return self
 
     def problems(self) -> list[str]:
@@ -69,7 +73,7 @@ class ExtractConfig:
         unknown = sorted(set(self.modalities) - set(MODALITIES))
         if unknown or not self.modalities:
             problems.append(f"modalities: {list(self.modalities)} must be a non-empty subset of {list(MODALITIES)}")
-        for name in ("shard_size", "batch_size", "max_text_tokens", "max_faces", "world_size"):
+        for name in ("shard_size", "batch_size", "max_text_tokens", "max_faces", "world_size", "threads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 problems.append(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.workers is not None and self.workers < 0:

@@ -241,7 +241,7 @@ def prepare(
     )  # fmt: skip
     if held:
         log.warning("left to the writers that hold them: %s", ", ".join(held))
-    log.info(describe(cfg.workers, cfg.batch_size, cfg.precision, cfg.auto, cfg.auto_reason))
+    log.info(describe(cfg.workers, cfg.batch_size, cfg.precision, cfg.auto, cfg.auto_reason, cfg.threads))
     return ExtractionJob(clips, plans, mine, todo, extractors, feature_set, fs_hash, settings, tic, locks, held)
 
 

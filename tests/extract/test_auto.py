@@ -45,15 +45,21 @@ def test_usable_cores_follow_the_affinity_mask(monkeypatch):
 
 def test_settings_take_auto_and_integers_and_refuse_junk(monkeypatch, tmp_path):
     monkeypatch.setattr("extract.config.usable_cores", lambda: 4)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     cfg = make_config(None)
-    assert (cfg.workers, cfg.batch_size, cfg.precision, cfg.auto) == (3, 2, None, ("workers", "batch_size"))
+    assert (cfg.workers, cfg.batch_size, cfg.threads, cfg.precision) == (3, 2, 1, None)
+    assert cfg.auto == ("workers", "batch_size", "threads")
     assert cfg.auto_reason == "4 CPU cores, cpu"
     cfg = make_config(None, workers="auto", batch_size=5, modalities="text")
-    assert (cfg.workers, cfg.batch_size, cfg.auto) == (0, 5, ("workers",))
-    (tmp_path / "c.yaml").write_text("workers: 3\nbatch_size: AUTO\nprecision: auto\n")
+    assert (cfg.workers, cfg.batch_size, cfg.threads, cfg.auto) == (0, 5, 4, ("workers", "threads"))
+    (tmp_path / "c.yaml").write_text("workers: 1\nbatch_size: AUTO\nprecision: auto\nthreads: 2\n")
     cfg = make_config(tmp_path / "c.yaml")
-    assert (cfg.workers, cfg.batch_size, cfg.precision, cfg.auto) == (3, 2, None, ("batch_size",))
-    assert make_config(tmp_path / "c.yaml", workers="auto").auto == ("workers", "batch_size")  # the flag wins
+    assert (cfg.workers, cfg.batch_size, cfg.threads, cfg.precision, cfg.auto) == (1, 2, 2, None, ("batch_size",))
+    cfg = make_config(tmp_path / "c.yaml", workers="auto")  # the flag wins
+    assert (cfg.workers, cfg.auto) == (3, ("workers", "batch_size"))
+    assert make_config(None, workers=1).threads == 3  # the cores the workers leave
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # torch follows it: not overridden
+    assert make_config(None).threads is None and make_config(None).auto == ("workers", "batch_size")
     with pytest.raises(ConfigError, match="workers: 'many' is not a number"):
         make_config(None, workers="many")
     with pytest.raises(ConfigError) as err:
@@ -61,6 +67,8 @@ def test_settings_take_auto_and_integers_and_refuse_junk(monkeypatch, tmp_path):
     assert "workers: must be >= 0 or auto, got -1" in str(err.value)
     assert "batch_size: must be >= 1, got 0" in str(err.value)
     assert "precision: 'fp8' must be one of fp32, bf16, fp16 or auto" in str(err.value)
+    with pytest.raises(ConfigError, match="threads: must be >= 1, got 0"):
+        make_config(None, threads=0)
 
 
 def test_extract_flags_take_auto_and_integers_and_refuse_junk(capsys):
@@ -86,15 +94,19 @@ def test_extract_flags_take_auto_and_integers_and_refuse_junk(capsys):
 
 def test_the_choice_is_logged_once(tmp_path, tiny_text_model, monkeypatch, caplog):
     monkeypatch.setattr("extract.config.usable_cores", lambda: 2)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     manifest = write_manifest(tmp_path / "m.csv", bundled_rows()[:3])
     cfg = make_config(None, text_model=str(tiny_text_model), modalities="text")
     with caplog.at_level(logging.INFO, logger="extract.pipeline"):
         run_extract(manifest, None, tmp_path / "out", cfg)
     lines = [r.getMessage() for r in caplog.records if "batch_size=" in r.getMessage()]
-    assert lines == ["workers=0 batch_size=16 precision=fp32 (auto: 2 CPU cores, cpu, text only)"]
+    assert lines == ["workers=0 batch_size=16 threads=2 precision=fp32 (auto: 2 CPU cores, cpu, text only)"]
     assert describe(2, 8, "fp32", (), "x") == "workers=2 batch_size=8 precision=fp32 (as given)"
     assert describe(1, 2, "bf16", ("batch_size",), "2 CPU cores, cpu") == (
         "workers=1 batch_size=2 precision=bf16 (batch_size auto: 2 CPU cores, cpu)"
+    )
+    assert describe(1, 2, "fp32", ("workers", "batch_size", "threads", "precision"), "2 CPU cores, cpu", 1) == (
+        "workers=1 batch_size=2 threads=1 precision=fp32 (auto: 2 CPU cores, cpu)"
     )
 
 
@@ -104,7 +116,8 @@ def test_workers_and_batch_size_change_no_feature(tmp_path, tiny_cfg):
     outs = []
     for k, (workers, batch) in enumerate([(0, 1), (1, 3)]):
         out = tmp_path / f"out{k}"
-        run_extract(manifest, MEDIA, out, tiny_cfg(workers=workers, batch_size=batch, shard_size=4))
+        # Threads pinned: auto would give each worker count its own, and torch's sums then round differently.
+        run_extract(manifest, MEDIA, out, tiny_cfg(workers=workers, batch_size=batch, shard_size=4, threads=1))
         outs.append(out)
     a, b = (load_dataset_json(o) for o in outs)
     assert a["feature_set_hash"] == b["feature_set_hash"] and a["feature_set"] == b["feature_set"]

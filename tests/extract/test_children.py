@@ -33,9 +33,11 @@ def test_no_process_of_the_group_outlives_extract(tmp_path, tiny_audio_model):
     manifest = write_manifest(tmp_path / "m.csv", bundled_rows()[:2])
     cmd = [sys.executable, "-m", "mmfuse", "extract", str(manifest), "--media-root", str(MEDIA)]
     cmd += ["--out", str(tmp_path / "out"), "--modalities", "audio,video", "--audio-model", str(tiny_audio_model)]
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     proc = subprocess.Popen(
         [*cmd, "--workers", "2", "--no-progress"],
         cwd=ROOT,
+        env=env,
         start_new_session=True,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -45,4 +47,5 @@ def test_no_process_of_the_group_outlives_extract(tmp_path, tiny_audio_model):
     left = group_members(proc.pid)  # at once: a helper still exiting, or a zombie nobody reaped, shows here
     assert proc.returncode == 0, err
     assert left == []
-    assert "workers=2 batch_size=2 precision=fp32 (batch_size, precision auto:" in err
+    threads = max(1, len(os.sched_getaffinity(0)) - 2)  # the cores the two workers leave
+    assert f"workers=2 batch_size=2 threads={threads} precision=fp32 (batch_size, threads, precision auto:" in err
