@@ -110,6 +110,7 @@ def command(args: argparse.Namespace) -> str:
     for flag in ("shard_size", "fps", "text_model", "audio_model"):
         if getattr(args, flag) is not None:
             parts.append(f"--{flag.replace('_', '-')} {getattr(args, flag)}")
+    parts += [f"--repeat {args.repeat}"] if getattr(args, "repeat", 1) > 1 else []
     parts += ["--quick"] * args.quick + ["--json"] * args.json
     if args.sweep:
         parts += ["--sweep", f"--sweep-workers {spell(args.sweep_workers)}"]

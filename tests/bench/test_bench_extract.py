@@ -6,6 +6,7 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
 from ttyrun import NATIVE, run_mmfuse
 
 from bench.extract import BEGIN, END, write_section
@@ -16,7 +17,7 @@ from extract.manifest import load_manifest
 def test_quick_run_reports_every_field_positive(tmp_path, tiny_text_model, tiny_audio_model) -> None:
     """Run with its output piped (as a script or CI would): no progress bar, one JSON report on stdout."""
     out = tmp_path / "BENCHMARKS.md"
-    argv = ["bench", "extract", "--quick", "--json", "--text-model", str(tiny_text_model)]
+    argv = ["bench", "extract", "--quick", "--repeat", "2", "--json", "--text-model", str(tiny_text_model)]
     argv += ["--audio-model", str(tiny_audio_model), "--out", str(out)]
     run = run_mmfuse(argv, "piped")
     assert run.returncode == 0, run.terminal[-3000:]
@@ -28,7 +29,8 @@ def test_quick_run_reports_every_field_positive(tmp_path, tiny_text_model, tiny_
         "pipeline_over_floor", "naive_over_floor", "pipeline_cpu_s", "naive_cpu_s", "naive_audio_cpu_s",
         "naive_text_cpu_s", "pipeline_4n_s", "pipeline_4n_clips_per_s", "pipeline_marginal_clips_per_s",
         "naive_rss_main_mib", "rss_main_4n_over_n", "rss_worker_4n_over_n", "floor_over_ceiling",
-        "pipeline_first_clip_s", "pipeline_decode_wait_s", "pipeline_encoder_busy_share",
+        "pipeline_first_clip_s", "pipeline_decode_wait_s", "pipeline_encoder_busy_share", "pipeline_whole_s",
+        "naive_whole_s", "speedup_vs_naive_whole", "cpu_pipeline_over_naive",
     }  # fmt: skip
     for variant in ("pipeline", "naive", "decode", "ceiling"):
         expected |= {f"{variant}_{u}" for u in ("s", "clips_per_s", "audio_s_per_s", "frames_per_s")}
@@ -47,8 +49,12 @@ def test_quick_run_reports_every_field_positive(tmp_path, tiny_text_model, tiny_
     assert results["video_frames"] == 30  # two 3 s GRID clips at --fps 5 (quick)
     assert set(report["targets"]) == {
         "speedup_vs_naive_at_least_2x", "within_1.3x_of_ceiling", "rss_growth_n_to_4n_under_10pct",
-        "spec_within_1.15x_of_floor",
+        "spec_within_1.15x_of_floor", "cpu_seconds_at_most_naive",
     }  # fmt: skip
+    assert report["settings"]["repeat"] == 2 and len(report["rounds"]) == 2
+    for key in ("pipeline_over_floor", "speedup_vs_naive", "cpu_pipeline_over_naive"):  # the median of two rounds
+        assert results[key] == pytest.approx(sum(r[key] for r in report["rounds"]) / 2, abs=2e-4)
+    assert "--repeat 2" in report["command"]
     assert report["settings"]["workers"] == 1 and "mmfuse bench extract --clips 2" in report["command"]
     text = out.read_text()
     assert text.count(BEGIN) == 1 and text.count(END) == 1 and report["command"] in text
