@@ -15,7 +15,7 @@ TARGET_SPEEDUP, TARGET_CEILING, TARGET_RSS_GROWTH, SPEC_FLOOR = 2.0, 1.3, 1.10, 
 
 ROUND_KEYS = (
     "pipeline_s", "naive_s", "floor_s", "pipeline_over_floor", "speedup_vs_naive", "speedup_vs_naive_whole",
-    "pipeline_cpu_s", "naive_cpu_s", "cpu_pipeline_over_naive",
+    "pipeline_cpu_s", "naive_cpu_s", "cpu_pipeline_over_naive", "floor_at_once_s", "pipeline_over_floor_at_once",
 )  # fmt: skip
 
 
@@ -89,6 +89,15 @@ def _cpu(st: dict[str, Any], nv: dict[str, Any], pl: dict[str, Any], cores_used:
     r["floor_s"] = floor_s
     r["no_overlap_estimate_s"] = st["decode_facemesh_wall_s"] + st["text_wall_s"] + st["audio_wall_s"]
     r["pipeline_over_floor"] = pl["run_s"] / floor_s
+    # (e): the same stages with the pipeline's two sides running at once, each slowing the other
+    r["audio_cpu_at_once_s"] = st["audio_cpu_at_once_s"]
+    r["decode_facemesh_cpu_at_once_s"] = st["decode_facemesh_cpu_at_once_s"]
+    r["audio_at_once_over_alone"] = st["audio_cpu_at_once_s"] / st["audio_cpu_s"]
+    r["decode_facemesh_at_once_over_alone"] = st["decode_facemesh_cpu_at_once_s"] / st["decode_facemesh_cpu_s"]
+    r["floor_at_once_s"] = (
+        st["decode_facemesh_cpu_at_once_s"] + st["text_cpu_s"] + st["audio_cpu_at_once_s"]
+    ) / cores_used
+    r["pipeline_over_floor_at_once"] = pl["run_s"] / r["floor_at_once_s"]
     r["naive_over_floor"] = nv["run_s"] / floor_s
     r["floor_over_ceiling"] = floor_s / st["decode_facemesh_wall_s"]  # the best (a)/(d) on these cores
     r["pipeline_cpu_s"] = pl["cpu_main_s"] + pl["cpu_workers_s"]

@@ -30,7 +30,9 @@ def test_quick_run_reports_every_field_positive(tmp_path, tiny_text_model, tiny_
         "naive_text_cpu_s", "pipeline_4n_s", "pipeline_4n_clips_per_s", "pipeline_marginal_clips_per_s",
         "naive_rss_main_mib", "rss_main_4n_over_n", "rss_worker_4n_over_n", "floor_over_ceiling",
         "pipeline_first_clip_s", "pipeline_decode_wait_s", "pipeline_encoder_busy_share", "pipeline_whole_s",
-        "naive_whole_s", "speedup_vs_naive_whole", "cpu_pipeline_over_naive",
+        "naive_whole_s", "speedup_vs_naive_whole", "cpu_pipeline_over_naive", "audio_cpu_at_once_s",
+        "decode_facemesh_cpu_at_once_s", "audio_at_once_over_alone", "decode_facemesh_at_once_over_alone",
+        "floor_at_once_s", "pipeline_over_floor_at_once",
     }  # fmt: skip
     for variant in ("pipeline", "naive", "decode", "ceiling"):
         expected |= {f"{variant}_{u}" for u in ("s", "clips_per_s", "audio_s_per_s", "frames_per_s")}
