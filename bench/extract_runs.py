@@ -49,16 +49,17 @@ def tile_manifest(path: Path, n: int, media: Path = MEDIA) -> Path:
 
 
 def measure_all(
-    args: argparse.Namespace, title: str, plan: list[tuple[str, str, Path]], base: dict[str, Any], tmp: Path
+    args: argparse.Namespace, title: str, plan: list[tuple[Any, ...]], base: dict[str, Any], tmp: Path
 ) -> dict[str, dict[str, Any]]:
-    """Each ``(name, variant, manifest)`` of ``plan`` measured in turn (:func:`measure`, output under ``tmp``),
-    with a progress bar titled ``title``; the measurements by name."""
+    """Each ``(name, variant, manifest[, spec overrides])`` of ``plan`` measured in turn (:func:`measure`, output
+    under ``tmp``), with a progress bar titled ``title``; the measurements by name."""
     runs = {}
     with args.progress(title, "run") as bar:
         tick = ticker(bar, len(plan))
-        for name, variant, manifest in plan:
+        for name, variant, manifest, *overrides in plan:
             log.info("%s: running %s", title, name)
-            spec = {**base, "variant": variant, "manifest": str(manifest), "out": str(tmp / f"out-{name}")}
+            spec = {**base, **(overrides[0] if overrides else {})}
+            spec |= {"variant": variant, "manifest": str(manifest), "out": str(tmp / f"out-{name}")}
             runs[name] = measure(spec, tmp / f"{name}.json")
             tick()
     return runs

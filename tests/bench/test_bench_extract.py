@@ -32,9 +32,10 @@ def test_quick_run_reports_every_field_positive(tmp_path, tiny_text_model, tiny_
         "pipeline_first_clip_s", "pipeline_decode_wait_s", "pipeline_encoder_busy_share", "pipeline_whole_s",
         "naive_whole_s", "speedup_vs_naive_whole", "cpu_pipeline_over_naive", "audio_cpu_at_once_s",
         "decode_facemesh_cpu_at_once_s", "audio_at_once_over_alone", "decode_facemesh_at_once_over_alone",
-        "floor_at_once_s", "pipeline_over_floor_at_once",
+        "floor_at_once_s", "pipeline_over_floor_at_once", "naive_every_core_cpu_s", "speedup_vs_naive_every_core",
+        "cpu_pipeline_over_naive_every_core",
     }  # fmt: skip
-    for variant in ("pipeline", "naive", "decode", "ceiling"):
+    for variant in ("pipeline", "naive", "naive_every_core", "decode", "ceiling"):
         expected |= {f"{variant}_{u}" for u in ("s", "clips_per_s", "audio_s_per_s", "frames_per_s")}
     for stage in ("decode", "facemesh", "text", "audio"):
         expected.add(f"{stage}_cpu_s")
@@ -51,7 +52,8 @@ def test_quick_run_reports_every_field_positive(tmp_path, tiny_text_model, tiny_
     assert results["video_frames"] == 30  # two 3 s GRID clips at --fps 5 (quick)
     assert set(report["targets"]) == {
         "speedup_vs_naive_at_least_2x", "within_1.3x_of_ceiling", "rss_growth_n_to_4n_under_10pct",
-        "spec_within_1.15x_of_floor", "cpu_seconds_at_most_naive",
+        "spec_within_1.15x_of_floor", "cpu_seconds_at_most_naive", "speedup_vs_naive_at_least_1.4x",
+        "speedup_vs_naive_every_core_at_least_1.4x",
     }  # fmt: skip
     assert report["settings"]["repeat"] == 2 and len(report["rounds"]) == 2
     for key in ("pipeline_over_floor", "speedup_vs_naive", "cpu_pipeline_over_naive"):  # the median of two rounds
