@@ -60,9 +60,9 @@ def choose(device: str, cpu_count: int, modalities: Sequence[str]) -> tuple[int,
 def encoder_threads(cpu_count: int, workers: int) -> int:
     """Torch intra-op threads of the encoder process: the cores the decode workers leave, at least one.
 
-    Torch's own default is every core, which the workers' FaceMesh also wants: on 2 cores with 1 worker the
-    pipeline took 14.4 s and 34.8 CPU-seconds for 16 clips with 2 encoder threads, against about 11.8 s and 27
-    with 1 (BENCHMARKS.md, "Extraction defaults")."""
+    Torch's own default is every core, which the workers' FaceMesh also wants: on 2 cores with 1 worker, the
+    pipeline with 2 encoder threads was 0.99× as fast as a naive loop on 2 threads, and with 1 thread 1.17×
+    (BENCHMARKS.md, "Extraction defaults")."""
     return max(1, int(cpu_count) - workers)
 
 
