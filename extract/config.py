@@ -50,8 +50,8 @@ class ExtractConfig:
     auto_reason: str = field(default="", metadata=NOT_A_SETTING)
 
     def validate(self) -> ExtractConfig:
-        """``self`` with ``workers`` and ``batch_size`` left to auto filled in, or :class:`ConfigError` listing
-        every problem of :meth:`problems`."""
+        """``self`` with ``workers``, ``batch_size`` and ``threads`` left to auto filled in, or
+        :class:`ConfigError` listing every problem of :meth:`problems`."""
         problems = self.problems()
         if problems:
             raise ConfigError("invalid extraction settings:\n  " + "\n  ".join(problems))

@@ -117,7 +117,12 @@ class DecodePool:
 
 
 def decode_clips(
-    plans: Sequence[Any], settings: DecodeSettings, workers: int, media: bool, window: int = 16, pool: Any = None
+    plans: Sequence[Any],
+    settings: DecodeSettings,
+    workers: int,
+    media: bool,
+    window: int = 16,
+    pool: DecodePool | None = None,
 ) -> Iterator[tuple[Any, DecodedClip]]:
     """Every clip of ``plans`` decoded, in plan order, with its shard. With workers, decode jobs stay in flight
     (``window`` clips, at least 4 per worker) while the caller encodes: decoding and encoding overlap. ``pool``: a
