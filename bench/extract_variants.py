@@ -195,9 +195,10 @@ def _ready(_: int) -> int:
 def stages_at_once(clips: list[Clip], settings: DecodeSettings, workers: int, encode_audio: Any) -> dict[str, float]:
     """(e) The pipeline's two sides at once, as it runs them: decode + FaceMesh in a pool of ``workers`` (started
     first, so both sides begin together) while this process runs ``encode_audio()`` over the same clips. Returns
-    each side's CPU-seconds, which contention for caches and memory bandwidth raises above their cost alone.
-    Whichever side finishes first leaves the other to run alone, so the rise is if anything underestimated.
-    Without workers nothing runs at once: the costs alone stand."""
+    each side's CPU-seconds, to compare with their cost alone: contention for caches and memory bandwidth could
+    raise them, and threads that wait by spinning burn less when the other core is busy. Whichever side
+    finishes first leaves the other to run alone, so any difference is if anything understated. Without
+    workers nothing runs at once: the costs alone stand."""
     if workers == 0:
         return {}
     ctx = mp.get_context("spawn")
