@@ -23,16 +23,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import tempfile
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench.extract_report import TARGET_CEILING, make_report
+from bench.extract_report import ROUND_RUNS, TARGET_CEILING, make_report
 from bench.extract_runs import MEDIA, QUICK_SWEEP, SWEEP, measure_all, tile_manifest
 from bench.markdown import markers, replace_section
 from bench.sweep import add_sweep_arguments, stray_sweep_flags
+from extract.auto import usable_cores
 from extract.extractors.base import ExtractionError
 from extract.models import DEFAULT_TEXT_MODEL
 
@@ -121,11 +121,13 @@ def run(args: argparse.Namespace) -> int:
             return run_precision(args, base, tmp)
         small = tile_manifest(tmp / "tiled-n.csv", args.clips)
         large = tile_manifest(tmp / "tiled-4n.csv", 4 * args.clips)
-        every_core = {"threads": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()}
+        # Each run's variant and spec overrides; (b′) is the naive loop on torch's default threads, one per core.
+        how = {name: (name, {}) for name in ROUND_RUNS} | {"naive_every_core": ("naive", {"threads": usable_cores()})}
         plan = []
         for k in range(args.repeat):
-            plan += [(f"{v}@{k}", v, small) for v in ("stages", "naive", "pipeline")]
-            plan.append((f"naive_every_core@{k}", "naive", small, every_core))  # torch's default threads
+            for name in ROUND_RUNS:
+                variant, overrides = how[name]
+                plan.append((f"{name}@{k}", variant, small, overrides))
         plan.append(("pipeline_4n", "pipeline", large))  # once: for the memory growth and the marginal rate
         runs = measure_all(args, "bench extract", plan, base, tmp)
     report = make_report(args, base, runs)

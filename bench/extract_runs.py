@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.sweep import spell, ticker
+from extract.auto import usable_cores
 from extract.extractors.base import ExtractionError
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ def machine() -> dict[str, Any]:
         pass
     return {
         "cpu_model": model,
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cores": usable_cores(),
         "torch": torch.__version__,
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
