@@ -46,7 +46,7 @@ exit $rc
 
 FAKE_SCONTROL = """#!/usr/bin/env bash
 # scontrol stand-in: `show hostnames` lists the job's nodes: FAKE_HOSTS when set, else this host once per node.
-if [ -n "${FAKE_HOSTS:-}" ]; then tr ' ' '\\n' <<< "$FAKE_HOSTS"; exit 0; fi
+if [ -n "${FAKE_HOSTS:-}" ]; then exec tr ' ' '\\n' <<< "$FAKE_HOSTS"; fi
 for ((node = 0; node < ${SLURM_NNODES:-1}; node++)); do echo 127.0.0.1; done
 """
 
@@ -142,6 +142,27 @@ def test_multinode_training_recipe_runs_two_nodes_and_resumes_on_one(bundled_dat
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if "step" in line]
     assert max(steps) == 3  # epoch 1: one batch per rank on 2 ranks (step 1); epoch 2 on 1 rank: 2 batches
+
+
+def test_multinode_recipe_takes_the_first_host_of_a_long_node_list(tmp_path: Path) -> None:
+    # 10,000 hosts (100 kB) are more than a pipe holds: a reader that stops at the first line would leave scontrol
+    # writing into a closed pipe (SIGPIPE, exit 141 under pipefail).
+    fake = tmp_path / "stand-ins"
+    fake.mkdir()
+    (fake / "srun").write_text('#!/usr/bin/env bash\necho "srun $*"\n')
+    (fake / "srun").chmod(0o755)
+    hosts = " ".join(f"node{i:05d}" for i in range(10_000))
+    env = environment(
+        tmp_path, SLURM_JOB_ID="7", SLURM_NNODES="10000", SLURM_JOB_NODELIST="node[00000-09999]",
+        FAKE_HOSTS=hosts, GPUS_PER_NODE="4", PORT="29511", MMFUSE="mmfuse",
+    )  # fmt: skip
+    env["PATH"] = f"{fake}:{env['PATH']}"
+    done = subprocess.run(
+        ["bash", str(SLURM / "train-multinode.sbatch")], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "job 7: 10000 nodes x 4 processes, rendezvous at node00000:29511" in done.stdout
+    assert "--rdzv-endpoint node00000:29511" in done.stdout
 
 
 FAKE_RAY = """#!/usr/bin/env bash
