@@ -256,7 +256,12 @@ def encode_and_write(
 ) -> tuple[int, dict[str, float]]:
     """Decode the clips of ``job.todo`` (ahead, in workers) and encode and write them shard by shard; return the
     samples written and where the time went: waiting for decoded clips (the first wait includes worker start-up)
-    or encoding and writing them. Little waiting means the encoders are the bottleneck."""
+    or encoding and writing them. Little waiting means the encoders are the bottleneck.
+
+    Clips are encoded in groups of ``batch_size``, or fewer when the next clip is not decoded yet: the encoders
+    then work instead of waiting for the group to fill (on a CPU, batches of 1 and 2 cost the same per clip),
+    and the last clip's encoding after the workers finish is one clip's, not a group's. A clip's features do not
+    depend on its batch mates (``extract.extractors.audio``)."""
     written = 0
     builder: ShardBuilder | None = None
     waits, first = {"first_clip_s": 0.0, "decode_wait_s": 0.0}, True
@@ -280,6 +285,8 @@ def encode_and_write(
             complete = builder.added == len(plan.clips)
             if complete:
                 written += builder.finish()
+            elif builder.pending and pool is not None and not pool.next_ready():
+                builder.flush()  # the next clip is still decoding: encode those queued rather than wait
             if progress is not None and builder.flushed > before:
                 done += builder.flushed - before
                 progress(done, total)

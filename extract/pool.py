@@ -43,6 +43,7 @@ class DecodePool:
         self.settings, self.workers = settings, workers
         self._pool: ProcessPoolExecutor | None = None
         self._submitted = 0  # to the current pool
+        self._pending: list[tuple[int, Future]] = []  # of decode(): (job index, its future), in order
 
     def start(self) -> None:
         """Spawn the workers now (one warm-up task each) unless they are already running."""
@@ -80,11 +81,15 @@ class DecodePool:
         with _sigint_ignored() if spawning else nullcontext():
             return self._pool.submit(fn, *args)
 
+    def next_ready(self) -> bool:
+        """Whether :meth:`decode` can hand over its next clip without waiting (False when none is in flight)."""
+        return bool(self._pending) and self._pending[0][1].done()
+
     def decode(self, jobs: Sequence[Job], window: int) -> Iterator[tuple[Any, DecodedClip]]:
         """Every job's clip decoded, in order, with its plan; up to ``window`` clips in flight, so the workers
         decode while the caller encodes."""
         self.start()
-        pending: list[tuple[int, Future]] = []
+        self._pending = pending = []
         attempts = [0] * len(jobs)
         nxt = 0
 
@@ -109,7 +114,7 @@ class DecodePool:
                 if attempts[i] >= 2:
                     decoded = DecodedClip(jobs[i][1], info={"skipped": "the decoder process crashed on this file"})
                     retry = retry[1:]
-                pending = [(j, self._submit(decode_clip, jobs[j][1], self.settings)) for j in retry]
+                pending[:] = [(j, self._submit(decode_clip, jobs[j][1], self.settings)) for j in retry]
                 if decoded is None:
                     continue
             top_up()  # before handing this clip over, so the workers decode while the caller encodes

@@ -64,13 +64,13 @@ class ShardBuilder:
         self.added += 1
         self.pending.append(decoded)
         if sum("skipped" not in d.info for d in self.pending) >= self.group:
-            self._flush()
+            self.flush()
 
     def finish(self) -> int:
         """Encode and write what is queued, commit the tar, write the sidecar; return the samples written."""
         if self.added != len(self.plan.clips):
             raise ExtractionError(f"{self.plan.name}: {self.added} of {len(self.plan.clips)} clips were added")
-        self._flush()
+        self.flush()
         self._guard(self.writer.commit, "tar")
         self.timings["wall_s"] = time.perf_counter() - self.tic
         cfg = self.cfg
@@ -113,7 +113,9 @@ class ShardBuilder:
             self.writer.abort()
             raise
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Encode the queued clips and write their samples now, however few (:meth:`add` does it once ``group``
+        are queued)."""
         batch, self.pending = self.pending, []
         if not batch:
             return

@@ -69,3 +69,26 @@ def test_extract_on_cuda(tmp_path, tiny_cfg):
     for key, s in cpu.items():
         for member in ("text_feat.npy", "audio_feat.npy"):
             np.testing.assert_allclose(s[member].astype(np.float32), gpu[key][member].astype(np.float32), atol=2e-2)
+
+
+def decoded(clip_path):
+    p = probe(clip_path)
+    t0, t1 = clip_window(p, None, None)
+    d = DecodedClip(Clip(clip_path.stem, "v", clip_path.stem, "train", "", 1, path=clip_path))
+    d.frames = VideoFrames(clip_path, p, t0, t1, None)
+    return d
+
+
+def test_one_tracker_for_many_clips_gives_each_clip_a_fresh_trackers_landmarks():
+    """The graph is built once and reset per clip: no tracking state carries over from the clip before, in any
+    order (a face-less stretch after a face, a face after another speaker's)."""
+    paths = [MEDIA / "faces" / "face_noface.mov", MEDIA / "grid" / "pwij3p.mpg", MEDIA / "grid" / "bbaf2n.mpg"]
+    fresh = {p.stem: FaceMeshExtractor()([decoded(p)])[0] for p in paths}
+    shared = FaceMeshExtractor()
+    for order in (paths, paths[::-1]):
+        for p, got in zip(order, shared([decoded(p) for p in order]), strict=True):
+            if p.suffix == ".mov":  # frames with and without the face
+                assert 0 < got["video_mask.npy"].sum() < len(got["video_mask.npy"])
+            for name, value in fresh[p.stem].items():
+                np.testing.assert_array_equal(got[name], value, err_msg=f"{p.name} {name}")
+    assert shared._mesh is not None  # one graph served all six clips

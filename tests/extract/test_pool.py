@@ -108,3 +108,52 @@ print(json.dumps([s["samples_written"], "mediapipe" in sys.modules]))
     assert (
         fs["extractors"]["video"]["model"] == f"mediapipe=={metadata.version('mediapipe')} face_mesh refine_landmarks"
     )
+
+
+@pytest.mark.parametrize(("ready", "groups"), [(True, [3, 1]), (False, [1, 1, 1, 1])])
+def test_the_encoders_take_what_is_decoded_rather_than_wait_for_a_full_group(
+    tmp_path, tiny_cfg, monkeypatch, ready, groups
+):
+    """Batch 3 over a 4-clip shard: full groups while the next clip is always decoded already; one clip at a time
+    while it never is (the encoders would otherwise wait for the group to fill)."""
+    sizes: list[int] = []
+    built = pipeline.build_extractors
+
+    class Recording:  # the text extractor, noting each group's size
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def __call__(self, clips):
+            sizes.append(len(clips))
+            return self.inner(clips)
+
+    def recording(cfg):
+        found = built(cfg)
+        return {**found, "text": Recording(found["text"])}
+
+    monkeypatch.setattr(pipeline, "build_extractors", recording)
+    monkeypatch.setattr(DecodePool, "next_ready", lambda self: ready)
+    manifest = write_manifest(tmp_path / "m.csv", [{**r, "mode": "train"} for r in bundled_rows()])  # one shard
+    summary = pipeline.run_extract(manifest, MEDIA, tmp_path / "out", tiny_cfg(workers=1, batch_size=3, shard_size=4))
+    assert summary["samples_written"] == 4 and summary["complete"]
+    assert sizes == groups
+
+
+def test_next_ready_says_whether_the_next_clip_is_decoded(tmp_path, tiny_cfg):
+    rows = [r for r in bundled_rows() if r["video_id"] == "grid"][:2]
+    from extract.manifest import load_manifest
+
+    clips = load_manifest(write_manifest(tmp_path / "m.csv", rows), MEDIA, need_media=True, need_text=False)
+    settings = decode_settings(tiny_cfg(modalities=("audio",)))
+    with DecodePool(settings, 1) as pool:
+        assert not pool.next_ready()  # nothing in flight
+        clips_in = pool.decode([("plan", c) for c in clips], window=2)
+        first = next(clips_in)
+        assert first[1].clip.key == clips[0].key
+        pool._pending[0][1].result(timeout=120)  # the second clip, decoded
+        assert pool.next_ready()
+        assert [d.clip.key for _, d in clips_in] == [clips[1].key]
+        assert not pool.next_ready()  # all handed over
