@@ -33,7 +33,7 @@ def test_quick_run_reports_every_field_positive(tmp_path, tiny_text_model, tiny_
         "naive_whole_s", "speedup_vs_naive_whole", "cpu_pipeline_over_naive", "audio_cpu_at_once_s",
         "decode_facemesh_cpu_at_once_s", "audio_at_once_over_alone", "decode_facemesh_at_once_over_alone",
         "floor_at_once_s", "pipeline_over_floor_at_once", "naive_every_core_cpu_s", "speedup_vs_naive_every_core",
-        "cpu_pipeline_over_naive_every_core",
+        "cpu_pipeline_over_naive_every_core", "naive_every_core_over_floor",
     }  # fmt: skip
     for variant in ("pipeline", "naive", "naive_every_core", "decode", "ceiling"):
         expected |= {f"{variant}_{u}" for u in ("s", "clips_per_s", "audio_s_per_s", "frames_per_s")}
@@ -55,6 +55,13 @@ def test_quick_run_reports_every_field_positive(tmp_path, tiny_text_model, tiny_
         "spec_within_1.15x_of_floor", "cpu_seconds_at_most_naive", "speedup_vs_naive_at_least_1.4x",
         "speedup_vs_naive_every_core_at_least_1.4x",
     }  # fmt: skip
+    best = {name: t["best_possible"] for name, t in report["targets"].items() if "best_possible" in t}
+    assert {
+        "speedup_vs_naive_at_least_1.4x": results["naive_over_floor"],
+        "speedup_vs_naive_at_least_2x": results["naive_over_floor"],
+        "speedup_vs_naive_every_core_at_least_1.4x": results["naive_every_core_over_floor"],
+        "within_1.3x_of_ceiling": results["floor_over_ceiling"],
+    } == pytest.approx(best, abs=1e-4)
     assert report["settings"]["repeat"] == 2 and len(report["rounds"]) == 2
     for key in ("pipeline_over_floor", "speedup_vs_naive", "cpu_pipeline_over_naive"):  # the median of two rounds
         assert results[key] == pytest.approx(sum(r[key] for r in report["rounds"]) / 2, abs=2e-4)
@@ -62,6 +69,8 @@ def test_quick_run_reports_every_field_positive(tmp_path, tiny_text_model, tiny_
     assert report["settings"]["workers"] == 1 and "mmfuse bench extract --clips 2" in report["command"]
     text = out.read_text()
     assert text.count(BEGIN) == 1 and text.count(END) == 1 and report["command"] in text
+    assert "| target | value | met | best possible here (at the stage floor) |" in text
+    assert "no schedule can be more than" in text
 
 
 def test_tiled_manifest_has_distinct_keys_on_bundled_media(tmp_path) -> None:
