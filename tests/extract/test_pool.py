@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import json
 import multiprocessing as mp
+import os
 import subprocess
 import sys
 import tempfile
@@ -18,7 +19,7 @@ from conftest import MEDIA, ROOT, bundled_rows, write_manifest
 import extract.pipeline as pipeline
 from extract.clip import decode_settings
 from extract.pool import DecodePool
-from extract.worker import MALLOC_ARENAS
+from extract.worker import MALLOC_ARENAS, WORKER_NICENESS
 
 glibc = sys.platform.startswith("linux") and hasattr(ctypes.CDLL(None), "malloc_info")
 
@@ -157,3 +158,24 @@ def test_next_ready_says_whether_the_next_clip_is_decoded(tmp_path, tiny_cfg):
         assert pool.next_ready()
         assert [d.clip.key for _, d in clips_in] == [clips[1].key]
         assert not pool.next_ready()  # all handed over
+
+
+def _niceness_of_a_thread() -> tuple[int, int]:
+    """(this worker's niceness, that of a thread it starts now)."""
+    seen: list[int] = []
+    thread = threading.Thread(target=lambda: seen.append(os.getpriority(os.PRIO_PROCESS, 0)))
+    thread.start()
+    thread.join()
+    return os.getpriority(os.PRIO_PROCESS, 0), seen[0]
+
+
+def test_decode_workers_run_below_the_encoder_process(tiny_cfg):
+    """The workers' extra threads (decoder, MediaPipe graph) must not take the encoder process's core."""
+    settings = decode_settings(tiny_cfg(modalities=("audio",)))
+    with DecodePool(settings, 1) as pool:
+        pool.start()
+        assert pool._pool is not None
+        worker, thread = pool._pool.submit(_niceness_of_a_thread).result(timeout=120)
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    assert worker == thread == min(19, mine + WORKER_NICENESS)
+    assert os.getpriority(os.PRIO_PROCESS, 0) == mine  # the parent's own priority is untouched
