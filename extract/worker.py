@@ -73,9 +73,9 @@ def cap_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
     """Cap glibc's malloc arenas in this process (``mallopt(M_ARENA_MAX)``, what ``MALLOC_ARENA_MAX`` sets at
     start-up); True when it took effect. Called first thing in a process that only decodes.
 
-    FaceMesh builds a graph per clip, and the threads of each new graph take fresh arenas, where the freed
-    memory of earlier clips stays resident: in ``mmfuse bench extract`` a decode worker's peak RSS grew 12.5 %
-    from 16 to 64 clips, and 3.7 % with two arenas (BENCHMARKS.md, "Extraction throughput")."""
+    FaceMesh's graph runs threads of its own (and, until its graph was reused, built new ones per clip); new
+    threads take fresh arenas, where the freed memory of earlier clips stays resident: in ``mmfuse bench
+    extract`` a decode worker's peak RSS grew 12.5 % from 16 to 64 clips, and 3.7 % with two arenas."""
     try:
         libc = ctypes.CDLL(None)
         return bool(libc.mallopt(M_ARENA_MAX, arenas))
