@@ -18,6 +18,7 @@ from conftest import MEDIA, ROOT, bundled_rows, write_manifest
 
 import extract.pipeline as pipeline
 from extract.clip import decode_settings
+from extract.manifest import load_manifest
 from extract.pool import DecodePool
 from extract.worker import MALLOC_ARENAS, WORKER_NICENESS
 
@@ -145,8 +146,6 @@ def test_the_encoders_take_what_is_decoded_rather_than_wait_for_a_full_group(
 
 def test_next_ready_says_whether_the_next_clip_is_decoded(tmp_path, tiny_cfg):
     rows = [r for r in bundled_rows() if r["video_id"] == "grid"][:2]
-    from extract.manifest import load_manifest
-
     clips = load_manifest(write_manifest(tmp_path / "m.csv", rows), MEDIA, need_media=True, need_text=False)
     settings = decode_settings(tiny_cfg(modalities=("audio",)))
     with DecodePool(settings, 1) as pool:
