@@ -192,7 +192,12 @@ def frame_plan(pts: np.ndarray, t0: float, t1: float, fps: float | None) -> tupl
 
 
 class VideoFrames:
-    """Frames of one clip, read lazily in chunks so a long clip never sits in memory at once.
+    """Frames of one clip, handed out in chunks of ``FRAME_CHUNK``.
+
+    A known limit: decord's decoder thread decodes ahead of the reader, on to the end of the file, while the
+    caller works on a chunk. A slow consumer (FaceMesh) lets decoded frames pile up: of a 40 s 960×540 file whose
+    first 4 frames were read, 1.5 GiB was decoded within 3.5 s, and a clip cut from a long file decodes past its
+    end until this reader is dropped. Only what is handed out is bounded by the chunk.
 
     ``width`` and ``height`` are the video's own size, the pixel space landmarks are placed in. Frames over
     ``max_side`` pixels on their long side are decoded scaled down to it (aspect kept; ``decoded_size`` is
