@@ -35,11 +35,17 @@ def two_face_video(path, n=12):
             out.mux(packet)
 
 
-def landmarks(path, max_faces):
-    p = probe(path)
+def decoded(clip_path):
+    """The whole of ``clip_path`` as a decoded clip whose frames FaceMesh reads."""
+    p = probe(clip_path)
     t0, t1 = clip_window(p, None, None)
-    d = DecodedClip(Clip("k", "v", "c", "train", "", 1, path=path))
-    d.frames = VideoFrames(path, p, t0, t1, None)
+    d = DecodedClip(Clip(clip_path.stem, "v", clip_path.stem, "train", "", 1, path=clip_path))
+    d.frames = VideoFrames(clip_path, p, t0, t1, None)
+    return d
+
+
+def landmarks(path, max_faces):
+    d = decoded(path)
     return FaceMeshExtractor(max_faces=max_faces)([d])[0], d.info["video"]
 
 
@@ -69,14 +75,6 @@ def test_extract_on_cuda(tmp_path, tiny_cfg):
     for key, s in cpu.items():
         for member in ("text_feat.npy", "audio_feat.npy"):
             np.testing.assert_allclose(s[member].astype(np.float32), gpu[key][member].astype(np.float32), atol=2e-2)
-
-
-def decoded(clip_path):
-    p = probe(clip_path)
-    t0, t1 = clip_window(p, None, None)
-    d = DecodedClip(Clip(clip_path.stem, "v", clip_path.stem, "train", "", 1, path=clip_path))
-    d.frames = VideoFrames(clip_path, p, t0, t1, None)
-    return d
 
 
 def test_one_tracker_for_many_clips_gives_each_clip_a_fresh_trackers_landmarks():
