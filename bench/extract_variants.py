@@ -31,8 +31,9 @@ from typing import Any
 from bench.memory import ChildPeaks, own_peak_mib
 from extract.clip import decode_settings as extract_decode_settings
 from extract.config import ExtractConfig, make_config
-from extract.decode import DecodeError, VideoFrames, clip_window, decode_audio, probe
+from extract.decode import DecodeError, clip_window, decode_audio, probe
 from extract.manifest import Clip, load_manifest
+from extract.video import VideoFrames
 from extract.worker import DecodeSettings, decode_clip, init_worker
 from shards.schema import SAMPLE_RATE
 
@@ -116,7 +117,7 @@ def run_naive(spec: dict[str, Any]) -> dict[str, Any]:
     settings = decode_settings(cfg)
     extractors = build_extractors(cfg)
     init_worker(settings)
-    import decord  # noqa: F401 - imported here so that loading is not counted as the first clip's time
+    import av  # noqa: F401 - imported here so that loading is not counted as the first clip's time
     import mediapipe  # noqa: F401
 
     load_s = time.perf_counter() - tic

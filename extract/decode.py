@@ -2,14 +2,14 @@
 
 The clip clock starts at the container's earliest stream start (or the manifest's ``start``). A stream that
 starts late or ends early is placed at its true time: audio is silence-padded and its real span recorded, so
-the audio mask covers only real samples. decord decodes the video; PyAV (FFmpeg's libraries) probes the
-streams (decord drops an audio stream's start offset) and decodes the audio.
+the audio mask covers only real samples. PyAV (FFmpeg's libraries) probes the streams and decodes the audio
+here, and the video in :mod:`extract.video`.
 
 Audio is made mono by averaging its channels with equal weights, so the mix is never louder than its loudest
 channel; what still exceeds full scale (a lossy codec's or the resampler's overshoot) is scaled down, never
-clipped (:func:`limit`). FFmpeg's own mono downmix (decord's ``mono=True``, or a resampler asked for a mono
-layout) adds the channels with gains of up to 1 each for float output: ×1.41 for stereo, ×3.4 for 5.1, which
-clips once the waveform is stored as int16 (and decord's multichannel output is unreliable: zeroed or NaN channels).
+clipped (:func:`limit`). FFmpeg's own mono downmix (a resampler asked for a mono layout, as decord's
+``mono=True``) adds the channels with gains of up to 1 each for float output: ×1.41 for stereo, ×3.4 for 5.1,
+which clips once the waveform is stored as int16.
 
 No torch here: this module runs in worker processes.
 """
@@ -17,7 +17,6 @@ No torch here: this module runs in worker processes.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,19 +27,6 @@ from shards.schema import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
-NATIVE_FPS_CAP = 30.0
-# Frames decoded per call. Decord's batches cost memory well beyond their frames: decoding a 960x540 clip, a
-# worker peaked at 536 MiB with chunks of 32 and 321 MiB with 4, and the bundled MPEG-1 clips took 11 % less CPU
-# in chunks of 4 than of 32 (2 to 8 cost the same).
-FRAME_CHUNK = 4
-# Frames larger than this on their long side are decoded scaled down to it (FaceMesh needs no more: it finds
-# faces in a 128-pixel image and places landmarks in a 192-pixel crop), so a chunk of FRAME_CHUNK frames
-# holds at most 4 x 1280 x 720 x 3 bytes (11 MB) whatever the video's resolution.
-MAX_FRAME_SIDE = 1280
-# Decoder threads per video: one. Decode workers already run one per core beside the encoders, and decord's
-# default (a thread per core) spent 10 % more CPU on the bundled MPEG-1 clips for the same frames, competing
-# with the encoder process for its core.
-VIDEO_DECODE_THREADS = 1
 # How audio is made mono, recorded in the feature set (it sets the stored waveform's level).
 AUDIO_DOWNMIX = "equal-weight mean of the channels; a clip whose peak exceeds full scale is scaled down to it"
 
@@ -189,66 +175,3 @@ def frame_plan(pts: np.ndarray, t0: float, t1: float, fps: float | None) -> tupl
     grid = grid[(grid >= pts[0] - 1e-6) & (grid < t1)] if len(pts) else grid[:0]
     idx = np.clip(np.searchsorted(pts, grid + 1e-6, side="right") - 1, 0, max(len(pts) - 1, 0))
     return idx, (grid - t0).astype(np.float32)
-
-
-class VideoFrames:
-    """Frames of one clip, handed out in chunks of ``FRAME_CHUNK``.
-
-    A known limit: decord's decoder thread decodes ahead of the reader, on to the end of the file, while the
-    caller works on a chunk. A slow consumer (FaceMesh) lets decoded frames pile up: of a 40 s 960×540 file whose
-    first 4 frames were read, 1.5 GiB was decoded within 3.5 s, and a clip cut from a long file decodes past its
-    end until this reader is dropped. Only what is handed out is bounded by the chunk.
-
-    ``width`` and ``height`` are the video's own size, the pixel space landmarks are placed in. Frames over
-    ``max_side`` pixels on their long side are decoded scaled down to it (aspect kept; ``decoded_size`` is
-    their ``(width, height)``); ``max_side=None`` decodes at full size."""
-
-    def __init__(
-        self, path: Path, p: Probe, t0: float, t1: float, fps: float | None, max_side: int | None = MAX_FRAME_SIDE
-    ) -> None:
-        from decord import VideoReader, cpu
-
-        self.path = path
-        self.height, self.width = p.height, p.width
-        self.decoded_size = _scaled_size(p.width, p.height, max_side)
-        scaled = (
-            {}
-            if self.decoded_size == (p.width, p.height)
-            else {"width": self.decoded_size[0], "height": self.decoded_size[1]}
-        )
-        try:
-            self._reader = VideoReader(str(path), ctx=cpu(0), num_threads=VIDEO_DECODE_THREADS, **scaled)
-            n = len(self._reader)
-            pts = self._reader.get_frame_timestamp(range(n))[:, 0].astype(np.float64) if n else np.zeros(0)
-        except Exception as exc:  # decord raises bare RuntimeError/DECORDError
-            raise DecodeError(f"video stream of {path.name} cannot be decoded: {exc}") from exc
-        if n and p.video_start > 1e-3 and abs(pts[0] - p.video_start) > abs(pts[0]):
-            pts = pts + p.video_start  # decord gave times relative to the stream start
-        native = p.fps or (1.0 / np.median(np.diff(pts)) if n > 1 else 0.0)
-        if fps is None and native > NATIVE_FPS_CAP:
-            fps = NATIVE_FPS_CAP
-        self.fps = fps or native
-        self.indices, self.times = frame_plan(pts, t0, t1, fps)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def chunks(self, size: int = FRAME_CHUNK) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yield ``(frames (n, h, w, 3) uint8 RGB, times (n,))``, ``(w, h)`` being :attr:`decoded_size`."""
-        for lo in range(0, len(self.indices), size):
-            idx = self.indices[lo : lo + size]
-            try:
-                frames = self._reader.get_batch(idx.tolist()).asnumpy()
-            except Exception as exc:
-                raise DecodeError(
-                    f"decoding frames of {self.path.name} failed at {self.times[lo]:.2f} s: {exc}"
-                ) from exc
-            yield frames, self.times[lo : lo + size]
-
-
-def _scaled_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
-    """``(width, height)`` scaled so the long side is at most ``max_side`` (aspect kept; unknown sizes kept)."""
-    long = max(width, height)
-    if max_side is None or long <= max_side or min(width, height) <= 0:
-        return width, height
-    return max(1, round(width * max_side / long)), max(1, round(height * max_side / long))

@@ -199,7 +199,8 @@ def _overlay(sample: dict[str, Any], media: Path | None, out: Path, index: int) 
 
 def _decode_frames(path: Path, meta: dict[str, Any], wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The frames of ``path`` nearest to clip times ``wanted`` (same clock as extraction) and their times."""
-    from extract.decode import DecodeError, VideoFrames, clip_window, probe
+    from extract.decode import DecodeError, clip_window, probe
+    from extract.video import VideoFrames
 
     p = probe(path)
     t0, t1 = clip_window(p, meta.get("start"), meta.get("end"))

@@ -13,9 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from extract.decode import DecodeError, VideoFrames, clip_window, decode_audio, limit, probe
+from extract.decode import DecodeError, clip_window, decode_audio, limit, probe
 from extract.extractors.base import DecodedClip, Extractor, ModalityFailure
 from extract.manifest import Clip
+from extract.video import VideoFrames
 
 MEDIA = ("audio", "video")  # the streams decoded here
 
@@ -61,10 +62,11 @@ def init_worker(settings: DecodeSettings, parent_pid: int | None = None) -> None
 
 
 MALLOC_ARENAS = 2  # glibc's malloc arenas in a decode process; its default is 8 per core
-# Niceness added to pool workers. A worker runs more threads than its core (decord's decoder, MediaPipe's graph);
-# at equal priority they took turns with the encoder process's thread, and the encoders, the pipeline's other
-# half, ran slower inside it than alone. At +10 the workers use what the encoders leave: on 2 cores, 1 worker,
-# 16 clips, the pipeline took 7.38-7.57 s against 7.85-8.21 s at equal priority (4 interleaved pairs).
+# Niceness added to pool workers. A worker runs more threads than its core (MediaPipe's graph; decord's decoder
+# too, when it decoded the video); at equal priority they took turns with the encoder process's thread, and the
+# encoders, the pipeline's other half, ran slower inside it than alone. At +10 the workers use what the encoders
+# leave: on 2 cores, 1 worker, 16 clips, the pipeline took 7.38-7.57 s against 7.85-8.21 s at equal priority
+# (4 interleaved pairs).
 WORKER_NICENESS = 10
 M_ARENA_MAX = -8  # mallopt's parameter number for it (glibc's malloc.h)
 
@@ -134,6 +136,8 @@ def decode_clip(clip: Clip, settings: DecodeSettings) -> DecodedClip:
         for entry, options in settings.extractors:
             _run(d, entry.modality, _extractor(entry, options))
     finally:
+        if d.frames is not None:
+            d.frames.close()  # whether or not FaceMesh read every frame
         d.frames = None  # frames never leave the worker
     d.timings["video_s"] = time.perf_counter() - tic - d.timings["decode_audio_s"]
     wanted = [m for m in MEDIA if m in settings.modalities]

@@ -41,7 +41,7 @@ class DecodedClip:
     """One clip after decoding, on the clip clock (t = 0 at the clip start).
 
     ``wave`` is int16 ``(N,)`` at 16 kHz with silence where the audio stream has no samples; ``audio_span`` is
-    the real part in seconds. ``frames`` is a lazy frame source (``extract.decode.VideoFrames``) in the worker
+    the real part in seconds. ``frames`` is a lazy frame source (``extract.video.VideoFrames``) in the worker
     and ``None`` once the worker's extractors have run: frames never leave the worker. ``features`` holds, by
     modality, what the worker's extractors computed. ``status`` maps a modality to ``{"status", "error"}``.
     """

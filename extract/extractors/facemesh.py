@@ -1,12 +1,12 @@
 """Video: MediaPipe FaceMesh (bundled in the mediapipe 0.10 wheel), 478 landmarks per frame, never dropping frames.
 
-Landmarks are turned into pixels of the video's own size (x·W, y·H, z·W), centred on their mean and divided by
-the inter-ocular distance, so they are comparable across resolutions and head sizes. Frames over 1280 pixels on
-their long side reach FaceMesh scaled down to it (``extract.decode.MAX_FRAME_SIDE``); the pixels stay the
-video's. Frames without a face keep their place
-with zeros and ``video_mask`` False. Each clip is a new run of the tracker's graph (built once per process,
-reset per clip: nothing carries over), so results do not depend on which worker processed which clip before.
-Runs in worker processes; no torch.
+Landmarks are turned into pixels of the video's own size as displayed (x·W, y·H, z·W; a phone's portrait video,
+stored as landscape frames with a rotation, is turned upright first), centred on their mean and divided by the
+inter-ocular distance, so they are comparable across resolutions and head sizes. Frames over 1280 pixels on
+their long side reach FaceMesh scaled down to it (``extract.video.MAX_FRAME_SIDE``); the pixels stay the
+video's. Frames without a face keep their place with zeros and ``video_mask`` False. Each clip is a new run of
+the tracker's graph (built once per process, reset per clip: nothing carries over), so results do not depend on
+which worker processed which clip before. Runs in worker processes; no torch.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from extract.decode import MAX_FRAME_SIDE
 from extract.extractors.base import DecodedClip, Extractor, ExtractorResult, ModalityFailure, check_finite
+from extract.video import MAX_FRAME_SIDE
 from shards.schema import N_LANDMARKS
 
 # Eye corners (MediaPipe face-mesh topology): the midpoint of each pair is an eye centre.
@@ -55,7 +55,10 @@ class FaceMeshExtractor(Extractor):
     """MediaPipe FaceMesh (refined, 478 points) in video mode, one face per frame (the largest if several)."""
 
     name = "mediapipe-facemesh"
-    version = "1"
+    # 2: frames decoded with PyAV (FFmpeg 7) and turned upright by the stream's rotation, not with decord
+    # (FFmpeg 4, rotation applied but landmarks placed in the stored frame's size): MPEG-1 frames differ by a
+    # few levels in their chroma upsampling, so landmarks differ slightly from version 1's.
+    version = "2"
     modality = "video"
     members = ("video_lmk.npy", "video_mask.npy", "video_time.npy", "video_norm.npy", "video_geom.npy")
     runs_in = "worker"  # it reads the decoded frames, which stay in the decode worker
@@ -87,6 +90,7 @@ class FaceMeshExtractor(Extractor):
             "min_tracking_confidence": self.min_tracking_confidence,
             "normalisation": "pixels, centred on the mean, divided by inter-ocular distance",
             "max_frame_side": MAX_FRAME_SIDE,  # larger frames reach FaceMesh scaled down to it
+            "video_decoder": f"av=={metadata.version('av')}, turned upright by the display matrix",
             "dims": {"landmarks": N_LANDMARKS},
         }
 

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 from conftest import MEDIA
 
-from extract.decode import VideoFrames, clip_window, probe
+from extract.decode import clip_window, probe
 from extract.extractors.base import DecodedClip
 from extract.extractors.facemesh import FaceMeshExtractor
 from extract.manifest import Clip
+from extract.video import VideoFrames
 
 
 def two_face_video(path, n=12):

@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 from conftest import MEDIA, ROOT, write_manifest
 
-from extract.decode import MAX_FRAME_SIDE, VideoFrames, probe
+from extract.decode import probe
 from extract.extractors.base import DecodedClip
 from extract.extractors.facemesh import FaceMeshExtractor
 from extract.manifest import Clip
+from extract.video import MAX_FRAME_SIDE, VideoFrames
 
 FRAMES = 16
 
