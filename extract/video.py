@@ -1,10 +1,10 @@
-"""Video frames of one clip, decoded on demand with PyAV (FFmpeg's libraries) in the calling thread.
+"""Video frames of one clip, decoded with PyAV (FFmpeg's libraries) a bounded distance ahead of their reader.
 
-The decoder runs only when the caller asks for the next chunk and stops after the clip's last frame, so what a
-clip holds in memory is one chunk, whatever the file's length, and a clip cut from a long file (the manifest's
-``start``/``end``) decodes from the key frame before its start to its end, not the rest of the file. (decord,
-used before, decoded on to the end of the file in a thread of its own while FaceMesh worked on a chunk: 1.5 GiB
-of a 40 s 960×540 file within 3.5 s of reading its first 4 frames.)
+A thread of the worker decodes at most ``READ_AHEAD`` chunks ahead of the caller (FaceMesh), so decoding overlaps
+FaceMesh while what a clip holds in memory stays a few chunks, whatever the file's length; it stops after the
+clip's last frame. A clip cut from a long file (the manifest's ``start``/``end``) decodes from the key frame
+before its start to its end, not the rest of the file. (decord, used before, decoded on to the end of the file
+in a thread of its own: 1.5 GiB of a 40 s 960×540 file within 3.5 s of reading its first 4 frames.)
 
 Frame times are the packets' presentation times in presentation order, read once per clip from the container
 without decoding; frame ``i`` is the ``i``-th of them. A decoded frame is matched to its index by its own time
@@ -19,6 +19,8 @@ No torch here: this module runs in worker processes.
 from __future__ import annotations
 
 import math
+import queue
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,9 @@ MAX_FRAME_SIDE = 1280
 # Decoder threads per video: one. Decode workers already run one per core beside the encoders; a thread per core
 # in each decoder competes with the encoder process for its core.
 VIDEO_DECODE_THREADS = 1
+# Chunks decoded ahead of FaceMesh, by a thread of the worker: decoding then overlaps FaceMesh, as decord's
+# thread did, while what waits stays bounded (decord's read-ahead was not: it decoded on to the end of the file).
+READ_AHEAD = 1
 # Filters that turn a frame upright, by the counterclockwise rotation its display matrix asks for.
 _UPRIGHT = {0: [], 90: [("transpose", "cclock")], 180: [("hflip", ""), ("vflip", "")], 270: [("transpose", "clock")]}
 
@@ -90,6 +95,7 @@ class VideoFrames:
         self._first: tuple[int, Any] | None = None  # the first decoded frame, read ahead for its rotation
         self._frames: Iterator[tuple[int, Any]] | None = None
         self._container: Any = None
+        self._ahead: Any = None  # the read-ahead generator of :meth:`chunks`, while one runs
         try:
             self._open()
             self._index = read_index(self._container, self._stream)
@@ -120,24 +126,36 @@ class VideoFrames:
     def __len__(self) -> int:
         return len(self.indices)
 
-    def chunks(self, size: int = FRAME_CHUNK) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def chunks(self, size: int = FRAME_CHUNK, ahead: int = READ_AHEAD) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield ``(frames (n, h, w, 3) uint8 RGB, times (n,))``, ``(w, h)`` being :attr:`decoded_size`.
 
-        Decoding stops after the last frame of the plan and the file is closed."""
+        With ``ahead`` > 0 a thread decodes up to that many chunks ahead of the caller (0: decode in the
+        caller's thread, only when asked). Decoding stops after the last frame of the plan, or when the caller
+        stops early, and the file is closed."""
         if not len(self.indices):
             return
+        batches = self._batches(size)
+        if ahead > 0:
+            batches = self._ahead = _read_ahead(batches, ahead, f"decode {self.path.name}")
         try:
-            batch: list[np.ndarray] = []
-            for lo, image in enumerate(self._images()):
-                batch.append(image)
-                if len(batch) == size or lo == len(self.indices) - 1:
-                    yield np.stack(batch), self.times[lo + 1 - len(batch) : lo + 1]
-                    batch = []
+            yield from batches
         finally:
             self.close()
 
+    def _batches(self, size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        batch: list[np.ndarray] = []
+        for lo, image in enumerate(self._images()):
+            batch.append(image)
+            if len(batch) == size or lo == len(self.indices) - 1:
+                yield np.stack(batch), self.times[lo + 1 - len(batch) : lo + 1]
+                batch = []
+
     def close(self) -> None:
-        """Release the file and the decoder (done by :meth:`chunks` when it ends)."""
+        """Stop the read-ahead thread, if any, then release the file and the decoder (done by :meth:`chunks` when
+        it ends; a caller that stops reading early calls it)."""
+        if self._ahead is not None:
+            self._ahead.close()  # stops and joins the thread: it no longer touches the file
+            self._ahead = None
         self._frames = None
         self._container.close()
 
@@ -207,6 +225,50 @@ class VideoFrames:
             follows = stamp is None or (last + 1 < len(pts) and pts[last + 1] == stamp)
             last = last + 1 if follows else first_at.get(stamp, last + 1)
             yield last, frame
+
+
+_END = object()
+
+
+def _read_ahead(items: Iterator[Any], ahead: int, name: str) -> Iterator[Any]:
+    """``items``, produced by a thread of their own at most ``ahead`` items ahead of the consumer.
+
+    An exception in the thread is raised to the consumer; a consumer that stops early (closes this generator)
+    stops the thread, which is joined before this generator ends, so nothing touches ``items``' resources after.
+    """
+    out: queue.Queue[Any] = queue.Queue(maxsize=ahead)
+    stop = threading.Event()
+
+    def offer(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not offer(item):
+                    return
+            offer(_END)
+        except BaseException as exc:  # handed to the consumer, raised there
+            offer(exc)
+        finally:
+            items.close()
+
+    thread = threading.Thread(target=produce, name=name, daemon=True)
+    thread.start()
+    try:
+        while (item := out.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _chain(first: tuple[int, Any], rest: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, Any]]:

@@ -4,6 +4,8 @@ around their window, and nothing decoded ahead of the reader."""
 
 from __future__ import annotations
 
+import threading
+import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -11,8 +13,8 @@ import numpy as np
 import pytest
 from conftest import MEDIA
 
-from extract.decode import clip_window, probe
-from extract.video import FRAME_CHUNK, VideoFrames
+from extract.decode import DecodeError, clip_window, probe
+from extract.video import FRAME_CHUNK, READ_AHEAD, VideoFrames
 
 FACE = MEDIA / "faces" / "face_noface.mov"
 
@@ -175,14 +177,43 @@ def test_clip_cut_from_a_long_file_decodes_its_window_only(media):
     assert images.tobytes() == theirs.tobytes()
 
 
-def test_nothing_is_decoded_ahead_of_the_reader(media):
-    """Reading one chunk of a 1,000-frame file decodes that chunk's frames and no more: the decoder runs only
-    when asked (decord's thread decoded on to the end of the file)."""
+def test_read_ahead_is_bounded_and_stops_with_the_reader(media):
+    """Reading one chunk of a 1,000-frame file and then waiting: the read-ahead thread decodes at most
+    ``READ_AHEAD`` chunks beyond the one it is holding, then waits (decord's thread decoded on to the end of the
+    file). Closing the reader early stops and joins the thread before the file is closed."""
     frames = ours(media["long"])
     chunks = frames.chunks()
     batch, times = next(chunks)
     assert len(batch) == FRAME_CHUNK and times.tolist() == pytest.approx([0.0, 0.04, 0.08, 0.12])
+    time.sleep(0.5)
+    assert FRAME_CHUNK < frames.decoded <= (READ_AHEAD + 2) * FRAME_CHUNK
+    assert [t.name for t in threading.enumerate()].count("decode long.mp4") == 1
+    frames.close()
+    assert "decode long.mp4" not in [t.name for t in threading.enumerate()]
+    with pytest.raises(StopIteration):
+        next(chunks)
+
+
+def test_without_read_ahead_only_what_is_asked_is_decoded(media):
+    frames = ours(media["long"])
+    chunks = frames.chunks(ahead=0)
+    next(chunks)
+    time.sleep(0.2)
     assert frames.decoded == FRAME_CHUNK
+    chunks.close()
+
+
+def test_a_decoding_error_reaches_the_reader(media, monkeypatch):
+    """An error in the read-ahead thread is raised where the frames are read, not lost in the thread."""
+    frames = ours(media["long"])
+
+    def broken(self):
+        yield np.zeros((4, 4, 3), np.uint8)
+        raise DecodeError("decoding frames of long.mp4 failed at 0.04 s: simulated")
+
+    monkeypatch.setattr(VideoFrames, "_images", broken)
+    with pytest.raises(DecodeError, match="failed at 0.04 s: simulated"):
+        list(frames.chunks(size=1))
 
 
 def test_seek_that_lands_late_falls_back_to_the_start(media, monkeypatch):
