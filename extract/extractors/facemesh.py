@@ -55,9 +55,9 @@ class FaceMeshExtractor(Extractor):
     """MediaPipe FaceMesh (refined, 478 points) in video mode, one face per frame (the largest if several)."""
 
     name = "mediapipe-facemesh"
-    # 2: frames decoded with PyAV (FFmpeg 7) and turned upright by the stream's rotation, not with decord
-    # (FFmpeg 4, rotation applied but landmarks placed in the stored frame's size): MPEG-1 frames differ by a
-    # few levels in their chroma upsampling, so landmarks differ slightly from version 1's.
+    # 2: frames decoded with PyAV, each placed by its own time stamp (decord's frame i of the bundled MPEG-1
+    # program streams was frame i + 12, 0.48 s late), and landmarks of video stored with a rotation placed in its
+    # displayed size (decord turned the frames upright, but landmarks took the stored frame's size).
     version = "2"
     modality = "video"
     members = ("video_lmk.npy", "video_mask.npy", "video_time.npy", "video_norm.npy", "video_geom.npy")

@@ -1,4 +1,4 @@
-"""Several faces in a frame, and the CUDA path (skipped without a GPU)."""
+"""Several faces in a frame, phone video stored with a rotation, and the CUDA path (skipped without a GPU)."""
 
 from __future__ import annotations
 
@@ -91,3 +91,38 @@ def test_one_tracker_for_many_clips_gives_each_clip_a_fresh_trackers_landmarks()
             for name, value in fresh[p.stem].items():
                 np.testing.assert_array_equal(got[name], value, err_msg=f"{p.name} {name}")
     assert shared._mesh is not None  # one graph served all six clips
+
+
+def phone_video(path, rotation: int, n=12):
+    """The GRID speaker's first ``n`` frames as a phone stores them: turned by ``-rotation`` degrees, with a display
+    matrix that turns them back by ``rotation`` (0: stored upright, no matrix)."""
+    import av
+
+    with av.open(str(MEDIA / "grid" / "bbaf2n.mpg")) as c:
+        upright = [f.to_ndarray(format="rgb24") for _, f in zip(range(n), c.decode(video=0), strict=False)]
+    stored = [np.ascontiguousarray(np.rot90(f, -rotation // 90)) for f in upright]
+    with av.open(str(path), "w") as out:
+        s = out.add_stream("libx264", rate=25, options={"qp": "0"})
+        s.height, s.width = stored[0].shape[:2]
+        s.pix_fmt = "yuv444p"
+        if rotation:
+            s.set_display_rotation(rotation)
+        for img in stored:
+            for packet in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in s.encode():
+            out.mux(packet)
+
+
+@pytest.mark.parametrize("rotation", [90, 270])
+def test_rotated_phone_video_gives_the_upright_landmarks(tmp_path, rotation):
+    """Landmarks of a video stored sideways with a rotation are those of the same video stored upright: found in
+    every frame, in the displayed (upright) pixel space."""
+    phone_video(tmp_path / "upright.mp4", 0)
+    phone_video(tmp_path / "phone.mp4", rotation)
+    upright, _ = landmarks(tmp_path / "upright.mp4", max_faces=1)
+    phone, _ = landmarks(tmp_path / "phone.mp4", max_faces=1)
+    assert phone["video_mask.npy"].all() and upright["video_mask.npy"].all()
+    np.testing.assert_allclose(phone["video_norm.npy"][:, :2], upright["video_norm.npy"][:, :2], atol=2.0)  # pixels
+    gap = np.abs(phone["video_lmk.npy"].astype(np.float32) - upright["video_lmk.npy"].astype(np.float32))
+    assert np.median(gap) < 0.02  # inter-ocular distances
