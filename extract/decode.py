@@ -76,6 +76,12 @@ def probe(path: Path) -> Probe:
             v0, v1 = _span(video, cdur)
             a0, a1 = _span(audio, cdur)
             fps = float(video.average_rate or video.guessed_rate or 0) if video is not None else 0.0
+            if _guessed_from_bit_rate(container, path.stat().st_size):
+                spans = _packet_spans(container)
+                real_end = max((hi for _, hi in spans.values()), default=0.0)
+                if real_end > max(v1, a1) + (1.0 / fps if fps else 0.04):  # the guess would cut a frame or more
+                    v0, v1 = spans.get(video.index, (v0, v1)) if video is not None else (v0, v1)
+                    a0, a1 = spans.get(audio.index, (a0, a1)) if audio is not None else (a0, a1)
             w = video.codec_context.width if video is not None else 0
             h = video.codec_context.height if video is not None else 0
     except av.FFmpegError as exc:
@@ -93,6 +99,42 @@ def _span(stream, container_duration: float | None) -> tuple[float, float]:
     if stream.duration is not None and tb:
         return start, start + float(stream.duration * tb)
     return start, container_duration or start
+
+
+# Containers whose durations FFmpeg may estimate from the file's size and bit rate, its last resort when no time
+# stamps near the end can be read: an 8 KB MPEG-1 program stream of 60 frames (2.4 s) was given 1.78 s, which
+# would cut the clip's last 15 frames. (The bundled GRID clips' guesses are within a frame of their packets.)
+_ESTIMATED_DURATION_FORMATS = {"mpeg", "mpegts", "mpegvideo"}
+
+
+def _guessed_from_bit_rate(container, size: int) -> bool:
+    """True when the container's duration is FFmpeg's guess from size x 8 / bit rate (MPEG streams only)."""
+    names = set(container.format.name.split(","))
+    rate, duration = container.bit_rate, container.duration
+    if not names & _ESTIMATED_DURATION_FORMATS or not rate or not duration:
+        return False
+    return abs(duration / 1e6 - size * 8 / rate) < 1e-3
+
+
+def _packet_spans(container) -> dict[int, tuple[float, float]]:
+    """Each stream's ``(start, end)`` in seconds from its packets' own time stamps (the file is read, not decoded).
+
+    A packet's end is its time stamp plus its duration, or plus one frame at the stream's average rate when the
+    container gives none (MPEG video packets)."""
+    spans: dict[int, tuple[float, float]] = {}
+    for packet in container.demux():
+        stamp = packet.pts if packet.pts is not None else packet.dts
+        stream = packet.stream
+        if stamp is None or not stream.time_base:
+            continue
+        tb = float(stream.time_base)
+        step = packet.duration * tb if packet.duration else 0.0
+        if not step and stream.type == "video" and stream.average_rate:
+            step = 1.0 / float(stream.average_rate)
+        t0 = stamp * tb
+        lo, hi = spans.get(stream.index, (t0, t0 + step))
+        spans[stream.index] = (min(lo, t0), max(hi, t0 + step))
+    return spans
 
 
 def clip_window(p: Probe, start: float | None, end: float | None) -> tuple[float, float]:

@@ -128,16 +128,15 @@ def test_mpeg_program_stream_frames_are_in_order(name):
     assert decode_all(frames).tobytes() == sequential(path)[frames.indices].tobytes()
 
 
-def test_stamped_mpeg1_frames_match_their_times(tmp_path):
-    """Each frame of an MPEG-1 program stream carries its number in a corner block: the frame handed out at clip
-    time t is frame number round(t x 25)."""
+def stamped_mpeg1(path: Path, frames: int = 60) -> Path:
+    """An MPEG-1 program stream (25 fps; the muxer starts it at 0.54 s) whose frame k is flat grey with a corner
+    block of level 4k, its number. Nearly all frames are alike, so the file is tiny (8 KB for 60 frames)."""
     import av
 
-    path = tmp_path / "stamped.mpg"
     with av.open(str(path), "w") as dst:
         stream = dst.add_stream("mpeg1video", rate=25)
         stream.width, stream.height, stream.pix_fmt, stream.bit_rate = 320, 192, "yuv420p", 2_000_000
-        for i in range(60):
+        for i in range(frames):
             image = np.full((192, 320, 3), 90, np.uint8)
             image[:32, :32] = i * 4
             frame = av.VideoFrame.from_ndarray(image, format="rgb24")
@@ -146,10 +145,31 @@ def test_stamped_mpeg1_frames_match_their_times(tmp_path):
                 dst.mux(packet)
         for packet in stream.encode(None):
             dst.mux(packet)
-    p = probe(path)  # the muxer starts the stream at 0.54 s
-    frames = VideoFrames(path, p, p.video_start, p.video_start + 2.4, None)  # (its header's duration is a guess)
+    return path
+
+
+def test_stamped_mpeg1_frames_match_their_times(tmp_path):
+    """The frame handed out at clip time t is frame number round(t x 25), read from its corner block."""
+    frames = ours(stamped_mpeg1(tmp_path / "stamped.mpg"))
     stamps = np.rint(decode_all(frames)[:, 4:28, 4:28, 1].mean(axis=(1, 2)) / 4).astype(int)
     assert stamps.tolist() == list(range(60)) == np.rint(frames.times * 25).astype(int).tolist()
+
+
+def test_duration_guessed_from_the_bit_rate_cuts_no_frame(tmp_path):
+    """FFmpeg guesses this tiny file's duration from its size and bit rate (1.78 s for 2.4 s of frames): the
+    probe reads the packets' own times instead, so a whole-file clip keeps all 60 frames. The bundled GRID
+    clips, whose guesses are within a frame of their packets, keep theirs."""
+    import av
+
+    path = stamped_mpeg1(tmp_path / "tiny.mpg")
+    with av.open(str(path)) as container:
+        assert container.duration / 1e6 == pytest.approx(path.stat().st_size * 8 / container.bit_rate, abs=1e-3)
+        assert container.duration / 1e6 < 2.0
+    p = probe(path)
+    assert (p.video_start, p.video_end) == pytest.approx((0.54, 2.94))
+    assert len(ours(path)) == 60
+    grid = probe(MEDIA / "grid" / "bbaf2n.mpg")
+    assert (grid.start, grid.end) == pytest.approx((0.0, 2.98))
 
 
 def test_rotated_video_is_upright_with_displayed_size(media):
