@@ -66,7 +66,8 @@ def probe(path: Path) -> Probe:
 
     if not path.exists():
         raise DecodeError(f"file not found: {path}")
-    if path.stat().st_size == 0:
+    size = path.stat().st_size
+    if size == 0:
         raise DecodeError(f"zero-byte file: {path}")
     try:
         with av.open(str(path)) as container:
@@ -76,7 +77,7 @@ def probe(path: Path) -> Probe:
             v0, v1 = _span(video, cdur)
             a0, a1 = _span(audio, cdur)
             fps = float(video.average_rate or video.guessed_rate or 0) if video is not None else 0.0
-            if _guessed_from_bit_rate(container, path.stat().st_size):
+            if _guessed_from_bit_rate(container, size):
                 spans = _packet_spans(container)
                 real_end = max((hi for _, hi in spans.values()), default=0.0)
                 if real_end > max(v1, a1) + (1.0 / fps if fps else 0.04):  # the guess would cut a frame or more

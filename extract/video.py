@@ -18,6 +18,7 @@ No torch here: this module runs in worker processes.
 
 from __future__ import annotations
 
+import itertools
 import math
 import queue
 import threading
@@ -92,8 +93,8 @@ class VideoFrames:
 
         self.path = path
         self.decoded = 0  # frames the decoder has produced so far, used or not
-        self._first: tuple[int, Any] | None = None  # the first decoded frame, read ahead for its rotation
-        self._frames: Iterator[tuple[int, Any]] | None = None
+        self._frames: Iterator[tuple[int, Any]] | None = None  # (index, frame) from the clip's first key frame
+        first = None  # the first decoded frame, read at once for the rotation it carries
         self._container: Any = None
         self._ahead: Any = None  # the read-ahead generator of :meth:`chunks`, while one runs
         try:
@@ -101,15 +102,16 @@ class VideoFrames:
             self._index = read_index(self._container, self._stream)
             self._plan(p, t0, t1, fps)
             if len(self.indices):
-                self._frames = self._decoded(int(self.indices[0]))
-                self._first = next(self._frames, None)
-                if self._first is None:
+                frames = self._decoded(int(self.indices[0]))
+                first = next(frames, None)
+                if first is None:
                     raise DecodeError("no frame decodes")
+                self._frames = itertools.chain([first], frames)
         except (av.FFmpegError, IndexError, DecodeError) as exc:
             if self._container is not None:
                 self._container.close()
             raise DecodeError(f"video stream of {path.name} cannot be decoded: {exc}") from exc
-        self.rotation = _rotation(self._first[1]) if self._first else 0
+        self.rotation = _rotation(first[1]) if first else 0
         w, h = (p.height, p.width) if self.rotation in (90, 270) else (p.width, p.height)
         self.width, self.height = w, h
         self.decoded_size = _scaled_size(w, h, max_side)
@@ -164,11 +166,9 @@ class VideoFrames:
         converted once."""
         import av
 
-        graph = None
-        frames = self._frames if self._frames is not None else self._decoded(int(self.indices[0]))
-        if self._first is not None:
-            frames = _chain(self._first, frames)
-        self._first = None
+        if self._frames is None:
+            raise DecodeError(f"the frames of {self.path.name} were already read, or their reader closed")
+        frames, graph = self._frames, None
         last, image = -1, None
         try:
             for pos, want in enumerate(self.indices):
@@ -269,11 +269,6 @@ def _read_ahead(items: Iterator[Any], ahead: int, name: str) -> Iterator[Any]:
     finally:
         stop.set()
         thread.join()
-
-
-def _chain(first: tuple[int, Any], rest: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, Any]]:
-    yield first
-    yield from rest
 
 
 def _rotation(frame: Any) -> int:
