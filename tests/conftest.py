@@ -93,6 +93,24 @@ def tiny_audio_model(tmp_path_factory) -> Path:
     return path
 
 
+def encode_all(container, stream, frames) -> None:
+    """Encode ``frames`` (PyAV video or audio frames) into ``stream`` and mux every packet, flushing the encoder
+    at the end."""
+    for frame in frames:
+        for packet in stream.encode(frame):
+            container.mux(packet)
+    for packet in stream.encode(None):
+        container.mux(packet)
+
+
+def rgb_frames(path: Path, n: int, **size) -> list:
+    """The first ``n`` frames of ``path`` as RGB arrays ``(H, W, 3)`` uint8, at ``width``/``height`` if given."""
+    import av
+
+    with av.open(str(path)) as container:
+        return [f.to_ndarray(format="rgb24", **size) for _, f in zip(range(n), container.decode(video=0), strict=False)]
+
+
 def write_manifest(path: Path, rows: list[dict], columns: list[str] | None = None) -> Path:
     columns = columns or sorted({k for r in rows for k in r})
     with open(path, "w", newline="", encoding="utf-8") as f:

@@ -10,7 +10,7 @@ import wave
 
 import numpy as np
 import pytest
-from conftest import MEDIA, ROOT, write_manifest
+from conftest import MEDIA, ROOT, encode_all, write_manifest
 
 from extract import ExtractionError, ManifestError
 from extract.pipeline import run_extract
@@ -212,15 +212,16 @@ def tone_file(path, layout: str, codec: str = "pcm_s16le", level: float = 0.999,
     with av.open(str(path), "w") as container:
         stream = container.add_stream(codec, rate=rate, layout=layout)
         channels = len(av.AudioLayout(layout).channels)
-        for lo in range(0, n, 1024):
-            frame = av.AudioFrame.from_ndarray(
-                np.tile(tone[lo : lo + 1024], (channels, 1)), format="fltp", layout=layout
-            )
-            frame.sample_rate, frame.pts = rate, lo
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode(None):
-            container.mux(packet)
+
+        def frames():
+            for lo in range(0, n, 1024):
+                frame = av.AudioFrame.from_ndarray(
+                    np.tile(tone[lo : lo + 1024], (channels, 1)), format="fltp", layout=layout
+                )
+                frame.sample_rate, frame.pts = rate, lo
+                yield frame
+
+        encode_all(container, stream, frames())
     return path
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import MEDIA
+from conftest import MEDIA, encode_all, rgb_frames
 
 from extract.decode import clip_window, probe
 from extract.extractors.base import DecodedClip
@@ -18,22 +18,18 @@ def two_face_video(path, n=12):
     import av
     import cv2
 
-    def frames(name):
-        with av.open(str(MEDIA / "grid" / name)) as c:
-            return [f.to_ndarray(format="rgb24") for _, f in zip(range(n), c.decode(video=0), strict=False)]
+    left, right = rgb_frames(MEDIA / "grid" / "pwij3p.mpg", n), rgb_frames(MEDIA / "grid" / "bbaf2n.mpg", n)
 
-    left, right = frames("pwij3p.mpg"), frames("bbaf2n.mpg")
-    with av.open(str(path), "w") as out:
-        s = out.add_stream("mpeg4", rate=25)
-        s.width, s.height, s.pix_fmt = 720, 288, "yuv420p"
+    def side_by_side():
         for a, b in zip(left, right, strict=True):
             small = np.zeros_like(a)
             small[29:259, 36:324] = cv2.resize(a, (288, 230))  # speaker A at 80 %
-            img = np.concatenate([small, b], axis=1)
-            for packet in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")):
-                out.mux(packet)
-        for packet in s.encode():
-            out.mux(packet)
+            yield av.VideoFrame.from_ndarray(np.ascontiguousarray(np.concatenate([small, b], axis=1)), format="rgb24")
+
+    with av.open(str(path), "w") as out:
+        s = out.add_stream("mpeg4", rate=25)
+        s.width, s.height, s.pix_fmt = 720, 288, "yuv420p"
+        encode_all(out, s, side_by_side())
 
 
 def decoded(clip_path):
@@ -98,20 +94,14 @@ def phone_video(path, rotation: int, n=12):
     matrix that turns them back by ``rotation`` (0: stored upright, no matrix)."""
     import av
 
-    with av.open(str(MEDIA / "grid" / "bbaf2n.mpg")) as c:
-        upright = [f.to_ndarray(format="rgb24") for _, f in zip(range(n), c.decode(video=0), strict=False)]
-    stored = [np.ascontiguousarray(np.rot90(f, -rotation // 90)) for f in upright]
+    stored = [np.ascontiguousarray(np.rot90(f, -rotation // 90)) for f in rgb_frames(MEDIA / "grid" / "bbaf2n.mpg", n)]
     with av.open(str(path), "w") as out:
         s = out.add_stream("libx264", rate=25, options={"qp": "0"})
         s.height, s.width = stored[0].shape[:2]
         s.pix_fmt = "yuv444p"
         if rotation:
             s.set_display_rotation(rotation)
-        for img in stored:
-            for packet in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                out.mux(packet)
-        for packet in s.encode():
-            out.mux(packet)
+        encode_all(out, s, (av.VideoFrame.from_ndarray(img, format="rgb24") for img in stored))
 
 
 @pytest.mark.parametrize("rotation", [90, 270])

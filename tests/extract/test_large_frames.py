@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import MEDIA, ROOT, write_manifest
+from conftest import MEDIA, ROOT, encode_all, write_manifest
 
 from extract.decode import probe
 from extract.extractors.base import DecodedClip
@@ -31,13 +31,14 @@ def uhd_clip(tmp_path_factory) -> Path:
     with av.open(str(MEDIA / "faces" / "face_noface.mov")) as src, av.open(str(path), "w") as dst:
         stream = dst.add_stream("mpeg4", rate=25)
         stream.width, stream.height, stream.pix_fmt, stream.bit_rate = 3840, 2160, "yuv420p", 20_000_000
-        for i, frame in zip(range(FRAMES), src.decode(video=0), strict=False):
-            big = frame.reformat(width=3840, height=2160, format="yuv420p")
-            big.pts, big.time_base = i, Fraction(1, 25)
-            for packet in stream.encode(big):
-                dst.mux(packet)
-        for packet in stream.encode(None):
-            dst.mux(packet)
+
+        def upscaled():
+            for i, frame in zip(range(FRAMES), src.decode(video=0), strict=False):
+                big = frame.reformat(width=3840, height=2160, format="yuv420p")
+                big.pts, big.time_base = i, Fraction(1, 25)
+                yield big
+
+        encode_all(dst, stream, upscaled())
     return path
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import MEDIA
+from conftest import MEDIA, encode_all, rgb_frames
 
 from extract.decode import DecodeError, clip_window, probe
 from extract.video import FRAME_CHUNK, READ_AHEAD, VideoFrames
@@ -26,17 +26,9 @@ def encode(path: Path, frames: int, *, rate: int = 25, size=(320, 180), rotation
     display matrix (counterclockwise degrees)."""
     import av
 
-    with av.open(str(FACE)) as src:
-        faces = [
-            f.to_ndarray(width=size[0], height=size[1], format="rgb24")
-            for _, f in zip(range(8), src.decode(video=0), strict=False)
-        ]
-    with av.open(str(path), "w") as dst:
-        stream = dst.add_stream("libx264", rate=rate, options={"bf": "2", "g": str(gop), "qp": "10"})
-        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
-        stream.time_base = Fraction(1, 1000)
-        if rotation is not None:
-            stream.set_display_rotation(rotation)
+    faces = rgb_frames(FACE, 8, width=size[0], height=size[1])
+
+    def stamped():
         t = int(start * 1000)
         for i in range(frames):
             image = faces[i % len(faces)].copy()
@@ -44,10 +36,15 @@ def encode(path: Path, frames: int, *, rate: int = 25, size=(320, 180), rotation
             frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuv420p")
             frame.pts, frame.time_base = t, Fraction(1, 1000)
             t += steps[i % len(steps)] if steps else 1000 // rate
-            for packet in stream.encode(frame):
-                dst.mux(packet)
-        for packet in stream.encode(None):
-            dst.mux(packet)
+            yield frame
+
+    with av.open(str(path), "w") as dst:
+        stream = dst.add_stream("libx264", rate=rate, options={"bf": "2", "g": str(gop), "qp": "10"})
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        stream.time_base = Fraction(1, 1000)
+        if rotation is not None:
+            stream.set_display_rotation(rotation)
+        encode_all(dst, stream, stamped())
     return path
 
 
@@ -133,18 +130,18 @@ def stamped_mpeg1(path: Path, frames: int = 60) -> Path:
     block of level 4k, its number. Nearly all frames are alike, so the file is tiny (8 KB for 60 frames)."""
     import av
 
-    with av.open(str(path), "w") as dst:
-        stream = dst.add_stream("mpeg1video", rate=25)
-        stream.width, stream.height, stream.pix_fmt, stream.bit_rate = 320, 192, "yuv420p", 2_000_000
+    def numbered():
         for i in range(frames):
             image = np.full((192, 320, 3), 90, np.uint8)
             image[:32, :32] = i * 4
             frame = av.VideoFrame.from_ndarray(image, format="rgb24")
             frame.pts, frame.time_base = i, Fraction(1, 25)
-            for packet in stream.encode(frame):
-                dst.mux(packet)
-        for packet in stream.encode(None):
-            dst.mux(packet)
+            yield frame
+
+    with av.open(str(path), "w") as dst:
+        stream = dst.add_stream("mpeg1video", rate=25)
+        stream.width, stream.height, stream.pix_fmt, stream.bit_rate = 320, 192, "yuv420p", 2_000_000
+        encode_all(dst, stream, numbered())
     return path
 
 
