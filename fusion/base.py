@@ -22,6 +22,7 @@ gradient of its own losses. That keeps one forward and one backward per step, an
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
@@ -159,6 +160,15 @@ class FusionModel(nn.Module):
         """Optimiser parameter groups, each a dict with ``name``, ``params`` and ``lr``. Default: one group."""
         return [{"name": "model", "params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
 
+    def mechanism(self, batch: dict[str, Tensor]) -> dict[str, float]:
+        """How much each loss term drives the model, measured on one labelled ``batch`` (see ``gradient_shares``).
+
+        Returns ``grad_share/<loss>`` for every loss key. Runs in eval mode (no dropout, deterministic gates) with
+        gradients enabled and leaves no gradient behind; the trainer calls it on the first validation batch of
+        every evaluation, so a method whose own term carries no gradient shows it in the logs.
+        """
+        return mechanism_shares(self, batch)
+
     def end_epoch(self, val_metrics: dict[str, float]) -> dict[str, float]:
         """Called by the trainer after each validation pass; models with epoch-level rules (BC-PMJRS's
         LTP/LTD weights) update buffers here and return what changed, for logging. Default: nothing."""
@@ -195,6 +205,38 @@ class FusionModel(nn.Module):
                 masks[m] = masks[m] & present[m][:, None]
                 feats[m] = feats[m] * present[m][:, None, None]
         return Inputs(feats, masks, present, batch.get("label"))
+
+
+def mechanism_shares(model: nn.Module, batch: dict[str, Tensor]) -> dict[str, float]:
+    """``grad_share/<loss>`` of ``model`` (a fusion model, or any module whose forward returns ``FusionOutput``)
+    on ``batch``, in eval mode with gradients enabled; the module's train/eval mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            out = model(batch)
+            return {f"grad_share/{k}": v for k, v in gradient_shares(out.losses, model.parameters()).items()}
+    finally:
+        model.train(was_training)
+
+
+def gradient_shares(losses: dict[str, Tensor], parameters: Any) -> dict[str, float]:
+    """Each loss term's share of the gradient: ||d loss_k / d theta|| / sum_j ||d loss_j / d theta||.
+
+    theta: every parameter in ``parameters`` that requires a gradient (all groups together, so a term that
+    trains only its own critic still counts). The norms are of each term's own gradient, taken separately
+    (terms whose gradients cancel each other both count in full). A term with no path to any parameter has
+    share 0. Returns {} when no term has a gradient. Uses ``torch.autograd.grad``: no ``.grad`` is written.
+    """
+    params = [p for p in parameters if p.requires_grad]
+    norms: dict[str, float] = {}
+    keys = [k for k, v in losses.items() if v.requires_grad]
+    for i, key in enumerate(keys):
+        grads = torch.autograd.grad(losses[key], params, retain_graph=i < len(keys) - 1, allow_unused=True)
+        norms[key] = math.sqrt(sum(float(g.float().pow(2).sum()) for g in grads if g is not None))
+    norms.update({k: 0.0 for k in losses if k not in norms})
+    total = sum(norms.values())
+    return {k: v / total for k, v in norms.items()} if total > 0 else {}
 
 
 def modality_dropout(

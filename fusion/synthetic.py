@@ -6,7 +6,7 @@ so no single factor explains more than half of its variance.
 - text  (B, T_t, D_t): every valid step is s1 * u + sigma * noise (u a fixed random direction);
 - audio (B, T_a, D_a): every valid step is s2 * w + sigma * noise;
 - video (B, T_v, D_v): *clean* steps are s1 * v + sigma * noise (redundant with text); *noisy* steps (a
-  ``noisy_fraction`` of them, marked in ``noisy``) are pure noise of scale ``noise_scale``.
+  ``noisy_fraction`` of them, marked in ``video_noisy``) are pure noise of scale ``noise_scale``.
 
 So the label needs two modalities (text or video for s1, and audio for s2); the best single modality can
 reach a correlation of about 0.7 with y, a model that fuses text and audio close to 1; and a model that
@@ -45,7 +45,7 @@ class SyntheticTask:
 
     def sample(self, n: int, generator: torch.Generator) -> dict[str, Tensor]:
         """A padded batch of n samples: ``text``/``audio``/``video`` (n, T_max, D), their ``*_mask`` (n, T_max),
-        ``label`` (n,), the latents ``s1``, ``s2`` (n,) and ``noisy`` (n, T_video) True on noise-only steps."""
+        ``label`` (n,), the latents ``s1``, ``s2`` (n,) and ``video_noisy`` (n, T_video) True on noise-only steps."""
         s1 = torch.randn(n, generator=generator)
         s2 = torch.randn(n, generator=generator)
         directions = self.directions()
@@ -60,7 +60,7 @@ class SyntheticTask:
             if m == "video":
                 noisy = (torch.rand(n, t, generator=generator) < self.noisy_fraction) & mask
                 x = torch.where(noisy[..., None], self.noise_scale * torch.randn(n, t, dim, generator=generator), x)
-                out["noisy"] = noisy
+                out["video_noisy"] = noisy
             out[m] = x * mask[..., None]
             out[f"{m}_mask"] = mask
         return out

@@ -79,12 +79,11 @@ def brute_force_log_partition(features: Sequence[Tensor], critic: TupleCritic, c
     return torch.logsumexp(torch.stack(parts), dim=0)
 
 
-def tcmax_bound(logits: Sequence[Tensor], y: Tensor, bias: Tensor | None = None) -> Estimate:
-    """TCMax DV bound with the factorised negatives (additive critic f[c] = bias[c] + sum_m logits[m][:, c]).
+def tcmax_terms(logits: Sequence[Tensor], y: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The two terms of ``tcmax_bound``: (positive, log_mean_negative), 0-dim float32 each.
 
-    ``logits``: M tensors (B, C); ``y``: (B,) int labels; ``bias``: optional (C,). Returns
-    ``Estimate(estimate, loss)``: ``estimate`` lower-bounds TC + log C - H(y) in nats (see module doc);
-    ``loss = -estimate``, minimised by the model in place of cross-entropy.
+    positive = mean_i f(z^i)[y_i] (the real tuples); log_mean_negative = log of the mean of exp f over every
+    recombined tuple and every label (the product of marginals, factorised). The bound is their difference.
     """
     _check_logits(logits)
     b, c = logits[0].shape
@@ -96,8 +95,44 @@ def tcmax_bound(logits: Sequence[Tensor], y: Tensor, bias: Tensor | None = None)
             fused = fused + bias.float()
         positive = fused.gather(1, y.long()[:, None]).mean()
         log_mean_negative = factorised_log_partition(logits, bias) - len(logits) * log_count(y) - math.log(c)
+    return positive, log_mean_negative
+
+
+def tcmax_bound(logits: Sequence[Tensor], y: Tensor, bias: Tensor | None = None) -> Estimate:
+    """TCMax DV bound with the factorised negatives (additive critic f[c] = bias[c] + sum_m logits[m][:, c]).
+
+    ``logits``: M tensors (B, C); ``y``: (B,) int labels; ``bias``: optional (C,). Returns
+    ``Estimate(estimate, loss)``: ``estimate`` lower-bounds TC + log C - H(y) in nats (see module doc);
+    ``loss = -estimate``, minimised by the model in place of cross-entropy.
+    """
+    positive, log_mean_negative = tcmax_terms(logits, y, bias)
     estimate = positive - log_mean_negative
     return Estimate(estimate, -estimate)
+
+
+def sampled_tc_terms(
+    critic: TupleCritic,
+    features: Sequence[Tensor],
+    y: Tensor | None = None,
+    num_negatives: int = 256,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The two terms of ``sampled_tc_bound``: (positive, log_mean_negative) over sampled recombinations."""
+    if len(features) < 2 and y is None:
+        raise ValueError("total correlation needs at least two variables (or one variable and labels)")
+    b = features[0].shape[0]
+    if any(f.shape[0] != b for f in features):
+        raise ValueError(f"all features need the same batch size, got {[tuple(f.shape) for f in features]}")
+    device = features[0].device
+    idx = torch.randint(0, b, (num_negatives, len(features)), device=device, generator=generator)
+    positive_out = critic(list(features)).float()
+    negative_out = critic([f[idx[:, m]] for m, f in enumerate(features)]).float()
+    if y is None:
+        positive = positive_out.reshape(b)
+        negative_out = negative_out.reshape(num_negatives)
+    else:
+        positive = positive_out.gather(1, y.long()[:, None]).squeeze(1)
+    return positive.mean(), log_mean_exp(negative_out)
 
 
 def sampled_tc_bound(
@@ -115,21 +150,8 @@ def sampled_tc_bound(
     every index i_m independently and uniformly from the batch. ``estimate`` lower-bounds the total
     correlation in nats (up to the finite-sample bias of log-mean-exp); ``loss = -estimate``.
     """
-    if len(features) < 2 and y is None:
-        raise ValueError("total correlation needs at least two variables (or one variable and labels)")
-    b = features[0].shape[0]
-    if any(f.shape[0] != b for f in features):
-        raise ValueError(f"all features need the same batch size, got {[tuple(f.shape) for f in features]}")
-    device = features[0].device
-    idx = torch.randint(0, b, (num_negatives, len(features)), device=device, generator=generator)
-    positive_out = critic(list(features)).float()
-    negative_out = critic([f[idx[:, m]] for m, f in enumerate(features)]).float()
-    if y is None:
-        positive = positive_out.reshape(b)
-        negative_out = negative_out.reshape(num_negatives)
-    else:
-        positive = positive_out.gather(1, y.long()[:, None]).squeeze(1)
-    estimate = positive.mean() - log_mean_exp(negative_out)
+    positive, log_mean_negative = sampled_tc_terms(critic, features, y, num_negatives, generator)
+    estimate = positive - log_mean_negative
     return Estimate(estimate, -estimate)
 
 
@@ -155,6 +177,16 @@ def tuple_sums(scores: Sequence[Tensor], max_tuples: int = 1 << 17, generator: t
     return sum(s[idx[:, m]] for m, s in enumerate(scores))
 
 
+def squared_error_terms(
+    h: Tensor, target: Tensor, h_negative: Tensor, label_values: Tensor, tau: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """The two terms of ``squared_error_bound``: (positive, log_mean_negative), 0-dim float32 each."""
+    with torch.autocast(device_type=h.device.type, enabled=False):
+        positive = -(target.float() - h.float()).pow(2).mean() / tau
+        negative = -(label_values.float()[None, :] - h_negative.float()[:, None]).pow(2) / tau
+        return positive, log_mean_exp(negative)
+
+
 def squared_error_bound(
     h: Tensor, target: Tensor, h_negative: Tensor, label_values: Tensor, tau: float = 1.0
 ) -> Estimate:
@@ -166,10 +198,8 @@ def squared_error_bound(
     lower-bounds KL(p(z_1, ..., z_M, y) || p(z_1) ... p(z_M) q(y)) for that label marginal q, up to the
     finite-sample bias of log-mean-exp; ``loss = -estimate``.
     """
-    with torch.autocast(device_type=h.device.type, enabled=False):
-        positive = -(target.float() - h.float()).pow(2).mean() / tau
-        negative = -(label_values.float()[None, :] - h_negative.float()[:, None]).pow(2) / tau
-        estimate = positive - log_mean_exp(negative)
+    positive, log_mean_negative = squared_error_terms(h, target, h_negative, label_values, tau)
+    estimate = positive - log_mean_negative
     return Estimate(estimate, -estimate)
 
 

@@ -29,9 +29,16 @@ Losses (named; their sum is the objective; the lambdas are buffers, see LTP/LTD 
 - ``mi_max`` = lambda_max * InfoNCE loss between z_joint and a label embedding e(y) (MLP on the scalar label,
   ``nn.Embedding`` for classes, Linear on the multi-hot vector), the other samples of the batch as negatives.
 
-Ablation switches: ``mi_min=False`` (or lambda_min = 0) builds no q networks and adds neither ``mi_min`` nor
-``club_fit``; ``mi_max=False`` (or lambda_max = 0) builds no label embedding or critic and adds no ``mi_max``;
-``ltp_ltd=False`` keeps both weights at their initial values (``end_epoch`` does nothing).
+Ablation switches, one term each: ``mi_min=False`` (or lambda_min = 0) adds neither ``mi_min`` nor ``club_fit``;
+``mi_max=False`` (or lambda_max = 0) adds no ``mi_max``; ``ltp_ltd=False`` keeps both weights at their initial
+values (``end_epoch`` does nothing). Every switch builds the same modules in the same order (the q networks, the
+label embedding and its critic included), so from one seed the full model and each ablation start with identical
+weights; a switched-off term's modules are frozen (``requires_grad`` False) and stay out of the optimiser.
+
+Mechanism, measured at every evaluation: ``mi/<a>-<b>`` (the running CLUB estimate), ``mi_max/infonce`` and the
+gradient shares of ``mi_min`` and ``mi_max`` (``FusionModel.mechanism``). The reported redundancy is not CLUB (a
+re-fitted q reads tens of nats where the true MI is about 1.5): the claims benchmark scores u_text and u_audio
+with ``fusion.estimators.measure`` (a linear-Gaussian estimate and a held-out InfoNCE bound).
 
 LTP/LTD (methods.md 2.6 option B): ``end_epoch(val_metrics)`` reads ``val_metrics["task_loss"]`` (the mean
 validation task loss). If it improved on the best so far (LTP; the first epoch always does) lambda_max *= 1 + eta
@@ -159,10 +166,15 @@ class BCPMJRS(FusionModel):
         self.head_out = nn.Linear(h, c.out_dim)
         self.pairs = list(itertools.combinations(self.modalities, 2))
         lambda_min, lambda_max = c.initial_weights
-        # A switched-off term builds nothing: no parameters that no loss trains (q stays out of the optimiser).
-        self.clubs = nn.ModuleDict({f"{a}_{b}": CLUB(h, h, c.club_hidden) for a, b in self.pairs if lambda_min > 0})
-        self.label_embedding = label_embedding(c) if lambda_max > 0 else None
-        self.infonce = InfoNCE(h, c.label_embed, critic="separable", hidden_dim=h) if lambda_max > 0 else None
+        self.use_mi_min, self.use_mi_max = lambda_min > 0 and bool(self.pairs), lambda_max > 0
+        # Built whatever the switches say, so every ablation starts from the same weights; a switched-off term's
+        # modules are frozen (no loss trains them, and DDP must not wait for their gradients).
+        self.clubs = nn.ModuleDict({f"{a}_{b}": CLUB(h, h, c.club_hidden) for a, b in self.pairs})
+        self.label_embedding = label_embedding(c)
+        self.infonce = InfoNCE(h, c.label_embed, critic="separable", hidden_dim=h)
+        self.clubs.requires_grad_(self.use_mi_min)
+        self.label_embedding.requires_grad_(self.use_mi_max)
+        self.infonce.requires_grad_(self.use_mi_max)
         self.register_buffer("lambda_min", torch.tensor(float(lambda_min)))
         self.register_buffer("lambda_max", torch.tensor(float(lambda_max)))
         self.register_buffer("best_task_loss", torch.tensor(float("inf")))
@@ -174,8 +186,8 @@ class BCPMJRS(FusionModel):
         club = {id(p) for p in self.clubs.parameters()}
         model = [p for p in self.parameters() if p.requires_grad and id(p) not in club]
         groups = [{"name": "model", "params": model, "lr": lr}]
-        if club:
-            q = [p for p in self.clubs.parameters() if p.requires_grad]
+        q = [p for p in self.clubs.parameters() if p.requires_grad]
+        if q:
             groups.append({"name": "club", "params": q, "lr": lr * self.config.club_lr_scale})
         return groups
 
@@ -195,12 +207,12 @@ class BCPMJRS(FusionModel):
         diagnostics: dict[str, Tensor] = {}
         if inputs.label is not None:
             losses["task"] = task_loss(prediction, inputs.label, self.config.task)
-            if len(self.clubs):  # on the unimodal representations, before the global-local step mixes them
+            if self.use_mi_min:  # on the unimodal representations, before the global-local step mixes them
                 unimodal = {m: masked_mean(local[m], inputs.masks[m]) for m in self.modalities}  # (B, H)
                 club_fit, estimate = self.mi_min_terms(unimodal, inputs.present, diagnostics)
                 losses["mi_min"] = self.lambda_min * estimate
                 losses["club_fit"] = club_fit
-            if self.infonce is not None:
+            if self.use_mi_max:
                 infonce = self.mi_max_estimate(z_joint, inputs.label, present.any(1))
                 losses["mi_max"] = self.lambda_max * -infonce
                 diagnostics["mi_max/infonce"] = infonce.detach()
@@ -288,7 +300,7 @@ class BCPMJRS(FusionModel):
             (fit_u, fit_has), (eval_u, eval_has) = self.unimodal(fit_batch), self.unimodal(held_out)
         finally:
             self.train(was_training)
-        with torch.random.fork_rng(devices=[]):  # a template for the fresh q when MI-min built none
+        with torch.random.fork_rng(devices=[]):  # a template for the fresh q when MI-min is off
             template = CLUB(self.config.hidden, self.config.hidden, self.config.club_hidden)
         out: dict[str, float] = {}
         for a, b in self.pairs:
@@ -297,7 +309,7 @@ class BCPMJRS(FusionModel):
                 continue
             fit = (fit_u[a][fit_rows], fit_u[b][fit_rows])
             held = (eval_u[a][eval_rows], eval_u[b][eval_rows])
-            if f"{a}_{b}" not in self.clubs:  # MI-min off: only a fresh q's reading
+            if not self.use_mi_min:  # MI-min off: only a fresh q's reading
                 out[f"mi_refit/{a}-{b}"] = club_estimate(refit_club(template, *fit, **refit), *held)
                 continue
             lag = club_lag(self.clubs[f"{a}_{b}"], fit, held, **refit)
@@ -307,7 +319,7 @@ class BCPMJRS(FusionModel):
 
     def mi_max_estimate(self, z_joint: Tensor, label: Tensor, alive: Tensor) -> Tensor:
         """InfoNCE lower bound on I(z_joint; y) in nats over the samples with any modality (0 below 2 samples)."""
-        if self.infonce is None or self.label_embedding is None:
+        if not self.use_mi_max:
             raise RuntimeError("MI-max is switched off (mi_max=False or lambda_max=0): no label critic was built")
         if self.config.task == "regression":
             embedded = self.label_embedding(label.float().reshape(-1, 1))

@@ -25,9 +25,16 @@ features. Only samples that have both the prime and the detector count. Features
 decoders are linear. The IB terms are always computed (and logged, unweighted, in ``diagnostics``); they
 enter ``losses`` only when the batch has a label, so an unlabelled batch is prediction-only.
 
-Ablation: ``bottleneck=False`` keeps the prime encoder, pooling and head and drops the VIB stages, their
-decoders and every IB term (the loss is the task loss alone): the claims benchmark's "same encoder without the
-bottleneck".
+Ablation: ``bottleneck=False`` removes the bottleneck and nothing else. The model builds the same modules in the
+same order (so from one seed both start with identical weights), the stages keep their trunks, decoders and
+reconstruction terms, and the fuse layer; but each stage passes its mean on (z = mu, deterministic in training
+too: no noise) and its KL term is multiplied by 0 (the key stays, so the losses keep the same keys; the
+log-variance halves of the stage heads get zero gradient). The loss is task + the weighted reconstructions.
+The claims benchmark compares ITHP against it: the effect of the information bottleneck alone, with the same
+layers and the same reconstruction targets.
+
+Mechanism, measured at every evaluation: ``kl0`` / ``kl1`` (the bottlenecks' KL, unweighted, in
+``diagnostics``) and the gradient share of the ``kl`` losses (``FusionModel.mechanism``).
 
 Latent sizes: the dataclass defaults are the published 128 / 64 (for 768-d DeBERTa tokens); the ``ithp`` training
 preset scales them to its 64-d encoder (b0 = hidden / 2 = 32, b1 = hidden / 4 = 16), so the bottleneck stays
@@ -61,7 +68,7 @@ class ITHPConfig(FusionConfig):
     b1_dim: int = 64  # latent size of bottleneck B1
     vib_hidden: int = 256  # hidden width of every bottleneck encoder and decoder MLP
     prime: str = "text"  # the input modality; falls back to the first modality in use when absent
-    bottleneck: bool = True  # ablation switch: False = the same prime encoder and head, no VIB stages or IB loss
+    bottleneck: bool = True  # ablation switch: False = the same layers, deterministic latents (z = mu), no KL
 
     def problems(self) -> list[str]:
         out = super().problems()
@@ -118,7 +125,7 @@ class ITHP(FusionModel):
         self.detectors = tuple(m for m in self.modalities if m != self.prime)
         self.encoder = SequenceEncoder(c.dims[self.prime], c.hidden, c.num_layers, c.num_heads, c.dropout)
         in_dims, latent_dims = (c.hidden, c.b0_dim), (c.b0_dim, c.b1_dim)
-        stages = self.detectors if c.bottleneck else ()
+        stages = self.detectors
         self.bottlenecks = nn.ModuleList(
             Bottleneck(in_dims[k], latent_dims[k], c.vib_hidden, c.dims[m], c.dropout) for k, m in enumerate(stages)
         )
@@ -129,7 +136,8 @@ class ITHP(FusionModel):
         self.head = nn.Linear(c.hidden, c.out_dim)
         w = 2.0 / (c.beta + c.gamma)
         # (KL weight, reconstruction weight) of each stage, the IB weight included
-        self.stage_weights = ((w, w * c.beta), (w * c.lam, w * c.lam * c.gamma))
+        kl = 1.0 if c.bottleneck else 0.0  # the ablation drops exactly the KL terms
+        self.stage_weights = ((kl * w, w * c.beta), (kl * w * c.lam, w * c.lam * c.gamma))
 
     @property
     def ib_weight(self) -> float:
@@ -145,8 +153,8 @@ class ITHP(FusionModel):
         terms: list[tuple[str, Tensor, Tensor]] = []  # (detector, KL, reconstruction) per stage, unweighted
         for m, stage in zip(self.detectors[: len(self.bottlenecks)], self.bottlenecks, strict=True):
             out = stage.vib(stage.trunk(z), None if c.faithful else mask)
-            z = out.z
-            if c.faithful and not self.training:  # published: sampled at test time as well
+            z = out.z if c.bottleneck else out.mu  # ablation: the mean passes on, no noise
+            if c.faithful and c.bottleneck and not self.training:  # published: sampled at test time as well
                 z = reparameterise(out.mu, out.logvar)
             kl = out.kl / stage.vib.latent_dim  # published scale: mean over latent dims
             terms.append((m, kl, self._reconstruction(stage, z, inputs, m)))

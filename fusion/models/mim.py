@@ -54,9 +54,18 @@ reference/methods.md §5):
 - the Hard-Concrete noise and gates, and the mask learner's BiLSTM, are computed in float32 whatever the
   autocast dtype (bf16 would quantise the noise to 8 bits).
 
-Ablation: ``gates=False`` removes purification: no mask learner runs, every valid step is kept (gate = 1), and
-``purified`` and ``penalty`` are zeros still connected to the graph (the loss keys stay the same); the KGS
-terms and heads are unchanged. The claims benchmark compares MIM against it.
+Ablation: ``gates=False`` removes purification and nothing else. The mask learners are still built (from one seed
+MIM and its ablation start with identical weights) but never run, and the Hard-Concrete noise is still drawn (the
+random streams stay paired). Every valid step is kept (gate = 1): p_m is then the tanh-mean u_m, so y_p = y_u and
+the intra-modal term is exactly 0, and the inter-modal term is the one MIM computes when its gates are all open.
+``purified`` and ``penalty`` are zeros still connected to the graph (the loss keys stay the same). Against MIM
+with every gate open the losses differ in ``purified`` and ``penalty`` only (tests/fusion/test_ablations.py);
+where MIM's gates close steps, its task, intra and inter terms differ through p_m: that is the mechanism.
+The claims benchmark compares MIM against it.
+
+Mechanism, measured at every evaluation: the gate rates per modality (``gate_rate/<m>``; with
+``gate_rate/<m>_noisy`` and ``gate_rate/<m>_clean`` where the batch marks the noise steps in ``<m>_noisy``) and
+the gradient shares of ``purified`` and ``penalty`` (``FusionModel.mechanism``).
 """
 
 from __future__ import annotations
@@ -144,6 +153,17 @@ def inter_weights(losses: Tensor, active: Tensor | None = None) -> Tensor:
     others = torch.stack([torch.cat([lam[:k], lam[k + 1 :]]).prod() for k in range(len(lam))])
     others = others * active.to(others.dtype)
     return active.sum().to(others.dtype) * others / others.sum().clamp_min(1e-12)  # the sum is >= 1 if any
+
+
+def gate_rates(m: str, gates: Tensor, mask: Tensor, noisy: Tensor | None) -> dict[str, Tensor]:
+    """``gate_rate/<m>`` (kept fraction of valid steps), ``gates/<m>`` (B, T) and, when the batch marks the noise
+    steps (``<m>_noisy`` (B, T) bool, as the synthetic tasks do), ``gate_rate/<m>_noisy`` / ``gate_rate/<m>_clean``
+    over the valid steps of each kind (0 where there are none)."""
+    out = {f"gate_rate/{m}": (gates.sum() / mask.sum().clamp_min(1)).float(), f"gates/{m}": gates}
+    if noisy is not None and noisy.shape == mask.shape:
+        for name, steps in (("noisy", noisy & mask), ("clean", mask & ~noisy)):
+            out[f"gate_rate/{m}_{name}"] = ((gates * steps).sum() / steps.sum().clamp_min(1)).float()
+    return out
 
 
 class MaskedBiLSTM(nn.Module):
@@ -240,9 +260,10 @@ class MIM(FusionModel):
         for m in self.modalities:
             mask = inputs.masks[m]
             h = self.encoders[m](inputs.feats[m], mask)
+            # drawn with the gates off too, so that an ablation consumes the same random numbers as MIM
+            u = torch.rand(mask.shape, device=h.device) * (1 - 2e-6) + 1e-6 if sample_gates else None
             if c.gates:
                 alpha = self.upn[m](h.detach(), mask).float()  # gates in fp32 under any autocast dtype
-                u = torch.rand(alpha.shape, device=alpha.device) * (1 - 2e-6) + 1e-6 if sample_gates else None
                 gate = hard_concrete_gate(alpha, mask, c, u).to(h.dtype)
                 penalties[m] = l0_penalty(alpha, mask, c)
             else:  # ablation: no purification
@@ -259,9 +280,7 @@ class MIM(FusionModel):
 
         diagnostics: dict[str, Tensor] = {}
         for m in self.modalities:
-            valid = inputs.masks[m].sum().clamp_min(1)
-            diagnostics[f"gate_rate/{m}"] = (gates[m].detach().sum() / valid).float()
-            diagnostics[f"gates/{m}"] = gates[m].detach()
+            diagnostics.update(gate_rates(m, gates[m].detach(), inputs.masks[m], batch.get(f"{m}_noisy")))
         losses: dict[str, Tensor] = {}
         if inputs.label is not None:
             losses = self._losses(prediction, inputs, pooled, y_u, y_p, y_upn, penalties, diagnostics)

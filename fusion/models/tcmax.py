@@ -17,59 +17,55 @@ Heads (``head``):
   the head stays additive (a per-sample divisor would not be).
 - ``mlp``: a non-linear head on the concatenated z_m, with ``num_negatives`` sampled recombinations.
 
-Tasks: classification (C classes; prediction = fused logits); multilabel (each of K labels is a 2-class
-TCMax problem and the K losses are summed; prediction = logit(yes) - logit(no)); regression, with
-``num_bins`` = 7 / 13 / 25 equal-width bins over [-label_range, label_range] and one of three critics
+Tasks: classification (C classes; prediction = fused logits; the published form); multilabel (each of K labels
+is a 2-class TCMax problem and the K losses are summed; prediction = logit(yes) - logit(no)); regression, with
+``num_bins`` = 7 / 13 / 25 equal-width bins over [-label_range, label_range] and one of four forms
 (``regression``):
 
-- ``gaussian`` (default; our correction of R1): the head outputs one score h(z) = bias + sum_m g_m(z_m)
-  and the bin logits are T(z, c) = -(centre_c - h(z))^2 / tau, tau = 1. Labels are binned; the negatives
-  pair every recombination with every bin (the published uniform label marginal). Prediction = the expected
-  bin centre under softmax over bins, as for ``bins``. The B^M sums of per-modality scores are enumerated
-  exactly (scalars, no extra head calls) up to 2^20 (tuple, bin) terms, and sampled beyond.
-- ``bins`` (methods.md's R1, the literal adaptation): free bin logits f(z)[c] with the exact factorised
-  negatives. It SHRINKS predictions when the label needs more than one modality (see below).
-- ``continuous`` (methods.md's R2): T(z, y) = -(y - h(z))^2 / tau, tau = 1, on the raw label; the negatives
-  pair every recombination with every label of the batch (the empirical label marginal). Prediction = h(z).
-  Exact enumeration up to 2^20 (tuple, label) terms, sampled beyond.
+- ``bins_head`` (default): the bound on the BINNED label, with free bin logits and the exact factorised
+  negatives, trains the representation; a linear head on the pooled features [z_1; ...; z_M] predicts the raw
+  (unrounded) label with the L1 task loss. The prediction is never snapped to a bin. The bound's heads are
+  the critic only.
+- ``bins`` (methods.md's R1, the literal adaptation): prediction = the expected bin centre under the bound's own
+  bin logits. It SHRINKS predictions when the label needs more than one modality (below).
+- ``constant_normaliser`` (formerly ``gaussian``): one score h(z) and bin logits -(centre - h(z))^2 / tau. Their
+  normaliser is constant while h stays inside the grid, so the product-of-marginals term has next to no gradient
+  (0.11 of the gradient on the claims competition task after training, 0.05x the positive term's on a training
+  batch): in effect it is cross-entropy on Gaussian bin logits, not TCMax. Kept for comparison.
+- ``continuous`` (methods.md's R2): T(z, y) = -(y - h(z))^2 / tau on the raw label, the batch's labels as the
+  negatives' label marginal; prediction = h(z). It over-expands: for h = a (z_1 + z_2) on Gaussian data its
+  population optimum is a = 1.107 (tests/fusion/test_estimators.py).
 
-Why ``gaussian`` is the default. For a critic f(z)[c] and independent modalities (so that recombined tuples
-follow the same law as real ones), the DV bound is log-likelihood of softmax(f) + log C minus the Jensen gap
-log E[N(z)] - E[log N(z)] of the per-sample normaliser N(z) = sum_c exp f(z)[c]: it rewards a constant N(z),
-which cross-entropy does not ask for. An additive head cannot make log N(z) constant when the label needs
-two modalities (log N(z) is not a sum of per-modality terms; with one modality an MLP encoder can absorb it
-into z), so ``bins`` trades accuracy for a flatter N and pulls predictions towards the centre. Gaussian bin
-logits have a normaliser that is constant (relative ripple 2 exp(-pi^2 tau / spacing^2) ~ 1e-4 for 7 bins)
-while h stays inside the grid, so the gap vanishes and the bound behaves like cross-entropy on those
-logits. ``continuous`` draws its negative labels from the batch, densest near 0, so the bound pushes h away
-from where labels are dense: for h = a (z_1 + z_2) on Gaussian data its population optimum is a = 1.107
-(tests/fusion/test_estimators.py), i.e. it over-expands.
+Why free bin logits shrink. For a critic f(z)[c] and independent modalities, the DV bound is the log-likelihood
+of softmax(f) + log C minus the Jensen gap log E[N(z)] - E[log N(z)] of the per-sample normaliser
+N(z) = sum_c exp f(z)[c]. An additive head cannot keep log N(z) constant when the label needs two modalities, so
+``bins`` trades accuracy for a flatter N and pulls its expected-bin-centre predictions towards the centre;
+``bins_head`` keeps the bound (and that pressure on the representation) but predicts with its own head.
 
-Measured: held-out MAE and least-squares slope of prediction on label, mean +- std over seeds 0, 1, 2;
-linear head, 7 bins, Adam 3e-3, batch 64, 1500 steps; cross-entropy (CE) = the same model trained with
-cross-entropy on free bin logits.
+The TC term and its switch. The loss is split into its terms (their sum is -bound): ``positive`` = -mean_i
+f(z^i)[y_i], ``product_negative`` = w log-mean-exp of f over every recombined tuple (i_1, ..., i_M) with every
+label (the product of the marginals) and ``joint_negative`` = (1 - w) log-mean-exp over the real tuples with
+every label, w = ``tc_weight``; ``bins_head`` adds ``task``. w = 1 is TCMax. w = 0 removes exactly the total
+correlation among the modalities: the same critic, heads, bins and label marginal, with the negatives drawn
+from p(z_1, ..., z_M) u(y) instead of p(z_1) ... p(z_M) u(y), i.e. a DV bound on I(z; y) alone. Both models are
+built identically (tests/fusion/test_ablations.py).
 
-| task, label                                  | bins         | gaussian     | continuous   | CE           |
-| signals as features, MLP encoders, s_t + s_a | 0.397 / 0.65 | 0.056 / 0.98 | 0.152 / 1.12 | 0.102 / 0.97 |
-| same, label from text only (sqrt(2) s_t)     | 0.183 / 0.99 | 0.070 / 1.00 | 0.194 / 1.13 | 0.205 / 1.00 |
-| ``fusion.synthetic`` sequences, s1 + s2      | 0.510 / 0.69 | 0.236 / 0.99 | 0.562 / 1.06 | 0.239 / 0.91 |
-| same, label from s1 only (text and video)    | 0.212 / 0.97 | 0.233 / 0.98 | 0.541 / 1.08 | 0.236 / 0.95 |
+Mechanism, measured (``FusionModel.mechanism``, at every evaluation): ``grad_share/product_negative``, the
+product-of-marginals term's share of the gradient. On the claims competition task (seed 0, 400 steps, 256
+validation samples): ``bins_head`` 0.44 (test MAE 0.266, late fusion 0.265), ``bins`` 0.50 (MAE 0.357),
+``constant_normaliser`` 0.11 (MAE 0.265). There ``tc`` and ``dv_joint`` agree within 0.01 nats: text and audio
+are independent, so the modalities share no total correlation for the term to find.
 
-``gaussian`` fixes the shrinkage and matches or beats CE in every row; it is 10 % behind ``bins`` in the
-last row, the one case where the label needs one modality and the encoders can absorb its normaliser.
-On the claims benchmark's competition task (``mmfuse bench claims``, 5 seeds, BENCHMARKS.md) the validation
-MAE ranks the variants the same way: gaussian 0.262, share head 0.266, continuous 0.298, bins 0.348.
+Deviations from the paper (and its code): the regression forms are ours (the paper's regression protocol is in
+an appendix we could not read); tau is fixed at 1, never tuned; the log-partition uses logsumexp instead of the
+code's mean-centring (a numerical defect we do not keep). The published uniform label marginal is kept for
+classification and the binned forms; ``faithful`` has no effect.
 
-Deviations from the paper (and its code): ``gaussian`` and ``continuous`` are our regression critics (the
-paper's regression protocol is in an appendix we could not read); tau is fixed at 1, never tuned; the
-log-partition uses logsumexp instead of the code's mean-centring (a numerical defect we do not keep). The
-published uniform label marginal is kept for classification, ``bins`` and ``gaussian``; ``faithful`` has no
-effect.
-
-Loss: ``tcmax``. Diagnostics: ``tc`` (the bound, in nats: with a uniform label marginal it bounds
-TC + log C - H(y), see the estimator), ``ce/fused`` (cross-entropy of the fused bin or class logits),
-``ce/<m>`` (each modality's term alone, linear and share heads with free logits, logged as the published
-code does), ``mse/fused`` (``continuous``).
+Losses: ``positive``, ``product_negative``, ``joint_negative`` (+ ``task`` for ``bins_head``). Diagnostics: ``tc``
+(the bound with the product negatives, in nats: with a uniform label marginal it bounds TC + log C - H(y), see
+the estimator), ``dv_joint`` (the bound with the joint negatives), ``ce/fused`` (cross-entropy of the fused bin or
+class logits), ``ce/<m>`` (each modality's term alone, linear and share heads with free logits, logged as the
+published code does), ``mse/fused`` (``continuous``).
 """
 
 from __future__ import annotations
@@ -82,28 +78,35 @@ from torch import Tensor, nn
 
 from fusion.base import FusionConfig, FusionModel, FusionOutput, Inputs
 from fusion.estimators.critics import mlp
-from fusion.estimators.tcmax import sampled_tc_bound, squared_error_bound, tcmax_bound, tuple_sums
-from fusion.layers import SequenceEncoder, bin_index, expected_value, masked_mean, regression_bins
+from fusion.estimators.mine import log_mean_exp
+from fusion.estimators.tcmax import sampled_tc_terms, squared_error_terms, tcmax_terms, tuple_sums
+from fusion.layers import SequenceEncoder, bin_index, expected_value, masked_mean, regression_bins, task_loss
 
 TAU = 1.0  # temperature of the squared-error critics; fixed, as the published loss has no hyper-parameter
 MAX_NEGATIVE_TERMS = 1 << 20  # (tuple, label) pairs enumerated exactly before sampling tuples instead
 HEADS = ("linear", "share", "mlp")
-REGRESSION = ("gaussian", "bins", "continuous")
+REGRESSION = ("bins_head", "bins", "constant_normaliser", "continuous")
+SQUARED_ERROR = ("constant_normaliser", "continuous")
 
 
 @dataclass
 class TCMaxConfig(FusionConfig):
     """TCMax settings. ``head``: linear (one Linear per modality, summed) | share (one Linear for every modality,
-    averaged) | mlp (non-additive, sampled negatives). ``regression`` picks the critic for regression labels:
-    gaussian (default: bin logits -(centre - h(z))^2, the bound behaves like cross-entropy) | bins (free bin
-    logits, methods.md's R1; shrinks predictions when the label needs several modalities) | continuous
-    (-(y - h(z))^2 with the batch's labels as negatives, R2; over-expands). See the module docstring."""
+    averaged) | mlp (non-additive, sampled negatives). ``regression`` picks the form for regression labels:
+    bins_head (default: the bound on binned labels trains the representation, a linear head on the pooled
+    features predicts the raw label) | bins (free bin logits, prediction = expected bin centre; shrinks) |
+    constant_normaliser (bin logits -(centre - h(z))^2: a constant normaliser, so the product-of-marginals term
+    has almost no gradient and the loss is cross-entropy in effect) | continuous (-(y - h(z))^2 with the batch's
+    labels as negatives; over-expands). ``tc_weight`` w in [0, 1]: the share of the negatives drawn from the
+    product of the marginals (recombined tuples); 1 - w come from the real tuples. w = 0 removes exactly the
+    total-correlation part and leaves a DV bound on I(z; y) with the same critic. See the module docstring."""
 
     num_bins: int = 7  # regression bins: 7 (integers), 13 (steps of 0.5) or 25 (steps of 0.25) over the range
     label_range: float = 3.0  # regression labels live in [-label_range, label_range]
     head: str = "linear"  # linear | share (exact factorised negatives) | mlp (sampled negatives)
-    regression: str = "gaussian"  # gaussian (Gaussian bin logits) | bins (free bin logits) | continuous (R2)
+    regression: str = "bins_head"  # bins_head | bins | constant_normaliser | continuous
     num_negatives: int = 256  # mlp head only: sampled recombinations per step
+    tc_weight: float = 1.0  # ablation: 1 = TCMax (product-of-marginals negatives), 0 = the TC term removed
 
     def problems(self) -> list[str]:
         out = super().problems()
@@ -117,6 +120,8 @@ class TCMaxConfig(FusionConfig):
             out.append(f"regression: must be one of {', '.join(REGRESSION)}, got {self.regression!r}")
         if self.num_negatives < 1:
             out.append(f"num_negatives: must be >= 1, got {self.num_negatives}")
+        if not 0.0 <= self.tc_weight <= 1.0:
+            out.append(f"tc_weight: must be in [0, 1], got {self.tc_weight}")
         return out
 
 
@@ -142,7 +147,8 @@ class TCMax(FusionModel):
             {m: SequenceEncoder(c.dims[m], c.hidden, c.num_layers, c.num_heads, c.dropout) for m in self.modalities}
         )
         self.dropout = nn.Dropout(c.dropout)
-        self.squared_error = c.task == "regression" and c.regression != "bins"
+        self.form = c.regression if c.task == "regression" else c.task
+        self.squared_error = self.form in SQUARED_ERROR
         if c.task == "regression":
             self.register_buffer("centres", regression_bins(c.num_bins, -c.label_range, c.label_range))
             self.num_logits = 1 if self.squared_error else c.num_bins
@@ -156,6 +162,8 @@ class TCMax(FusionModel):
             self.critic = ConcatMLPCritic(c.hidden, len(self.modalities), self.num_logits)
         if c.head != "mlp":
             self.bias = nn.Parameter(torch.zeros(self.num_logits))
+        # bins_head: the prediction, a linear head on the pooled features (the bound's heads are the critic)
+        self.regressor = nn.Linear(c.hidden * len(self.modalities), 1) if self.form == "bins_head" else None
 
     def encode(self, inputs: Inputs) -> dict[str, Tensor]:
         """Pooled features z_m (B, H) per modality; zero rows where the sample lacks the modality."""
@@ -168,8 +176,8 @@ class TCMax(FusionModel):
     def head_outputs(self, z: dict[str, Tensor]) -> tuple[list[Tensor], Tensor]:
         """(per-modality terms, M tensors (B, K), empty for the mlp head; fused output (B, K)).
 
-        K = ``num_logits``: classes, 2 per label (multilabel), bins (``bins``) or 1 (the score h of the
-        squared-error critics). The fused output is bias + the sum of the terms for additive heads.
+        K = ``num_logits``: classes, 2 per label (multilabel), bins (``bins``, ``bins_head``) or 1 (the score h
+        of the squared-error critics). The fused output is bias + the sum of the terms for additive heads.
         """
         if self.config.head == "mlp":
             return [], self.critic([z[m] for m in self.modalities])
@@ -184,19 +192,27 @@ class TCMax(FusionModel):
         z = self.encode(inputs)
         terms, fused = self.head_outputs(z)
         logits = self._logits(fused)
-        prediction = self._prediction(fused, logits)
+        prediction = self._prediction(z, fused, logits)
         if inputs.label is None:
             return FusionOutput(prediction, {}, {})
-        estimate = self._bound(terms, z, fused, inputs.label)
+        positive, product, joint = self._terms(terms, z, fused, inputs.label)
+        w = self.config.tc_weight
+        losses = {"positive": -positive, "product_negative": w * product, "joint_negative": (1.0 - w) * joint}
+        if self.regressor is not None:
+            losses = {"task": task_loss(prediction, inputs.label, "regression"), **losses}
         with torch.no_grad():
-            diagnostics = {"tc": estimate.detach(), **self._fit_diagnostics(terms, logits, prediction, inputs.label)}
-        return FusionOutput(prediction, {"tcmax": -estimate}, diagnostics)
+            diagnostics = {
+                "tc": (positive - product).detach(),
+                "dv_joint": (positive - joint).detach(),
+                **self._fit_diagnostics(terms, logits, prediction, inputs.label),
+            }
+        return FusionOutput(prediction, losses, diagnostics)
 
     def _fit_diagnostics(
         self, terms: list[Tensor], logits: Tensor, prediction: Tensor, label: Tensor
     ) -> dict[str, Tensor]:
         """``mse/fused`` (continuous) or ``ce/fused``, plus ``ce/<m>`` for each term when the terms are logits."""
-        if self.config.task == "regression" and self.config.regression == "continuous":
+        if self.form == "continuous":
             return {"mse/fused": (prediction - label.float()).pow(2).mean()}
         target = self._targets(label)
         out = {"ce/fused": self._cross_entropy(logits, target)}
@@ -206,7 +222,7 @@ class TCMax(FusionModel):
         return out
 
     def _logits(self, fused: Tensor) -> Tensor:
-        """Class or bin logits (B, C): the fused output itself, or -(centre - h)^2 / tau for ``gaussian``."""
+        """Class or bin logits (B, C): the fused output itself, or -(centre - h)^2 / tau (squared-error forms)."""
         if self.squared_error:
             return -(self.centres[None, :] - fused).pow(2) / TAU
         return fused
@@ -217,27 +233,36 @@ class TCMax(FusionModel):
             return bin_index(label, self.centres)
         return label.long()
 
-    def _bound(self, terms: list[Tensor], z: dict[str, Tensor], fused: Tensor, label: Tensor) -> Tensor:
+    def _terms(
+        self, terms: list[Tensor], z: dict[str, Tensor], fused: Tensor, label: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(positive, log-mean-exp over the product-of-marginals negatives, the same over the joint negatives).
+
+        Both negative sets pair tuples with every label value of the label marginal; the product set recombines
+        the modalities across the batch (TC), the joint set keeps each sample's real tuple (I(z; y) alone)."""
         if self.squared_error:
-            return self._squared_error_bound(terms, z, fused[:, 0], label)
+            return self._squared_error_terms(terms, z, fused[:, 0], label)
         target = self._targets(label)
         k = self.config.num_classes if self.config.task == "multilabel" else 1
-        estimates = []
+        parts = []
         for j in range(k):
             y = target[:, j] if self.config.task == "multilabel" else target
             cols = slice(2 * j, 2 * j + 2) if self.config.task == "multilabel" else slice(None)
             if self.config.head == "mlp":
                 critic = _ColumnCritic(self.critic, cols)
                 feats = [z[m] for m in self.modalities]
-                estimates.append(sampled_tc_bound(critic, feats, y, self.config.num_negatives).estimate)
+                positive, product = sampled_tc_terms(critic, feats, y, self.config.num_negatives)
             else:
-                estimates.append(tcmax_bound([t[:, cols] for t in terms], y, self.bias[cols]).estimate)
-        return torch.stack(estimates).sum()
+                positive, product = tcmax_terms([t[:, cols] for t in terms], y, self.bias[cols])
+            parts.append((positive, product, log_mean_exp(fused[:, cols])))
+        return tuple(torch.stack(p).sum() for p in zip(*parts, strict=True))  # type: ignore[return-value]
 
-    def _squared_error_bound(self, terms: list[Tensor], z: dict[str, Tensor], h: Tensor, label: Tensor) -> Tensor:
-        """``gaussian``: binned targets, every bin centre as the label marginal; ``continuous``: raw labels,
-        the batch's labels as the label marginal. h (B,) is the fused score of the real tuples."""
-        if self.config.regression == "gaussian":
+    def _squared_error_terms(
+        self, terms: list[Tensor], z: dict[str, Tensor], h: Tensor, label: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``constant_normaliser``: binned targets, every bin centre as the label marginal; ``continuous``: raw
+        labels, the batch's labels as the label marginal. h (B,) is the fused score of the real tuples."""
+        if self.form == "constant_normaliser":
             target, label_values = self.centres[self._targets(label)], self.centres
         else:
             target, label_values = label.float(), label.float()
@@ -248,11 +273,14 @@ class TCMax(FusionModel):
         else:
             max_tuples = max(1, MAX_NEGATIVE_TERMS // label_values.numel())
             h_negative = tuple_sums([t[:, 0] for t in terms], max_tuples) + self.bias[0]
-        return squared_error_bound(h, target, h_negative, label_values, TAU).estimate
+        positive, product = squared_error_terms(h, target, h_negative, label_values, TAU)
+        return positive, product, squared_error_terms(h, target, h, label_values, TAU)[1]
 
-    def _prediction(self, fused: Tensor, logits: Tensor) -> Tensor:
+    def _prediction(self, z: dict[str, Tensor], fused: Tensor, logits: Tensor) -> Tensor:
         if self.config.task == "regression":
-            if self.config.regression == "continuous":
+            if self.regressor is not None:
+                return self.regressor(torch.cat([z[m] for m in self.modalities], -1))[:, 0].float()
+            if self.form == "continuous":
                 return fused[:, 0].float()
             return expected_value(logits, self.centres)
         if self.config.task == "multilabel":

@@ -20,8 +20,8 @@ def test_generator_shapes_masks_and_noise() -> None:
     lengths = data["video_mask"].sum(1)
     assert lengths.min() >= 8 and lengths.max() <= 16
     assert not data["video"][~data["video_mask"]].any()  # padding is zero
-    assert not (data["noisy"] & ~data["video_mask"]).any()  # noise only on valid steps
-    rate = data["noisy"].sum() / data["video_mask"].sum()
+    assert not (data["video_noisy"] & ~data["video_mask"]).any()  # noise only on valid steps
+    rate = data["video_noisy"].sum() / data["video_mask"].sum()
     assert 0.35 < rate < 0.65
     torch.testing.assert_close(data["label"], (data["s1"] + data["s2"]).clamp(-3, 3))
     again = task.sample(50, torch.Generator().manual_seed(1))

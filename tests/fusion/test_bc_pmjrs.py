@@ -86,7 +86,8 @@ def test_mi_min_scores_the_unimodal_representations_before_mixing() -> None:
 def test_mi_min_off_leaves_no_q_to_train(off: dict) -> None:
     model = tiny(**off).train()
     out = model(batch_of())
-    assert set(out.losses) == {"task", "mi_max"} and not len(model.clubs)
+    assert set(out.losses) == {"task", "mi_max"}
+    assert len(model.clubs) == 3 and not any(p.requires_grad for p in model.clubs.parameters())  # built, frozen
     assert [g["name"] for g in model.param_groups(1e-3)] == ["model"]
     assert model.end_epoch({"task_loss": 1.0})["lambda_min"] == 0.0  # LTP/LTD keeps it off
     assert model.club_lag(batch_of(seed=1), batch_of(seed=2), steps=5).keys() == {
@@ -97,11 +98,14 @@ def test_mi_min_off_leaves_no_q_to_train(off: dict) -> None:
 
 
 @pytest.mark.parametrize("off", [{"mi_max": False}, {"lambda_max": 0.0}])
-def test_mi_max_off_builds_no_label_critic(off: dict) -> None:
+def test_mi_max_off_trains_no_label_critic(off: dict) -> None:
     model = tiny(**off).train()
     out = model(batch_of())
     assert set(out.losses) == {"task", "mi_min", "club_fit"}
-    assert model.infonce is None and model.label_embedding is None
+    frozen = [*model.infonce.parameters(), *model.label_embedding.parameters()]
+    assert frozen and not any(p.requires_grad for p in frozen)  # built (same initialisation), never trained
+    trained = {id(p) for g in model.param_groups(1e-3) for p in g["params"]}
+    assert not any(id(p) in trained for p in frozen)
     assert "mi_max/infonce" not in out.diagnostics
     assert model.end_epoch({"task_loss": 1.0})["lambda_max"] == 0.0
 

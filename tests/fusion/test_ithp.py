@@ -243,23 +243,6 @@ def test_modality_subsets_set_the_bottlenecks() -> None:
     assert out.losses == {} and {"kl0", "kl1", "rec_audio", "rec_video"} <= set(out.diagnostics)
 
 
-def test_no_bottleneck_ablation_is_the_same_encoder_and_head_without_ib_terms() -> None:
-    batch = make_batch()
-    full, plain = make(), make(bottleneck=False)
-    assert len(plain.bottlenecks) == 0 and plain.fuse is None
-    assert plain.detectors == ("audio", "video")  # still told apart, just not reconstructed
-    assert list(plain(batch).losses) == ["task"] and "kl0" not in plain(batch).diagnostics
-    shared = {k: v for k, v in full.state_dict().items() if not k.startswith(("bottlenecks.", "fuse."))}
-    assert shared.keys() == plain.state_dict().keys()
-    plain.load_state_dict(shared)
-    plain.eval()
-    with torch.no_grad():  # what remains is exactly the full model's prime path, with the latents left out
-        h = plain.encoder(batch["text"], batch["text_mask"])
-        pooled = (plain.norm(h) * batch["text_mask"][..., None]).sum(1) / batch["text_mask"].sum(1, keepdim=True)
-        expected = plain.head(plain.pooler(pooled)).squeeze(-1)
-        torch.testing.assert_close(plain(batch).prediction, expected)
-
-
 def test_training_reduces_reconstruction_error() -> None:
     """Audio is a linear function of the text tokens (word-aligned): B0 must learn to carry it."""
     g = torch.Generator().manual_seed(0)

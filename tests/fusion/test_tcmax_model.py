@@ -88,12 +88,12 @@ def test_loss_equals_brute_force_enumeration(task: str, num_modalities: int, hea
     positive = critic(feats).gather(1, y[:, None]).mean()
     log_mean_negative = brute_force_log_partition(feats, critic) - num_modalities * math.log(b) - math.log(c)
     expected = -(positive - log_mean_negative)
-    assert out.losses["tcmax"].item() == pytest.approx(expected.item(), abs=1e-5)
+    assert sum(out.losses.values()).item() == pytest.approx(expected.item(), abs=1e-5)
     assert out.diagnostics["tc"].item() == pytest.approx(-expected.item(), abs=1e-5)
 
 
 @pytest.mark.parametrize("head", ["linear", "share"])
-@pytest.mark.parametrize("regression", ["gaussian", "continuous"])
+@pytest.mark.parametrize("regression", ["constant_normaliser", "continuous"])
 @pytest.mark.parametrize("num_modalities", [2, 3])
 def test_squared_error_loss_equals_brute_force_enumeration(num_modalities: int, regression: str, head: str) -> None:
     """Every recombination (i_1, ..., i_M) of a batch of 4 with every bin centre (gaussian) or every label of
@@ -109,7 +109,7 @@ def test_squared_error_loss_equals_brute_force_enumeration(num_modalities: int, 
     z = pooled(model, batch)
     critic = head_critic(model)
     h = critic([z[m] for m in model.modalities])[:, 0]
-    if regression == "gaussian":
+    if regression == "constant_normaliser":
         target, values = model.centres[model._targets(batch["label"])], model.centres
     else:
         target, values = batch["label"], batch["label"]
@@ -121,8 +121,8 @@ def test_squared_error_loss_equals_brute_force_enumeration(num_modalities: int, 
     assert len(negatives) == 4**num_modalities * len(values)
     expected = -(target - h).pow(2).mean() - (torch.logsumexp(negatives, 0) - math.log(len(negatives)))
     assert out.diagnostics["tc"].item() == pytest.approx(expected.item(), abs=1e-5)
-    assert out.losses["tcmax"].item() == pytest.approx(-expected.item(), abs=1e-5)
-    if regression == "gaussian":
+    assert sum(out.losses.values()).item() == pytest.approx(-expected.item(), abs=1e-5)
+    if regression == "constant_normaliser":
         torch.testing.assert_close(out.prediction, expected_value(-((model.centres - h[:, None]) ** 2), model.centres))
     else:
         torch.testing.assert_close(out.prediction, h)
@@ -163,7 +163,7 @@ def test_multilabel_sums_one_binary_bound_per_label() -> None:
         y = batch["label"][:, k].long()
         log_z = torch.logsumexp(sum(torch.logsumexp(t, 0) for t in logits) + model.bias[cols], 0)
         total += -(fused.gather(1, y[:, None]).mean() - (log_z - 3 * math.log(4) - math.log(2)))
-    assert out.losses["tcmax"].item() == pytest.approx(total.item(), abs=1e-5)
+    assert sum(out.losses.values()).item() == pytest.approx(total.item(), abs=1e-5)
     fused = sum(model.heads[m](z[m]) for m in model.modalities) + model.bias
     torch.testing.assert_close(out.prediction, fused[:, 1::2] - fused[:, 0::2])
 
@@ -176,9 +176,9 @@ def test_mlp_head_uses_sampled_negatives(task: str) -> None:
     )
     model.train()
     out = model(batch_of(6, task))
-    out.losses["tcmax"].backward()
+    sum(out.losses.values()).backward()
     assert all(p.grad is not None for p in model.parameters())
-    assert torch.isfinite(out.losses["tcmax"])
+    assert all(torch.isfinite(v) for v in out.losses.values())
 
 
 def test_training_raises_the_bound_and_learns_the_classes() -> None:
@@ -208,7 +208,7 @@ def test_training_raises_the_bound_and_learns_the_classes() -> None:
         out = model(batch)
         first = out.diagnostics["tc"].item() if first is None else first
         opt.zero_grad()
-        out.losses["tcmax"].backward()
+        sum(out.losses.values()).backward()
         opt.step()
     model.eval()
     with torch.no_grad():
@@ -224,11 +224,11 @@ def test_training_raises_the_bound_and_learns_the_classes() -> None:
 @pytest.mark.parametrize(
     ("task", "regression", "shape"),
     [
-        ("regression", "gaussian", (5,)),
+        ("regression", "constant_normaliser", (5,)),
         ("regression", "bins", (5,)),
         ("regression", "continuous", (5,)),
-        ("classification", "gaussian", (5, 3)),
-        ("multilabel", "gaussian", (5, 2)),
+        ("classification", "constant_normaliser", (5, 3)),
+        ("multilabel", "constant_normaliser", (5, 2)),
     ],
 )
 def test_share_head_is_one_linear_averaged_over_modalities(task: str, regression: str, shape: tuple) -> None:
@@ -320,7 +320,7 @@ def fit_and_score(label: str, loss: str, head: str, regression: str, steps: int 
         idx = torch.randint(0, 4000, (64,), generator=g)
         batch = {k: v[idx] for k, v in train.items()}
         if loss == "tcmax":
-            value = model(batch).losses["tcmax"]
+            value = sum(model(batch).losses.values())
         else:
             _, fused = model.head_outputs(model.encode(model.prepare(batch)))
             value = F.cross_entropy(model._logits(fused), model._targets(batch["label"]))
@@ -351,13 +351,16 @@ def test_unknown_head_and_regression_are_reported_together() -> None:
     with pytest.raises(FusionConfigError) as info:
         build_model("tcmax", dims=DIMS, head="concat", regression="ordinal")
     assert "head: must be one of linear, share, mlp, got 'concat'" in str(info.value)
-    assert "regression: must be one of gaussian, bins, continuous, got 'ordinal'" in str(info.value)
+    assert "regression: must be one of bins_head, bins, constant_normaliser, continuous, got 'ordinal'" in str(
+        info.value
+    )
 
 
 def test_large_batches_sample_the_recombinations(monkeypatch: pytest.MonkeyPatch) -> None:
     """Past MAX_NEGATIVE_TERMS (tuple, bin) pairs the tuples are drawn at random: same bound up to noise."""
     torch.manual_seed(8)
-    model = build_model("tcmax", dims=DIMS, hidden=6, num_heads=2, dropout=0.0).eval()
+    model = build_model("tcmax", dims=DIMS, hidden=6, num_heads=2, dropout=0.0, regression="constant_normaliser")
+    model.eval()
     batch = batch_of(16, seed=8)  # 16^3 = 4096 tuples
     with torch.no_grad():
         exact = model(batch).diagnostics["tc"].item()
@@ -365,3 +368,29 @@ def test_large_batches_sample_the_recombinations(monkeypatch: pytest.MonkeyPatch
         sampled = model(batch).diagnostics["tc"].item()
     assert sampled != exact
     assert sampled == pytest.approx(exact, abs=0.05)
+
+
+def test_bins_head_predicts_the_raw_label_with_its_own_head() -> None:
+    """The default regression form: the bound on the binned label, plus an L1 head on the pooled features whose
+    output is the prediction (never a bin centre)."""
+    torch.manual_seed(9)
+    model = build_model("tcmax", dims=DIMS, hidden=6, num_heads=2, dropout=0.0).eval()
+    batch = batch_of(6, seed=9)
+    with torch.no_grad():
+        out = model(batch)
+        z = pooled(model, batch)
+        expected = model.regressor(torch.cat([z[m] for m in model.modalities], -1))[:, 0]
+        bins = build_model("tcmax", dims=DIMS, hidden=6, num_heads=2, dropout=0.0, regression="bins").eval()
+        bins.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("regressor.")})
+        bound = bins(batch).diagnostics["tc"]
+    torch.testing.assert_close(out.prediction, expected)
+    assert not torch.isin(out.prediction, model.centres).any()
+    assert out.losses["task"].item() == pytest.approx((expected - batch["label"]).abs().mean().item(), abs=1e-6)
+    tc_terms = out.losses["positive"] + out.losses["product_negative"] + out.losses["joint_negative"]
+    assert tc_terms.item() == pytest.approx(-bound.item(), abs=1e-5)  # the same bound as free bin logits
+
+
+@pytest.mark.parametrize("weight", [-0.1, 1.5])
+def test_tc_weight_outside_zero_one_is_rejected(weight: float) -> None:
+    with pytest.raises(FusionConfigError, match=rf"tc_weight: must be in \[0, 1\], got {weight}"):
+        build_model("tcmax", dims=DIMS, tc_weight=weight)
