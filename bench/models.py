@@ -3,14 +3,18 @@
 Each model (default: every registered one, each with its preset) is trained with ``fit`` once per seed on the
 shards; the checkpoint is selected on the validation split only, then scored once on the test split. The table
 gives mean ± std over seeds of those test metrics, one row per model; the best mean of each column is in bold.
+A second table gives each model's robustness: the area under each modality's Gaussian-noise curve (MultiBench's
+protocol, as ``mmfuse eval --noise-sweep``) of the same checkpoints on the test split, at noise std 0, 0.5, 1 and
+2 × the train-split std (3 extra passes over the test split per modality and run).
 
     mmfuse bench models --shards shards/mosi --seeds 1,2,3,4,5 --runs runs/compare epochs=30
     mmfuse bench models --shards shards/mosi --models late,mult,tcmax --seeds 1,2,3 --json compare.json
 
 Runs are kept under ``--runs RUNS/<model>/seed-<s>`` (else a temporary directory). A run whose ``final.json``
 is there, with the same settings and feature set, is read back instead of trained again, so an interrupted
-comparison resumes where it stopped. ``KEY=VALUE`` settings apply to every model (``model.KEY`` only to the
-models that have that setting: the others are told apart in the error message).
+comparison resumes where it stopped; so is each run's noise curve, kept in its ``noise-test.json``. ``KEY=VALUE``
+settings apply to every model (``model.KEY`` only to the models that have that setting: the others are told apart
+in the error message).
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ NAME = "bench-models"
 COLUMNS = ("mae", "corr", "acc2_has0", "f1_has0", "acc2_non0", "f1_non0", "acc5", "acc7",
            "accuracy", "f1_weighted", "f1_macro", "acc_mean", "f1_mean")  # fmt: skip
 LOWER_IS_BETTER = {"mae", "task_loss"}
+# Gaussian-noise levels (x train std) of the robustness table; the full sweep of `mmfuse eval` has 6 per kind.
+NOISE_LEVELS = (0.0, 0.5, 1.0, 2.0)
+NOISE_FILE = "noise-test.json"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -101,10 +108,14 @@ def compare(
     runs_dir: Path,
     tick: Callable[[], None],
 ) -> dict[str, dict[int, dict[str, Any]]]:
-    """model -> seed -> ``fit``'s final metrics (``valid`` and ``test`` of the validation-selected checkpoint)."""
+    """model -> seed -> ``fit``'s final metrics (``valid`` and ``test`` of the validation-selected checkpoint), with
+    ``noise`` (:func:`noise_auc`)."""
+    from shards.dataset import ShardDataset
     from train.config import make_train_config
     from train.trainer import fit
 
+    shards = ShardDataset.load(args.shards)
+    streamed: dict[str, Any] = {}  # the train-split std the recorded statistics lack, streamed once for every run
     results: dict[str, dict[int, dict[str, Any]]] = {}
     for name in names:
         for seed in seeds:
@@ -115,6 +126,7 @@ def compare(
                 if run_dir.exists():  # an unfinished or different run: trained again from the start
                     shutil.rmtree(run_dir)
                 final = fit(config, args.shards, run_dir)
+            final["noise"] = noise_auc(run_dir, final, shards, config.run.device, streamed)
             results.setdefault(name, {})[seed] = final
             tick()
     return results
@@ -130,6 +142,29 @@ def finished_run(run_dir: Path, config: dict[str, Any], fs_hash: str) -> dict[st
     if record.get("config") != config or record.get("feature_set_hash") != fs_hash:
         return None
     return final
+
+
+def noise_auc(run_dir: Path, final: dict[str, Any], shards: Any, device: str, streamed: dict[str, Any]) -> dict:
+    """``metric`` and ``auc`` (modality -> area under its Gaussian-noise curve at ``NOISE_LEVELS``, trapezoid /
+    level range) of the run's selected checkpoint on the test split; the sweep is kept in ``NOISE_FILE`` in the
+    run directory and read back while its levels are these."""
+    from train.noise_sweep import sweep_checkpoint
+
+    path = run_dir / NOISE_FILE
+    try:
+        report = json.loads(path.read_text())
+        curves = report["curves"]["gaussian"]
+        if any(c["levels"] != list(NOISE_LEVELS) for c in curves.values()):
+            raise ValueError("other levels")
+    except (OSError, ValueError, KeyError):
+        checkpoint = run_dir / final.get("checkpoint", "checkpoints/best.pt")
+        levels = {"gaussian": NOISE_LEVELS}
+        report = sweep_checkpoint(
+            checkpoint, shards, kinds=("gaussian",), levels=levels, device=device, streamed=streamed
+        )
+        path.write_text(dumps(report, indent=1) + "\n")
+        curves = report["curves"]["gaussian"]
+    return {"metric": report["metric"], "auc": {m: c["auc"] for m, c in curves.items()}}
 
 
 def make_report(
@@ -148,6 +183,8 @@ def make_report(
             "split (bench models reports test metrics of validation-selected checkpoints)"
         )
     summary = {name: summarise([results[name][s]["test"] for s in seeds]) for name in names}
+    noise = {name: summarise([results[name][s]["noise"]["auc"] for s in seeds]) for name in names}
+    metric = results[names[0]][seeds[0]]["noise"]["metric"]
     selected_by = results[names[0]][seeds[0]].get("selected_by", "")
     return {
         "shards": str(args.shards),
@@ -159,6 +196,7 @@ def make_report(
         "selected_by": selected_by,
         "command": command_line(args),
         "summary": summary,
+        "noise": {"kind": "gaussian", "levels": list(NOISE_LEVELS), "metric": metric, "auc": noise},
         "runs": {name: {str(s): results[name][s] for s in seeds} for name in names},
     }
 
@@ -204,7 +242,32 @@ def format_report(report: dict[str, Any]) -> str:
             cell = f"{s[c]['mean']:.4f} ± {s[c]['std']:.4f}"
             cells.append(f"**{cell}**" if s[c]["mean"] == best[c] else cell)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join([*lines, "", *format_noise(report["noise"])])
+
+
+def format_noise(noise: dict[str, Any]) -> list[str]:
+    """The robustness table: per model, the area under each modality's Gaussian-noise curve, mean ± std."""
+    auc, metric = noise["auc"], noise["metric"]
+    modalities = [m for m in ("text", "audio", "video") if any(m in s for s in auc.values())]
+    levels = ", ".join(f"{level:g}" for level in noise["levels"])
+    better = "lower" if metric in LOWER_IS_BETTER else "higher"
+    lines = [
+        f"Robustness: area under each modality's Gaussian-noise curve on the test split ({metric} at noise std "
+        f"{levels} × the train-split std, trapezoid / level range; {better} is more robust). Mean ± std over seeds; "
+        "the most robust of each column in bold.",
+        "",
+        "| model | " + " | ".join(modalities) + " |",
+        "|---|" + "---|" * len(modalities),
+    ]
+    pick = min if metric in LOWER_IS_BETTER else max
+    best = {m: pick(s[m]["mean"] for s in auc.values() if m in s) for m in modalities}
+    for name, s in auc.items():
+        cells = [f"{s[m]['mean']:.4f} ± {s[m]['std']:.4f}" if m in s else "" for m in modalities]
+        cells = [
+            f"**{c}**" if m in s and s[m]["mean"] == best[m] else c for m, c in zip(modalities, cells, strict=True)
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def command_line(args: argparse.Namespace) -> str:

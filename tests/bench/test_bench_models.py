@@ -34,11 +34,31 @@ def test_models_table_and_json_agree_with_the_runs(bundled_dataset: Path, tmp_pa
     best = min(report["summary"].values(), key=lambda s: s["mae"]["mean"])["mae"]
     assert f"**{best['mean']:.4f} ± {best['std']:.4f}**" in table
     assert "<!-- bench-models:begin -->" in md.read_text() and report["command"] in md.read_text()
+    # robustness: each run's area under the Gaussian-noise curve of every modality, mean ± std over seeds
+    noise = report["noise"]
+    assert noise["levels"] == [0, 0.5, 1, 2] and noise["metric"] == "mae" and noise["kind"] == "gaussian"
+    assert "Robustness: area under each modality's Gaussian-noise curve on the test split" in table
+    assert "| model | text | audio | video |" in table
+    for model in ("late", "early"):
+        sweeps = [json.loads((runs / model / f"seed-{s}" / "noise-test.json").read_text()) for s in (1, 2)]
+        for m in ("text", "audio", "video"):
+            curves = [sweep["curves"]["gaussian"][m] for sweep in sweeps]
+            assert all(c["levels"] == [0, 0.5, 1, 2] and len(c["metrics"]) == 4 for c in curves)
+            aucs = [c["auc"] for c in curves]
+            assert noise["auc"][model][m]["mean"] == pytest.approx(statistics.fmean(aucs))
+        finals = [json.loads((runs / model / f"seed-{s}" / "final.json").read_text()) for s in (1, 2)]
+        assert [c["metrics"][0]["mae"] for c in (sw["curves"]["gaussian"]["audio"] for sw in sweeps)] == pytest.approx(
+            [f["test"]["mae"] for f in finals]
+        )  # level 0: the selected checkpoint's clean test metrics
+        row = [line for line in table.splitlines() if line.startswith(f"| {model} |")][1]
+        assert f"{noise['auc'][model]['audio']['mean']:.4f} ± {noise['auc'][model]['audio']['std']:.4f}" in row
 
-    stamp = (runs / "late" / "seed-1" / "final.json").stat().st_mtime_ns
+    stamps = [(runs / "late" / "seed-1" / name).stat().st_mtime_ns for name in ("final.json", "noise-test.json")]
     assert main(argv) == 0  # finished runs with the same settings are read back, not trained again
     assert capsys.readouterr().out == table
-    assert (runs / "late" / "seed-1" / "final.json").stat().st_mtime_ns == stamp
+    assert [
+        (runs / "late" / "seed-1" / name).stat().st_mtime_ns for name in ("final.json", "noise-test.json")
+    ] == stamps
 
 
 def test_models_refuses_unknown_names_and_bad_seeds(bundled_dataset: Path, capsys) -> None:
