@@ -24,6 +24,8 @@ CHECKPOINT_VERSION = 1
 # Model settings added after checkpoints had been written, with the value those older checkpoints were trained
 # with (a checkpoint whose saved model config lacks the key predates it): TCMax regression used the plain bins.
 LEGACY_SETTINGS: dict[str, dict[str, Any]] = {"tcmax": {"regression": "bins"}}
+# Setting values renamed since (model -> key -> old value -> new value): the same network under its new name.
+RENAMED_VALUES: dict[str, dict[str, dict[Any, Any]]] = {"tcmax": {"regression": {"gaussian": "constant_normaliser"}}}
 
 
 class CheckpointError(MmfuseError, RuntimeError):
@@ -91,11 +93,15 @@ def checkpoint_dataset(ckpt: Mapping[str, Any]) -> ShardDataset:
 
 def _with_legacy_settings(obj: dict[str, Any]) -> dict[str, Any]:
     """Give a checkpoint written before a model setting existed that setting's old value (``LEGACY_SETTINGS``),
-    so it rebuilds the network it was trained as."""
+    and a renamed setting value its new name (``RENAMED_VALUES``), so it rebuilds the network it was trained as."""
     saved = obj.get("model_config") or {}
     for key, value in LEGACY_SETTINGS.get(obj.get("model_name", ""), {}).items():
         if key not in saved and isinstance(obj.get("config"), dict):
             settings = obj["config"].setdefault("model_settings", {}) or {}
             settings.setdefault(key, value)
             obj["config"]["model_settings"] = settings
+    for key, names in RENAMED_VALUES.get(obj.get("model_name", ""), {}).items():
+        for place in (saved, (obj.get("config") or {}).get("model_settings") or {}):
+            if isinstance(place, dict) and place.get(key) in names:
+                place[key] = names[place[key]]
     return obj

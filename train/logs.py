@@ -57,7 +57,8 @@ class RunLog:
         if not self.enabled:
             return
         self._write({"kind": "eval", "split": split, "step": step, "epoch": epoch, **metrics})
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+        # the model's diagnostics (diag/...) go to metrics.jsonl only; the gradient shares are shown
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and "diag/" not in k)
         log.info("%s at step %d: %s", split, step, shown)
 
     def note(self, step, what: str, values: dict[str, Any]) -> None:

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from fusion.base import mechanism_shares
 from fusion.layers import task_loss
 from mmfuse.errors import MmfuseError
 from shards import Progress
@@ -235,6 +236,8 @@ def evaluate(
         return {}
     net.eval()
     preds, labels = [], []
+    diagnostics = Diagnostics()
+    mechanism: dict[str, float] = {}
     autocast = amp_dtype(config.run.amp, d.device)
     read = 0
     for batch in make_loader(dataset, split, data, train=False, rank=d.rank, world_size=d.world_size):
@@ -247,7 +250,10 @@ def evaluate(
         for m in drop:
             batch = {k: v for k, v in batch.items() if not k.startswith(m)}
         with torch.autocast(d.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            if not mechanism:  # each loss term's gradient share, on this rank's first batch
+                mechanism = mechanism_shares(net, batch)
             out = net(batch)
+        diagnostics.add(out.diagnostics, len(batch["label"]))
         preds.append(out.prediction.float().cpu())
         labels.append(batch["label"].cpu())
         if rows is not None:
@@ -260,7 +266,37 @@ def evaluate(
     metrics = task_metrics(config.task, preds, labels, names=config.label_keys)
     metrics["task_loss"] = float(task_loss(preds, labels, config.task))
     metrics["n"] = int(len(labels))
+    metrics.update(mechanism)
+    metrics.update(diagnostics.means(d))
     return metrics
+
+
+class Diagnostics:
+    """The model's scalar diagnostics (0-dim tensors of ``FusionOutput.diagnostics``) averaged over an evaluation,
+    weighted by batch size, reported as ``diag/<key>`` (under DDP over every rank's samples)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, values: dict[str, torch.Tensor], n: int) -> None:
+        for key, value in values.items():
+            if value.dim() == 0:
+                self.sums[key] = self.sums.get(key, 0.0) + float(value) * n
+                self.counts[key] = self.counts.get(key, 0) + n
+
+    def means(self, d: Dist) -> dict[str, float]:
+        parts: list[Any] = [(self.sums, self.counts)]
+        if d.enabled:
+            parts = [None] * d.world_size
+            dist.all_gather_object(parts, (self.sums, self.counts))
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for part_sums, part_counts in parts:
+            for key, value in part_sums.items():
+                sums[key] = sums.get(key, 0.0) + value
+                counts[key] = counts.get(key, 0) + part_counts[key]
+        return {f"diag/{k}": sums[k] / counts[k] for k in sorted(sums) if counts[k]}
 
 
 def prediction_row(config: TrainConfig, key: str, label: torch.Tensor, prediction: torch.Tensor) -> dict[str, Any]:

@@ -44,6 +44,8 @@ def test_frozen_run_writes_every_output(bundled_dataset: Path, tmp_path: Path) -
     assert set(losses(run)) == {1, 2, 3, 4}  # 2 train clips, batch 1, 2 epochs
     assert final["selected_by"] == "valid mae"
     assert final["test"]["n"] == 1 and final["valid"]["n"] == 1
+    assert final["valid"]["grad_share/task"] == 1.0  # late fusion's only loss term carries all the gradient
+    assert {"diag/loss/text", "diag/loss/audio", "diag/loss/video"} <= set(final["valid"])
     record = json.loads((run / "config.json").read_text())
     assert record["config"]["model"] == "late" and len(record["feature_set_hash"]) == 16
     ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
@@ -261,6 +263,24 @@ def test_tcmax_checkpoint_from_before_the_regression_setting_still_evaluates(
     argv = ["eval", "--checkpoint", str(old), "--shards", str(bundled_dataset), "--split", "train", "--json"]
     assert main(argv) == 0
     assert json.loads(capsys.readouterr().out)["n"] == 2
+
+
+def test_eval_measures_the_mechanism_and_reads_a_renamed_setting(bundled_dataset: Path, tmp_path: Path, capsys) -> None:
+    """Every evaluation carries each loss term's gradient share and the model's diagnostics; a checkpoint saved
+    with TCMax's former ``regression=gaussian`` loads as ``constant_normaliser`` (the same network)."""
+    config = make_train_config("tcmax", overrides=[*FAST, "epochs=1", "model.regression=constant_normaliser"])
+    final = fit(config, bundled_dataset, tmp_path / "run")
+    shares = {k: v for k, v in final["valid"].items() if k.startswith("grad_share/")}
+    assert set(shares) == {"grad_share/positive", "grad_share/product_negative", "grad_share/joint_negative"}
+    assert sum(shares.values()) == pytest.approx(1.0) and shares["grad_share/joint_negative"] == 0.0
+    assert {"diag/tc", "diag/dv_joint", "diag/ce/fused"} <= set(final["valid"])
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")
+    ckpt["model_config"]["regression"] = ckpt["config"]["model_settings"]["regression"] = "gaussian"
+    old = tmp_path / "old.pt"
+    torch.save(ckpt, old)
+    argv = ["eval", "--checkpoint", str(old), "--shards", str(bundled_dataset), "--split", "valid", "--json"]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["mae"] == pytest.approx(final["valid"]["mae"], abs=1e-6)
 
 
 def test_gradient_accumulation_matches_one_big_batch(bundled_dataset: Path, tmp_path: Path) -> None:
