@@ -1,5 +1,6 @@
-"""The measures and statistics of ``mmfuse bench claims``: linear probes of a model's representations, each
-claim's per-seed effect, its exact sign-flip p-value and the verdict (see ``bench/claims.py``)."""
+"""The measures and statistics of ``mmfuse bench claims``: linear probes of a model's representations, the
+redundancy between its unimodal representations, each claim's per-seed effect, its exact sign-flip p-value and the
+verdict (see ``bench/claims.py``)."""
 
 from __future__ import annotations
 
@@ -46,6 +47,26 @@ def probe_r2(model: Any, m: str, latent: str, data: dict[str, dict[str, Any]], r
     xt, yt = design("test")
     residual = ((yt - xt @ w) ** 2).sum()
     return float(1.0 - residual / ((yt - yt.mean()) ** 2).sum())
+
+
+def redundancy_measures(model: Any, data: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """``mi_linear/a-b`` and ``mi_infonce/a-b`` (nats) between the unimodal representations of each of the model's
+    modality pairs, fitted on the valid split and scored on the test split (``fusion.estimators.redundancy``);
+    empty for a model without ``unimodal``. Eval mode, no gradient; the model's train/eval mode is restored."""
+    import torch
+
+    from fusion.estimators import redundancy
+
+    if not hasattr(model, "unimodal"):
+        return {}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            (u_fit, has_fit), (u_eval, has_eval) = model.unimodal(data["valid"]), model.unimodal(data["test"])
+    finally:
+        model.train(was_training)
+    return redundancy(u_fit, has_fit, u_eval, has_eval, list(model.pairs))
 
 
 def sign_flip_p(differences: list[float]) -> float:

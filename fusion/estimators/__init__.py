@@ -8,6 +8,10 @@ Every estimator's ``forward`` returns ``Estimate(estimate, loss)`` in nats (see 
 - upper bounds, ``loss = +estimate`` (minimise MI): ``club`` (fit q with ``learning_loss`` in its own
   optimiser group), ``vib`` (Gaussian bottleneck KL to N(0, I)).
 
+Reported measures, not training terms (``measure``): ``linear_gaussian_mi`` (the CCA / linear-Gaussian MI, exact
+for jointly Gaussian variables), ``heldout_infonce`` (an InfoNCE lower bound with a fresh critic fitted on one
+split and scored on another) and ``redundancy`` (both, per modality pair).
+
 ``ESTIMATORS`` is a plain dict name -> class; ``get_estimator(name, **kwargs)`` builds one.
 """
 
@@ -18,6 +22,7 @@ from torch import nn
 from fusion.estimators.club import CLUB
 from fusion.estimators.critics import Estimate
 from fusion.estimators.infonce import InfoNCE
+from fusion.estimators.measure import heldout_infonce, linear_gaussian_mi, redundancy
 from fusion.estimators.mine import DV, MINE
 from fusion.estimators.tcmax import TCMax, TCMaxSampled
 from fusion.estimators.vib import GaussianVIB
@@ -59,4 +64,7 @@ __all__ = [
     "TCMaxSampled",
     "UnknownEstimatorError",
     "get_estimator",
+    "heldout_infonce",
+    "linear_gaussian_mi",
+    "redundancy",
 ]
