@@ -90,20 +90,36 @@ def effect_values(effect: Effect, per_seed: list[dict[str, dict[str, float]]]) -
     return values
 
 
-def verdict(values: list[float] | None) -> dict[str, Any]:
+def verdict(values: list[float] | None, p: float | None = None) -> dict[str, Any]:
+    """Mean, std, d, the sign-flip p and the verdict of per-seed effects. ``p``: judge on this p instead (an
+    adjusted one, see ``holm``). "reproduced": mean > 0 and p < 0.05; "inconclusive": mean > 0, p >= 0.05;
+    "not reproduced": mean <= 0."""
     if not values:
         return {"verdict": "not measured"}
     mean = statistics.fmean(values)
     std = statistics.stdev(values) if len(values) > 1 else 0.0
-    p = sign_flip_p(values)
+    raw = sign_flip_p(values)
+    judged = raw if p is None else p
     return {
         "values": values,
         "mean": mean,
         "std": std,
         "d": mean / std if std > 0 else math.copysign(math.inf, mean) if mean else 0.0,
-        "p": p,
-        "verdict": "reproduced" if mean > 0 and p < 0.05 else "not reproduced",
+        "p": raw,
+        "verdict": "not reproduced" if mean <= 0 else "reproduced" if judged < 0.05 else "inconclusive",
     }
+
+
+def holm(ps: list[float]) -> list[float]:
+    """Holm's step-down adjustment of ``ps`` (family-wise error over all of them), in the input order: the k-th
+    smallest p is multiplied by (n - k + 1), made non-decreasing along that order, and capped at 1."""
+    order = sorted(range(len(ps)), key=lambda i: ps[i])
+    adjusted = [0.0] * len(ps)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(ps) - rank) * ps[i]))
+        adjusted[i] = running
+    return adjusted
 
 
 def mean_std(values: list[float]) -> dict[str, float]:
@@ -111,3 +127,27 @@ def mean_std(values: list[float]) -> dict[str, float]:
     if not finite:
         return {"mean": math.nan, "std": math.nan}
     return {"mean": statistics.fmean(finite), "std": statistics.stdev(finite) if len(finite) > 1 else 0.0}
+
+
+NOISE_LEVELS = (0.0, 0.5, 1.0, 2.0)  # Gaussian noise, in train-split stds, for the robustness areas
+
+
+def noise_areas(model: Any, data: dict[str, dict[str, Any]], modalities: tuple[str, ...]) -> dict[str, float]:
+    """``noise_auc/<m>``: area under the test metric (MAE, or accuracy for class labels) of ``model`` as Gaussian
+    noise of ``NOISE_LEVELS`` x the train-split per-feature std is added to modality m's valid steps, divided by
+    the level range (``train.robustness``; the same draws for every level and every model of a seed)."""
+    from bench.synthetic import evaluate
+    from train.robustness import area_under_curve, batch_generator, corrupt
+
+    test, label = data["test"], data["test"]["label"]
+    out = {}
+    for m in modalities:
+        std = data["train"][m][data["train"][f"{m}_mask"]].std(0)
+        values = []
+        for level in NOISE_LEVELS:
+            batch = corrupt(test, m, "gaussian", level, std, batch_generator(0, m, "gaussian", None))
+            pred, _ = evaluate(model, batch)
+            correct = (pred.argmax(-1) == label).float().mean() if not label.dtype.is_floating_point else None
+            values.append(float((pred - label).abs().mean()) if correct is None else float(correct))
+        out[f"noise_auc/{m}"] = area_under_curve(NOISE_LEVELS, values)
+    return out

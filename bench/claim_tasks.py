@@ -9,8 +9,11 @@ the splits it trains and selects on (train, valid) and the one it is tested on (
 - ``competition`` (TCMax: modality competition). Text carries s1 with little noise (fast, dominant); audio
   carries s2 under heavy per-step noise (slow, weak) and nothing else does; y = s1 + s2 / 2. Under a joint
   loss the text branch fits first and the audio branch gets little gradient.
+- ``competition_classes`` (TCMax as published: classification). The same two streams; the class is the quadrant
+  of (s1, s2), y = 2 [s1 > 0] + [s2 > 0] (4 classes): text alone reaches at most 50 % accuracy, the second bit
+  is in the weak audio stream only.
 - ``purification`` (MIM). Text carries s1; video carries s2 on half of its steps, the other half is noise of
-  scale 4 (``noisy`` marks them); y = s1 + s2, so the noisy modality is necessary.
+  scale 4 (``video_noisy`` marks them); y = s1 + s2, so the noisy modality is necessary.
 - ``nuisance`` (ITHP: information bottleneck). The prime modality, text, carries the signal s along one
   direction and a nuisance n along another; in train and valid n = s + 0.5 e (it predicts the label almost as
   well as s), at test n is independent of s. Audio and video track s only (the detectors). y = s.
@@ -61,6 +64,12 @@ class ClaimTask:
     modalities: tuple[str, ...]
     dims: dict[str, int] = field(default_factory=lambda: dict(DIMS))
     seed: int = 0  # fixes the directions
+    num_classes: int = 0  # 0: a regression label; else class indices in [0, num_classes)
+
+    @property
+    def settings(self) -> dict[str, object]:
+        """Model settings the task needs (the task kind and class count)."""
+        return {"task": "classification", "num_classes": self.num_classes} if self.num_classes else {}
 
     def sample(self, n: int, g: torch.Generator, split: str = "train") -> dict[str, Tensor]:
         return getattr(self, f"_{self.kind}")(n, g, split)
@@ -75,6 +84,11 @@ class ClaimTask:
         )
         return out
 
+    def _competition_classes(self, n: int, g: torch.Generator, split: str) -> dict[str, Tensor]:
+        out = self._competition(n, g, split)
+        out["label"] = 2 * (out["s1"] > 0).long() + (out["s2"] > 0).long()
+        return out
+
     def _purification(self, n: int, g: torch.Generator, split: str) -> dict[str, Tensor]:
         s1, s2 = torch.randn(n, generator=g), torch.randn(n, generator=g)
         d = directions(self.dims, 1, self.seed)
@@ -83,7 +97,7 @@ class ClaimTask:
         video, mask = _sequences([(s2, d["video"][0])], self.dims["video"], LENGTHS["video"], 1.0, g)
         noisy = (torch.rand(mask.shape, generator=g) < 0.5) & mask
         noise = 4.0 * torch.randn(video.shape, generator=g)
-        out["video"], out["video_mask"], out["noisy"] = torch.where(noisy[..., None], noise, video), mask, noisy
+        out["video"], out["video_mask"], out["video_noisy"] = torch.where(noisy[..., None], noise, video), mask, noisy
         return out
 
     def _nuisance(self, n: int, g: torch.Generator, split: str) -> dict[str, Tensor]:
@@ -112,6 +126,7 @@ class ClaimTask:
 
 
 TASKS = {
+    "competition_classes": ClaimTask("competition_classes", ("text", "audio"), num_classes=4),
     "competition": ClaimTask("competition", ("text", "audio")),
     "purification": ClaimTask("purification", ("text", "video")),
     "nuisance": ClaimTask("nuisance", ("text", "audio", "video")),

@@ -1,18 +1,22 @@
 """Each seed method's claim, tested where it can show: one synthetic task per claim (``bench/claim_tasks.py``),
-the method against its own ablation and against ``late``, ``early`` and ``mult``, several seeds, a verdict.
+of the kind the method's paper used, the method against its own one-switch ablation and against ``late``,
+``early`` and ``mult``, several seeds, a verdict.
 
-    mmfuse bench claims --seeds 0,1,2,3,4 --out BENCHMARKS.md
+    mmfuse bench claims --seeds 0,1,2,3,4,5,6,7,8,9 --out BENCHMARKS.md
 
 A run trains one model in memory (AdamW, batch 64, hidden 32, one layer; the models' defaults otherwise),
-evaluates the validation split every ``eval_every`` steps and keeps the best validation MAE's weights (selection
-on validation only); every measure is then taken on the test split. Each seed draws its own data and model
-initialisation; the arms of one claim share them, so every comparison is paired by seed.
+evaluates the validation split every ``eval_every`` steps and keeps the weights with the best validation MAE
+(error rate for class labels; selection on validation only); every measure is then taken on the test split, and
+each method's mechanism (its loss terms' gradient shares, ``FusionModel.mechanism``) on 256 validation samples.
+Each seed draws its own data and model initialisation; the arms of one claim share them, so every comparison is
+paired by seed, and an ablation starts from the same weights as its method (tests/fusion/test_ablations.py).
 
 A claim's effect is, per seed, the difference between two arms (or one arm's measure), signed so that a
 positive value is what the method claims. Reported: mean ± std over seeds, the paired effect size
-d = mean / std, and an exact one-sided sign-flip permutation p-value (every assignment of signs to the per-seed
-differences; 5 seeds give p >= 1/32). Verdict: "reproduced" when the mean effect is positive and p < 0.05,
-else "not reproduced". The tasks were written from the methods' papers before any run, not tuned to a result.
+d = mean / std, an exact one-sided sign-flip permutation p-value (every assignment of signs to the per-seed
+differences; 10 seeds resolve p to 1/1024) and that p adjusted by Holm's step-down method over every effect of
+the run. Verdict: "reproduced" when the mean effect is positive and the adjusted p < 0.05; "inconclusive" when
+the mean is positive but the adjusted p is not; "not reproduced" when the mean effect is zero or negative.
 """
 
 from __future__ import annotations
@@ -25,11 +29,19 @@ import signal
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.claim_stats import Effect, effect_values, mean_std, probe_r2, verdict
+from bench.claim_list import AFTER_THE_FACT, CLAIMS, Claim
+from bench.claim_stats import (
+    effect_values,
+    holm,
+    mean_std,
+    noise_areas,
+    probe_r2,
+    redundancy_measures,
+    verdict,
+)
 from bench.markdown import replace_section
 from bench.models import parse_seeds
 from bench.sweep import ticker
@@ -39,113 +51,10 @@ NAME = "claims"
 SIZES = {"train": 2000, "valid": 500, "test": 1000}
 QUICK_SIZES = {"train": 192, "valid": 64, "test": 96}
 MODEL = {"hidden": 32, "num_heads": 4, "num_layers": 1, "dropout": 0.1}  # as bench.synthetic.fit_in_memory
-BASELINES = ("late", "early", "mult")
+DEFAULT_SEEDS = "0,1,2,3,4,5,6,7,8,9"  # ten paired seeds: the exact sign-flip test resolves p to 1/1024
+MECHANISM_SAMPLES = 256  # validation samples the gradient shares are measured on
 
 
-@dataclass(frozen=True)
-class Arm:
-    label: str  # row label, e.g. "mim[gates off]"
-    model: str  # fusion.MODELS name
-    settings: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Claim:
-    key: str  # --claims name
-    title: str
-    task: str  # bench.claim_tasks.TASKS name
-    arms: tuple[Arm, ...]
-    effects: tuple[Effect, ...]
-    probes: tuple[tuple[str, str], ...] = ()  # (modality, latent): linear probe R^2 of the frozen z_m
-
-
-def _with_baselines(*arms: Arm) -> tuple[Arm, ...]:
-    return (*arms, *(Arm(name, name) for name in BASELINES if name not in {a.label for a in arms}))
-
-
-CLAIMS = (
-    Claim(
-        "tcmax",
-        "TCMax: maximising total correlation counters modality competition",
-        "competition",
-        _with_baselines(
-            Arm("tcmax", "tcmax"),
-            Arm("late", "late"),
-            # the regression adaptations and heads, compared by validation MAE (how the default was chosen)
-            Arm("tcmax[bins]", "tcmax", {"regression": "bins"}),
-            Arm("tcmax[continuous]", "tcmax", {"regression": "continuous"}),
-            Arm("tcmax[share head]", "tcmax", {"head": "share"}),
-        ),
-        (
-            Effect(
-                "audio branch learns its unique signal (probe R² of z_audio on s2), TCMax − late",
-                "probe/audio/s2",
-                "tcmax",
-                "late",
-            ),
-            Effect("fused test MAE, late − TCMax", "mae", "tcmax", "late", lower_is_better=True),
-        ),  # fmt: skip
-        probes=(("audio", "s2"), ("text", "s1")),
-    ),
-    Claim(
-        "mim",
-        "MIM: purification gates close on noise steps and help",
-        "purification",
-        _with_baselines(
-            Arm("mim", "mim"),
-            Arm("mim[gates off]", "mim", {"gates": False}),
-            # not the published setting: gates start at the threshold (the published loc_bias 3 saturates them
-            # open) under a stronger L0 penalty, to tell "the mechanism cannot work" from "it cannot start"
-            Arm("mim[loc_bias 0, penalty 1]", "mim", {"loc_bias": 0.0, "penalty_weight": 1.0}),
-        ),
-        (
-            Effect("video gate rate, clean − noisy steps (published gate settings)", "gate_gap", "mim"),
-            Effect("test MAE, gates off − MIM", "mae", "mim", "mim[gates off]", lower_is_better=True),
-            Effect(
-                "video gate rate, clean − noisy steps (gates start at the threshold)",
-                "gate_gap",
-                "mim[loc_bias 0, penalty 1]",
-            ),
-            Effect(
-                "test MAE, gates off − MIM (gates start at the threshold)",
-                "mae",
-                "mim[loc_bias 0, penalty 1]",
-                "mim[gates off]",
-                lower_is_better=True,
-            ),
-        ),  # fmt: skip
-    ),
-    Claim(
-        "ithp",
-        "ITHP: the information bottleneck resists a nuisance that shifts at test time",
-        "nuisance",
-        _with_baselines(Arm("ithp", "ithp"), Arm("ithp[no bottleneck]", "ithp", {"bottleneck": False})),
-        (Effect("test MAE under the shift, no bottleneck − ITHP", "mae", "ithp", "ithp[no bottleneck]", True),),
-    ),
-    Claim(
-        "bc_pmjrs",
-        "BC-PMJRS: MI-min removes redundancy; MI-max with LTP/LTD improves the prediction",
-        "redundancy",
-        _with_baselines(
-            Arm("bc_pmjrs", "bc_pmjrs"),
-            Arm("bc_pmjrs[no MI]", "bc_pmjrs", {"mi_min": False, "mi_max": False}),
-            Arm("bc_pmjrs[MI-min only]", "bc_pmjrs", {"mi_max": False}),
-            Arm("bc_pmjrs[MI-max only]", "bc_pmjrs", {"mi_min": False}),
-        ),
-        (
-            Effect(
-                "re-fitted CLUB(text; audio) in nats, MI-max only − full (MI-min lowers it)",
-                "mi_refit/text-audio",
-                "bc_pmjrs",
-                "bc_pmjrs[MI-max only]",
-                lower_is_better=True,
-            ),
-            Effect("test MAE, no MI − full", "mae", "bc_pmjrs", "bc_pmjrs[no MI]", lower_is_better=True),
-            Effect("test MAE, MI-min only − full", "mae", "bc_pmjrs", "bc_pmjrs[MI-min only]", lower_is_better=True),
-            Effect("test MAE, MI-max only − full", "mae", "bc_pmjrs", "bc_pmjrs[MI-max only]", lower_is_better=True),
-        ),  # fmt: skip
-    ),
-)
 CLAIM_KEYS = tuple(c.key for c in CLAIMS)
 
 
@@ -153,7 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = __doc__.split("\n\n")[0]
     p.epilog = "\n\n".join(__doc__.split("\n\n")[1:])
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds (data and initialisation)")
+    p.add_argument("--seeds", default=DEFAULT_SEEDS, help="comma-separated seeds (data and init; default 0-9)")
     p.add_argument("--claims", default=",".join(CLAIM_KEYS), help=f"subset of {','.join(CLAIM_KEYS)}")
     p.add_argument("--steps", type=int, default=400, help="training steps per run (default 400)")
     p.add_argument("--eval-every", type=int, default=25, help="validation every N steps (default 25)")
@@ -169,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.quick:
         args.steps, args.eval_every = min(args.steps, 30), min(args.eval_every, 10)
-        args.seeds = args.seeds if args.seeds != "0,1,2,3,4" else "0,1"
+        args.seeds = args.seeds if args.seeds != DEFAULT_SEEDS else "0,1"
     keys = [k.strip() for k in args.claims.split(",") if k.strip()]
     unknown = sorted(set(keys) - set(CLAIM_KEYS))
     if unknown or not keys:
@@ -232,7 +141,7 @@ def run_claim_seed(
     out = {}
     for arm in claim.arms:
         model, measures = train_in_memory(arm.model, task.dims, task.modalities, data, seed, steps, eval_every,
-                                          arm.settings)  # fmt: skip
+                                          {**task.settings, **arm.settings})  # fmt: skip
         measures.update(arm_measures(model, claim, data, measures))
         out[arm.label] = measures
     return out
@@ -249,17 +158,20 @@ def train_in_memory(
     settings: dict[str, Any] | None = None,
 ) -> tuple[Any, dict[str, float]]:
     """Train ``name`` on ``modalities`` of the in-memory ``data`` (``bench.synthetic.fit_in_memory``); return the
-    model at its best validation MAE and its test measures (metrics, scalar diagnostics, best step, seconds)."""
+    model at its best validation error and its test measures (metrics, scalar diagnostics, best step, seconds,
+    ``valid_error``: the validation MAE, or error rate for class labels)."""
     from bench.synthetic import evaluate, fit_in_memory
-    from train.metrics import sentiment_metrics
+    from train.metrics import classification_metrics, sentiment_metrics
 
-    model, best_step, seconds, valid_mae = fit_in_memory(
+    model, best_step, seconds, valid_error = fit_in_memory(
         name, {m: dims[m] for m in modalities}, data, seed, steps, eval_every=eval_every,
         hidden=MODEL["hidden"], settings=settings,
     )  # fmt: skip
     pred, diagnostics = evaluate(model, data["test"])
-    measures = {**sentiment_metrics(pred, data["test"]["label"]), **diagnostics}
-    measures.update(best_step=float(best_step), seconds=seconds, valid_mae=valid_mae)
+    label = data["test"]["label"]
+    metrics = sentiment_metrics(pred, label) if label.dtype.is_floating_point else classification_metrics(pred, label)
+    measures = {**metrics, **diagnostics}
+    measures.update(best_step=float(best_step), seconds=seconds, valid_error=valid_error)
     return model, measures
 
 
@@ -267,7 +179,13 @@ def arm_measures(
     model: Any, claim: Claim, data: dict[str, dict[str, Any]], measured: dict[str, float]
 ) -> dict[str, float]:
     """The claim's own measures: linear probes of frozen z_m, MIM's gate gap (from the test diagnostics in
-    ``measured``), BC-PMJRS's re-fitted CLUB (q fitted on the validation split, scored on the test split)."""
+    ``measured``), BC-PMJRS's redundancy (``redundancy_measures``: fitted on the validation split, scored on the
+    test split) and its re-fitted CLUB, every model's robustness to Gaussian noise on each modality
+    (``noise_areas``) and its gradient shares on validation samples."""
+    import torch
+
+    from fusion.synthetic import take
+
     out: dict[str, float] = {}
     if isinstance(getattr(model, "encoders", None), torch_module_dict()):
         for m, latent in claim.probes:
@@ -278,6 +196,10 @@ def arm_measures(
         out["gate_gap"] = measured[clean] - measured[noisy]
     if hasattr(model, "club_lag"):
         out.update({k: v for k, v in model.club_lag(data["valid"], data["test"]).items() if k.startswith("mi_")})
+        out.update(redundancy_measures(model, data))
+    out.update(noise_areas(model, data, tuple(m for m in model.modalities if m in data["test"])))
+    count = min(MECHANISM_SAMPLES, len(data["valid"]["label"]))
+    out.update(model.mechanism(take(data["valid"], torch.arange(count))))
     return out
 
 
@@ -307,8 +229,10 @@ def make_report(
             arms[arm.label] = {k: mean_std([runs[arm.label].get(k, math.nan) for runs in per_seed]) for k in keys}
         effects = [{"text": e.text, "measure": e.measure, **verdict(effect_values(e, per_seed))} for e in claim.effects]
         out_claims.append(
-            {"key": claim.key, "title": claim.title, "task": claim.task, "arms": arms, "effects": effects}
-        )
+            {"key": claim.key, "title": claim.title, "task": claim.task, "arms": arms, "effects": effects,
+             "columns": [k for k in claim.columns if any(k in a for a in arms.values())]}
+        )  # fmt: skip
+    adjust_verdicts([e for c in out_claims for e in c["effects"]])
     return {
         "command": command_line(args),
         "machine": machine(1),
@@ -319,8 +243,17 @@ def make_report(
         "model": MODEL,
         "seconds": seconds,
         "claims": out_claims,
+        "after_the_fact": list(AFTER_THE_FACT),
         "runs": {c.key: {str(s): measured[c.key, s] for s in seeds} for c in claims},
     }
+
+
+def adjust_verdicts(effects: list[dict[str, Any]]) -> None:
+    """Holm-adjust the p-values of every measured effect of the run (``p_holm``) and judge on the adjusted p."""
+    measured = [e for e in effects if e["verdict"] != "not measured"]
+    for e, adjusted in zip(measured, holm([e["p"] for e in measured]), strict=True):
+        e["p_holm"] = adjusted
+        e["verdict"] = verdict(e["values"], adjusted)["verdict"]
 
 
 def _cell(stats: dict[str, float] | None, digits: int = 3) -> str:
@@ -338,37 +271,38 @@ def format_report(report: dict[str, Any]) -> str:
         "",
         f"Each run: {sizes['train']} / {sizes['valid']} / {sizes['test']} samples (train / valid / test) drawn per "
         f"seed, hidden {report['model']['hidden']}, one layer, AdamW 3e-3, batch 64, {report['steps']} steps, "
-        f"validation every {report['eval_every']} steps; the weights at the best validation MAE are measured on "
-        f"the test split. Seeds {', '.join(map(str, report['seeds']))}; effects are paired by seed (mean ± std, "
-        "d = mean / std, exact one-sided sign-flip p). Machine: "
+        f"validation every {report['eval_every']} steps; the weights at the best validation MAE (error rate for "
+        f"classes) are measured on the test split. Seeds {', '.join(map(str, report['seeds']))}; effects are paired "
+        "by seed (mean ± std, d = mean / std, exact one-sided sign-flip p, and p Holm-adjusted over every row; the "
+        "verdict reads the adjusted p). Machine: "
         f"{report['machine']}; {report['seconds'] / 60:.0f} min in all. Tasks: `bench/claim_tasks.py`.",
         "",
-        "| claim | effect (positive = as claimed) | mean ± std | d | p | verdict |",
-        "|---|---|---|---|---|---|",
+        "| claim | effect (positive = as claimed) | mean ± std | d | p | p (Holm) | verdict |",
+        "|---|---|---|---|---|---|---|",
     ]
     for claim in report["claims"]:
         for e in claim["effects"]:
             if e["verdict"] == "not measured":
-                lines.append(f"| {claim['key']} | {e['text']} | | | | not measured |")
+                lines.append(f"| {claim['key']} | {e['text']} | | | | | not measured |")
                 continue
             lines.append(
                 f"| {claim['key']} | {e['text']} | {e['mean']:+.3f} ± {e['std']:.3f} | {e['d']:+.2f} | "
-                f"{e['p']:.3f} | **{e['verdict']}** |"
+                f"{e['p']:.3f} | {e['p_holm']:.3f} | **{e['verdict']}** |"
             )
+    lines += ["", "Chosen after a result of this benchmark was seen:", ""]
+    lines += [f"- {choice}" for choice in report.get("after_the_fact", [])]
     for claim in report["claims"]:
-        extra = sorted({k for a in claim["arms"].values() for k in a if "/" in k or k == "gate_gap"} & MEASURES)
         lines += ["", f"### {claim['title']}", "", f"Task `{claim['task']}`.", ""]
-        head = ["arm", "valid MAE ↓", "test MAE ↓", "test Corr ↑", *extra]
+        classes = "accuracy" in next(iter(claim["arms"].values()))
+        metrics = ("valid_error", "accuracy", "f1_macro") if classes else ("valid_error", "mae", "corr")
+        names = ("valid error ↓", "test accuracy ↑", "test macro F1 ↑") if classes else ("valid MAE ↓", "test MAE ↓",
+                                                                                       "test Corr ↑")  # fmt: skip
+        head = ["arm", *names, *claim["columns"]]
         lines += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
         for label, stats in claim["arms"].items():
-            cells = [label, *(_cell(stats.get(k)) for k in ("valid_mae", "mae", "corr", *extra))]
+            cells = [label, *(_cell(stats.get(k)) for k in (*metrics, *claim["columns"]))]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-# Claim-specific measures shown in the per-claim tables (every measure is in the JSON).
-MEASURES = {"probe/audio/s2", "probe/text/s1", "gate_gap", "gate_rate/video_clean", "gate_rate/video_noisy",
-            "mi_refit/text-audio", "mi_running/text-audio"}  # fmt: skip
 
 
 def command_line(args: argparse.Namespace) -> str:

@@ -38,10 +38,10 @@ write_section = partial(replace_section, name="synthetic")  # (path, body)
 SIZES = {"train": 2000, "valid": 500, "test": 1000}
 SINGLE = {"late[t]": ("text",), "late[a]": ("audio",), "late[v]": ("video",)}
 ALL = ("text", "audio", "video")
-# Variants beside the defaults: MIM's published loc_bias 3 starts every gate saturated open (sigmoid(9)), where
-# the straight-through gradient is ~1e-4; starting the gates at the threshold with a stronger L0 penalty lets
-# them learn. TCMax with the finer 25-bin grid. BC-PMJRS with its information terms switched off in turn (the
-# default row has both).
+# Variants beside the defaults: MIM's published loc_bias 3 starts every gate saturated open (sigmoid(9)) and they
+# stay open (fusion/models/mim.py: below a penalty cliff no setting moves them); starting the gates at the
+# threshold with a 10x L0 penalty makes them move. TCMax with the finer 25-bin grid. BC-PMJRS with its
+# information terms switched off in turn (the default row has both).
 VARIANTS = {
     "mim[loc_bias=0 penalty=1]": ("mim", ALL, {"loc_bias": 0.0, "penalty_weight": 1.0}),
     "tcmax[25 bins]": ("tcmax", ALL, {"num_bins": 25}),

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from bench.claim_stats import Effect, effect_values, probe_r2, sign_flip_p, verdict
+from bench.claim_stats import Effect, effect_values, holm, probe_r2, sign_flip_p, verdict
 from bench.claim_tasks import TASKS, directions, make_data
 from bench.claims import CLAIMS
 from mmfuse.cli import main
@@ -31,8 +31,8 @@ def test_nuisance_predicts_the_label_in_train_and_valid_only() -> None:
 
 def test_purification_marks_half_the_video_steps_as_noise() -> None:
     data = make_data(TASKS["purification"], 1, SIZES)["train"]
-    share = float(data["noisy"].sum() / data["video_mask"].sum())
-    assert 0.45 < share < 0.55 and not (data["noisy"] & ~data["video_mask"]).any()
+    share = float(data["video_noisy"].sum() / data["video_mask"].sum())
+    assert 0.45 < share < 0.55 and not (data["video_noisy"] & ~data["video_mask"]).any()
     assert corr(data["s2"], data["label"]) > 0.6  # the noisy modality carries half the label: it is necessary
 
 
@@ -73,8 +73,28 @@ def test_effects_are_signed_as_claimed_and_judged() -> None:
     five = verdict([0.1, 0.2, 0.15, 0.12, 0.3])
     assert five["verdict"] == "reproduced" and five["p"] == pytest.approx(1 / 32)
     assert five["d"] == pytest.approx(five["mean"] / five["std"])
-    assert verdict([0.1, -0.2, 0.15, 0.12, 0.3])["verdict"] == "not reproduced"  # p = 5/32
+    assert verdict([0.1, -0.2, 0.15, 0.12, 0.3])["verdict"] == "inconclusive"  # right direction, p = 5/32
+    assert verdict([-0.1, -0.2, 0.15, 0.12, -0.3])["verdict"] == "not reproduced"  # mean < 0
+    assert verdict([0.1, 0.2, 0.15, 0.12, 0.3], p=0.06)["verdict"] == "inconclusive"  # judged on the adjusted p
     assert verdict(None) == {"verdict": "not measured"}
+
+
+def test_holm_adjustment_by_hand() -> None:
+    # sorted 0.01, 0.02, 0.04, 0.3 times 4, 3, 2, 1 -> 0.04, 0.06, 0.08, 0.3, then non-decreasing, in input order
+    assert holm([0.04, 0.01, 0.3, 0.02]) == pytest.approx([0.08, 0.04, 0.3, 0.06])
+    assert holm([0.5, 0.4]) == pytest.approx([0.8, 0.8])  # 0.4 * 2 = 0.8, then max(0.8, 0.5 * 1)
+    assert holm([0.9, 0.9, 0.9]) == pytest.approx([1.0, 1.0, 1.0])  # capped at 1
+
+
+def test_competition_classes_needs_the_weak_modality_for_its_second_bit() -> None:
+    task = TASKS["competition_classes"]
+    data = make_data(task, 4, SIZES)["train"]
+    assert task.settings == {"task": "classification", "num_classes": 4} and data["label"].dtype == torch.long
+    assert torch.equal(data["label"], 2 * (data["s1"] > 0).long() + (data["s2"] > 0).long())
+    assert set(data["label"].tolist()) == {0, 1, 2, 3}
+    # the best text-only rule (the sign of s1, known exactly) gets the high bit: half the classes at most
+    text_only = 2 * (data["s1"] > 0).long() + 1
+    assert 0.4 < float((text_only == data["label"]).float().mean()) < 0.6
 
 
 class MeanEncoder(nn.Module):
@@ -110,8 +130,8 @@ def test_quick_run_reports_every_effect(tmp_path, capsys) -> None:
         assert set(claim["arms"]) == {a.label for a in wanted[claim["key"]].arms}
         assert [e["text"] for e in claim["effects"]] == [e.text for e in wanted[claim["key"]].effects]
         for e in claim["effects"]:
-            assert e["verdict"] in ("reproduced", "not reproduced") and len(e["values"]) == 2
-            assert e["mean"] == pytest.approx(sum(e["values"]) / 2) and 0 < e["p"] <= 1
+            assert e["verdict"] in ("reproduced", "inconclusive", "not reproduced") and len(e["values"]) == 2
+            assert e["mean"] == pytest.approx(sum(e["values"]) / 2) and 0 < e["p"] <= e["p_holm"] <= 1
             assert f"{e['mean']:+.3f} ± {e['std']:.3f}" in text
     mim = report["claims"][0]
     gaps = [report["runs"]["mim"][s]["mim"]["gate_gap"] for s in ("0", "1")]
@@ -121,3 +141,22 @@ def test_quick_run_reports_every_effect(tmp_path, capsys) -> None:
     assert report["claims"][1]["effects"][0]["values"] == pytest.approx(expected)
     assert all(math.isfinite(report["runs"]["ithp"]["0"][arm]["mae"]) for arm in ("late", "early", "mult"))
     assert "<!-- claims:begin -->" in out.read_text() and "| claim | effect (positive = as claimed) |" in text
+
+
+@pytest.mark.integration
+def test_quick_tcmax_claims_run_classification_and_regression_with_the_mechanism(tmp_path, capsys) -> None:
+    report_path = tmp_path / "claims.json"
+    argv = ["bench", "claims", "--quick", "--claims", "tcmax,tcmax_regression", "--jobs", "1", "--steps", "6"]
+    assert main([*argv, "--eval-every", "3", "--seeds", "0", "--json", str(report_path)]) == 0
+    text = capsys.readouterr().out
+    report = json.loads(report_path.read_text())
+    runs = report["runs"]["tcmax"]["0"]
+    assert 0 <= runs["tcmax"]["accuracy"] <= 1 and "mae" not in runs["tcmax"]  # classification metrics
+    assert (
+        runs["tcmax"]["grad_share/product_negative"] > 0 and runs["tcmax[TC off]"]["grad_share/product_negative"] == 0
+    )
+    regression = report["runs"]["tcmax_regression"]["0"]
+    assert regression["tcmax"]["grad_share/task"] > 0 and "mae" in regression["tcmax[constant_normaliser]"]
+    assert "| arm | valid error ↓ | test accuracy ↑ | test macro F1 ↑ |" in text
+    assert "grad_share/product_negative" in report["claims"][0]["columns"]
+    assert "Chosen after a result of this benchmark was seen:" in text
