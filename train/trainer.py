@@ -227,7 +227,9 @@ def evaluate(
     Multilabel metrics are named by label key (``acc/happy``, ``f1/happy``, ...). ``progress(samples read,
     samples in the split)`` is called after each batch (this rank's share under DDP). ``rows``, when given,
     receives one dict per scored sample of this rank: ``key``, ``label`` and ``prediction`` (see
-    ``prediction_row``)."""
+    ``prediction_row``). Besides the task metrics: ``grad_share/<loss>``, each loss term's share of the gradient on
+    this rank's first batch (``fusion.base.mechanism_shares``: whether the method's own terms drive it), and
+    ``diag/<key>``, the model's scalar diagnostics averaged over the split (gate rates, KL terms, MI estimates)."""
     d = d or Dist()
     data = dataclasses.replace(config.data, num_workers=min(config.data.num_workers, 1))
     dataset = ShardDataset.of(shards)

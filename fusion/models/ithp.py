@@ -36,6 +36,15 @@ layers and the same reconstruction targets.
 Mechanism, measured at every evaluation: ``kl0`` / ``kl1`` (the bottlenecks' KL, unweighted, in
 ``diagnostics``) and the gradient share of the ``kl`` losses (``FusionModel.mechanism``).
 
+Finding: with the published weights (IB weight 2 / (beta + gamma) = 0.05, lam = 0.3) the KL terms carry little of
+the gradient: on the claims benchmark's nuisance task (seed 0, 400 steps, 256 validation samples) 2.3 % (kl0)
+and 1.3 % (kl1), under the 10 % we ask of a method's own term; the reconstruction terms and the task loss carry
+the rest. The KL is not zero (0.07 and 0.06 nats per latent dim against 0.05 and 0.02 without the bottleneck),
+so the bottleneck is on, but weakly. We keep the published weights: a stronger KL weight would be another
+method, and the task of the paper's kind (a nuisance that shifts only at test) has no validation signal that
+could choose one without looking at the test split. This is a stated deviation from "the mechanism carries
+at least 10 %".
+
 Latent sizes: the dataclass defaults are the published 128 / 64 (for 768-d DeBERTa tokens); the ``ithp`` training
 preset scales them to its 64-d encoder (b0 = hidden / 2 = 32, b1 = hidden / 4 = 16), so the bottleneck stays
 narrower than its input; ``model.b0_dim=128 model.b1_dim=64`` restores the published sizes.

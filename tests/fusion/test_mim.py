@@ -250,9 +250,9 @@ def _noisy_half(n: int, g: torch.Generator) -> tuple[dict[str, torch.Tensor], to
 
 
 def test_gates_learn_to_keep_clean_steps_over_noisy_ones() -> None:
-    # With the defaults (loc_bias 3) every gate starts saturated open (sigmoid(9)), where the straight-through
-    # gradient is ~1e-4, so 150 steps cannot move them. Starting at the decision boundary (loc_bias 0) with a
-    # strong L0 penalty, the penalty closes what the task does not need: the noisy steps.
+    # With the defaults (loc_bias 3, penalty 0.1) every gate starts saturated open (sigmoid(9)) and stays open
+    # (fusion/models/mim.py: below a penalty cliff no setting tried moves them). Starting at the decision boundary
+    # (loc_bias 0) with a strong L0 penalty, the penalty closes what the task does not need: the noisy steps.
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     model = build_model(
