@@ -144,6 +144,9 @@ class FusionModel(nn.Module):
 
     Config: ClassVar[type[FusionConfig]] = FusionConfig
     uses_every_parameter: bool = False
+    # Loss keys that only fit an estimator's own critic (BC-PMJRS's CLUB likelihood): left out of the gradient
+    # shares, whose question is what drives the representation and the prediction.
+    critic_fit_losses: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: FusionConfig) -> None:
         super().__init__()
@@ -208,14 +211,16 @@ class FusionModel(nn.Module):
 
 
 def mechanism_shares(model: nn.Module, batch: dict[str, Tensor]) -> dict[str, float]:
-    """``grad_share/<loss>`` of ``model`` (a fusion model, or any module whose forward returns ``FusionOutput``)
-    on ``batch``, in eval mode with gradients enabled; the module's train/eval mode is restored."""
+    """``grad_share/<loss>`` of ``model`` (a fusion model, or a module holding one as ``.fusion`` whose forward
+    returns ``FusionOutput``) on ``batch``, in eval mode with gradients enabled, for every loss but the fusion
+    model's ``critic_fit_losses``; the module's train/eval mode is restored."""
+    skip = set(getattr(getattr(model, "fusion", model), "critic_fit_losses", ()))
     was_training = model.training
     model.eval()
     try:
         with torch.enable_grad():
-            out = model(batch)
-            return {f"grad_share/{k}": v for k, v in gradient_shares(out.losses, model.parameters()).items()}
+            losses = {k: v for k, v in model(batch).losses.items() if k not in skip}
+            return {f"grad_share/{k}": v for k, v in gradient_shares(losses, model.parameters()).items()}
     finally:
         model.train(was_training)
 

@@ -145,6 +145,7 @@ class BCPMJRSConfig(FusionConfig):
 class BCPMJRS(FusionModel):
     Config = BCPMJRSConfig
     uses_every_parameter = True  # missing modalities are masked, never skipped (FusionModel)
+    critic_fit_losses = ("club_fit",)  # trains q only: not part of the gradient shares
 
     def __init__(self, config: BCPMJRSConfig) -> None:
         super().__init__(config)

@@ -96,6 +96,8 @@ def test_bc_pmjrs_default_mi_terms_reach_the_encoders() -> None:
         assert sum(float(g.abs().sum()) for g in grads if g is not None) > 0, key
     shares = model.mechanism(make_batch())
     assert shares["grad_share/mi_min"] > 0 and shares["grad_share/mi_max"] > 0
+    assert set(shares) == {"grad_share/task", "grad_share/mi_min", "grad_share/mi_max"}  # q's own fit left out
+    assert sum(shares.values()) == pytest.approx(1.0)
 
 
 def test_mim_default_gates_carry_gradient_to_the_mask_learners() -> None:
