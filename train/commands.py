@@ -264,7 +264,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def _shown(metrics: dict[str, Any]) -> str:
-    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+    """The metrics and gradient shares on one line; the model's diagnostics (``diag/...``) are in ``--json``."""
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and "diag/" not in k)
 
 
 def _check_eval_options(args: argparse.Namespace) -> None:
