@@ -36,9 +36,11 @@ label embedding and its critic included), so from one seed the full model and ea
 weights; a switched-off term's modules are frozen (``requires_grad`` False) and stay out of the optimiser.
 
 Mechanism, measured at every evaluation: ``mi/<a>-<b>`` (the running CLUB estimate), ``mi_max/infonce`` and the
-gradient shares of ``mi_min`` and ``mi_max`` (``FusionModel.mechanism``). The reported redundancy is not CLUB (a
-re-fitted q reads tens of nats where the true MI is about 1.5): the claims benchmark scores u_text and u_audio
-with ``fusion.estimators.measure`` (a linear-Gaussian estimate and a held-out InfoNCE bound).
+gradient shares of ``mi_min`` and ``mi_max`` (``FusionModel.mechanism``; ``club_fit`` is left out, it trains q
+only). On the claims benchmark's redundancy task (seeds 0-9) MI-min carries 0.54 ± 0.09 of the gradient and
+MI-max 0.16 ± 0.08: both terms drive the encoders, though neither lowers the MAE there. The reported redundancy
+is not CLUB (a re-fitted q reads tens of nats where the true MI is about 1.5): the claims benchmark scores u_text
+and u_audio with ``fusion.estimators.measure`` (a linear-Gaussian estimate and a held-out InfoNCE bound).
 
 LTP/LTD (methods.md 2.6 option B): ``end_epoch(val_metrics)`` reads ``val_metrics["task_loss"]`` (the mean
 validation task loss). If it improved on the best so far (LTP; the first epoch always does) lambda_max *= 1 + eta
@@ -321,7 +323,7 @@ class BCPMJRS(FusionModel):
     def mi_max_estimate(self, z_joint: Tensor, label: Tensor, alive: Tensor) -> Tensor:
         """InfoNCE lower bound on I(z_joint; y) in nats over the samples with any modality (0 below 2 samples)."""
         if not self.use_mi_max:
-            raise RuntimeError("MI-max is switched off (mi_max=False or lambda_max=0): no label critic was built")
+            raise RuntimeError("MI-max is switched off (mi_max=False or lambda_max=0): its label critic is not trained")
         if self.config.task == "regression":
             embedded = self.label_embedding(label.float().reshape(-1, 1))
         elif self.config.task == "classification":
