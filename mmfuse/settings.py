@@ -45,19 +45,29 @@ NONE = ("none", "null", "~")
 _NUMBER = re.compile(r"[+-]?(?:\d(?:_?\d)*(?:\.(?:\d(?:_?\d)*)?)?|\.\d(?:_?\d)*)(?:[eE][+-]?\d+)?")
 
 
+QUOTE_LIMIT = 120  # characters of a value an error message quotes
+
+
+def quoted(value: Any, limit: int = QUOTE_LIMIT) -> str:
+    """``repr(value)`` for an error message, cut to ``limit`` characters (with the full length) so a huge value
+    (an expanded YAML structure, a pasted file) cannot flood the terminal."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def parse_number(value: Any) -> int | float:
     """``value`` (a number or its text) as an int when written as one, else a float; ValueError otherwise."""
     if isinstance(value, bool):
-        raise ValueError(f"{value!r} is not a number")
+        raise ValueError(f"{quoted(value)} is not a number")
     if isinstance(value, (int, float)):
         number = value
     elif isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
         text = value.strip().replace("_", "")
         number = int(text) if re.fullmatch(r"[+-]?\d+", text) else float(text)
     else:
-        raise ValueError(f"{value!r} is not a number")
+        raise ValueError(f"{quoted(value)} is not a number")
     if isinstance(number, float) and not math.isfinite(number):
-        raise ValueError(f"{value!r} is not a finite number")
+        raise ValueError(f"{quoted(value)} is not a finite number")
     return number
 
 
@@ -74,24 +84,24 @@ def coerce(tp: Any, value: Any) -> Any:
     if origin is tuple or tp is tuple:
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)):
-            raise ValueError(f"{value!r} is not a list or a comma-separated string")
+            raise ValueError(f"{quoted(value)} is not a list or a comma-separated string")
         return tuple(str(v).strip() for v in items if str(v).strip())
     if origin is dict or tp is dict:
         if not isinstance(value, Mapping):
-            raise ValueError(f"{value!r} is not a mapping")
+            raise ValueError(f"{quoted(value)} is not a mapping")
         return dict(value)
     if tp is bool:
         return _boolean(value)
     if tp is int:
         number = parse_number(value)
         if isinstance(number, float) and not number.is_integer():
-            raise ValueError(f"{value!r} is not an integer")
+            raise ValueError(f"{quoted(value)} is not an integer")
         return int(number)
     if tp is float:
         return float(parse_number(value))
     if tp is str:
         if isinstance(value, (Mapping, list, tuple)):
-            raise ValueError(f"{value!r} is not a string")
+            raise ValueError(f"{quoted(value)} is not a string")
         return str(value)
     if tp is Any:
         return value
@@ -106,18 +116,24 @@ def _boolean(value: Any) -> bool:
         return True
     if text in FALSE:
         return False
-    raise ValueError(f"{value!r} is not a boolean (true/false)")
+    raise ValueError(f"{quoted(value)} is not a boolean (true/false)")
 
 
 @functools.cache
 def _loader() -> type:
     """PyYAML's safe loader with YAML 1.2's booleans: only ``true`` / ``false`` are booleans, so ``amp: off`` is
     the text "off" (YAML 1.1 made it False); the field's type reads ``yes`` / ``off`` as a boolean where one is
-    wanted (:func:`coerce`)."""
+    wanted (:func:`coerce`). Aliases are refused."""
     import yaml
 
     class Loader(yaml.SafeLoader):
-        pass
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            """Refuse aliases (``*name``): settings never need them, and nested ones expand exponentially (a few
+            hundred bytes of "billion laughs" become gigabytes)."""
+            if self.check_event(yaml.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in settings", mark)
+            return super().compose_node(parent, index)
 
     Loader.yaml_implicit_resolvers = {
         first: [(tag, regex) for tag, regex in resolvers if tag != "tag:yaml.org,2002:bool"]
@@ -155,7 +171,7 @@ def parse_override(token: str, error: type[Exception]) -> tuple[str, Any]:
     import yaml
 
     if "=" not in token:
-        raise error(f"override {token!r} is not KEY=VALUE")
+        raise error(f"override {quoted(token)} is not KEY=VALUE")
     key, raw = token.split("=", 1)
     try:
         value = load_yaml(raw) if raw.strip() else ""
@@ -249,9 +265,9 @@ def _unknown(key: str, paths: Mapping[str, tuple[str, ...]]) -> str:
     closest valid key when one is close (difflib's ratio of at least 0.6)."""
     where = sorted(k for k, p in paths.items() if "." in k and p[-1] == key)
     if len(where) > 1:
-        return f"setting {key!r} is in several sections: write {' or '.join(where)}"
+        return f"setting {quoted(key)} is in several sections: write {' or '.join(where)}"
     close = difflib.get_close_matches(key, list(paths), n=1)
-    return f"unknown setting {key!r}" + (f" (did you mean {close[0]}?)" if close else "")
+    return f"unknown setting {quoted(key)}" + (f" (did you mean {close[0]}?)" if close else "")
 
 
 def _instantiate(

@@ -20,7 +20,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import re
 import tarfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -43,9 +42,6 @@ STEP_RATES = {"Tt": 20.0, "Ta": 50.0, "N": float(SAMPLE_RATE)}  # steps per seco
 MIN_STEPS = 4096  # a time axis may always be this long (short clips with long transcripts)
 MAX_WIDTH = 8192  # a feature width dataset.json does not declare
 NPY_HEADER_BYTES = 1 << 16  # room for a .npy header on top of the array bytes
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
-_STEP = bytes.maketrans(b"[]{}", b"\x02\x00\x02\x00")  # opening +1, closing -1 (after subtracting 1)
 
 
 @dataclass(frozen=True)
@@ -216,7 +212,21 @@ def load_json(data: bytes, max_bytes: int = META_MAX_BYTES, max_depth: int = JSO
 
 
 def json_depth(data: bytes) -> int:
-    """Deepest bracket nesting of a JSON text, strings left out (an over-estimate for malformed text)."""
-    brackets = _STRING.sub(b"", data).translate(None, _NOT_BRACKETS)
-    step = np.frombuffer(brackets.translate(_STEP), np.int8).astype(np.int32) - 1
-    return int(np.cumsum(step).max(initial=0))
+    """Deepest bracket nesting of a JSON text, strings left out, in one linear pass (vectorised).
+
+    A quote opens or closes a string unless an odd run of backslashes precedes it; brackets count only outside
+    strings, so everything after an unterminated string is text (as a JSON parser reads it: it stops there).
+    Stray closing brackets may take the running depth below 0; the maximum is what bounds the parser's recursion.
+    """
+    raw = np.frombuffer(data, np.uint8)
+    if raw.size == 0:
+        return 0
+    positions = np.arange(raw.size)
+    last_plain = np.maximum.accumulate(np.where(raw != ord("\\"), positions, -1))  # last non-backslash up to i
+    run_before = np.concatenate(([0], positions[:-1] - last_plain[:-1]))  # backslashes right before position i
+    quotes = (raw == ord('"')) & (run_before % 2 == 0)
+    outside = np.cumsum(quotes) % 2 == 0  # after an even number of string quotes (a quote itself is never a bracket)
+    step = np.zeros(raw.size, np.int32)
+    step[(raw == ord("[")) | (raw == ord("{"))] = 1
+    step[(raw == ord("]")) | (raw == ord("}"))] = -1
+    return int(np.cumsum(step * outside).max(initial=0))

@@ -137,3 +137,31 @@ def test_extraction_settings_report_typos_and_bad_values_together(tmp_path) -> N
         "  workers: must be >= 0 or auto, got -1\n"
         "valid keys: asr, "
     )
+
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8)
+)  # 9^9 = 387 million strings from 9 lines
+
+
+def test_yaml_aliases_are_refused_before_they_expand(tmp_path) -> None:
+    from mmfuse.settings import read_yaml
+
+    config = tmp_path / "bomb.yaml"
+    config.write_text(BOMB)
+    with pytest.raises(Bad, match=r"cannot read config .*bomb\.yaml: aliases \(\*name\) are not allowed in settings"):
+        read_yaml(config, Bad)
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("anchored: &one 1\nepochs: 3\n")  # an anchor alone is harmless
+    assert read_yaml(plain, Bad) == {"anchored": 1, "epochs": 3}
+
+
+def test_an_override_with_aliases_stays_text_and_its_error_is_cut() -> None:
+    from mmfuse.settings import QUOTE_LIMIT, parse_override
+
+    assert parse_override("modalities=[&a text, *a]", Bad) == ("modalities", "[&a text, *a]")  # kept as typed
+    assert parse_override("modalities=[text, audio]", Bad) == ("modalities", ["text", "audio"])
+    with pytest.raises(ValueError) as info:
+        coerce(int, "9" * 5000 + "x")
+    message = str(info.value)
+    assert message.endswith("... (5003 characters) is not a number") and len(message) < QUOTE_LIMIT + 60

@@ -276,6 +276,22 @@ def test_npy_and_json_guards() -> None:
         load_npy(_npy((4096, 4096)))
     assert load_npy(_npy((8,), data=np.zeros(8, np.float16).tobytes())).shape == (8,)
     assert json_depth(b'{"a": [1, {"b": "[[[[{{{"}]}') == 3
+    assert json_depth(b'{"a": "x\\"[[", "b": [["\\\\"]]}') == 3  # an escaped quote stays inside; \\ closes
+    assert json_depth(b'[[ "open [[[[[[[[') == 2  # after an unterminated string everything is text
+    assert json_depth(b"") == 0 and json_depth(b"[]]][") == 1
+
+
+def test_json_depth_is_linear_on_escaped_quotes() -> None:
+    """A run of escaped quotes in an unterminated string took a backtracking regex quadratic time (300 KB: over a
+    minute); one vectorised pass reads 3 MB of it in well under a second."""
+    import time
+
+    hostile = b'"' + b'\\"' * 1_500_000
+    started = time.perf_counter()
+    assert json_depth(hostile + b"[[[") == 0
+    assert time.perf_counter() - started < 2.0
+    with pytest.raises(SchemaError):
+        load_json(hostile)
     assert load_json(json.dumps({"a": [[[1]]]}).encode()) == {"a": [[[1]]]}
     with pytest.raises(SchemaError, match="nested 65 levels deep"):
         load_json(b"[" * 65 + b"]" * 65)
