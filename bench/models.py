@@ -88,16 +88,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def parse_seeds(text: str) -> list[int]:
-    """``--seeds 1,2,3`` -> [1, 2, 3]; a clear error for anything else (also used by ``bench claims``)."""
-    from train.config import TrainConfigError
+    """``--seeds 1,2,3`` -> [1, 2, 3]; a clear error for anything else (``train.config.parse_seeds``; also used by
+    ``bench claims``)."""
+    from train.config import parse_seeds as parse
 
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError as exc:
-        raise TrainConfigError(f"--seeds {text!r}: give comma-separated integers, e.g. 1,2,3") from exc
-    if not seeds:
-        raise TrainConfigError("--seeds: give at least one seed")
-    return seeds
+    return parse(text)
 
 
 def compare(

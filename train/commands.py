@@ -141,7 +141,7 @@ def _resumed_config(run_dir: Path) -> dict[str, Any] | None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from train.config import TrainConfigError, make_train_config
+    from train.config import TrainConfigError, make_train_config, parse_seeds
     from train.trainer import fit
 
     base = _resumed_config(args.run_dir) if args.resume else None
@@ -156,13 +156,15 @@ def run_train(args: argparse.Namespace) -> int:
             final = fit(config, args.shards, args.run_dir, resume=args.resume, progress=bar)
         _print_final(args.run_dir, final)
         return 0
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    # every seed's settings are checked before the first run starts, so a bad one cannot stop the series midway
+    settings = config.to_dict()
+    seeded = {s: make_train_config(config.model, None, [f"seed={s}"], base=settings) for s in parse_seeds(args.seeds)}
     results = {}
-    for seed in seeds:
-        seeded = make_train_config(config.model, None, [f"seed={seed}"], base=config.to_dict())
+    for seed, seeded_config in seeded.items():
         run_dir = args.run_dir / f"seed-{seed}"
         with args.progress(f"train seed {seed}", "step") as bar:
-            results[seed] = fit(seeded, args.shards, run_dir, resume=args.resume and run_dir.is_dir(), progress=bar)
+            resume = args.resume and run_dir.is_dir()
+            results[seed] = fit(seeded_config, args.shards, run_dir, resume=resume, progress=bar)
     table = seeds_table(results)
     args.run_dir.mkdir(parents=True, exist_ok=True)
     (args.run_dir / "seeds.md").write_text(table + "\n")

@@ -22,7 +22,7 @@ from typing import Any
 import fusion
 from fusion.base import FusionConfigError
 from mmfuse.errors import MmfuseError
-from mmfuse.settings import as_flat_dict, build, canonical, coerce, parse_override, read_yaml
+from mmfuse.settings import as_flat_dict, build, canonical, coerce, parse_override, quoted, read_yaml
 from train.data import DataConfig
 from train.inputs import label_keys
 
@@ -31,6 +31,7 @@ MODES = ("frozen", "end_to_end")
 AMP = ("auto", "off", "bf16", "fp16")
 SCHEDULES = ("cosine", "linear", "constant")
 SELECTIONS = ("valid", "last")
+MAX_SEED = 2**32 - 1  # numpy's seeding range; torch's is wider
 
 
 class TrainConfigError(MmfuseError, ValueError):
@@ -96,7 +97,26 @@ class RunConfig:
             out.append(f"selection: must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
             out.append(f"device: {self.device!r} must be auto, cpu, cuda or cuda:N")
+        if not 0 <= self.seed <= MAX_SEED:
+            out.append(f"seed: must be an integer in [0, {MAX_SEED}], got {quoted(self.seed)}")
         return out
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``--seeds 1,2,3`` -> [1, 2, 3]; one TrainConfigError for anything else, every seed checked before any run
+    starts (integers in [0, MAX_SEED], no repeats)."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError as exc:
+        raise TrainConfigError(f"--seeds {quoted(text)}: give comma-separated integers, e.g. 1,2,3") from exc
+    if not seeds:
+        raise TrainConfigError("--seeds: give at least one seed")
+    bad = [s for s in seeds if not 0 <= s <= MAX_SEED]
+    if bad:
+        raise TrainConfigError(f"--seeds: every seed must be in [0, {MAX_SEED}], got {quoted(bad)}")
+    if len(set(seeds)) != len(seeds):
+        raise TrainConfigError(f"--seeds {quoted(text)}: a seed is repeated")
+    return seeds
 
 
 @dataclass

@@ -134,3 +134,23 @@ def test_words_yaml_1_1_took_for_booleans_stay_words(tmp_path) -> None:
     path.write_text("amp: off\nskip_bad_samples: yes\ncompile: off\n")
     config = make_train_config("late", path)
     assert (config.run.amp, config.data.skip_bad_samples, config.run.compile) == ("off", True, False)
+
+
+def test_every_seed_is_checked_before_any_run_starts(tmp_path, capsys) -> None:
+    from mmfuse.cli import main
+    from train.config import parse_seeds
+
+    with pytest.raises(TrainConfigError, match=r"seed: must be an integer in \[0, 4294967295\], got 10000000000"):
+        make_train_config("late", overrides=["seed=1e10"])
+    assert parse_seeds("3, 1,2") == [3, 1, 2]
+    with pytest.raises(TrainConfigError, match=r"--seeds: every seed must be in \[0, 4294967295\], got \[99999999999"):
+        parse_seeds("1,99999999999999999999")
+    with pytest.raises(TrainConfigError, match="a seed is repeated"):
+        parse_seeds("1,2,1")
+    with pytest.raises(TrainConfigError, match="give comma-separated integers"):
+        parse_seeds("1,two")
+    run_dir = tmp_path / "runs"
+    argv = ["train", "--shards", str(tmp_path / "shards"), "--model", "late", "--run-dir", str(run_dir)]
+    assert main([*argv, "--seeds", "1,99999999999999999999"]) != 0
+    assert "every seed must be in" in capsys.readouterr().err
+    assert not run_dir.exists()  # nothing created, nothing to refuse on a rerun
