@@ -25,7 +25,7 @@ from mmfuse.errors import MmfuseError
 from shards.dataset import FeatureSetMismatch, feature_set_hash
 from shards.schema import MODALITIES, SAMPLE_RATE, make_key, validate_sample
 from train.batches import Normalise, collate
-from train.checkpoint import checkpoint_dataset, load_checkpoint
+from train.checkpoint import CheckpointError, checkpoint_dataset, load_checkpoint
 from train.config import TrainConfig, make_train_config
 from train.inputs import DataError, has_video_geom
 from train.pipeline import FusionPipeline
@@ -159,9 +159,35 @@ def load_network(ckpt: Mapping[str, Any], device: str = "cpu") -> tuple[TrainCon
     """The checkpoint's training config and network (eval mode, on ``device``, a resolved device name); also
     what ``mmfuse eval`` scores."""
     config = make_train_config(ckpt["model_name"], None, ["num_workers=0", f"device={device}"], base=ckpt["config"])
+    check_state_shapes(config, ckpt)
     net = FusionPipeline(config, ckpt["dims"], checkpoint_dataset(ckpt))
     net.load_state_dict(ckpt["model"])
     return config, net.to(device).eval()
+
+
+def check_state_shapes(config: TrainConfig, ckpt: Mapping[str, Any]) -> None:
+    """Refuse a checkpoint whose recorded sizes (dims, model settings) do not build the fusion model its weights
+    fit, before anything is allocated: the fusion model is first built on the meta device (shapes only, no
+    memory) and every parameter and buffer compared with the saved ``fusion.`` state. A few-MB file declaring a
+    10-million-wide input would otherwise build gigabytes of layers before the mismatch shows. (The end-to-end
+    encoders come from the local pretrained files the feature set names; ``load_state_dict`` checks them.)"""
+    import fusion
+
+    try:
+        dims = {m: int(ckpt["dims"][m]) for m in config.data.modalities}
+        with torch.device("meta"):
+            meta = fusion.build_model(config.model, **config.model_kwargs(dims))
+    except (TypeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"the checkpoint's recorded sizes do not build a network: {exc}") from exc
+    expected = {f"fusion.{k}": tuple(v.shape) for k, v in meta.state_dict().items()}
+    saved = {k: tuple(v.shape) for k, v in ckpt["model"].items() if k.startswith("fusion.") and hasattr(v, "shape")}
+    problems = [f"{k}: saved {saved[k]}, the settings build {expected[k]}" for k in expected if k in saved
+                and saved[k] != expected[k]]  # fmt: skip
+    problems += [f"{k}: missing from the saved weights" for k in expected if k not in saved]
+    problems += [f"{k}: saved but not part of the network" for k in saved if k not in expected]
+    if problems:
+        shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+        raise CheckpointError(f"the checkpoint's weights do not fit the network its settings describe: {shown}")
 
 
 def model_batch(sample: dict[str, Any], ckpt: Mapping[str, Any], config: TrainConfig) -> dict[str, Any]:

@@ -153,6 +153,11 @@ def test_end_to_end_fine_tunes_encoders_and_frozen_does_not(bundled_dataset: Pat
     changed = [k for k, v in after.items() if not torch.equal(v, before[k[len("encoders.text.model.") :]])]
     assert any("encoder.layer.0" in k for k in changed)
     assert encoder_params(state, "encoders.audio.")
+    from train.predict import load_network
+
+    _, net = load_network(load_checkpoint(tmp_path / "e2e" / "checkpoints" / "last.pt"))  # shapes checked first
+    torch.testing.assert_close(net.state_dict()["encoders.text.model." + changed[0][len("encoders.text.model.") :]],
+                               state[changed[0]])  # fmt: skip
 
     frozen = make_train_config("late", overrides=[*FAST, "epochs=1"])
     fit(frozen, bundled_dataset, tmp_path / "frozen")
@@ -360,3 +365,27 @@ def test_each_group_is_clipped_on_its_own() -> None:
     torch.testing.assert_close(club.grad, torch.tensor([0.6, 0.8]))
     torch.testing.assert_close(weights.grad, torch.tensor([0.6, 0.0]))  # the split is clipped as one group: x 1/2
     torch.testing.assert_close(biases.grad, torch.tensor([0.8]))
+
+
+@pytest.mark.parametrize("model", ["late", "tcmax", "bc_pmjrs"])
+def test_checkpoint_sizes_that_do_not_fit_its_weights_are_refused_before_building(
+    bundled_dataset: Path, tmp_path: Path, model: str
+) -> None:
+    """A checkpoint whose recorded dims or model settings describe a far larger network than its weights is
+    refused from shapes alone (built on the meta device), naming the layer, before any memory is taken."""
+    import resource
+
+    from train.predict import load_network
+
+    fit(make_train_config(model, overrides=[*FAST, "epochs=1"]), bundled_dataset, tmp_path / "run")
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")
+    config, net = load_network(ckpt)  # the untouched checkpoint loads
+    assert isinstance(net, torch.nn.Module)
+    wide = dict(ckpt, dims={**ckpt["dims"], "text": 10_000_000})
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(CheckpointError, match=r"do not fit the network .*fusion\..*text.*10000000"):
+        load_network(wide)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB: nothing near 2.5 GB
+    deep = dict(ckpt, config={**ckpt["config"], "model_settings": {**ckpt["config"]["model_settings"], "hidden": 3000}})
+    with pytest.raises(CheckpointError, match="do not fit the network"):
+        load_network(deep)
