@@ -17,11 +17,13 @@ held is never removed: it belongs to the live writer holding it.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
 import os
 import re
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -109,7 +111,7 @@ class ShardLock:
     def claim(cls, path: Path, rank: int = 0, wait: bool = False) -> ShardLock | None:
         """The lock on ``path``, or None when another live writer holds it (``wait``: block until it is free)."""
         while True:
-            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+            fd = open_lock_file(path)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -135,10 +137,29 @@ class ShardLock:
         self.fd = -1
 
 
-def is_held(path: Path) -> bool:
-    """Whether a live writer holds the lock file ``path`` now (probed without taking, changing or removing it)."""
+def open_lock_file(path: Path) -> int:
+    """A descriptor on the lock file ``path`` (created when absent), never through a link: ``O_NOFOLLOW``, and the
+    file must be a regular file. A link or anything else there is an ``ExtractionError`` naming it (writing the
+    owner into it would overwrite whatever it points to)."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ExtractionError(f"{path} is a symbolic link: remove it (lock files are never followed)") from exc
+        if exc.errno == errno.EISDIR:
+            raise ExtractionError(f"{path} is not a regular file: remove it (it is where a lock file goes)") from exc
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ExtractionError(f"{path} is not a regular file: remove it (it is where a lock file goes)")
+    return fd
+
+
+def is_held(path: Path) -> bool:
+    """Whether a live writer holds the lock file ``path`` now (probed without taking, changing or removing it;
+    a link is never followed, and is not a held lock)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
         return False
     try:
@@ -185,7 +206,7 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = temp_path(out / DATASET_JSON)
-        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o644))
         probe.unlink()
     except OSError as exc:
         raise ExtractionError(f"--out {out} cannot be written ({exc.strerror}): choose a writable directory.") from exc

@@ -14,7 +14,7 @@ import re
 import tarfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -63,11 +63,22 @@ def temp_path(path: Path, rank: int = 0) -> Path:
     return path.with_name(f"{path.name}.tmp-r{rank}-p{os.getpid()}-{host_name()}")
 
 
+def open_new(path: Path) -> BinaryIO:
+    """``path`` opened for writing as a new regular file, never through a link: whatever is at that name (a stale
+    temporary file, or a symbolic link planted there) is removed first (a link itself, never its target), then
+    the file is created with ``O_EXCL | O_NOFOLLOW``, so a link that appears in between makes this fail instead
+    of writing into another file."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    return os.fdopen(fd, "wb")
+
+
 def atomic_write_bytes(path: Path, data: bytes, rank: int = 0) -> None:
-    """Write ``data`` to ``path`` via a temporary name (:func:`temp_path`), fsync, rename."""
+    """Write ``data`` to ``path`` via a temporary name (:func:`temp_path`, opened by :func:`open_new`), fsync,
+    rename (a rename replaces a link at ``path`` itself, never its target)."""
     tmp = temp_path(path, rank)
     try:
-        with open(tmp, "wb") as f:
+        with open_new(tmp) as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -98,7 +109,8 @@ class ShardWriter:
         self.keys: list[str] = []
         self.digests: dict[str, dict[str, str]] = {}
         self.nbytes = 0
-        self._tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
+        self._file = open_new(self.tmp)
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
 
     def write(self, sample: Mapping[str, Any]) -> None:
         if self.validate:
@@ -130,9 +142,10 @@ class ShardWriter:
     def commit(self) -> Path:
         """Flush, fsync and rename the shard to its final name."""
         try:
-            self._tar.close()
-            with open(self.tmp, "rb+") as f:
-                os.fsync(f.fileno())
+            self._tar.close()  # a tar given a file object leaves it open
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
             os.replace(self.tmp, self.path)
         except OSError as exc:
             self.abort()
@@ -142,10 +155,11 @@ class ShardWriter:
         return self.path
 
     def abort(self) -> None:
-        try:
-            self._tar.close()
-        except OSError:
-            pass
+        for close in (self._tar.close, self._file.close):
+            try:
+                close()
+            except OSError:
+                pass
         self.tmp.unlink(missing_ok=True)
 
 

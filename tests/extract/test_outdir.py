@@ -191,3 +191,34 @@ def test_dataset_json_records_the_longest_max_duration_of_the_runs_that_wrote_it
     assert load_dataset_json(out)["max_duration_s"] == 7200.0
     run_extract(manifest, None, out, tiny_cfg(modalities=("text",), max_duration_s=60))  # its shards are kept
     assert load_dataset_json(out)["max_duration_s"] == 7200.0
+
+
+def test_no_file_is_written_through_a_link_planted_in_the_output(tmp_path) -> None:
+    """A lock file, or a temporary name, that is a symbolic link to another file must never write into that file:
+    a link at a lock's name is refused naming it, a link at a temporary name is replaced by a new file."""
+    from extract.extractors.base import ExtractionError
+    from extract.outdir import ShardLock, is_held
+    from shards.io import ShardWriter, atomic_write_json, temp_path
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("train-000000.lock", "dataset.lock"):
+        (out / name).symlink_to(victim)
+        with pytest.raises(ExtractionError, match=rf"{name} is a symbolic link: remove it"):
+            ShardLock.claim(out / name, rank=0)
+        assert not is_held(out / name)
+    (out / "valid-000000.lock").mkdir()
+    with pytest.raises(ExtractionError, match="valid-000000.lock is not a regular file"):
+        ShardLock.claim(out / "valid-000000.lock", rank=0)
+    target = out / "dataset.json"
+    temp_path(target).symlink_to(victim)
+    atomic_write_json(target, {"ok": True})
+    assert json.loads(target.read_text()) == {"ok": True} and not target.is_symlink()
+    shard = out / "train-000001.tar"
+    temp_path(shard).symlink_to(victim)
+    writer = ShardWriter(shard, validate=False)
+    writer.commit()
+    assert shard.is_file() and not shard.is_symlink()
+    assert victim.read_text() == "precious"
