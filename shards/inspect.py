@@ -2,24 +2,55 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from shards import Progress
 from shards.dataset import STATUS_JSONL, load_dataset_json
-from shards.guard import ShardLimits, iter_raw_samples
+from shards.guard import ShardLimits, iter_raw_samples, load_json
 from shards.io import decode_sample
 from shards.schema import MODALITIES, SchemaError, validate_sample
 from shards.sidecar import ShardCheck, dataset_problems
 
+STATUS_LINE_MAX_BYTES = 1 << 20  # one clip's record (key, statuses, errors): capped as a meta.json is
+
 
 def read_status(root: Path) -> list[dict[str, Any]]:
+    """The records of ``root``'s status.jsonl ([] without one), read line by line through the JSON guard: each
+    line at most ``STATUS_LINE_MAX_BYTES`` and ``JSON_MAX_DEPTH`` deep, a mapping with a string ``key`` and
+    ``status`` and, if present, ``modalities`` mapping each modality to a mapping with a string ``status``.
+    A line that is not is a ``SchemaError`` naming the file and the line."""
     path = root / STATUS_JSONL
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    with open(path, "rb") as f:
+        for number, line in enumerate(iter(lambda: f.readline(STATUS_LINE_MAX_BYTES + 1), b""), 1):
+            if not line.strip():
+                continue
+            try:
+                if len(line) > STATUS_LINE_MAX_BYTES:
+                    raise SchemaError(f"a line over {STATUS_LINE_MAX_BYTES} bytes")
+                records.append(_status_record(load_json(line, STATUS_LINE_MAX_BYTES)))
+            except (SchemaError, ValueError) as exc:
+                raise SchemaError(f"{path} line {number}: {exc}") from exc
+    return records
+
+
+def _status_record(record: Any) -> dict[str, Any]:
+    """``record`` when it has the fields the readers use (ValueError naming the first that is wrong)."""
+    if not isinstance(record, dict):
+        raise ValueError("a record must be a JSON object")
+    for name in ("key", "status"):
+        if not isinstance(record.get(name), str):
+            raise ValueError(f"a record needs a string {name!r}")
+    modalities = record.get("modalities", {})
+    if not isinstance(modalities, dict) or not all(
+        isinstance(entry, dict) and isinstance(entry.get("status"), str) for entry in modalities.values()
+    ):
+        raise ValueError("'modalities' must map each modality to an object with a string 'status'")
+    return record
 
 
 def inspect_dataset(root: Path | str, verify: bool = False, progress: Progress | None = None) -> dict[str, Any]:

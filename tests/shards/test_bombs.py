@@ -297,3 +297,33 @@ def test_json_depth_is_linear_on_escaped_quotes() -> None:
         load_json(b"[" * 65 + b"]" * 65)
     with pytest.raises(SchemaError, match="over the 1048576-byte cap"):
         load_json(b" " * (1 << 20) + b"1")
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        (b"[" * 200_000 + b"]" * 200_000, "JSON nested 200000 levels deep"),
+        (b'{"key": "a"}', "a record needs a string 'status'"),
+        (b'{"key": "a", "status": "ok", "modalities": {"text": "ok"}}', "'modalities' must map each modality"),
+        (b'"x' + b" " * (1 << 20), "a line over 1048576 bytes"),
+    ],
+    ids=["nested", "no-status", "bad-modalities", "huge-line"],
+)
+def test_status_jsonl_is_read_through_the_guard(bundled_dataset: Path, tmp_path: Path, capsys, line, problem) -> None:
+    """inspect and report read status.jsonl line by line under the JSON guard: a hostile or damaged line is one
+    clear error naming the file and the line, not a RecursionError or KeyError."""
+    import shutil
+
+    from mmfuse.cli import main
+    from shards.inspect import read_status
+
+    root = tmp_path / "shards"
+    shutil.copytree(bundled_dataset, root)
+    good = read_status(root)
+    assert good and all(isinstance(r["status"], str) for r in good)
+    with open(root / "status.jsonl", "ab") as f:
+        f.write(line + b"\n")
+    with pytest.raises(SchemaError, match=rf"status.jsonl line {len(good) + 1}: .*{problem}"):
+        read_status(root)
+    assert main(["inspect", str(root)]) == 1
+    assert f"line {len(good) + 1}: " in capsys.readouterr().err
