@@ -228,10 +228,11 @@ def mechanism_shares(model: nn.Module, batch: dict[str, Tensor]) -> dict[str, fl
 def gradient_shares(losses: dict[str, Tensor], parameters: Any) -> dict[str, float]:
     """Each loss term's share of the gradient: ||d loss_k / d theta|| / sum_j ||d loss_j / d theta||.
 
-    theta: every parameter in ``parameters`` that requires a gradient (all groups together, so a term that
-    trains only its own critic still counts). The norms are of each term's own gradient, taken separately
-    (terms whose gradients cancel each other both count in full). A term with no path to any parameter has
-    share 0. Returns {} when no term has a gradient. Uses ``torch.autograd.grad``: no ``.grad`` is written.
+    theta: every parameter in ``parameters`` that requires a gradient, all optimiser groups together
+    (``mechanism_shares`` leaves out the losses that only fit an estimator's critic). The norms are of each
+    term's own gradient, taken separately (terms whose gradients cancel each other both count in full). A term
+    with no path to any parameter has share 0. Returns {} when no term has a gradient. Uses
+    ``torch.autograd.grad``: no ``.grad`` is written.
     """
     params = [p for p in parameters if p.requires_grad]
     norms: dict[str, float] = {}

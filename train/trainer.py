@@ -239,7 +239,7 @@ def evaluate(
     net.eval()
     preds, labels = [], []
     diagnostics = Diagnostics()
-    mechanism: dict[str, float] = {}
+    mechanism: dict[str, float] | None = None
     autocast = amp_dtype(config.run.amp, d.device)
     read = 0
     for batch in make_loader(dataset, split, data, train=False, rank=d.rank, world_size=d.world_size):
@@ -252,7 +252,7 @@ def evaluate(
         for m in drop:
             batch = {k: v for k, v in batch.items() if not k.startswith(m)}
         with torch.autocast(d.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-            if not mechanism:  # each loss term's gradient share, on this rank's first batch
+            if mechanism is None:  # each loss term's gradient share, on this rank's first batch
                 mechanism = mechanism_shares(net, batch)
             out = net(batch)
         diagnostics.add(out.diagnostics, len(batch["label"]))
@@ -268,7 +268,7 @@ def evaluate(
     metrics = task_metrics(config.task, preds, labels, names=config.label_keys)
     metrics["task_loss"] = float(task_loss(preds, labels, config.task))
     metrics["n"] = int(len(labels))
-    metrics.update(mechanism)
+    metrics.update(mechanism or {})
     metrics.update(diagnostics.means(d))
     return metrics
 
