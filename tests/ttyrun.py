@@ -115,5 +115,9 @@ def run_command(
 
 def _take_terminal() -> None:
     """In the child, after setsid: make the pseudo-terminal (its stdin) the controlling terminal, so the child's
-    process group is the terminal's foreground group and Ctrl-C reaches it as a person's would."""
+    process group is the terminal's foreground group and Ctrl-C reaches it as a person's would. SIGINT starts as
+    a shell starts a command (default handling, unblocked), whatever state the test process left it in: an
+    ignored or blocked disposition is inherited across exec."""
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
