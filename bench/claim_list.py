@@ -34,6 +34,10 @@ def _with_baselines(*arms: Arm) -> tuple[Arm, ...]:
     return (*arms, *(Arm(name, name) for name in BASELINES if name not in {a.label for a in arms}))
 
 
+# both TCMax claims (classification and regression) ask whether the weak audio branch learns its signal
+TC_AUDIO_PROBE = Effect(
+    "audio branch learns its unique signal (probe R² of z_audio on s2), TCMax − late", "probe/audio/s2", "tcmax", "late"
+)
 TC_COLUMNS = ("probe/audio/s2", "probe/text/s1", "grad_share/product_negative", "tc", "dv_joint")
 CLAIMS = (
     Claim(
@@ -48,12 +52,7 @@ CLAIMS = (
         (
             Effect("test accuracy, TCMax − late", "accuracy", "tcmax", "late"),
             Effect("test accuracy, TCMax − TC off (the TC term alone)", "accuracy", "tcmax", "tcmax[TC off]"),
-            Effect(
-                "audio branch learns its unique signal (probe R² of z_audio on s2), TCMax − late",
-                "probe/audio/s2",
-                "tcmax",
-                "late",
-            ),
+            TC_AUDIO_PROBE,
         ),  # fmt: skip
         probes=(("audio", "s2"), ("text", "s1")),
         columns=TC_COLUMNS,
@@ -71,12 +70,7 @@ CLAIMS = (
         (
             Effect("test MAE, late − TCMax", "mae", "tcmax", "late", lower_is_better=True),
             Effect("test MAE, TC off − TCMax (the TC term alone)", "mae", "tcmax", "tcmax[TC off]", True),
-            Effect(
-                "audio branch learns its unique signal (probe R² of z_audio on s2), TCMax − late",
-                "probe/audio/s2",
-                "tcmax",
-                "late",
-            ),
+            TC_AUDIO_PROBE,
         ),  # fmt: skip
         probes=(("audio", "s2"), ("text", "s1")),
         columns=TC_COLUMNS,
