@@ -2,13 +2,12 @@
 
 One streaming pass over the shards (one sample in memory at a time) keeps only per-clip scalars: face-detection
 rate, duration, audio/video end mismatch, mean feature norms and NaN/inf counts. Landmark overlays are drawn while
-their sample is in hand, on frames decoded again from the media. ``index.html`` and its PNG files share one directory
-and link relatively, so the directory can be copied or archived as it is.
+their sample is in hand, on frames decoded again from the media (extract/overlays.py). ``index.html`` and its PNG
+files share one directory and link relatively, so the directory can be copied or archived as it is.
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from extract.overlays import Overlay, figure, landmark_overlay, save_png
 from shards import Progress
 from shards.dataset import load_dataset_json
 from shards.guard import ShardLimits
@@ -26,7 +26,6 @@ from shards.sidecar import dataset_problems
 
 MAX_BARS = 60  # above this many clips a per-clip plot becomes a histogram
 MAX_ROWS = 500  # rows of the per-clip table
-FACE_FRAMES = 3  # frames with a face per overlay (plus one without, if the clip has any)
 NORMED = {"text": ("text_feat.npy", None), "audio": ("audio_feat.npy", "audio_mask.npy")}
 NORMED["video"] = ("video_lmk.npy", "video_mask.npy")
 FLOAT_MEMBERS = [name for name, spec in MEMBERS.items() if spec.dtype.startswith("float")]
@@ -48,15 +47,6 @@ class ClipStats:
     face_rate: float | None = None
     av_end_gap: float | None = None  # audio real-span end minus the last video frame time, seconds
     norms: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class Overlay:
-    """One clip's landmark overlay: the PNG file name in the report directory, or why there is none."""
-
-    key: str
-    png: str | None
-    note: str = ""
 
 
 @dataclass
@@ -118,7 +108,7 @@ def _scan(
                 scan.clips.append(_clip_stats(sample))
                 _count_nonfinite(sample, scan.nonfinite)
                 if len(scan.overlays) < n_overlays and meta["modalities"].get("video", {}).get("status") == "ok":
-                    scan.overlays.append(_overlay(sample, media, out, len(scan.overlays)))
+                    scan.overlays.append(landmark_overlay(sample, media, out, len(scan.overlays)))
         except SchemaError as exc:
             scan.problems.append(str(exc))
     return scan
@@ -159,90 +149,6 @@ def _count_nonfinite(sample: dict[str, Any], counts: dict[str, list[int]]) -> No
             entry[2] += int(np.isinf(value).sum())
 
 
-def _pick_frames(mask: np.ndarray) -> list[int]:
-    """Up to FACE_FRAMES evenly spaced frames with a face, then the middle frame without one (if any)."""
-    face, none = np.flatnonzero(mask), np.flatnonzero(~mask)
-    picks = face[np.linspace(0, len(face) - 1, min(FACE_FRAMES, len(face))).round().astype(int)].tolist()
-    return picks + ([int(none[len(none) // 2])] if len(none) else [])
-
-
-def _overlay(sample: dict[str, Any], media: Path | None, out: Path, index: int) -> Overlay:
-    meta = sample["meta.json"]
-    key = str(meta.get("key", sample["__key__"]))
-    if "video_norm.npy" not in sample:
-        return Overlay(key, None, "no video_norm.npy member: landmarks cannot be put back into pixels")
-    mask = np.asarray(sample["video_mask.npy"], dtype=bool)
-    times = np.asarray(sample["video_time.npy"], dtype=np.float64)
-    picks = _pick_frames(mask)
-    if not picks:
-        return Overlay(key, None, "no video frames")
-    if not meta.get("media"):
-        return Overlay(key, None, "media not reachable: the sample records no media path")
-    if media is None:
-        return Overlay(key, None, "media not reachable: no media root recorded (pass --media-root)")
-    path = media / meta["media"]
-    if not path.resolve().is_relative_to(media.resolve()):  # an absolute or ../ path, or a symlink leading out
-        return Overlay(key, None, f"media not decoded: {meta['media']} resolves outside the media root {media}")
-    if not path.is_file():
-        return Overlay(key, None, f"media not reachable: {path} does not exist (pass --media-root)")
-    try:
-        images, found = _decode_frames(path, meta, times[picks])
-    except Exception as exc:  # any decoder error becomes a note; the report must not fail
-        return Overlay(key, None, f"media not decodable: {path}: {exc}")
-    lmk, norm = sample["video_lmk.npy"], sample["video_norm.npy"]
-    points = [np.asarray(lmk[i], np.float32) * norm[i, 3] + norm[i, :3] if mask[i] else None for i in picks]
-    name = f"overlay_{index:03d}.png"
-    _draw_overlay(out / name, images, points, times[picks])
-    gap = float(np.max(np.abs(found - times[picks])))
-    return Overlay(key, name, f"{path.name}: nearest decoded frames within {gap * 1000:.0f} ms of the landmark times")
-
-
-def _decode_frames(path: Path, meta: dict[str, Any], wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The frames of ``path`` nearest to clip times ``wanted`` (same clock as extraction) and their times."""
-    from extract.decode import DecodeError, clip_window, probe
-    from extract.video import VideoFrames
-
-    p = probe(path)
-    t0, t1 = clip_window(p, meta.get("start"), meta.get("end"))
-    frames = VideoFrames(path, p, t0, t1, fps=None, max_side=None)  # a few frames, drawn in the video's pixels
-    if not len(frames):
-        raise DecodeError("no video frames inside the clip window")
-    pos = [int(np.argmin(np.abs(frames.times - t))) for t in wanted]
-    frames.indices, frames.times = frames.indices[pos], frames.times[pos]  # decode only these frames
-    images, found = next(frames.chunks(size=len(pos)))
-    return images, np.asarray(found, dtype=np.float64)
-
-
-def _figure(width: float, height: float, nrows: int = 1, ncols: int = 1) -> tuple[Any, list[Any]]:
-    """An Agg figure (no pyplot, no global backend switch) and its axes, flattened."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig, list(fig.subplots(nrows, ncols, squeeze=False).flat)
-
-
-def _save(fig: Any, path: Path) -> None:
-    with warnings.catch_warnings():  # glyphs missing from the default font for non-ASCII keys
-        warnings.simplefilter("ignore", UserWarning)
-        fig.savefig(path, dpi=90, bbox_inches="tight")
-
-
-def _draw_overlay(path: Path, images: np.ndarray, points: list[np.ndarray | None], times: np.ndarray) -> None:
-    h, w = images.shape[1:3]
-    fig, axes = _figure(4.5 * len(images), 4.5 * h / w + 0.5, 1, len(images))
-    for ax, image, pts, t in zip(axes, images, points, times, strict=True):
-        ax.imshow(image)
-        ax.set_axis_off()
-        if pts is None:
-            ax.set_title(f"{t:.2f} s: no face", color="#a40")
-        else:
-            ax.scatter(pts[:, 0], pts[:, 1], s=0.8, c="lime", linewidths=0)
-            ax.set_title(f"{t:.2f} s")
-    _save(fig, path)
-
-
 def _per_clip(ax: Any, pairs: list[tuple[str, float | None]], label: str) -> None:
     """Bars per clip (keys on the x axis), or a histogram when there are too many clips to label."""
     pairs = [(k, v) for k, v in pairs if v is not None]
@@ -267,16 +173,16 @@ def _plots(clips: list[ClipStats], out: Path) -> list[tuple[str, str]]:
         "feature_norms.png": [(f"{NORMED[m][0]}: mean L2 norm per clip (valid frames)", m) for m in NORMED],
     }
     for name, series in panels.items():
-        fig, axes = _figure(width, 3.2 * len(series), len(series))
+        fig, axes = figure(width, 3.2 * len(series), len(series))
         for ax, (label, attr) in zip(axes, series, strict=True):
             _per_clip(ax, [(c.key, c.norms.get(attr) if attr in NORMED else getattr(c, attr)) for c in clips], label)
-        _save(fig, out / name)
-    fig, (ax,) = _figure(6.0, 3.2)
+        save_png(fig, out / name)
+    fig, (ax,) = figure(6.0, 3.2)
     durations = [c.duration for c in clips if c.duration is not None]
     if durations:
         ax.hist(durations, bins=min(30, max(5, len(durations))), color="#4878a8")
     ax.set(title="clip durations", xlabel="seconds", ylabel="clips")
-    _save(fig, out / "durations.png")
+    save_png(fig, out / "durations.png")
     captions = ["Face-detection rate per clip", "Audio/video end mismatch per clip", "Feature norms per clip"]
     return [*zip(panels, captions, strict=True), ("durations.png", "Clip durations")]
 
@@ -366,9 +272,12 @@ def _render(root: Path, ds: dict[str, Any], status: list[dict[str, Any]], scan: 
     parts.append("<h2>NaN / inf values per member</h2>\n" + _table(["member", "samples", "NaN", "inf"], nonfinite))
     parts.append(f"<p class='flag'>{bad} non-finite values</p>\n" if bad else "<p>all values finite</p>\n")
     parts.append("<h2>Landmark overlays</h2>\n" if scan.overlays else "<h2>Landmark overlays</h2><p>none drawn</p>\n")
-    for ov in scan.overlays:
-        img = f"<img src='{escape(ov.png)}' alt='{escape(ov.key)}'>" if ov.png else ""
-        parts.append(f"<h3>{escape(ov.key)}</h3><p>{escape(ov.note)}</p>{img}\n")
+    for ov in scan.overlays:  # an overlay not drawn is one line: the clip and why
+        if ov.png:
+            img = f"<img src='{escape(ov.png)}' alt='{escape(ov.key)}'>"
+            parts.append(f"<h3>{escape(ov.key)}</h3><p>{escape(ov.note)}</p>{img}\n")
+        else:
+            parts.append(f"<p class='flag'>no overlay for {escape(ov.key)}: {escape(ov.note)}</p>\n")
     rows = [
         [c.key, c.split, c.text, c.duration, c.face_rate, c.av_end_gap, *(c.norms.get(m) for m in NORMED)]
         for c in scan.clips[:MAX_ROWS]

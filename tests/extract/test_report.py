@@ -170,3 +170,81 @@ def test_overlays_zero_and_import_is_cheap(synthetic: Path, tmp_path: Path) -> N
     assert "none drawn" in html
     code = "import sys, extract.report; assert 'matplotlib' not in sys.modules and 'decord' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def big_flat_video(path: Path, width: int, height: int, frames: int) -> Path:
+    """``frames`` frames of one flat colour at ``width`` × ``height``, 25 fps MPEG-4: ~100 KB for 3200 × 2400."""
+    import av
+
+    yuv = np.full((height * 3 // 2, width), 128, dtype=np.uint8)
+    yuv[:height] = 90
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=25)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
+            frame.pts = i
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return path
+
+
+def test_overlays_of_large_frames_are_decoded_at_the_capped_size(tmp_path: Path, monkeypatch) -> None:
+    from extract import overlays
+    from extract.video import MAX_FRAME_SIDE
+
+    (tmp_path / "media" / "big").mkdir(parents=True)
+    big_flat_video(tmp_path / "media" / "big" / "c1.mp4", 3200, 2400, 5)
+    sample = make_sample("big", "c1", "train", frames=5)  # 3 frames with a face, 2 without: 4 panels
+    sample["video_norm.npy"][:3] = [1600.0, 1200.0, 0.0, 400.0]  # a circle of radius 400 px at the centre
+    shards = build(tmp_path / "shards", {"train": [sample]}, tmp_path / "media")
+    drawn = []
+    draw = overlays._draw_overlay
+    monkeypatch.setattr(overlays, "_draw_overlay", lambda *a: drawn.append(a) or draw(*a))
+    html = write_report(shards, tmp_path / "rep").read_text(encoding="utf-8")
+    assert "overlay_000.png" in img_sources(html) and "within 0 ms of the landmark times" in html
+    (_, images, points, _), scale = drawn[0], MAX_FRAME_SIDE / 3200
+    assert images.shape == (4, 960, 1280, 3)  # 3200 × 2400 decoded at 1280 on its long side, aspect kept
+    for pts in points[:3]:  # landmarks follow the frames: centre (640, 480), radius 160 px
+        assert np.allclose(pts[:, :2].mean(0), [1600 * scale, 1200 * scale], atol=0.5)
+        assert np.allclose(np.linalg.norm(pts[:, :2] - [640, 480], axis=1), 400 * scale, atol=0.5)
+    assert points[3] is None
+
+
+def test_an_overlay_that_fails_is_one_line_naming_the_clip(tmp_path: Path, monkeypatch) -> None:
+    import extract.video
+    from extract import overlays
+    from extract.decode import DecodeError
+
+    media = tmp_path / "media"
+    (media / "v").mkdir(parents=True)
+    (media / "v" / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 40)
+    big_flat_video(media / "v" / "refused.mp4", 640, 480, 5)
+    big_flat_video(media / "v" / "drawn.mp4", 640, 480, 5)
+    samples = [make_sample("v", c, "train", frames=5) for c in ("corrupt", "refused", "drawn", "missing")]
+    shards = build(tmp_path / "shards", {"train": samples}, media)
+    real = extract.video.VideoFrames
+
+    def refuse(path, *args, **kwargs):
+        if path.name == "refused.mp4":
+            raise DecodeError("frame of 100000 × 100000 pixels is over the decoder's cap")
+        return real(path, *args, **kwargs)
+
+    def fail_drawing(path, *args):
+        path.write_bytes(b"half")
+        raise MemoryError("cannot allocate the figure")
+
+    monkeypatch.setattr(extract.video, "VideoFrames", refuse)
+    monkeypatch.setattr(overlays, "_draw_overlay", fail_drawing)
+    html = write_report(shards, tmp_path / "rep", overlays=4).read_text(encoding="utf-8")
+    lines = {key: line for line in html.splitlines() for key in ("corrupt", "refused", "drawn", "missing")
+             if line.startswith(f"<p class='flag'>no overlay for v__{key}: ")}  # fmt: skip
+    assert set(lines) == {"corrupt", "refused", "drawn", "missing"}
+    assert "media not decodable: " in lines["corrupt"] and "corrupt.mp4" in lines["corrupt"]
+    assert "DecodeError: frame of 100000 × 100000 pixels is over the decoder&#x27;s cap" in lines["refused"]
+    assert "overlay not drawn: MemoryError: cannot allocate the figure" in lines["drawn"]
+    assert "media not reachable: " in lines["missing"] and "does not exist" in lines["missing"]
+    assert not list((tmp_path / "rep").glob("overlay_*.png"))  # no half-drawn picture left
+    assert "face_rate.png" in img_sources(html)  # the rest of the report is there
