@@ -45,10 +45,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from train.predict import DeviceUnavailable, resolve_device
+    from extract.devices import DeviceError, resolve_device
 
     if args.device == "cpu" and not args.quick:
-        raise DeviceUnavailable("bench gpu: --device cpu only with --quick (a smoke test); the figures are CUDA's")
+        raise DeviceError("bench gpu: --device cpu only with --quick (a smoke test); the figures are CUDA's")
     args.device = resolve_device(args.device)  # CUDA absent: one line, exit 1
     if args.quick:
         for key, value in QUICK_ARGS.items():

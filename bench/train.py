@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         raise TrainConfigError(f"{', '.join(stray_sweep_flags(args))} only apply with --sweep: add it")
     import torch  # here, not at import: `mmfuse --help` must not pay for torch
 
-    from train.predict import resolve_device
+    from extract.devices import resolve_device
 
     args.device = resolve_device(args.device)  # a GPU asked for but absent: one line, exit 1
     torch.set_num_threads(args.threads)

@@ -25,7 +25,8 @@ from extract.auto import describe, resolve_precision
 from extract.clip import decode_settings
 from extract.config import ExtractConfig
 from extract.decode import AUDIO_DOWNMIX
-from extract.extractors.base import ExtractionError, read_settings
+from extract.devices import resolve_device
+from extract.extractors.base import read_settings
 from extract.manifest import Clip, load_manifest
 from extract.outdir import (
     DATASET_LOCK,
@@ -110,10 +111,8 @@ def describe_feature_set(cfg: ExtractConfig, extractors: dict[str, Any]) -> dict
 
 
 def check_device(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ExtractionError(f"--device {device} was asked for but CUDA is not available; use --device cpu")
+    """Refuse ``--device`` when this machine lacks it (:func:`extract.devices.resolve_device`'s one line)."""
+    resolve_device(device, auto=False)
 
 
 @dataclass

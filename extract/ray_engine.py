@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from extract.config import ExtractConfig
+from extract.devices import DeviceError
 from extract.extractors.base import DecodedClip, ExtractionError
 from extract.pipeline import ExtractionJob, ShardPlan, finish_run, prepare
 from extract.ray_actors import Decoder, Encoder
@@ -111,7 +112,7 @@ def cluster_precision(ray: Any, device: str) -> str:
     if not device.startswith("cuda"):
         return resolve_precision(None, device)
     if int(ray.cluster_resources().get("GPU", 0)) < 1:
-        raise ExtractionError(f"--device {device} was asked for but the Ray cluster has no GPU; use --device cpu")
+        raise DeviceError(f"--device {device} was asked for but the Ray cluster has no GPU; use --device cpu")
     probe = ray.remote(num_gpus=1, num_cpus=0, max_retries=2)(resolve_precision)
     return ray.get(probe.remote(None, "cuda"))
 
@@ -146,9 +147,7 @@ def actor_counts(ray: Any, cfg: ExtractConfig, media: bool) -> tuple[int, int, i
     cpus, gpus = int(have.get("CPU", 0)), int(have.get("GPU", 0))
     if cfg.device.startswith("cuda"):
         if gpus < 1:
-            raise ExtractionError(
-                f"--device {cfg.device} was asked for but the Ray cluster has no GPU; use --device cpu"
-            )
+            raise DeviceError(f"--device {cfg.device} was asked for but the Ray cluster has no GPU; use --device cpu")
         encoders, per_gpu = gpus, 1
     else:
         encoders, per_gpu = 1, 0

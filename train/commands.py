@@ -221,10 +221,11 @@ def missing_sets(spec: str, modalities: tuple[str, ...]) -> list[tuple[str, ...]
 def run_eval(args: argparse.Namespace) -> int:
     import torch
 
+    from extract.devices import resolve_device
     from shards.dataset import ShardDataset, check_feature_set
     from train.checkpoint import load_checkpoint
     from train.inputs import DataError
-    from train.predict import load_network, resolve_device
+    from train.predict import load_network
     from train.runtime import Dist
     from train.trainer import evaluate
 

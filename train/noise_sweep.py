@@ -175,9 +175,10 @@ def sweep_checkpoint(
     streamed: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """:func:`run_sweep` of the checkpoint file ``checkpoint`` on ``split`` of ``shards`` (same feature set)."""
+    from extract.devices import resolve_device
     from shards.dataset import check_feature_set
     from train.checkpoint import checkpoint_dataset, load_checkpoint
-    from train.predict import load_network, resolve_device
+    from train.predict import load_network
 
     device = resolve_device(device)
     ckpt = load_checkpoint(checkpoint)

@@ -19,9 +19,9 @@ import torch
 
 from extract import extract_clip
 from extract.config import ExtractConfig, make_config
+from extract.devices import resolve_device
 from extract.manifest import Clip
 from extract.pipeline import build_extractors, check_device, describe_feature_set
-from mmfuse.errors import MmfuseError
 from shards.dataset import FeatureSetMismatch, feature_set_hash
 from shards.schema import MODALITIES, SAMPLE_RATE, make_key, validate_sample
 from train.batches import Normalise, collate
@@ -32,26 +32,6 @@ from train.pipeline import FusionPipeline
 from train.stages import SelectModalities, ToInputs
 
 NO_TEXT = "no transcript given (pass --text)"
-
-
-class DeviceUnavailable(MmfuseError, RuntimeError):
-    """``--device`` names a device this machine does not have."""
-
-
-def resolve_device(name: str) -> str:
-    """``--device`` of ``mmfuse eval`` / ``predict``: ``auto`` -> ``cuda`` when available, else ``cpu``;
-    ``cpu``, ``cuda`` and ``cuda:N`` as given, refused in one line when CUDA (or GPU N) is not there."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cpu":
-        return name
-    if name != "cuda" and not (name.startswith("cuda:") and name[5:].isdigit()):
-        raise DeviceUnavailable(f"--device {name!r}: use auto, cpu, cuda or cuda:N")
-    if not torch.cuda.is_available():
-        raise DeviceUnavailable(f"--device {name} was asked for but CUDA is not available; use --device cpu or auto")
-    if name != "cuda" and int(name[5:]) >= torch.cuda.device_count():
-        raise DeviceUnavailable(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
-    return name
 
 
 def feature_set_diff(expected: Mapping[str, Any], got: Mapping[str, Any], prefix: str = "") -> list[str]:
@@ -237,7 +217,7 @@ def describe_prediction(output: torch.Tensor, task: str, names: Sequence[str] | 
 
 @torch.no_grad()
 def predict_clip(checkpoint: Path | str, video: Path | str, text: str | None = None, device: str = "cpu") -> dict:
-    """Predict one raw clip with a checkpoint on ``device`` (see ``resolve_device``); the result is what
+    """Predict one raw clip with a checkpoint on ``device`` (:func:`extract.devices.resolve_device`); the result is what
     ``mmfuse predict --json`` prints."""
     device = resolve_device(device)
     ckpt = load_checkpoint(checkpoint)

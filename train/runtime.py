@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from extract.devices import resolve_device
 from mmfuse.errors import MmfuseError
 from shards.io import atomic_write_json
 from train.jsonout import dumps, strict_json
@@ -45,19 +46,11 @@ class Dist:
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{cuda_index(local_rank)}") if torch.cuda.is_available() else torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} was asked for but CUDA is not available; use device=cpu")
-    if name == "cuda":
-        return torch.device(f"cuda:{cuda_index(local_rank)}")
-    return torch.device(name)
-
-
-def cuda_index(local_rank: int) -> int:
-    """The visible GPU of local rank ``local_rank``: its own when the node's GPUs are all visible to every rank,
-    GPU 0 when each rank sees only its own (a per-rank ``CUDA_VISIBLE_DEVICES``, as SLURM sets it)."""
-    return local_rank % max(1, torch.cuda.device_count())
+    """The ``device`` setting as this rank's device (:func:`extract.devices.resolve_device`): ``cuda`` and ``auto``
+    take GPU ``local_rank % device_count``, the rank's own when the node's GPUs are all visible to every rank, GPU 0
+    when each rank sees only its own (a per-rank ``CUDA_VISIBLE_DEVICES``, as SLURM sets it). A device this machine
+    lacks is a :class:`DeviceError` before anything is created."""
+    return torch.device(resolve_device(name, local_rank, option="device"))
 
 
 def setup_distributed(device: str) -> Dist:

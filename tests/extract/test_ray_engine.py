@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from conftest import MEDIA, ROOT, bundled_rows, write_manifest
 
+from extract.devices import DeviceError
 from extract.extractors.base import ExtractionError
 from extract.outdir import owner_gone
 from extract.ray_engine import actor_counts, cluster_precision, import_ray, run_extract_ray
@@ -138,7 +139,7 @@ def test_cuda_on_a_ray_cluster_without_gpus_is_refused_and_actors_fit_the_cpus(t
     def cluster(**resources):
         return SimpleNamespace(cluster_resources=lambda: resources)
 
-    with pytest.raises(ExtractionError, match="--device cuda was asked for but the Ray cluster has no GPU"):
+    with pytest.raises(DeviceError, match="--device cuda was asked for but the Ray cluster has no GPU"):
         actor_counts(cluster(CPU=8.0), SimpleNamespace(device="cuda", workers=2, auto=()), media=True)
     assert actor_counts(cluster(CPU=16.0, GPU=2.0), SimpleNamespace(device="cuda", workers=12, auto=()), True) == (
         12,
@@ -177,7 +178,7 @@ def test_the_automatic_precision_is_the_clusters_gpus_not_the_drivers(monkeypatc
     assert cluster_precision(FakeRay(CPU=8.0, GPU=1.0), "cuda") == "bf16"
     assert asked == [{"num_gpus": 1, "num_cpus": 0, "max_retries": 2}]
     assert cluster_precision(FakeRay(CPU=8.0), "cpu") == "fp32"
-    with pytest.raises(ExtractionError, match="--device cuda was asked for but the Ray cluster has no GPU"):
+    with pytest.raises(DeviceError, match="--device cuda was asked for but the Ray cluster has no GPU"):
         cluster_precision(FakeRay(CPU=8.0), "cuda")
 
 

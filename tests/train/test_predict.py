@@ -124,18 +124,18 @@ def test_unreadable_video_and_missing_checkpoint_exit_1(checkpoint: Path, tmp_pa
 
 
 def test_device_flag_resolves_auto_and_refuses_a_missing_gpu(monkeypatch) -> None:
-    from train.predict import DeviceUnavailable, resolve_device
+    from extract.devices import DeviceError, resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == "cpu" and resolve_device("cpu") == "cpu"
-    with pytest.raises(DeviceUnavailable, match="CUDA is not available; use --device cpu or auto"):
+    with pytest.raises(DeviceError, match="CUDA is not available; use --device cpu or auto"):
         resolve_device("cuda:1")
-    with pytest.raises(DeviceUnavailable, match="use auto, cpu, cuda or cuda:N"):
+    with pytest.raises(DeviceError, match="use auto, cpu, cuda or cuda:N"):
         resolve_device("gpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert resolve_device("auto") == "cuda" and resolve_device("cuda:1") == "cuda:1"
-    with pytest.raises(DeviceUnavailable, match="has 2 GPU"):
+    with pytest.raises(DeviceError, match="has 2 GPU"):
         resolve_device("cuda:2")
 
 

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from train import runtime
-from train.runtime import amp_dtype, cuda_index, cuda_rng_state, pick_device, rng_state
+from train.runtime import amp_dtype, cuda_rng_state, pick_device, rng_state
 
 
 def test_each_rank_seeing_one_gpu_uses_gpu_0(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # per-rank CUDA_VISIBLE_DEVICES
-    assert [cuda_index(r) for r in range(3)] == [0, 0, 0]
+    assert [pick_device("cuda", r) for r in range(3)] == [torch.device("cuda:0")] * 3
     assert pick_device("cuda", 3) == torch.device("cuda:0") and pick_device("auto", 2) == torch.device("cuda:0")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)  # every GPU of the node visible to every rank
     assert pick_device("cuda", 3) == torch.device("cuda:3") and pick_device("auto", 5) == torch.device("cuda:1")
