@@ -10,11 +10,15 @@ once, naming the key.
 Values are read by the field's type, with one set of rules for YAML files and the command line:
 
 - numbers: every form a person types: ``1e-3``, ``3E-5``, ``.5``, ``1_000``, ``+2`` (YAML 1.1 reads ``1e-3``
-  as a string; it is a number here). Integers must be whole (``1e3`` is 1000, ``2.5`` is not an integer);
-  NaN and infinities are refused;
+  as a string; it is a number here). Decimal always, as YAML 1.2 reads them: ``010`` is 10 (YAML 1.1: octal
+  8), and ``1:30`` is text, refused where a number is wanted (YAML 1.1: sexagesimal 90). Integers must be whole
+  (``1e3`` is 1000, ``2.5`` is not an integer); NaN and infinities are refused;
 - booleans: ``true/false``, ``yes/no``, ``on/off``, ``1/0`` (any case);
 - tuples of strings: a list, or one comma-separated string;
 - ``X | None``: ``None`` (YAML ``null`` or ``~``), ``none`` or ``null`` in any case.
+
+A key given twice in a YAML mapping is refused, naming the key (YAML 1.1 kept the last value), and so is one
+setting named twice in one layer (``lr`` and ``optim.lr``, or ``epochs=3 epochs=5``).
 
 A field declared with ``metadata=NOT_A_SETTING`` is left out: it keeps its default (or what the owner's
 ``__post_init__`` derives) and is neither read nor recorded.
@@ -119,11 +123,24 @@ def _boolean(value: Any) -> bool:
     raise ValueError(f"{quoted(value)} is not a boolean (true/false)")
 
 
+# Numbers and booleans the YAML 1.2 way: integers decimal only (no octal ``010``, no hex, no sexagesimal ``1:30``),
+# with the underscores a person types in ``1_000``; floats as PyYAML's YAML 1.1 resolver reads them less its
+# sexagesimal form (``1e-3``, without a dot, stays text for :func:`parse_number`, so a message quotes it as typed).
+_YAML_INT = r"^[-+]?[0-9][0-9_]*$"
+_YAML_FLOAT = (
+    r"^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+][0-9]+)?|[-+]?\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?"
+    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+)
+_YAML_BOOL = r"^(?:true|True|TRUE|false|False|FALSE)$"
+_YAML_1_1 = {f"tag:yaml.org,2002:{t}" for t in ("bool", "int", "float")}
+
+
 @functools.cache
 def _loader() -> type:
-    """PyYAML's safe loader with YAML 1.2's booleans: only ``true`` / ``false`` are booleans, so ``amp: off`` is
-    the text "off" (YAML 1.1 made it False); the field's type reads ``yes`` / ``off`` as a boolean where one is
-    wanted (:func:`coerce`). Aliases are refused."""
+    """PyYAML's safe loader read the YAML 1.2 way: only ``true`` / ``false`` are booleans, so ``amp: off`` is the
+    text "off" (YAML 1.1 made it False; the field's type reads ``yes`` / ``off`` as a boolean where one is wanted,
+    :func:`coerce`); numbers are decimal (``010`` is 10, ``1:30`` is text). Aliases and duplicated keys are
+    refused."""
     import yaml
 
     class Loader(yaml.SafeLoader):
@@ -135,13 +152,32 @@ def _loader() -> type:
                 raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in settings", mark)
             return super().compose_node(parent, index)
 
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            """Refuse a key given twice in one mapping (YAML 1.1 loaders silently keep the last value)."""
+            seen: set[Any] = set()
+            for key_node, _ in node.value if isinstance(node, yaml.MappingNode) else ():
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    repeated = key in seen
+                    seen.add(key)
+                except TypeError:  # an unhashable key: the base class says so
+                    continue
+                if repeated:
+                    problem = f"key {quoted(key)} is given twice: keep one"
+                    raise yaml.constructor.ConstructorError(None, None, problem, key_node.start_mark)
+            return super().construct_mapping(node, deep=deep)
+
+        def construct_yaml_int(self, node: Any) -> int:
+            return int(self.construct_scalar(node).replace("_", ""))  # base 10: "010" is 10
+
+    Loader.add_constructor("tag:yaml.org,2002:int", Loader.construct_yaml_int)
     Loader.yaml_implicit_resolvers = {
-        first: [(tag, regex) for tag, regex in resolvers if tag != "tag:yaml.org,2002:bool"]
+        first: [(tag, regex) for tag, regex in resolvers if tag not in _YAML_1_1]
         for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
     }
-    Loader.add_implicit_resolver(
-        "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-    )
+    Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(_YAML_BOOL), list("tTfF"))
+    Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(_YAML_INT), list("-+0123456789"))
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(_YAML_FLOAT), list("-+0123456789."))
     return Loader
 
 
@@ -158,16 +194,28 @@ def read_yaml(path: Path | str, error: type[Exception]) -> dict[str, Any]:
 
     try:
         loaded = load_yaml(Path(path).read_text(encoding="utf-8")) or {}
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+    except yaml.YAMLError as exc:
+        raise error(f"cannot read config {path}: {yaml_problem(exc)}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
         raise error(f"cannot read config {path}: {exc}") from exc
     if not isinstance(loaded, dict):
         raise error(f"config {path} must be a mapping of setting: value")
     return loaded
 
 
+def yaml_problem(exc: Exception) -> str:
+    """A YAML error in one line: what is wrong and where (line and column), without the quoted source lines."""
+    problem, mark = getattr(exc, "problem", None), getattr(exc, "problem_mark", None)
+    if not problem or mark is None:
+        return " ".join(str(exc).split())
+    context = getattr(exc, "context", None)
+    return f"{context + ': ' if context else ''}{problem} (line {mark.line + 1}, column {mark.column + 1})"
+
+
 def parse_override(token: str, error: type[Exception]) -> tuple[str, Any]:
     """``KEY=VALUE`` -> ``(KEY, value)``, the value read as YAML (``[a, b]`` is a list, ``{}`` a mapping) and kept
-    as text when it is not valid YAML; the field's type decides the rest (:func:`coerce`)."""
+    as text when it is not valid YAML; the field's type decides the rest (:func:`coerce`). A mapping with a key
+    given twice is refused, naming the key."""
     import yaml
 
     if "=" not in token:
@@ -175,9 +223,27 @@ def parse_override(token: str, error: type[Exception]) -> tuple[str, Any]:
     key, raw = token.split("=", 1)
     try:
         value = load_yaml(raw) if raw.strip() else ""
+    except yaml.constructor.ConstructorError as exc:
+        raise error(f"override {quoted(key.strip())}: {yaml_problem(exc)}") from None
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
+
+
+def repeated_settings(keys: Iterable[str], cls: type) -> list[str]:
+    """The problems of one layer (a file, the command line) whose ``keys`` name a setting of ``cls`` more than once:
+    by the same key (``epochs=3 epochs=5``) or by two of its names (``lr`` and ``optim.lr``). A later layer
+    overrides an earlier one; within one layer, which value was meant is not known."""
+    paths, named = leaf_paths(cls), {}
+    for key in keys:
+        named.setdefault(paths.get(key, key), []).append(key)
+    return [
+        f"{quoted(names[0])} is given {len(names)} times: keep one"
+        if len(set(names)) == 1
+        else f"{' and '.join(map(quoted, dict.fromkeys(names)))} name the same setting: keep one"
+        for names in named.values()
+        if len(names) > 1
+    ]
 
 
 def leaf_paths(cls: type) -> dict[str, tuple[str, ...]]:
@@ -244,6 +310,7 @@ def build(
     chosen: dict[tuple[str, ...], tuple[str, Any]] = {}
     problems: list[str] = []
     for layer in layers:
+        problems += repeated_settings(flatten(layer, cls), cls)
         for key, value in flatten(layer, cls).items():
             if key not in paths:
                 problems.append(_unknown(key, paths))

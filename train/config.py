@@ -22,7 +22,17 @@ from typing import Any
 import fusion
 from fusion.base import FusionConfigError
 from mmfuse.errors import MmfuseError
-from mmfuse.settings import as_flat_dict, build, canonical, coerce, parse_override, quoted, read_yaml
+from mmfuse.settings import (
+    as_flat_dict,
+    build,
+    canonical,
+    coerce,
+    flatten,
+    parse_override,
+    quoted,
+    read_yaml,
+    repeated_settings,
+)
 from train.data import DataConfig
 from train.inputs import label_keys
 
@@ -221,6 +231,8 @@ def make_train_config(
     if config_file is not None:
         layers.append(read_yaml(config_file, TrainConfigError))
     cli: dict[str, Any] = {"model_settings": {}}
+    repeated = [p for layer in layers for p in repeated_settings(flatten(layer, TrainConfig), TrainConfig)]
+    repeated += repeated_settings([parse_override(token, TrainConfigError)[0] for token in overrides], TrainConfig)
     for token in overrides:
         key, value = parse_override(token, TrainConfigError)
         if key.startswith("model."):
@@ -237,6 +249,7 @@ def make_train_config(
     _label_settings(values)
     values["model_settings"], problems = _model_settings(str(values.get("model", "late")), settings)
     # every problem at once: unknown keys, unreadable values, the model's settings and values out of range
+    problems = repeated + problems
     return build(TrainConfig, [values], TrainConfigError, "training settings", TrainConfig.problems, problems)
 
 

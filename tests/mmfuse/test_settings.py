@@ -165,3 +165,38 @@ def test_an_override_with_aliases_stays_text_and_its_error_is_cut() -> None:
         coerce(int, "9" * 5000 + "x")
     message = str(info.value)
     assert message.endswith("... (5003 characters) is not a number") and len(message) < QUOTE_LIMIT + 60
+
+
+def test_yaml_numbers_are_decimal_as_in_yaml_1_2(tmp_path) -> None:
+    from mmfuse.settings import parse_override, read_yaml
+    from train.config import make_train_config
+
+    config = tmp_path / "numbers.yaml"
+    config.write_text("epochs: 010\nsteps: 1_000\nlr: 1e-3\nwhen: 1:30\nneg: -07\nhalf: .5\n")
+    read = read_yaml(config, Bad)  # 1e-3 stays text here, read as a number by the field's type
+    assert read == {"epochs": 10, "steps": 1000, "lr": "1e-3", "when": "1:30", "neg": -7, "half": 0.5}
+    assert parse_override("epochs=010", Bad) == ("epochs", 10)  # YAML 1.1: octal 8
+    assert parse_override("epochs=1:30", Bad) == ("epochs", "1:30")  # YAML 1.1: sexagesimal 90
+    assert make_train_config("late", overrides=["epochs=010"]).run.epochs == 10
+    with pytest.raises(Bad, match=r"optim\.steps: '1:30' is not a number"):
+        build(Settings, [{"optim.steps": parse_override("x=1:30", Bad)[1]}], Bad, "test settings")
+
+
+def test_a_key_given_twice_is_refused_naming_it(tmp_path) -> None:
+    from mmfuse.settings import parse_override, read_yaml
+    from train.config import TrainConfigError, make_train_config
+
+    config = tmp_path / "twice.yaml"
+    config.write_text("name: a\noptim:\n  lr: 0.1\n  steps: 3\n  lr: 0.2\n")
+    with pytest.raises(Bad) as info:
+        read_yaml(config, Bad)
+    assert str(info.value) == f"cannot read config {config}: key 'lr' is given twice: keep one (line 5, column 3)"
+    with pytest.raises(Bad, match=r"^override 'model_settings': key 'beta' is given twice: keep one \(line 1"):
+        parse_override("model_settings={beta: 1, beta: 2}", Bad)
+    with pytest.raises(Bad, match=r"'lr' and 'optim\.lr' name the same setting: keep one"):
+        build(Settings, [{"lr": 0.1, "optim": {"lr": 0.2}}], Bad, "test settings")
+    assert build(Settings, [{"lr": 0.1}, {"optim": {"lr": 0.2}}], Bad, "test settings").optim.lr == 0.2  # layers
+    with pytest.raises(TrainConfigError) as info:
+        make_train_config("late", overrides=["epochs=3", "model.hidden=8", "epochs=5", "model.hidden=9"])
+    assert "'epochs' is given 2 times: keep one" in str(info.value)
+    assert "'model.hidden' is given 2 times: keep one" in str(info.value)
