@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,12 @@ CHECKPOINT_VERSION = 1
 LEGACY_SETTINGS: dict[str, dict[str, Any]] = {"tcmax": {"regression": "bins"}}
 # Setting values renamed since (model -> key -> old value -> new value): the same network under its new name.
 RENAMED_VALUES: dict[str, dict[str, dict[Any, Any]]] = {"tcmax": {"regression": {"gaussian": "constant_normaliser"}}}
+
+
+# Sentences of torch's refusal that advise loading the file anyway (weights_only off, allowlisting a global) or
+# point elsewhere: left out of ours, which keeps only what the file holds.
+TORCH_ADVICE = ("weights only", "weights_only", "trust", "file an issue", "documentation", "allowlist", "safe_globals")
+TORCH_ADVICE += ("still be loaded",)
 
 
 class CheckpointError(MmfuseError, RuntimeError):
@@ -75,12 +83,32 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's note on a foreign pickle protocol: the error below says enough
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt or foreign files
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+        raise CheckpointError(load_error(path, exc)) from None
     if not isinstance(obj, dict) or obj.get("mmfuse_checkpoint") != CHECKPOINT_VERSION:
         raise CheckpointError(f"{path} is not an mmfuse checkpoint (version {CHECKPOINT_VERSION})")
     return _with_legacy_settings(obj)
+
+
+def load_error(path: Path, exc: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused ``path``, in one line. A file the safe unpickler refuses (a
+    pickled object or global, an opcode it does not take) is refused as such, without torch's advice to retry with
+    weights_only off or to allowlist the global: for a hostile file that advice runs its code, and a checkpoint
+    mmfuse wrote never needs it."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # torch's bold type
+    if "Weights only load failed" not in text:
+        return f"cannot read checkpoint {path}: {type(exc).__name__}: {' '.join(text.split())[:300]}"
+    sentences = re.split(r"(?<=[.!?:])\s+|\n+", text.replace("WeightsUnpickler error:", "\n"))
+    kept = [x for x in sentences if x.strip() and not any(a in x.lower() for a in TORCH_ADVICE)]
+    reason = " ".join(" ".join(kept).split())[:200].rstrip(".") or "refused by the safe unpickler"
+    return (
+        f"refused to read checkpoint {path}: it is not made only of tensors and plain values ({reason}). mmfuse "
+        "checkpoints are, so this file is damaged, altered or not from mmfuse; loading it any other way could run "
+        "code it carries"
+    )
 
 
 def checkpoint_dataset(ckpt: Mapping[str, Any]) -> ShardDataset:

@@ -250,8 +250,27 @@ def test_checkpoints_never_unpickle(tmp_path: Path) -> None:
 
     path = tmp_path / "evil.pt"
     path.write_bytes(pickle.dumps({"mmfuse_checkpoint": 1, "x": print}))
-    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+    with pytest.raises(CheckpointError, match="refused to read checkpoint .*evil.pt: it is not made only of tensors"):
         load_checkpoint(path)
+
+
+def test_a_checkpoint_carrying_code_is_refused_without_advice_to_run_it(tmp_path: Path, capsys) -> None:
+    """torch's refusal advises retrying with weights_only=False (or allowlisting the global): for a hostile file
+    that runs its code. The refusal is one line that names the file and what it carries, and gives no such advice."""
+    import os
+
+    path = tmp_path / "hostile.pt"
+    torch.save({"mmfuse_checkpoint": 1, "model": {}, "hook": os.system}, path)  # a global: code when unpickled
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert message.startswith(f"refused to read checkpoint {path}: it is not made only of tensors and plain values")
+    assert "GLOBAL posix.system" in message and "\n" not in message
+    for advice in ("weights_only=False", "weights_only", "add_safe_globals", "safe_globals", "allowlist"):
+        assert advice not in message
+    assert main(["eval", "--checkpoint", str(path), "--shards", str(tmp_path), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"mmfuse eval: error: {message}"]
 
 
 def test_tcmax_checkpoint_from_before_the_regression_setting_still_evaluates(
