@@ -38,6 +38,7 @@ TRAIN_EXAMPLES = """examples:
 PREDICT_EXAMPLES = """examples:
   mmfuse predict --checkpoint runs/tcmax/checkpoints/best.pt clip.mp4 --text "what a great movie"
   mmfuse predict --checkpoint runs/tcmax/checkpoints/best.pt clip.mov --json   # no transcript: text masked
+  mmfuse predict --checkpoint runs/tcmax/checkpoints/best.pt talk.mp4 --start 61.5 --end 68 --text "..."
 
 The clip goes through exactly the extraction pipeline of the checkpoint's feature set (same models, layers,
 fps, FaceMesh options); a machine whose models differ is refused with the differing fields named.
@@ -130,9 +131,28 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, type=Path)
     p.add_argument("video", type=Path, metavar="VIDEO", help="media file (mp4, avi, mpg, mov, ...)")
     p.add_argument("--text", default=None, help="the clip's transcript; without it the text modality is masked")
+    p.add_argument("--start", type=seconds, metavar="S", help="the clip starts S seconds into the file (default 0)")
+    p.add_argument("--end", type=seconds, metavar="S", help="the clip ends S seconds into the file (default: its end)")
+    p.add_argument(
+        "--max-duration",
+        type=seconds,
+        metavar="S",
+        help="longest clip decoded, in seconds (default 3600, as extraction's max_duration_s)",
+    )
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(run=run_predict)
+
+
+def seconds(text: str) -> float:
+    """A finite, non-negative number of seconds (argparse type: anything else is a usage error)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: seconds must be a finite number, 0 or more")
+    return value
 
 
 def _resumed_config(run_dir: Path) -> dict[str, Any] | None:
@@ -346,6 +366,7 @@ def write_predictions(path: Path, rows: list[dict[str, Any]]) -> None:
 def run_predict(args: argparse.Namespace) -> int:
     from train.predict import format_result, predict_clip
 
-    result = predict_clip(args.checkpoint, args.video, args.text, args.device)
+    window = (args.start, args.end)
+    result = predict_clip(args.checkpoint, args.video, args.text, args.device, window, args.max_duration)
     print(dumps(result) if args.json else format_result(result))
     return 0

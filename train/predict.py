@@ -111,16 +111,24 @@ def matching_extractors(ckpt: Mapping[str, Any], cfg: ExtractConfig) -> tuple[di
 
 
 def extract_sample(
-    video: Path, text: str | None, cfg: ExtractConfig, extractors: dict[str, Any], fs_hash: str, used: tuple
+    video: Path,
+    text: str | None,
+    cfg: ExtractConfig,
+    extractors: dict[str, Any],
+    fs_hash: str,
+    used: tuple,
+    window: tuple[float | None, float | None] = (None, None),
 ) -> dict[str, Any]:
     """Decode and encode one clip as extraction does (:func:`extract.extract_clip`); return the shard sample dict
     (members as arrays), with the modalities the model does not use, and a text not given (``text=None``)
-    without speech recognition, recorded absent.
+    without speech recognition, recorded absent. ``window``: the clip's ``(start, end)`` in the file, seconds
+    (the manifest's columns; ``None``: the file's own).
     """
     video = Path(video)
     clip = Clip(
         key=make_key(video.resolve().parent.name, video.stem), video_id=video.resolve().parent.name,
         clip_id=video.stem, split="test", text=text or "", row=0, path=video.resolve(), media=str(video),
+        start=window[0], end=window[1],
     )  # fmt: skip
     if text is not None:  # a given transcript is used as is; extraction recognises only empty ones
         extractors = {k: e for k, e in extractors.items() if k != "asr"}
@@ -215,10 +223,41 @@ def describe_prediction(output: torch.Tensor, task: str, names: Sequence[str] | 
     return {"task": task, "probabilities": probs, "labels": [name for name, p in probs.items() if p > 0.5]}
 
 
+def check_window(video: Path, window: tuple[float | None, float | None], max_duration_s: float) -> None:
+    """Refuse a window (``--start``, ``--end``) that holds nothing, or a clip longer than ``--max-duration``, before
+    any model is loaded, naming predict's own options (extraction's skip names its ``--config`` and the manifest's
+    start/end columns). A file that cannot be probed is left to extraction's own message."""
+    from extract.decode import DecodeError, clip_window, probe
+
+    start, end = window
+    if end is not None and end <= (start or 0.0):
+        raise DataError(f"--end {end:g} must be after --start ({start or 0:g} s)")
+    try:
+        p = probe(Path(video))
+    except DecodeError:
+        return
+    if start is not None and p.end > 0 and start >= p.end:
+        raise DataError(f"--start {start:g} is past the end of {video} ({p.end:.2f} s)")
+    t0, t1 = clip_window(p, start, end)
+    if t1 - t0 > max_duration_s:
+        raise DataError(
+            f"{video}: the clip is {t1 - t0:.0f} s long, over --max-duration {max_duration_s:g} (seconds); pass a "
+            "larger --max-duration, or cut a part of it with --start and --end"
+        )
+
+
 @torch.no_grad()
-def predict_clip(checkpoint: Path | str, video: Path | str, text: str | None = None, device: str = "cpu") -> dict:
-    """Predict one raw clip with a checkpoint on ``device`` (:func:`extract.devices.resolve_device`); the result is what
-    ``mmfuse predict --json`` prints."""
+def predict_clip(
+    checkpoint: Path | str,
+    video: Path | str,
+    text: str | None = None,
+    device: str = "cpu",
+    window: tuple[float | None, float | None] = (None, None),
+    max_duration_s: float | None = None,
+) -> dict:
+    """Predict one raw clip with a checkpoint on ``device`` (:func:`extract.devices.resolve_device`); the result is
+    what ``mmfuse predict --json`` prints. ``window``: the clip's ``(start, end)`` in the file, seconds (``None``:
+    the file's own); a clip longer than ``max_duration_s`` (default: extraction's ``max_duration_s``) is refused."""
     device = resolve_device(device)
     ckpt = load_checkpoint(checkpoint)
     if ckpt["config"].get("align_words"):
@@ -227,9 +266,11 @@ def predict_clip(checkpoint: Path | str, video: Path | str, text: str | None = N
             "its word timings, which `mmfuse predict` does not take: evaluate such models with `mmfuse eval`"
         )
     cfg = extract_config(ckpt.get("feature_set", {}), device)
+    cfg.max_duration_s = cfg.max_duration_s if max_duration_s is None else max_duration_s
+    check_window(Path(video), window, cfg.max_duration_s)
     extractors, fs_hash = matching_extractors(ckpt, cfg)
     config, net = load_network(ckpt, device)
-    sample = extract_sample(Path(video), text, cfg, extractors, fs_hash, tuple(config.data.modalities))
+    sample = extract_sample(Path(video), text, cfg, extractors, fs_hash, tuple(config.data.modalities), window)
     batch = model_batch(sample, ckpt, config)
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     output = net(batch).prediction[0]

@@ -170,3 +170,36 @@ def test_eval_and_predict_on_cuda_match_cpu(checkpoint: Path, bundled_dataset: P
     assert scores["cuda"]["mae"] == pytest.approx(scores["cpu"]["mae"], abs=1e-3)
     cpu = predict_clip(checkpoint, GRID, GRID_TEXT, "cpu")["prediction"]["score"]
     assert predict_clip(checkpoint, GRID, GRID_TEXT, "cuda")["prediction"]["score"] == pytest.approx(cpu, abs=1e-3)
+
+
+def predict_options() -> set[str]:
+    from mmfuse.cli import build_parser
+
+    (subparsers,) = [a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction"]
+    return set(subparsers.choices["predict"]._option_string_actions)
+
+
+def test_predict_advice_names_only_options_it_has(checkpoint: Path, capsys) -> None:
+    """A clip over the length limit was refused with extraction's advice ("raise it with --config or cut the clip
+    with start/end columns"): predict has neither. Its messages name its own options, and those options work."""
+    import re
+
+    from train.commands import PREDICT_EXAMPLES
+    from train.predict import NO_TEXT
+
+    argv = ["predict", "--checkpoint", str(checkpoint), str(GRID), "--text", GRID_TEXT, "--device", "cpu"]
+    assert main([*argv, "--max-duration", "2"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"mmfuse predict: error: {GRID}: the clip is 3 s long, over --max-dur")
+    named = set(re.findall(r"--[a-z][a-z-]*", " ".join([err[0], NO_TEXT, PREDICT_EXAMPLES])))
+    assert {"--max-duration", "--start", "--end", "--text"} <= named
+    assert named <= predict_options()
+    assert main([*argv, "--start", "1", "--end", "0.5"]) == 1
+    assert "--end 0.5 must be after --start (1 s)" in capsys.readouterr().err
+    assert main([*argv, "--max-duration", "2", "--start", "0.4", "--end", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["modalities"]["video"]["frames"] == 40  # 1.6 s at 25 fps
+    with pytest.raises(SystemExit) as usage:
+        main([*argv, "--start", "-1"])
+    assert usage.value.code == 2
+    assert "--start: '-1': seconds must be a finite number, 0 or more" in capsys.readouterr().err
