@@ -18,7 +18,7 @@ from pathlib import Path, PureWindowsPath
 from typing import Any
 
 from extract.manifest_read import ManifestError, NonFinite, find_non_finite, is_jsonl, loads_strict, read_rows
-from shards.schema import SPLITS, make_key
+from shards.schema import SPLITS, label_problem, make_key, seconds_problem, shown, words_problem
 
 __all__ = ["Clip", "ManifestError", "load_manifest", "read_rows"]
 
@@ -26,8 +26,10 @@ log = logging.getLogger(__name__)
 MEDIA_EXTENSIONS = (".mp4", ".avi", ".mpg", ".mpeg", ".mov", ".mkv", ".webm", ".m4v", ".flv", ".wav", ".mp3", ".m4a")
 SPLIT_ALIASES = {"val": "valid", "dev": "valid", "validation": "valid"}
 LABEL_COLUMNS = ("label", "label_T", "label_A", "label_V", "annotation")
+TEXT_COLUMNS = ("video_id", "clip_id", "text", "path", "split", "mode")  # a text, or (ids only) an integer
 DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 ROWS_SHOWN = 10
+WORD_SLACK_S = 1.0  # a word may end this much after its clip (aligners round, clips are cut by hand)
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,13 @@ def _parse_row(
         bad = find_non_finite(value)
         if bad is not None:
             problems.append(f"{where}, column {column!r}: {bad} is not a finite number (NaN and Infinity are refused)")
+    for column in TEXT_COLUMNS:  # JSONL values have types: an id may be an integer, nothing else may be a list
+        value = row.get(column)
+        integer = isinstance(value, int) and not isinstance(value, bool) and column in ("video_id", "clip_id")
+        if value is not None and not isinstance(value, str) and not integer:
+            problems.append(f"{where}, column {column!r}: {shown(value)} is a {type(value).__name__}, not a text")
+    if len(problems) > before:
+        return None
     video_id, clip_id = _text(row.get("video_id")), _text(row.get("clip_id"))
     if not video_id or not clip_id:
         problems.append(f"{where}: empty video_id or clip_id")
@@ -140,6 +149,8 @@ def _parse_row(
         problems.append(f"{where}: end {end} must be after start {start}")
     labels = _labels(row, where, problems)
     words = _words(row.get("words"), where, problems)
+    if words and start is not None and end is not None and end > start:
+        _words_inside(words, end - start, where, problems)
     path = _media_path(row, video_id, clip_id, root, where, problems) if root is not None else None
     if len(problems) > before:
         return None
@@ -163,25 +174,26 @@ def _parse_row(
 def _seconds(value: Any, name: str, where: str, problems: list[str]) -> float | None:
     if value is None or isinstance(value, NonFinite) or _text(value) == "":
         return None
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        problems.append(f"{where}: {name} {value!r} is not a number of seconds")
+    if isinstance(value, str):
+        cell = value.strip()
+        value = float(cell) if DECIMAL.fullmatch(cell) and math.isfinite(float(cell)) else cell
+    problem = seconds_problem(value)
+    if problem is not None:
+        problems.append(f"{where}, column {name!r}: {problem}")
         return None
-    if not math.isfinite(x) or x < 0:
-        problems.append(f"{where}: {name} {value!r} must be a finite number of seconds >= 0")
-        return None
-    return x
+    return float(value)
 
 
 def _label_value(value: Any, column: str, where: str, problems: list[str]) -> Any:
-    """A label cell: a finite number, a text label (a class name), or ``None`` (empty: the row is unlabelled)."""
+    """A label cell: a number float32 holds, a text label (a class name), or ``None`` (empty: the row is
+    unlabelled). A text spelling a number is that number."""
     if value is None or find_non_finite(value) is not None:  # JSON NaN is reported with the record
         return None
-    if isinstance(value, float) and not math.isfinite(value):
-        problems.append(f"{where}, column {column!r}: {value} is not a finite number")
-        return None
     if not isinstance(value, str):
+        problem = label_problem(value)
+        if problem is not None:
+            problems.append(f"{where}, column {column!r}: {shown(value)} {problem}")
+            return None
         return value
     cell = value.strip()
     if cell == "":
@@ -189,13 +201,17 @@ def _label_value(value: Any, column: str, where: str, problems: list[str]) -> An
     if DECIMAL.fullmatch(cell):
         x = float(cell)
         if math.isfinite(x):
-            return x
+            problem = label_problem(x)
+            if problem is None:
+                return x
+            problems.append(f"{where}, column {column!r}: {shown(cell)} {problem}")
+            return None
     else:
         try:
             float(cell)  # nan, inf, Infinity, 1_0: spelled as numbers but not plain finite ones
         except ValueError:
             return value
-    problems.append(f"{where}, column {column!r}: {cell!r} is not a finite number")
+    problems.append(f"{where}, column {column!r}: {shown(cell)} is not a finite number")
     return None
 
 
@@ -215,9 +231,13 @@ def _labels(row: dict[str, Any], where: str, problems: list[str]) -> dict[str, A
             return labels
     if isinstance(extra, dict):
         for k, v in extra.items():
-            if isinstance(v, str) and v.strip() and _label_value(v, f"labels.{k}", where, problems) is None:
-                continue  # a string spelling a non-finite number: reported
-            labels[k] = v
+            if (
+                v is not None
+                and not (isinstance(v, str) and not v.strip())
+                and _label_value(v, f"labels.{k}", where, problems) is None
+            ):
+                continue  # not a label (a list, a number float32 cannot hold, a text spelling NaN): reported
+            labels[k] = v  # as written: "0.5" inside the JSON object stays a text
     elif extra not in (None, ""):
         problems.append(f"{where}, column 'labels': must be a JSON object, got {type(extra).__name__}")
     return labels
@@ -226,22 +246,37 @@ def _labels(row: dict[str, Any], where: str, problems: list[str]) -> dict[str, A
 def _words(value: Any, where: str, problems: list[str]) -> list[tuple[str, float, float]] | None:
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
-    try:
-        items = loads_strict(value) if isinstance(value, str) else value
+    if isinstance(value, str):
+        try:
+            items = loads_strict(value)
+        except ValueError as exc:
+            problems.append(f"{where}, column 'words': not valid JSON ({exc})")
+            return None
         bad = find_non_finite(items)
         if bad is not None:
-            if isinstance(value, str):  # a JSONL record's own NaN is reported with the record
-                problems.append(f"{where}, column 'words': {bad} is not a finite number")
+            problems.append(f"{where}, column 'words': {bad} is not a finite number")
             return None
-        words = [(str(w), float(s), float(e)) for w, s, e in items]
-    except (ValueError, TypeError) as exc:
-        problems.append(f"{where}, column 'words': must be a JSON list of [word, start, end] ({exc})")
+    elif find_non_finite(value) is not None:  # a JSONL record's own NaN is reported with the record
         return None
-    if not all(math.isfinite(s) and math.isfinite(e) for _, s, e in words):
-        problems.append(f"{where}, column 'words': a word time is not a finite number")
-    elif any(e < s for _, s, e in words):
-        problems.append(f"{where}: a word ends before it starts")
-    return words
+    else:
+        items = value
+    problem = words_problem(items)
+    if problem is not None:
+        problems.append(f"{where}, column 'words': {problem}")
+        return None
+    return [(w, float(s), float(e)) for w, s, e in items]
+
+
+def _words_inside(words: list[tuple[str, float, float]], length: float, where: str, problems: list[str]) -> None:
+    """Word timings are on the clip's clock (0 = its ``start``): one past the clip's end (with a second to spare)
+    is most likely on the source file's clock, and would find no frame to average."""
+    late = [w for w in words if w[2] > length + WORD_SLACK_S]
+    if late:
+        word, _, at = late[0]
+        problems.append(
+            f"{where}, column 'words': {len(late)} word(s) end after the clip (it lasts {length:g} s; "
+            f"{shown(word)} ends at {at:g} s): word timings are on the clip's clock, 0 = its start"
+        )
 
 
 def _media_path(

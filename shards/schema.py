@@ -17,6 +17,7 @@ its required members; ``failed`` or ``absent`` modalities carry none of them.
 
 from __future__ import annotations
 
+import math
 import re
 import unicodedata
 from collections.abc import Mapping, Sequence
@@ -86,6 +87,12 @@ STATS_MEMBERS = (*FEATURE_MEMBERS.values(), "video_feat.npy")
 MASK_MEMBERS = {"audio": "audio_mask.npy", "video": "video_mask.npy"}
 
 META_REQUIRED = ("schema_version", "key", "video_id", "clip_id", "split", "modalities", "feature_set_hash")
+# meta.json's ``labels``: name -> a number float32 holds (training makes labels float32), a boolean, a text (a class
+# name) or null (no label). Times in seconds (a manifest's start / end, word timings) are finite, >= 0 and at most
+# MAX_SECONDS (about 11.6 days), so they fit every clock and index computed from them.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+MAX_SECONDS = 1e6
+SHOWN_CHARS = 40  # a value quoted in a message is cut to this many characters
 
 _UNSAFE = re.compile(r"[^\w\-]", re.UNICODE)
 
@@ -133,8 +140,76 @@ def validate_meta(meta: Any, key: str | None = None) -> None:
         for name, entry in mods.items():
             if not isinstance(entry, Mapping) or entry.get("status") not in STATUSES:
                 problems.append(f"modality {name}: status must be one of {list(STATUSES)}, got {entry!r}")
+    problems += label_problems(meta.get("labels"))
+    words = words_problem(meta.get("words"))
+    if words is not None:
+        problems.append(f"meta.json 'words' {words}")
     if problems:
         raise SchemaError(f"sample {meta['key']}: " + "; ".join(problems))
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` cut to :data:`SHOWN_CHARS` characters, for messages (a label may be 400 digits long)."""
+    if isinstance(value, int) and value.bit_length() > 128:  # repr of a 5000-digit int is an error
+        digits = int(value.bit_length() * math.log10(2)) + 1
+        return f"an integer of {digits - (10 ** (digits - 1) > abs(value))} digits"
+    try:
+        text = repr(value)
+    except ValueError:  # an int of over 4300 digits inside a list
+        return f"a {type(value).__name__}"
+    return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 3] + "..."
+
+
+def label_problem(value: Any) -> str | None:
+    """Why ``value`` cannot be a label (see :data:`FLOAT32_MAX`), or ``None`` when it can."""
+    if value is None or isinstance(value, (bool, str)):
+        return None
+    if isinstance(value, (int, float)):
+        try:
+            x = float(value)
+        except OverflowError:  # an int of more than 308 digits
+            x = math.inf
+        return None if abs(x) <= FLOAT32_MAX else "is not a finite float32 number (labels are at most 3.4e38)"
+    return f"is a {type(value).__name__}; a label is a number, a boolean, a text (a class name) or null"
+
+
+def label_problems(labels: Any) -> list[str]:
+    """Every problem of a ``labels`` object (``None``: the sample has no labels), each naming the label."""
+    if labels is None:
+        return []
+    if not isinstance(labels, Mapping):
+        return [f"meta.json 'labels' must be an object (label name -> value), got a {type(labels).__name__}"]
+    found = ((name, label_problem(value), value) for name, value in labels.items())
+    return [f"label {shown(name)} = {shown(value)} {problem}" for name, problem, value in found if problem]
+
+
+def seconds_problem(value: Any) -> str | None:
+    """Why ``value`` cannot be a time in seconds (see :data:`MAX_SECONDS`), or ``None`` when it can."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"{shown(value)} is not a number of seconds"
+    try:
+        ok = 0 <= float(value) <= MAX_SECONDS
+    except OverflowError:
+        ok = False
+    return None if ok else f"{shown(value)} is not a time in seconds in [0, {MAX_SECONDS:.0f}]"
+
+
+def words_problem(words: Any) -> str | None:
+    """Why ``words`` is not a list of ``[word, start, end]`` timings (a text and two times in seconds, start <= end),
+    or ``None`` when it is (``None`` too: no timings)."""
+    if words is None:
+        return None
+    if not isinstance(words, (list, tuple)):
+        return f"must be a list of [word, start, end], got a {type(words).__name__}"
+    for i, item in enumerate(words):
+        if not isinstance(item, (list, tuple)) or len(item) != 3 or not isinstance(item[0], str):
+            return f"item {i} ({shown(item)}) is not [word, start, end] with the word a text"
+        problem = seconds_problem(item[1]) or seconds_problem(item[2])
+        if problem is not None:
+            return f"item {i} ({shown(item)}): {problem}"
+        if item[2] < item[1]:
+            return f"item {i} ({shown(item)}): the word ends before it starts"
+    return None
 
 
 def validate_sample(

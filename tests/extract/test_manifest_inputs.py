@@ -110,6 +110,70 @@ def test_non_finite_values_are_reported_together_by_row_and_column(tmp_path):
     ]
 
 
+def test_manifest_values_are_type_and_range_checked_and_reported_together(tmp_path):
+    """Every field of a row is checked for its type and range where rows are validated, so a value training or
+    decoding cannot use (a 401-digit label, a label float32 makes inf, a list as a label, a start of 1e300 s, a
+    word time of 401 digits) is one more problem in the one report, not a crash later or a silent NaN."""
+    huge = "9" * 401
+    lines = [
+        f'{{"video_id": "g", "clip_id": "a", "text": "x", "label": {huge}}}',
+        '{"video_id": "g", "clip_id": "b", "text": "x", "label": 3.5e38, "labels": {"happy": [1], "sad": "1e39"}}',
+        '{"video_id": "g", "clip_id": "c", "text": "x", "label": [1, 2], "labels": [0, 1]}',
+        f'{{"video_id": "g", "clip_id": "d", "text": "x", "start": {huge}, "end": 1e300}}',
+        f'{{"video_id": "g", "clip_id": "e", "text": "x", "words": [["x", 0, {huge}]]}}',
+        '{"video_id": "g", "clip_id": "f", "text": "x", "words": [["x", 0.5], [1, 0, 1]], "start": true}',
+        '{"video_id": {"id": 1}, "clip_id": "g", "text": ["x"], "split": ["train"]}',
+        '{"video_id": "g", "clip_id": "h", "text": "x", "words": [["late", 11.5, 12]], "start": 100, "end": 110}',
+        '{"video_id": "g", "clip_id": 7, "text": "fine", "label": 3.4e38, "labels": {"happy": true}, "start": 1}',
+    ]
+    (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ManifestError) as err:
+        load_manifest(tmp_path / "m.jsonl", None, need_media=False)
+    float32 = "is not a finite float32 number (labels are at most 3.4e38)"
+    seconds = "is not a time in seconds in [0, 1000000]"
+    assert err.value.problems == [
+        f"line 1, column 'label': an integer of 401 digits {float32}",
+        f"line 2, column 'label': 3.5e+38 {float32}",
+        "line 2, column 'labels.happy': [1] is a list; a label is a number, a boolean, a text (a class name) or null",
+        f"line 2, column 'labels.sad': '1e39' {float32}",
+        "line 3, column 'label': [1, 2] is a list; a label is a number, a boolean, a text (a class name) or null",
+        "line 3, column 'labels': must be a JSON object, got list",
+        f"line 4, column 'start': an integer of 401 digits {seconds}",
+        f"line 4, column 'end': 1e+300 {seconds}",
+        f"line 5, column 'words': item 0 (['x', 0, {huge[:28]}...): an integer of 401 digits {seconds}",
+        "line 6, column 'start': True is not a number of seconds",
+        "line 6, column 'words': item 0 (['x', 0.5]) is not [word, start, end] with the word a text",
+        "line 7, column 'video_id': {'id': 1} is a dict, not a text",
+        "line 7, column 'text': ['x'] is a list, not a text",
+        "line 7, column 'split': ['train'] is a list, not a text",
+        "line 8, column 'words': 1 word(s) end after the clip (it lasts 10 s; 'late' ends at 12 s): word timings are "
+        "on the clip's clock, 0 = its start",
+    ]
+    (clip,) = load_manifest(write_lines(tmp_path / "ok.jsonl", lines[-1:]), None, need_media=False)
+    assert (clip.key, clip.labels, clip.start) == ("g__7", {"label": 3.4e38, "happy": True}, 1.0)
+    rows = [
+        {"video_id": "g", "clip_id": "a", "text": "x", "label": huge, "start": "1e300", "end": "-1"},
+        {"video_id": "g", "clip_id": "b", "text": "x", "label_T": "-3.5e38", "labels": '{"happy": 1e39}'},
+        {"video_id": "g", "clip_id": "c", "text": "x", "words": '[["x", 1, 0]]', "start": "inf"},
+    ]
+    with pytest.raises(ManifestError) as err:
+        load_manifest(write_manifest(tmp_path / "m.csv", rows), None, need_media=False)
+    assert err.value.problems == [
+        f"row 2, column 'start': 1e+300 {seconds}",
+        f"row 2, column 'end': -1.0 {seconds}",
+        f"row 2, column 'label': '{huge[:36]}... is not a finite number",
+        f"row 3, column 'label_T': '-3.5e38' {float32}",
+        f"row 3, column 'labels.happy': 1e+39 {float32}",
+        "row 4, column 'start': 'inf' is not a number of seconds",
+        "row 4, column 'words': item 0 (['x', 1, 0]): the word ends before it starts",
+    ]
+
+
+def write_lines(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def test_unlabelled_rows_are_allowed_counted_and_logged(tmp_path, caplog):
     rows = [
         {"video_id": "g", "clip_id": "a", "text": "x", "label": "0.5", "annotation": "Positive"},
