@@ -85,6 +85,8 @@ class DataConfig:
     prefetch_factor: int = field(default=2, metadata=NOT_A_SETTING)  # batches each worker prepares ahead
     # page-locked batches for non-blocking copies to a GPU; None: when CUDA is available (off on CPU)
     pin_memory: bool | None = field(default=None, metadata=NOT_A_SETTING)
+    # end to end: the text encoder's vocabulary size, which every sample's text_ids must stay below (None: unchecked)
+    text_vocab: int | None = field(default=None, metadata=NOT_A_SETTING)
 
     def problems(self) -> list[str]:
         """Every invalid setting, each naming its key."""
@@ -200,11 +202,12 @@ def sample_stages(
     geom = has_video_geom(dataset) if config.video_geom is None else config.video_geom
     dims = feature_dims(dataset, config.modalities, geom)
     to_inputs = ToInputs(config.modalities, dims, config.raw, config.label_key, geom, config.multilabel)
+    text_vocab = config.text_vocab if config.raw else None
     return [
         ReadShards(skip),  # samples with members as bytes and their shard name
         wds.map(SelectModalities(config.modalities, config.raw)),  # only the members the model uses, still bytes
         wds.map(SafeDecode(skip)),  # members decoded without pickle
-        wds.map(Validate(dataset, skip, config.modalities, split)),  # schema-checked samples (or bad markers)
+        wds.map(Validate(dataset, skip, config.modalities, split, text_vocab)),  # schema-checked samples (or bad)
         wds.map(AlignWords(config.modalities)) if config.align_words else None,  # one audio/video step per word
         ShuffleSamples(config.shuffle_buffer, config.seed, epoch, rank) if train else None,  # seeded sample order
         wds.map(to_inputs),  # float32 inputs + masks, label (a number or a (K,) 0/1 vector)

@@ -78,6 +78,11 @@ class TextEncoder(nn.Module):
     def dim(self) -> int:
         return int(self.model.config.hidden_size)
 
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the token embedding: token ids must lie in [0, vocab_size)."""
+        return int(self.model.get_input_embeddings().num_embeddings)
+
     def set_trainable(self, top_k: int) -> None:
         _set_top_k(self.layers, self.model, top_k)
 

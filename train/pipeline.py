@@ -23,8 +23,8 @@ from shards.schema import FEATURE_MEMBERS
 from train.batches import Normalise
 from train.config import TrainConfig, TrainConfigError
 from train.encoders import AudioEncoder, TextEncoder
-from train.inputs import has_video_geom
-from train.stages import STD_FLOOR
+from train.inputs import DataError, has_video_geom
+from train.stages import STD_FLOOR, vocab_message
 
 
 class FusionPipeline(nn.Module):
@@ -52,6 +52,11 @@ class FusionPipeline(nn.Module):
             self.register_buffer(f"{m}_mean", mean)
             self.register_buffer(f"{m}_std", std)
 
+    @property
+    def text_vocab(self) -> int | None:
+        """The text encoder's vocabulary size (end to end with text), which the loaders check ``text_ids`` against."""
+        return self.encoders["text"].vocab_size if "text" in self.encoders else None
+
     def set_encoders_trainable(self, top_k: int) -> None:
         """-1: every encoder layer trains; k >= 0: only the top k transformer layers (0 = frozen)."""
         for enc in self.encoders.values():
@@ -72,6 +77,7 @@ class FusionPipeline(nn.Module):
         batch = self.normalise(batch)  # a new dict; float32 inputs already normalised pass unchanged
         if self.end_to_end:
             if "text" in self.encoders and "text_ids" in batch:
+                check_token_ids(batch, self.encoders["text"].vocab_size)
                 feats = self.encoders["text"](batch["text_ids"], batch["text_ids_mask"])
                 batch["text"] = self._standardise("text", feats, batch["text_ids_mask"])
                 batch["text_mask"] = batch["text_ids_mask"] & batch["text_mask"].any(1, keepdim=True)
@@ -86,6 +92,19 @@ class FusionPipeline(nn.Module):
     def _standardise(self, m: str, x: Tensor, mask: Tensor) -> Tensor:
         mean, std = getattr(self, f"{m}_mean"), getattr(self, f"{m}_std")
         return torch.where(mask[..., None], (x.float() - mean) / std, torch.zeros((), device=x.device))
+
+
+def check_token_ids(batch: dict[str, Any], vocab: int) -> None:
+    """``DataError`` naming the sample when a batch's ``text_ids`` (B, T) leave [0, vocab): the loaders check each
+    sample already; this one reduction (one synchronisation) guards batches made elsewhere, since an id past the
+    embedding is a device-side assert on CUDA, which ends the process without saying which sample."""
+    ids = batch["text_ids"]
+    outside = (ids < 0) | (ids >= vocab)
+    if not bool(outside.any()):
+        return
+    row, col = (int(i) for i in outside.nonzero()[0])
+    key = batch["key"][row] if "key" in batch else f"at batch row {row}"
+    raise DataError(vocab_message(key, int(ids[row, col]), vocab))
 
 
 def _normalise(config: TrainConfig, dims: dict[str, int], dataset: ShardDataset) -> Normalise:

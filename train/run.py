@@ -170,7 +170,8 @@ def make_run(
     where ``checkpoint`` stopped. Writes nothing."""
     seed_everything(config.run.seed)
     net = FusionPipeline(config, dims, dataset).to(d.device)
-    data = dataclasses.replace(config.data, pin_memory=d.device.type == "cuda")  # pinned: non-blocking copies
+    # pinned: non-blocking copies; text_vocab: end to end, every sample's text_ids checked before it is batched
+    data = dataclasses.replace(config.data, pin_memory=d.device.type == "cuda", text_vocab=net.text_vocab)
     per_epoch = train_batches(config, dataset, d)
     total_steps = config.run.max_steps or config.run.epochs * (per_epoch // config.optim.grad_accum)
     optimizer = torch.optim.AdamW(net.param_groups(config.optim.lr, config.optim.encoder_lr, config.optim.weight_decay))

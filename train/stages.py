@@ -179,7 +179,9 @@ class SafeDecode:
 
 class Validate:
     """Stage: ``validate_sample`` with widths and feature-set hash pinned to dataset.json's and meta.json's split to
-    the split being read (``split``; None: not checked); errors name the shard."""
+    the split being read (``split``; None: not checked); errors name the shard. With ``text_vocab`` (end to end:
+    the text encoder's vocabulary size) ``text_ids`` must lie in [0, text_vocab): an id outside would index past
+    the embedding (an IndexError on a CPU, a device-side assert that ends the process on CUDA)."""
 
     def __init__(
         self,
@@ -187,10 +189,12 @@ class Validate:
         skip_bad: bool,
         modalities: Sequence[str] | None = None,
         split: str | None = None,
+        text_vocab: int | None = None,
     ) -> None:
         self.dims = {k: int(v) for k, v in dataset.dims.items() if k in ("Dt", "Da", "Dv")}
         self.fs_hash, self.skip_bad, self.split = dataset.feature_set_hash, skip_bad, split
         self.modalities = tuple(modalities) if modalities is not None else None
+        self.text_vocab = text_vocab
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         if BAD in sample:
@@ -208,9 +212,30 @@ class Validate:
                     f"sample {sample['__key__']}: meta.json says split {sample['meta.json']['split']!r} but it is "
                     f"read as split {self.split!r}"
                 )
+            ids = sample.get("text_ids.npy")
+            if self.text_vocab is not None and ids is not None and len(ids):
+                bad = out_of_vocab(ids, self.text_vocab)
+                if bad is not None:
+                    raise SchemaError(vocab_message(sample["__key__"], bad, self.text_vocab))
         except SchemaError as exc:
             return _bad(sample, SchemaError(f"shard {sample['__shard__']}: {exc}"), self.skip_bad)
         return sample
+
+
+def out_of_vocab(ids: np.ndarray, vocab: int) -> int | None:
+    """The first token id of ``ids`` outside [0, vocab), or None (one min and one max when all are inside)."""
+    ids = np.asarray(ids)
+    if ids.min() >= 0 and ids.max() < vocab:
+        return None
+    return int(ids[(ids < 0) | (ids >= vocab)][0])
+
+
+def vocab_message(key: str, token: int, vocab: int) -> str:
+    return (
+        f"sample {key}: text_ids holds token id {token}, outside the text encoder's vocabulary of {vocab} ids "
+        f"(0 to {vocab - 1}); the shard was not tokenised by this feature set's text model: re-extract it, or "
+        "train with mode=frozen"
+    )
 
 
 def reason(exc: BaseException) -> str:

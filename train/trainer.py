@@ -231,7 +231,7 @@ def evaluate(
     this rank's first batch (``fusion.base.mechanism_shares``: whether the method's own terms drive it), and
     ``diag/<key>``, the model's scalar diagnostics averaged over the split (gate rates, KL terms, MI estimates)."""
     d = d or Dist()
-    data = dataclasses.replace(config.data, num_workers=min(config.data.num_workers, 1))
+    data = dataclasses.replace(config.data, num_workers=min(config.data.num_workers, 1), text_vocab=net.text_vocab)
     dataset = ShardDataset.of(shards)
     listed = dataset.split_samples(split)
     if split not in dataset.splits:
