@@ -10,7 +10,8 @@ from typing import Any
 from extract.auto import choose, encoder_threads, usable_cores
 from extract.models import DEFAULT_AUDIO_MODEL, DEFAULT_TEXT_MODEL
 from mmfuse.errors import MmfuseError
-from mmfuse.settings import NOT_A_SETTING, build, read_yaml
+from mmfuse.settings import NOT_A_SETTING, build, quoted, read_yaml
+from shards.dataset_fields import MAX_DURATION_S, MAX_FPS
 from shards.schema import MODALITIES
 
 
@@ -27,8 +28,8 @@ class ExtractConfig:
     text_layer: int = -1  # hidden-state layer (-1: last)
     audio_layer: int = -1
     max_text_tokens: int = 512
-    audio_chunk_s: float = 30.0  # long audio is encoded in windows of this length
-    fps: float | None = None  # None: native frame rate, capped at 30
+    audio_chunk_s: float = 30.0  # long audio is encoded in windows of this length, in [1, MAX_AUDIO_CHUNK_S]
+    fps: float | None = None  # None: native frame rate, capped at 30; else in (0, MAX_FPS = 240]
     shard_size: int = 256  # clips per shard
     workers: int | None = None  # decode + FaceMesh processes (0: inline; None = auto: chosen by extract.auto)
     batch_size: int | None = None  # clips per encoder batch (None = auto: chosen by extract.auto)
@@ -36,9 +37,9 @@ class ExtractConfig:
     precision: str | None = None  # text and audio encoders: fp32, bf16 or fp16 (None = auto: fp32 on CPU, else bf16)
     modalities: tuple[str, ...] = MODALITIES
     raw: bool = True  # store audio_wave.npy for end-to-end fine-tuning
-    max_duration_s: float = 3600.0  # longer clips are skipped with a recorded status
+    max_duration_s: float = 3600.0  # longer clips are skipped with a recorded status; in (0, MAX_DURATION_S = 86400]
     max_faces: int = 1  # FaceMesh faces per frame; the largest is kept
-    min_detection_confidence: float = 0.5
+    min_detection_confidence: float = 0.5  # in [0, 1]
     threads: int | None = None  # torch intra-op threads in the encoder process (None: the cores workers leave)
     asr: str | None = None  # local Whisper checkpoint: transcribe clips whose manifest text is empty
     asr_language: str | None = None  # Whisper language code or name for the ASR model (None: detect per window)
@@ -80,15 +81,23 @@ class ExtractConfig:
             problems.append(f"workers: must be >= 0 or auto, got {self.workers}")
         if self.precision is not None and self.precision not in PRECISIONS:
             problems.append(f"precision: {self.precision!r} must be one of {', '.join(PRECISIONS)} or auto")
-        if self.fps is not None and not self.fps > 0:
-            problems.append(f"fps: must be > 0, got {self.fps}")
         if not 0 <= self.rank < self.world_size:
             problems.append(f"rank: {self.rank} must be in [0, world_size={self.world_size})")
-        if self.audio_chunk_s < 1 or self.max_duration_s <= 0:
-            problems.append("audio_chunk_s must be >= 1 and max_duration_s > 0")
+        problems += [p for p in map(self._range_problem, RANGES) if p]
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             problems.append(f"device: {self.device!r} must be cpu, cuda or cuda:N")
         return problems + self._asr_problems()
+
+    def _range_problem(self, name: str) -> str | None:
+        """Why setting ``name`` (a number) is outside its bounds in :data:`RANGES` (NaN included), or None."""
+        value = getattr(self, name)
+        low, high, open_low = RANGES[name]
+        if value is None and name == "fps":
+            return None
+        inside = low < value <= high if open_low else low <= value <= high  # False for NaN
+        if inside:
+            return None
+        return f"{name}: must be {'>' if open_low else '>='} {low:g} and <= {high:g}, got {quoted(value)}"
 
     def _asr_problems(self) -> list[str]:
         if self.asr is None:
@@ -118,6 +127,15 @@ def make_config(yaml_path: Path | str | None = None, **overrides: Any) -> Extrac
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+MAX_AUDIO_CHUNK_S = 600.0  # an encoder window of 10 minutes: attention over 30,000 wav2vec 2.0 frames at most
+# Numeric settings: (low, high, low excluded). The frame rate and clip length bounds are those dataset.json may
+# record (shards.dataset_fields), since readers size the caps on every shard member from them.
+RANGES = {
+    "fps": (0.0, MAX_FPS, True),
+    "max_duration_s": (0.0, MAX_DURATION_S, True),
+    "audio_chunk_s": (1.0, MAX_AUDIO_CHUNK_S, False),
+    "min_detection_confidence": (0.0, 1.0, False),
+}
 AUTO_KEYS = ("workers", "batch_size", "precision")  # settings whose default is chosen from the machine
 
 

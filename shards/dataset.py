@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from mmfuse.settings import quoted
+from shards.dataset_fields import dataset_field_problems
 from shards.io import atomic_write_bytes, atomic_write_json
 from shards.schema import ALTERNATIVES, FEATURE_MEMBERS, N_LANDMARKS, SCHEMA_VERSION, STATS_MEMBERS, SchemaError
 from shards.sidecar import dataset_problems, read_json_file, read_sidecar
@@ -50,17 +52,15 @@ def feature_set_hash(feature_set: Mapping[str, Any]) -> str:
 
 
 DATASET_MAX_BYTES = 64 << 20  # dataset.json: statistics of a few thousand dims and a shard list; far below this
-# What every reader of a shard directory needs from dataset.json, with its type (checked before use).
-DATASET_FIELDS = {"feature_set": dict, "feature_set_hash": str, "dims": dict, "counts": dict, "shards": list}
-ENTRY_FIELDS = {"name": str, "split": str, "samples": int}
 
 
 def load_dataset_json(root: Path | str) -> dict[str, Any]:
     """Read ``dataset.json`` of a shard directory with clear errors for missing or foreign files.
 
     It is read like a shard member (:func:`shards.guard.load_json`): at most :data:`DATASET_MAX_BYTES`, nesting
-    checked before parsing; a file that is not JSON, lacks a field every reader needs or has one of the wrong type
-    is a SchemaError naming dataset.json and the field."""
+    checked before parsing; a file that is not JSON, lacks a field every reader needs, or has a field of the wrong
+    type or a number out of its range (:func:`shards.dataset_fields.dataset_field_problems`) is a SchemaError
+    naming dataset.json, the field and its value."""
     path = Path(root) / DATASET_JSON
     if not path.is_file():
         raise SchemaError(f"{path} not found: is {root} a directory written by `mmfuse extract`?")
@@ -69,29 +69,16 @@ def load_dataset_json(root: Path | str) -> dict[str, Any]:
     except OSError as exc:
         raise SchemaError(f"{path} cannot be read ({exc.strerror or exc})") from exc
     version = obj.get("schema_version") if isinstance(obj, dict) else None
-    if version != SCHEMA_VERSION:
+    if type(version) is not int or version != SCHEMA_VERSION:
         raise SchemaError(
-            f"{path} has schema version {version!r}; this mmfuse reads version {SCHEMA_VERSION}. "
+            f"{path} has schema version {quoted(version)}; this mmfuse reads version {SCHEMA_VERSION}. "
             "Re-extract the corpus with this release."
         )
-    problems = _field_problems(obj, DATASET_FIELDS, "")
-    for i, entry in enumerate(obj.get("shards") if isinstance(obj.get("shards"), list) else []):
-        problems += _field_problems(entry, ENTRY_FIELDS, f"shards[{i}].")
+    problems = dataset_field_problems(obj)
     if problems:
-        raise SchemaError(f"{path}: " + "; ".join(problems[:10]) + "; extract the corpus again")
+        more = f"; and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise SchemaError(f"{path}: " + "; ".join(problems[:10]) + more + "; extract the corpus again")
     return obj
-
-
-def _field_problems(obj: Any, fields: Mapping[str, type], prefix: str) -> list[str]:
-    if not isinstance(obj, dict):
-        return [f"{prefix.rstrip('.')} is not an object"]
-    problems = []
-    for name, kind in fields.items():
-        if name not in obj:
-            problems.append(f"no field '{prefix}{name}'")
-        elif not isinstance(obj[name], kind) or isinstance(obj[name], bool):
-            problems.append(f"'{prefix}{name}' is not a {kind.__name__} ({type(obj[name]).__name__})")
-    return problems
 
 
 def check_dataset_json(root: Path | str, ds: Mapping[str, Any]) -> None:
@@ -146,26 +133,13 @@ class ShardDataset:
 
     @classmethod
     def load(cls, root: Path | str) -> ShardDataset:
-        """Read ``root/dataset.json`` (the errors of :func:`load_dataset_json`), checked against the shards and
-        their sidecars (:func:`check_dataset_json`: no shard listed twice, every count equal to the sidecars');
-        ``SchemaError`` naming the member when a train statistic (mean or std) is not a finite number:
-        standardising with it would turn every feature of that member into NaN."""
+        """Read ``root/dataset.json`` (the errors of :func:`load_dataset_json`: fields of the wrong type, numbers
+        out of range, train statistics that are not finite), checked against the shards and their sidecars
+        (:func:`check_dataset_json`: no shard listed twice, no sample key in two shards, every count and the
+        train statistics equal to what the sidecars record)."""
         obj = load_dataset_json(root)
         check_dataset_json(root, obj)
-        dataset = cls.from_json(obj, root)
-        for member, entry in dataset.stats.items():
-            for name in ("mean", "std"):
-                try:
-                    finite = bool(np.isfinite(np.asarray((entry or {}).get(name, []), np.float64)).all())
-                except (TypeError, ValueError):
-                    finite = False
-                if not finite:
-                    raise SchemaError(
-                        f"{Path(root) / DATASET_JSON}: the train statistics of {member} ({name}) are not all finite "
-                        "numbers, and standardising with them would make every feature of it NaN; "
-                        "extract the train split again"
-                    )
-        return dataset
+        return cls.from_json(obj, root)
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any], root: Path | str | None = None) -> ShardDataset:

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from numpy.lib import format as npformat
 
+from shards.dataset_fields import DURATION, FPS
 from shards.schema import MEMBERS, SAMPLE_RATE, SchemaError
 
 COMPRESSED_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
@@ -57,9 +58,16 @@ class ShardLimits:
         feature_set: Mapping[str, Any] | None = None,
         max_duration_s: float | None = None,
     ) -> ShardLimits:
-        """Caps from the schema's shapes, dataset.json's ``dims`` and ``feature_set`` and the longest clip."""
+        """Caps from the schema's shapes, dataset.json's ``dims`` and ``feature_set`` and the longest clip.
+
+        A frame rate or duration outside what extraction accepts (``shards.dataset_fields.FPS`` and ``DURATION``)
+        is a SchemaError naming it: a cap sized from ``1e308`` seconds would be no cap (and overflows)."""
         fps = (feature_set or {}).get("fps")
-        fps = float(fps) if isinstance(fps, (int, float)) and fps > 0 else DEFAULT_FPS
+        problems = [] if fps is None or isinstance(fps, str) else [FPS.problem(fps, "feature_set.fps")]
+        problems += [] if max_duration_s is None else [DURATION.problem(max_duration_s, "max_duration_s")]
+        if any(problems):
+            raise SchemaError("dataset.json: " + "; ".join(p for p in problems if p))
+        fps = float(fps) if isinstance(fps, (int, float)) else DEFAULT_FPS
         seconds = float(max_duration_s or DEFAULT_MAX_DURATION_S) * DURATION_MARGIN
         bounds = {sym: max(MIN_STEPS, math.ceil(rate * seconds)) for sym, rate in {**STEP_RATES, "Tv": fps}.items()}
         for sym, width in (dims or {}).items():
@@ -80,7 +88,8 @@ class ShardLimits:
 
     @classmethod
     def beside(cls, shard: Path | str) -> ShardLimits:
-        """Caps from the dataset.json next to ``shard`` (the schema's defaults when there is none)."""
+        """Caps from the dataset.json next to ``shard`` (the schema's defaults when there is none or it is
+        unusable: a reader of the directory refuses such a dataset.json itself, see ``shards.dataset``)."""
         path = Path(shard).with_name("dataset.json")
         try:
             if path.stat().st_size <= 64 * META_MAX_BYTES:

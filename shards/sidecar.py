@@ -10,11 +10,12 @@ it holds and the first 32 hex digits (128 bits) of the SHA-256 of that member's 
 * training: the key list, the member sets, the sidecar's split and ``meta.json``'s digest (labels live there),
   not the feature digests: hashing every feature byte would cost about half of decoding them;
 * anything that loads dataset.json as a dataset (:func:`dataset_problems`): no shard listed twice, every listed
-  shard present with its sidecar, each shard's sample count, the per-split counts and the total equal to what
-  the sidecars list.
+  shard present with its sidecar, the shard name its sidecar records equal to its file name, no sample key in two
+  shards, each shard's sample count, the per-split counts and the total equal to what the sidecars list, and the
+  train statistics equal to the train sidecars' merged (:mod:`shards.crosscheck`).
 
 Sidecars written before digests were recorded have none: their members are not checked against digests (verify
-says so in a warning); everything else still is.
+says so in a warning); everything else still is. A sidecar without its shard's name is not checked against it.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from mmfuse.settings import quoted
+from shards.crosscheck import KeyOwners, SidecarStats
 from shards.guard import load_json
 from shards.schema import SCHEMA_VERSION, SchemaError
 
@@ -71,6 +74,8 @@ def load_sidecar(path: Path) -> dict[str, Any]:
     digests = obj.get("digests")
     if digests is not None and not (isinstance(digests, dict) and all(isinstance(d, dict) for d in digests.values())):
         raise SchemaError(f"sidecar {path.name}: 'digests' is not a map of sample key to member digests")
+    if not isinstance(obj.get("shard", ""), str):
+        raise SchemaError(f"sidecar {path.name}: 'shard' is {quoted(obj['shard'])}, not its shard's file name")
     return obj
 
 
@@ -102,14 +107,16 @@ class ShardCheck:
         self.where = {k: i for i, k in enumerate(self.keys)}
         self.digests: dict[str, dict[str, str]] | None = side.get("digests")
         self.side_split = side.get("split")
+        self.side_shard: str | None = side.get("shard")  # absent in sidecars written before it was recorded
+        self.stats = side.get("stats", {})
 
     @classmethod
     def load(cls, path: Path | str, split: str, digests: str = "all", label: str | None = None) -> ShardCheck:
-        """The check for the shard at ``path`` read as part of ``split`` (SchemaError when its sidecar is unusable
-        or records another split)."""
+        """The check for the shard at ``path`` read as part of ``split`` (SchemaError when its sidecar is unusable,
+        records another split or another shard's name)."""
         path = Path(path)
         check = cls(load_sidecar(path.with_suffix(".json")), label or path.name, split, digests)
-        problem = check.split_problem()
+        problem = check.split_problem() or check.name_problem(path.name)
         if problem:
             raise SchemaError(problem)
         return check
@@ -120,6 +127,15 @@ class ShardCheck:
             return (
                 f"shard {self.shard}: its sidecar {self.side_name} records split {self.side_split!r}, but the shard "
                 f"is read as split {self.split!r}; a shard of another split was put in its place"
+            )
+        return None
+
+    def name_problem(self, file_name: str) -> str | None:
+        """Why the shard name the sidecar records is not ``file_name`` (the tar's), or None."""
+        if self.side_shard is not None and self.side_shard != file_name:
+            return (
+                f"shard {self.shard}: its sidecar {self.side_name} records shard {quoted(self.side_shard)}, but it "
+                f"lies beside {file_name}; it is a copy of another shard (or of its sidecar): remove it"
             )
         return None
 
@@ -156,9 +172,11 @@ class ShardCheck:
 def dataset_problems(root: Path | str, ds: Mapping[str, Any]) -> list[str]:
     """Where dataset.json (``ds``, read from ``root``) disagrees with the shards and sidecars beside it.
 
-    Each problem names dataset.json, the field and both numbers: a shard listed twice, a listed shard whose tar or
-    sidecar is missing, a name whose split is not the entry's or the sidecar's, an entry's ``samples``, a split's
-    ``counts`` (its statuses other than ``skipped``) or the total ``samples`` differing from the sidecars' keys.
+    Each problem names dataset.json, the field and both values: a shard listed twice, a listed shard whose tar or
+    sidecar is missing, a name whose split is not the entry's or the sidecar's, a sidecar that records another
+    shard's name, a sample key held by two shards, an entry's ``samples``, a split's ``counts`` (its statuses other
+    than ``skipped``) or the total ``samples`` differing from the sidecars' keys, and train statistics (count, mean,
+    std of a member) differing from the train sidecars' merged.
     """
     root = Path(root)
     path = root / "dataset.json"
@@ -166,31 +184,49 @@ def dataset_problems(root: Path | str, ds: Mapping[str, Any]) -> list[str]:
     listed = Counter(entry["name"] for entry in ds["shards"])
     problems += [f"{path}: shards lists {name} {n} times" for name, n in sorted(listed.items()) if n > 1]
     per_split: Counter = Counter()
+    owners, train_stats = KeyOwners(), SidecarStats()
     seen: set[str] = set()
     for i, entry in enumerate(ds["shards"]):
-        name, split = entry["name"], entry["split"]
-        if name in seen:
+        if entry["name"] in seen:
             continue
-        seen.add(name)
-        field = f"shards[{i}] ({name})"
-        if name_split(name) != split:
-            problems.append(f"{path}: {field} has split {split!r} but its file name says {name_split(name)!r}")
-        if not (root / name).is_file():
-            problems.append(f"{path}: {field} is not in {root}")
+        seen.add(entry["name"])
+        check = _entry_check(root, i, entry, problems)
+        if check is None:
             continue
-        try:
-            check = ShardCheck(load_sidecar((root / name).with_suffix(".json")), name, split)
-        except SchemaError as exc:
-            problems.append(f"{path}: {field}: {exc}")
-            continue
-        if check.split_problem():
-            problems.append(f"{path}: {field}: {check.split_problem()}")
-        if entry["samples"] != len(check.keys):
-            problems.append(
-                f"{path}: {field} 'samples' is {entry['samples']} but its sidecar {check.side_name} lists "
-                f"{len(check.keys)} samples"
-            )
-        per_split[split] += len(check.keys)
+        per_split[entry["split"]] += len(check.keys)
+        owners.add(entry["name"], check.keys)
+        if entry["split"] == "train":
+            train_stats.add(check.side_name, check.stats)
+    problems += _count_problems(path, ds, per_split)
+    return problems + owners.problems(path) + train_stats.problems(path, ds.get("stats", {}))
+
+
+def _entry_check(root: Path, i: int, entry: Mapping[str, Any], problems: list[str]) -> ShardCheck | None:
+    """The check of dataset.json's ``shards[i]`` (``entry``), its problems appended to ``problems``; None when
+    the shard or its sidecar cannot be read."""
+    name, split = entry["name"], entry["split"]
+    where = f"{root / 'dataset.json'}: shards[{i}] ({name})"
+    if name_split(name) != split:
+        problems.append(f"{where} has split {split!r} but its file name says {name_split(name)!r}")
+    if not (root / name).is_file():
+        problems.append(f"{where} is not in {root}")
+        return None
+    try:
+        check = ShardCheck(load_sidecar((root / name).with_suffix(".json")), name, split)
+    except SchemaError as exc:
+        problems.append(f"{where}: {exc}")
+        return None
+    problems += [f"{where}: {p}" for p in (check.split_problem(), check.name_problem(name)) if p]
+    if entry["samples"] != len(check.keys):
+        problems.append(
+            f"{where} 'samples' is {entry['samples']} but its sidecar {check.side_name} lists {len(check.keys)} samples"
+        )
+    return check
+
+
+def _count_problems(path: Path, ds: Mapping[str, Any], per_split: Counter) -> list[str]:
+    """dataset.json's ``counts`` per split and total ``samples`` against the sidecars' (``per_split``)."""
+    problems = []
     counts = ds["counts"]
     for split in sorted(set(counts) | set(per_split)):
         statuses = counts.get(split, {})

@@ -30,10 +30,14 @@ def write(root: Path, **over) -> Path:
     }
     root.mkdir(parents=True, exist_ok=True)
     (root / "dataset.json").write_text(json.dumps(obj))
+    # the train statistics as the first train shard's sidecar records them (count, mean, sum of squared deviations)
+    first_train = {m: {"count": s["count"], "mean": s["mean"], "m2": [d * d * s["count"] for d in s["std"]]}
+                   for m, s in obj["stats"].items()}  # fmt: skip
     for entry in obj["shards"]:  # each listed shard with a sidecar listing as many samples (the tar left empty)
         (root / entry["name"]).touch()
         keys = [f"{entry['name']}-{i}" for i in range(entry["samples"])]
-        side = {"schema_version": SCHEMA_VERSION, "split": entry["split"], "keys": keys}
+        side = {"schema_version": SCHEMA_VERSION, "split": entry["split"], "keys": keys, "shard": entry["name"]}
+        side["stats"], first_train = (first_train, {}) if entry["split"] == "train" else ({}, first_train)
         (root / entry["name"]).with_suffix(".json").write_text(json.dumps(side))
     return root
 

@@ -225,7 +225,7 @@ def test_dataset_json_bombs_and_foreign_files(tmp_path: Path, pristine: Path) ->
     good = json.loads((pristine / "dataset.json").read_text())
     good["shards"][1] = {"name": "train-000001.tar", "split": "train", "samples": "2"}
     path.write_text(json.dumps(good))
-    with pytest.raises(SchemaError, match=r"'shards\[1\].samples' is not a int \(str\)"):
+    with pytest.raises(SchemaError, match=r"'shards\[1\].samples' is '2', not an integer"):
         load_dataset_json(root)
 
 
