@@ -13,6 +13,12 @@ two whole runs on the same ``--out`` never write the same shard at once; the loc
 exits, however it exits, and the lock file is removed by whoever releases it. ``--overwrite`` is refused while
 any lock in ``--out`` is held (:func:`refuse_live_writers`, before any model loads), and a shard whose lock is
 held is never removed: it belongs to the live writer holding it.
+
+A shard lock also records the feature set its writer writes. A writer checks the directory and claims its
+shards holding ``dataset.lock`` (:func:`check_feature_set`, then :func:`claim_shards`), and keeps its shard locks
+until it holds ``dataset.lock`` again to write ``dataset.json``; so from before its first shard until
+``dataset.json`` names its feature set, a second writer (another run, or a rank) with another feature set finds
+it and is refused, naming both feature sets.
 """
 
 from __future__ import annotations
@@ -25,19 +31,22 @@ import os
 import re
 import stat
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from extract.extractors.base import ExtractionError
 from extract.writer import is_complete
-from shards.dataset import DATASET_JSON, STATUS_JSONL
-from shards.dataset_fields import MAX_DURATION_S
+from shards.dataset import DATASET_JSON, STATUS_JSONL, feature_set_hash
 from shards.io import host_name, temp_path
+from shards.schema import SHOWN_CHARS, shown
 
 log = logging.getLogger(__name__)
 
 FOREIGN_LEASE_S = 3600.0  # a temporary file from another host is stale after an hour without a write
 DATASET_LOCK = "dataset.lock"
+LOCK_MAX_BYTES = 1 << 16  # a lock file holds its owner and the feature set it writes (about 2 kB)
+DIFFS_SHOWN = 3  # differences between two feature sets named in a message
 SHARD_FILE = re.compile(r"^(?P<stem>(?:train|valid|test)-\d{6})\.(?:tar|json)$")
 LOCK_FILE = re.compile(r"^(?P<stem>(?:train|valid|test)-\d{6})\.lock$")
 TEMP_FILE = re.compile(
@@ -109,8 +118,11 @@ class ShardLock:
         self.path, self.fd = path, fd
 
     @classmethod
-    def claim(cls, path: Path, rank: int = 0, wait: bool = False) -> ShardLock | None:
-        """The lock on ``path``, or None when another live writer holds it (``wait``: block until it is free)."""
+    def claim(
+        cls, path: Path, rank: int = 0, wait: bool = False, feature_set: Mapping[str, Any] | None = None
+    ) -> ShardLock | None:
+        """The lock on ``path``, or None when another live writer holds it (``wait``: block until it is free).
+        ``feature_set``: the one this writer writes, recorded in the lock file for other writers to check."""
         while True:
             fd = open_lock_file(path)
             try:
@@ -123,7 +135,9 @@ class ShardLock:
             except FileNotFoundError:
                 same = False
             if same:  # not a file its last holder removed while we waited for it
-                owner = {"rank": rank, "pid": os.getpid(), "host": host_name()}
+                owner: dict[str, Any] = {"rank": rank, "pid": os.getpid(), "host": host_name()}
+                if feature_set is not None:
+                    owner.update(feature_set_hash=feature_set_hash(feature_set), feature_set=dict(feature_set))
                 os.ftruncate(fd, 0)
                 os.write(fd, json.dumps(owner).encode())
                 return cls(path, fd)
@@ -190,13 +204,30 @@ def refuse_live_writers(out: Path) -> None:
             )
 
 
+def read_lock(path: Path) -> dict[str, Any]:
+    """What the lock file ``path`` records (owner; a shard lock also the feature set its writer writes), read
+    without following a link and at most :data:`LOCK_MAX_BYTES`; ``{}`` when there is nothing readable."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return {}
+    try:
+        data = os.read(fd, LOCK_MAX_BYTES + 1)
+    finally:
+        os.close(fd)
+    try:
+        obj = json.loads(data) if len(data) <= LOCK_MAX_BYTES else None
+    except (ValueError, RecursionError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
 def lock_owner(path: Path) -> str:
     """Who holds the lock at ``path``, in words (for messages)."""
-    try:
-        owner = json.loads(path.read_text())
-        return f"rank {owner['rank']}, pid {owner['pid']} on {owner['host']}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "another writer"
+    owner = read_lock(path)
+    if all(k in owner for k in ("rank", "pid", "host")):
+        return f"rank {plain(owner['rank'])}, pid {plain(owner['pid'])} on {plain(owner['host'])}"
+    return "another writer"
 
 
 def check_out_dir(out: Path, overwrite: bool) -> None:
@@ -230,35 +261,81 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
 
 def recorded_max_duration(out: Path, this_run: float) -> float:
     """The ``max_duration_s`` that ``dataset.json`` records: the largest of this run's and the one already
-    recorded there (an earlier run on this ``--out`` may have allowed longer clips, whose shards are kept); a
-    recorded value outside (0, MAX_DURATION_S] (an edited file) is not carried over."""
+    recorded there (an earlier run on this ``--out`` may have allowed longer clips, whose shards are kept)."""
     try:
         old = json.loads((out / DATASET_JSON).read_text()).get("max_duration_s")
     except (OSError, ValueError, AttributeError):
         old = None
-    valid = isinstance(old, (int, float)) and not isinstance(old, bool) and 0 < old <= MAX_DURATION_S
+    valid = isinstance(old, (int, float)) and not isinstance(old, bool) and 0 < old < float("inf")
     return max(this_run, float(old)) if valid else this_run
 
 
-def check_feature_set(out: Path, fs_hash: str, overwrite: bool) -> None:
-    """Refuse to mix shards of another feature set into ``out`` without ``--overwrite``."""
+def check_feature_set(out: Path, feature_set: Mapping[str, Any], overwrite: bool) -> None:
+    """Refuse to write ``feature_set`` into ``out`` beside shards of another one (``ExtractionError`` naming both):
+    while another writer holds a shard lock recording another (``--overwrite`` or not: its shards are being
+    written), or, without ``--overwrite``, when ``dataset.json`` records another. Call it holding
+    ``dataset.lock``, then claim this run's shards before letting go of it."""
+    fs_hash = feature_set_hash(feature_set)
+    for path in sorted(out.iterdir()):
+        record = read_lock(path) if LOCK_FILE.match(path.name) and is_held(path) else {}
+        theirs = record.get("feature_set_hash")
+        if isinstance(theirs, str) and theirs != fs_hash:
+            raise ExtractionError(
+                f"another extraction ({lock_owner(path)}) is writing shards of feature set {plain(theirs)} to {out} "
+                f"(it holds {path.name}); this run's feature set is {fs_hash}"
+                f"{differences(record.get('feature_set'), feature_set)}. Shards of two feature sets cannot share "
+                "one directory: choose another --out, or wait for that extraction to finish and pass --overwrite."
+            )
     path = out / DATASET_JSON
     if overwrite or not path.is_file():
         return
     try:
-        old = json.loads(path.read_text()).get("feature_set_hash")
-    except (OSError, ValueError, AttributeError):
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
         return
-    if old and old != fs_hash:
+    old_hash = old.get("feature_set_hash") if isinstance(old, dict) else None
+    if old_hash and old_hash != fs_hash:
         raise ExtractionError(
-            f"{out} holds shards of another feature set ({old}, this run is {fs_hash}): a model, layer, fps or "
-            "modality differs. Pass --overwrite to replace them, or choose another --out."
+            f"{out} holds shards of another feature set ({plain(old_hash)}, this run is {fs_hash})"
+            f"{differences(old.get('feature_set'), feature_set)}. Pass --overwrite to replace them, or choose "
+            "another --out."
         )
 
 
-def claim_shards(out: Path, plans: list[Any], fs_hash: str, rank: int, raw: bool) -> tuple[list, list, list]:
+def plain(value: Any) -> str:
+    """A value read from a file another process wrote, for a message: a printable text as it is, anything else as
+    ``shown`` quotes it; cut to ``SHOWN_CHARS`` characters either way."""
+    if not isinstance(value, str) or not value.isprintable():
+        return shown(value)
+    return value if len(value) <= SHOWN_CHARS else value[: SHOWN_CHARS - 3] + "..."
+
+
+def differences(theirs: Any, ours: Mapping[str, Any]) -> str:
+    """``": they differ in <key> (<theirs> there, <ours> here); ..."`` for a message; a general hint when the
+    other feature set is not recorded."""
+    found = list(_diffs(theirs, ours, "", 0)) if isinstance(theirs, Mapping) else []
+    if not found:
+        return ": a model, layer, fps or modality differs"
+    more = f"; and {len(found) - DIFFS_SHOWN} more" if len(found) > DIFFS_SHOWN else ""
+    return ": they differ in " + "; ".join(found[:DIFFS_SHOWN]) + more
+
+
+def _diffs(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str, depth: int) -> Iterator[str]:
+    for key in sorted(set(a) | set(b), key=str):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, Mapping) and isinstance(y, Mapping) and depth < 4:
+            yield from _diffs(x, y, f"{prefix}{key}.", depth + 1)
+        elif x != y:
+            yield f"{prefix}{key} ({shown(x)} there, {shown(y)} here)"
+
+
+def claim_shards(
+    out: Path, plans: list[Any], feature_set: Mapping[str, Any], rank: int, raw: bool
+) -> tuple[list, list, list]:
     """Lock this rank's incomplete shards: ``(todo, held, locks)``, where ``todo`` are the plans now locked by us
-    (``locks``) and ``held`` names the shards another live writer is writing, left to it."""
+    (``locks``, each recording ``feature_set``) and ``held`` names the shards another live writer is writing, left
+    to it."""
+    fs_hash = feature_set_hash(feature_set)
     todo: list[Any] = []
     held: list[str] = []
     locks: list[ShardLock] = []
@@ -267,7 +344,7 @@ def claim_shards(out: Path, plans: list[Any], fs_hash: str, rank: int, raw: bool
             keys = [c.key for c in plan.clips]
             if is_complete(out, plan.name, keys, fs_hash, raw):
                 continue
-            lock = ShardLock.claim(out / f"{plan.name}.lock", rank)
+            lock = ShardLock.claim(out / f"{plan.name}.lock", rank, feature_set=feature_set)
             if lock is None:
                 held.append(f"{plan.name} ({lock_owner(out / f'{plan.name}.lock')})")
             elif is_complete(out, plan.name, keys, fs_hash, raw):  # its writer finished it meanwhile

@@ -161,9 +161,10 @@ def run_extract(
         setup_s = time.perf_counter() - job.tic
         try:
             written, waits = encode_and_write(job, out, cfg, progress, done, total, pool)
-        finally:
+        except BaseException:
             for lock in job.locks:
                 lock.release()
+            raise
     return finish_run(job, manifest, media_root, out, cfg, written, {"setup_s": setup_s, **waits})
 
 
@@ -177,9 +178,15 @@ def finish_run(
     timings: dict[str, float],
 ) -> dict[str, Any]:
     """Rebuild ``status.jsonl`` and ``dataset.json`` from every committed sidecar and return the run's summary
-    (whichever engine wrote the shards). ``timings``: ``setup_s`` and where the time went."""
+    (whichever engine wrote the shards). ``timings``: ``setup_s`` and where the time went. The run's shard locks
+    (``job.locks``) are released here, once ``dataset.lock`` is held: until ``dataset.json`` names this run's
+    feature set, a writer of another one finds them (``extract.outdir.check_feature_set``)."""
     # Serialised, so the last rank or run to get here sees every committed shard and writes the complete one.
-    dataset_lock = ShardLock.claim(out / DATASET_LOCK, cfg.rank, wait=True)
+    try:
+        dataset_lock = ShardLock.claim(out / DATASET_LOCK, cfg.rank, wait=True)
+    finally:
+        for lock in job.locks:
+            lock.release()
     try:
         dataset = build_dataset(
             out,
@@ -230,10 +237,16 @@ def prepare(
     feature_set = describe_feature_set(cfg, extractors)
     fs_hash = feature_set_hash(feature_set)
     plans = plan_shards(clips, cfg.shard_size)
-    check_feature_set(out, fs_hash, cfg.overwrite)
-    clean_stale(out, {p.name for p in plans}, remove_all=cfg.overwrite and cfg.rank == 0)
     mine = [p for k, p in enumerate(plans) if k % cfg.world_size == cfg.rank]
-    todo, held, locks = claim_shards(out, mine, fs_hash, cfg.rank, cfg.raw)
+    # One writer at a time checks who else writes to out, and claims its shards (its locks record its feature set)
+    dataset_lock = ShardLock.claim(out / DATASET_LOCK, cfg.rank, wait=True)
+    try:
+        check_feature_set(out, feature_set, cfg.overwrite)
+        clean_stale(out, {p.name for p in plans}, remove_all=cfg.overwrite and cfg.rank == 0)
+        todo, held, locks = claim_shards(out, mine, feature_set, cfg.rank, cfg.raw)
+    finally:
+        if dataset_lock is not None:
+            dataset_lock.release()
     log.info(
         "%d clips in %d shards; rank %d/%d owns %d shards, %d already complete, %d being written by another writer",
         len(clips), len(plans), cfg.rank, cfg.world_size, len(mine), len(mine) - len(todo) - len(held), len(held),

@@ -73,7 +73,7 @@ def run_extract_ray(
     ray = import_ray()
     out = Path(out)
     cfg = dataclasses.replace(cfg)  # the precision may be resolved below: the caller's settings stay as given
-    started, ray_start_s, decoders, encoders, locks = False, 0.0, [], [], []
+    started, ray_start_s, decoders, encoders, locks, done_writing = False, 0.0, [], [], [], False
     began = time.perf_counter()  # set-up and wall time count from here, Ray's start included
     try:
         if not ray.is_initialized():
@@ -92,10 +92,11 @@ def run_extract_ray(
         start_actors(ray, job, out, cfg, decoders, encoders)
         setup_s = time.perf_counter() - job.tic  # Ray's start and the encoders' model loading included
         written, timings = run_shards(ray, job, decoders, encoders, progress, done, total)
+        done_writing = True
     finally:
         for actor in decoders + encoders:
             ray.kill(actor)
-        for lock in locks:
+        for lock in locks if not done_writing else []:  # else finish_run releases them, holding dataset.lock
             lock.release()
         if started:
             ray.shutdown()

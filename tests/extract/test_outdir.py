@@ -222,3 +222,47 @@ def test_no_file_is_written_through_a_link_planted_in_the_output(tmp_path) -> No
     writer.commit()
     assert shard.is_file() and not shard.is_symlink()
     assert victim.read_text() == "precious"
+
+
+@pytest.mark.parametrize("second", ["run", "rank"])
+def test_a_second_writer_with_another_feature_set_is_refused_naming_both(tmp_path, tiny_cfg, second) -> None:
+    """Two writers on one --out with different feature sets, the second starting while the first writes: a whole
+    run used to find every shard held, write nothing and exit 0 ("dataset.json is complete once it finishes"),
+    and a rank of its own shards used to write them beside the first's (a mixed directory, both exit 0). The
+    first writer's shard locks record its feature set from before its first shard, so the second is refused,
+    naming both feature sets and what differs."""
+    from extract.extractors.base import ExtractionError
+    from extract.pipeline import run_extract
+    from shards import load_dataset_json
+    from shards.sidecar import read_sidecar
+
+    rows = [{"video_id": "v", "clip_id": f"c{i}", "text": "hi there", "mode": "train"} for i in range(4)]
+    manifest = write_manifest(tmp_path / "m.csv", rows)
+    out = tmp_path / "out"
+    ranks = [{"rank": 0, "world_size": 2}, {"rank": 1, "world_size": 2}] if second == "rank" else [{}, {}]
+    first = tiny_cfg(modalities="text", shard_size=2, **ranks[0])
+    other = tiny_cfg(modalities="text", shard_size=2, text_layer=0, **ranks[1])
+    refused: list[str] = []
+
+    def start_the_other_writer(done: int, total: int) -> None:  # the first holds its shard locks by now
+        if not refused:
+            with pytest.raises(ExtractionError) as err:
+                run_extract(manifest, None, out, other)
+            refused.append(str(err.value))
+
+    summary = run_extract(manifest, None, out, first, progress=start_the_other_writer)
+    theirs = summary["feature_set_hash"]
+    match = re.fullmatch(
+        rf"another extraction \(rank 0, pid {os.getpid()} on {re.escape(host_name())}\) is writing shards of feature "
+        rf"set {theirs} to {re.escape(str(out))} \(it holds train-000000.lock\); this run's feature set is "
+        r"([0-9a-f]{16}): they differ in extractors.text.layer \(-1 there, 0 here\)\. Shards of two feature sets "
+        r"cannot share one directory: choose another --out, or wait for that extraction to finish and pass "
+        r"--overwrite\.",
+        refused[0],
+    )
+    assert match and match[1] != theirs, refused
+    sidecars = [read_sidecar(p) for p in sorted(out.glob("*.json")) if p.name != "dataset.json"]
+    assert [s["feature_set_hash"] for s in sidecars] == [theirs] * summary["shards_this_rank"]  # nothing of the other
+    assert load_dataset_json(out)["feature_set_hash"] == theirs
+    with pytest.raises(ExtractionError, match=r"holds shards of another feature set .*: they differ in extractors"):
+        run_extract(manifest, None, out, other)  # once the first has finished, dataset.json names its feature set
