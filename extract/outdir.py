@@ -38,6 +38,7 @@ from typing import Any
 from extract.extractors.base import ExtractionError
 from extract.writer import is_complete
 from shards.dataset import DATASET_JSON, STATUS_JSONL, feature_set_hash
+from shards.dataset_fields import MAX_DURATION_S
 from shards.io import host_name, temp_path
 from shards.schema import SHOWN_CHARS, shown
 
@@ -261,12 +262,13 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
 
 def recorded_max_duration(out: Path, this_run: float) -> float:
     """The ``max_duration_s`` that ``dataset.json`` records: the largest of this run's and the one already
-    recorded there (an earlier run on this ``--out`` may have allowed longer clips, whose shards are kept)."""
+    recorded there (an earlier run on this ``--out`` may have allowed longer clips, whose shards are kept); a
+    recorded value outside (0, MAX_DURATION_S] (an edited file) is not carried over."""
     try:
         old = json.loads((out / DATASET_JSON).read_text()).get("max_duration_s")
     except (OSError, ValueError, AttributeError):
         old = None
-    valid = isinstance(old, (int, float)) and not isinstance(old, bool) and 0 < old < float("inf")
+    valid = isinstance(old, (int, float)) and not isinstance(old, bool) and 0 < old <= MAX_DURATION_S
     return max(this_run, float(old)) if valid else this_run
 
 
