@@ -31,9 +31,10 @@ from typing import Any
 from bench.memory import ChildPeaks, own_peak_mib
 from extract.clip import decode_settings as extract_decode_settings
 from extract.config import ExtractConfig, make_config
-from extract.decode import DecodeError, clip_window, decode_audio, probe
+from extract.decode import DecodeError, clip_window, probe
 from extract.manifest import Clip, load_manifest
 from extract.video import VideoFrames
+from extract.waveform import decode_audio
 from extract.worker import DecodeSettings, decode_clip, init_worker
 from shards.schema import SAMPLE_RATE
 

@@ -1,22 +1,15 @@
-"""Decode a clip once: video frames with their own time stamps, audio at 16 kHz mono, on one clock.
+"""Open a media file: its streams, on one clock, and the frames a clip takes from them.
 
 The clip clock starts at the container's earliest stream start (or the manifest's ``start``). A stream that
 starts late or ends early is placed at its true time: audio is silence-padded and its real span recorded, so
-the audio mask covers only real samples. PyAV (FFmpeg's libraries) probes the streams and decodes the audio
-here, and the video in :mod:`extract.video`.
-
-Audio is made mono by averaging its channels with equal weights, so the mix is never louder than its loudest
-channel; what still exceeds full scale (a lossy codec's or the resampler's overshoot) is scaled down, never
-clipped (:func:`limit`). FFmpeg's own mono downmix (a resampler asked for a mono layout, as decord's
-``mono=True``) adds the channels with gains of up to 1 each for float output: ×1.41 for stereo, ×3.4 for 5.1,
-which clips once the waveform is stored as int16.
+the audio mask covers only real samples. PyAV (FFmpeg's libraries) probes the streams here; the audio is decoded
+in :mod:`extract.waveform` and the video in :mod:`extract.video`.
 
 No torch here: this module runs in worker processes.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 from dataclasses import dataclass
@@ -25,11 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from mmfuse.errors import MmfuseError
-from shards.schema import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
-# How audio is made mono, recorded in the feature set (it sets the stored waveform's level).
+
+# How audio is made mono (:mod:`extract.waveform`), recorded in the feature set: it sets the stored waveform's level.
 AUDIO_DOWNMIX = "equal-weight mean of the channels; a clip whose peak exceeds full scale is scaled down to it"
 
 
@@ -50,6 +43,9 @@ class Probe:
     fps: float
     width: int
     height: int
+    video_stream: int = -1  # the container's index of the stream decoded (see :func:`pick_stream`), -1: none
+    audio_stream: int = -1
+    video_streams: int = 0  # how many video streams the file holds, attached pictures left out
 
     @property
     def start(self) -> float:
@@ -60,6 +56,40 @@ class Probe:
     def end(self) -> float:
         ends = [e for e, ok in ((self.video_end, self.has_video), (self.audio_end, self.has_audio)) if ok]
         return max(ends) if ends else 0.0
+
+
+@dataclass
+class Skipped:
+    """Packets :func:`decode_packets` passed over: how many, and the first one's time and reason."""
+
+    count: int = 0
+    first: str | None = None
+
+    def add(self, packet, reason: str) -> None:
+        self.count += 1
+        if self.first is None:
+            stamp = packet.pts if packet.pts is not None else packet.dts
+            at = f"{float(stamp * packet.time_base):.2f} s" if stamp is not None and packet.time_base else "?"
+            self.first = f"at {at}: {reason}"
+
+
+def decode_packets(container, stream, skipped: Skipped):
+    """``container.decode(stream)``, passing over the packets a cut or damaged file holds: those the demuxer marks
+    corrupt (the last, short packet of a truncated file) and those the decoder refuses as invalid data. They are
+    counted in ``skipped``; one bad packet no longer ends the stream (3 KB of noise mid-file failed both streams
+    of an MP4 whose other 1.8 s decoded)."""
+    import av
+
+    for packet in container.demux(stream):
+        if packet.is_corrupt:
+            skipped.add(packet, "truncated or corrupt packet")
+            continue
+        try:
+            frames = packet.decode()
+        except av.error.InvalidDataError as exc:
+            skipped.add(packet, str(exc))
+            continue
+        yield from frames
 
 
 def probe(path: Path) -> Probe:
@@ -74,8 +104,10 @@ def probe(path: Path) -> Probe:
     try:
         with av.open(str(path)) as container:
             cdur = container.duration / 1e6 if container.duration else None
-            video = next((s for s in container.streams if s.type == "video"), None)
-            audio = next((s for s in container.streams if s.type == "audio"), None)
+            video = pick_stream(container, "video")
+            audio = pick_stream(container, "audio")
+            _check_declared(path, video, audio)
+            videos = len(motion_streams(container, "video"))
             v0, v1 = _span(video, cdur)
             a0, a1 = _span(audio, cdur)
             fps = float(video.average_rate or video.guessed_rate or 0) if video is not None else 0.0
@@ -87,11 +119,58 @@ def probe(path: Path) -> Probe:
                     a0, a1 = spans.get(audio.index, (a0, a1)) if audio is not None else (a0, a1)
             w = video.codec_context.width if video is not None else 0
             h = video.codec_context.height if video is not None else 0
+            index = (video.index if video is not None else -1, audio.index if audio is not None else -1)
+    except av.error.MemoryError as exc:  # FFmpeg's own index of the file, over the process's memory limit
+        raise DecodeError(f"opening {path.name} needs more memory than a decode process may take: {exc}") from exc
     except av.FFmpegError as exc:
         raise DecodeError(f"unreadable container {path.name}: {exc}") from exc
     if video is None and audio is None:
         raise DecodeError(f"no audio or video stream in {path.name}")
-    return Probe(video is not None, audio is not None, v0, v1, a0, a1, fps, w, h)
+    if w * h > MAX_PIXELS:  # refused before decoding: opening it again elsewhere would decode a frame to probe it
+        raise DecodeError(f"frames of {w}x{h} pixels in {path.name}, over the {MAX_PIXELS:,} decoded at most (8K)")
+    return Probe(video is not None, audio is not None, v0, v1, a0, a1, fps, w, h, *index, videos)
+
+
+# Frames larger than this (8K UHD) are refused before decoding: a 16000 x 16000 RGBA64 frame is 2 GB.
+MAX_PIXELS = 7680 * 4320
+# Frames a stream may declare (PCM audio aside, indexed by chunk): FFmpeg builds an index entry of 24 bytes per
+# declared frame when it opens the file, 240 MB at this cap, which is 46 hours of 60 fps video or 58 hours of AAC.
+# An MP4 whose header claims 80 M frames took 1 GB to open (5.8 GB with more tracks); under the decode memory
+# limit (:mod:`extract.limits`) FFmpeg's index fails to allocate and the declared count is refused here.
+MAX_DECLARED_FRAMES = 10_000_000
+
+
+def _check_declared(path: Path, *streams) -> None:
+    for s in streams:
+        if s is not None and (s.frames or 0) > MAX_DECLARED_FRAMES and not s.codec_context.name.startswith("pcm_"):
+            raise DecodeError(
+                f"the {s.type} stream of {path.name} declares {s.frames:,} frames, over {MAX_DECLARED_FRAMES:,}"
+            )
+
+
+def motion_streams(container, kind: str) -> list:
+    """The file's ``kind`` ("video" or "audio") streams, attached pictures, still images and thumbnails left out."""
+    from av.stream import Disposition
+
+    skip = Disposition.attached_pic | Disposition.still_image | Disposition.timed_thumbnails
+    return [s for s in getattr(container.streams, kind) if not s.disposition & skip]
+
+
+def pick_stream(container, kind: str):
+    """The ``kind`` stream a player would play, or None: of :func:`motion_streams`, the longest (its duration, or
+    Matroska's ``DURATION`` tag),
+    then the one with the most frames, then FFmpeg's choice (``av_find_best_stream``: the default-marked stream,
+    then the one that gave the most frames while probing), then the largest picture or the most channels; ties go
+    to the first. (Always taking the first stream decoded a one-frame cover picture, or an empty stream, where the
+    file's real video came second.)"""
+    best = container.streams.best(kind)
+
+    def rank(s) -> tuple[float, int, bool, int]:
+        seconds = _stream_seconds(s)
+        size = s.codec_context.width * s.codec_context.height if kind == "video" else s.codec_context.channels
+        return seconds, s.frames or 0, s is best, size or 0
+
+    return max(motion_streams(container, kind), key=rank, default=None)  # max keeps the first of equals
 
 
 def _span(stream, container_duration: float | None) -> tuple[float, float]:
@@ -140,6 +219,19 @@ def _packet_spans(container) -> dict[int, tuple[float, float]]:
     return spans
 
 
+def _stream_seconds(stream) -> float:
+    """The stream's duration in seconds: its own, else Matroska's ``DURATION`` tag (``HH:MM:SS.fraction``), else 0."""
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    tag = str(stream.metadata.get("DURATION", ""))
+    parts = tag.split(":")
+    try:
+        seconds = float(parts[0]) * 3600 + float(parts[1]) * 60 + float(parts[2]) if len(parts) == 3 else 0.0
+    except ValueError:
+        return 0.0
+    return seconds if math.isfinite(seconds) else 0.0
+
+
 def clip_window(p: Probe, start: float | None, end: float | None) -> tuple[float, float]:
     """``(t0, t1)`` of the clip on the container clock: the manifest's cut, else every stream's extent."""
     t0 = p.start if start is None else start
@@ -147,183 +239,24 @@ def clip_window(p: Probe, start: float | None, end: float | None) -> tuple[float
     return t0, max(t0, t1)
 
 
-# Audio decoding starts with a seek when the clip starts this far into the stream (a clip cut from a long file);
-# nearer the start it decodes from the first sample, placed at the stream's start time as before.
-AUDIO_SEEK_AFTER_S = 2.0
-AUDIO_SEEK_MARGIN_S = 1.0  # decoded before the clip's start after a seek (see :func:`_audio_frames`)
-# Resampled values (samples x channels) one decoded audio frame may become: 32 MB of float32. Real frames are far
-# below it (FLAC's longest block, 65,535 samples of 8 channels at 8 kHz, is 1 M values at 16 kHz); a frame over it
-# (a file declaring a rate of 1 Hz) is refused before it is resampled.
-MAX_FRAME_VALUES = 1 << 23
-
-
-def decode_audio(path: Path, p: Probe, t0: float, t1: float) -> tuple[np.ndarray, tuple[float, float]]:
-    """Waveform ``(N,)`` float32 at 16 kHz on the clip clock, silence outside the real stream, and that span.
-
-    ``N = round((t1 - t0) * 16000)``. The span ``(a, b)`` is in clip seconds: samples in ``[a, b)`` are real.
-    Only the clip's window is decoded (from a seek when it starts well into the stream), and decoding stops once
-    it reaches ``t1``: what a clip costs is its own length, whatever the file's.
-    """
-    n = int(round((t1 - t0) * SAMPLE_RATE))
-    first, real = _read_audio(path, p.audio_start, t0, t1)
-    wave = np.zeros(n, dtype=np.float32)
-    offset = int(round((first - t0) * SAMPLE_RATE))  # where sample 0 of what was decoded lands
-    lo, hi = max(0, offset), min(n, offset + len(real))
-    if hi > lo:
-        wave[lo:hi] = real[lo - offset : hi - offset]
-    return wave, (lo / SAMPLE_RATE, max(lo, hi) / SAMPLE_RATE)
-
-
-def _read_audio(path: Path, stream_start: float, t0: float, t1: float) -> tuple[float, np.ndarray]:
-    """``(time of its first sample, samples)``: the audio stream from at or before ``t0`` to at least ``t1`` (or
-    its end), at 16 kHz, float32, its channels averaged (the module docstring says why).
-
-    Frames are resampled to packed float in their own channel layout (no rematrixing; FFmpeg's planar conversion
-    crashes the process on 8 or more channels) and averaged at once, so a long multichannel clip costs no more
-    memory than a mono one. Lossy codecs may still overshoot full scale slightly (see :func:`limit`).
-    """
-    import av
-
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.audio:
-                raise DecodeError(f"no audio stream in {path.name}")
-            stream = container.streams.audio[0]
-            first, frames = _audio_frames(container, stream, stream_start, t0)
-            resampler = av.AudioResampler(format="flt", layout=stream.layout, rate=SAMPLE_RATE)
-            window = _Window(int(np.floor((t0 - first) * SAMPLE_RATE)), int(np.ceil((t1 - first) * SAMPLE_RATE)))
-            for frame in frames:
-                _check_frame(frame, path)
-                for out in resampler.resample(frame):
-                    window.add(_channel_mean(out))
-                if window.full:
-                    break
-            else:
-                for out in resampler.resample(None):
-                    window.add(_channel_mean(out))
-    except av.FFmpegError as exc:
-        raise DecodeError(f"audio stream of {path.name} cannot be decoded: {exc}") from exc
-    if not window.seen:
-        raise DecodeError(f"audio stream of {path.name} holds no samples")
-    return first + window.dropped / SAMPLE_RATE, window.samples()
-
-
-class _Window:
-    """Resampled samples ``[lo, hi)`` of a stream, counted from its first: what comes before ``lo`` is dropped as
-    it arrives, so memory holds the clip, not what precedes it in the file."""
-
-    def __init__(self, lo: int, hi: int) -> None:
-        self.lo, self.hi = max(lo, 0), max(hi, 0)
-        self.chunks: list[np.ndarray] = []
-        self.seen = self.dropped = 0  # samples received; samples dropped before ``lo``
-
-    def add(self, values: np.ndarray) -> None:
-        self.seen += len(values)
-        if self.seen <= self.lo:
-            self.dropped = self.seen
-            return
-        if self.dropped < self.lo:
-            values = values[self.lo - (self.seen - len(values)) :]  # from the chunk's sample ``lo``
-            self.dropped = self.lo
-        self.chunks.append(values)
-
-    @property
-    def full(self) -> bool:
-        return self.seen >= self.hi
-
-    def samples(self) -> np.ndarray:
-        kept = np.concatenate(self.chunks) if self.chunks else np.zeros(0, dtype=np.float32)
-        return kept[: self.hi - self.dropped].astype(np.float32, copy=False)
-
-
-def _audio_frames(container, stream, stream_start: float, t0: float):
-    """``(time of the first sample, decoded frames)``: from the stream's start, or, when the clip starts over
-    ``AUDIO_SEEK_AFTER_S`` into it, from a seek ``AUDIO_SEEK_MARGIN_S`` before ``t0``.
-
-    After a seek the first samples are dropped up to the next instant where the stream's sample grid meets the
-    16 kHz grid counted from the stream's start, so the resampled samples fall on the same instants as a decode
-    from the start (a 48 kHz frame boundary is a third of a 16 kHz sample: placed at the nearest sample, a 440 Hz
-    tone was off by 0.017). The margin also keeps the resampler's start-up transient out of the clip. A seek that
-    lands after the margin, or frames without time stamps, fall back to decoding from the start."""
-    if t0 - stream_start <= AUDIO_SEEK_AFTER_S or not stream.time_base:
-        return stream_start, container.decode(stream)
-    target = t0 - AUDIO_SEEK_MARGIN_S
-    container.seek(int(target / stream.time_base), stream=stream, backward=True)
-    frames = container.decode(stream)
-    head = next(frames, None)
-    if head is None or head.time is None or head.time > target or not head.sample_rate:
-        container.seek(0, stream=stream, backward=True)
-        return stream_start, container.decode(stream)
-    rate = head.sample_rate
-    period = rate // math.gcd(rate, SAMPLE_RATE)  # input samples between instants on both grids
-    at = round((head.time - stream_start) * rate)
-    drop = -at % period
-    return stream_start + (at + drop) / rate, _skip_samples(itertools.chain([head], frames), drop)
-
-
-def _skip_samples(frames, drop: int):
-    """``frames`` as packed float at their own rate, without their first ``drop`` samples. (Converted first:
-    PyAV reads and builds planar frames of 8 or more channels out of bounds.)"""
-    import av
-
-    packed = None
-    for frame in frames:
-        packed = packed or av.AudioResampler(format="flt", layout=frame.layout, rate=frame.sample_rate)
-        for out in packed.resample(frame):
-            if drop >= out.samples:
-                drop -= out.samples
-                continue
-            if drop:
-                values = out.to_ndarray()[:, drop * len(out.layout.channels) :]
-                tail = av.AudioFrame.from_ndarray(np.ascontiguousarray(values), format="flt", layout=out.layout)
-                tail.sample_rate, tail.time_base = out.sample_rate, out.time_base
-                tail.pts = None if out.pts is None else out.pts + round(drop / out.sample_rate / out.time_base)
-                out, drop = tail, 0
-            yield out
-
-
-def _check_frame(frame, path: Path) -> None:
-    """Refuse a decoded frame that would resample to over ``MAX_FRAME_VALUES`` values, before it is resampled."""
-    rate = frame.sample_rate or 0
-    values = frame.samples * max(len(frame.layout.channels), 1) * SAMPLE_RATE / max(rate, 1)
-    if rate <= 0 or values > MAX_FRAME_VALUES:
-        raise DecodeError(
-            f"audio stream of {path.name}: a frame of {frame.samples} samples at {rate} Hz would resample to "
-            f"{values / 1e6:.0f} M values at {SAMPLE_RATE} Hz (at most {MAX_FRAME_VALUES / 1e6:.0f} M)"
-        )
-
-
-def _channel_mean(frame) -> np.ndarray:
-    """A packed float frame (``(1, n * channels)`` as PyAV gives it) -> ``(n,)``: the equal-weight mean of its
-    channels."""
-    channels = len(frame.layout.channels)
-    values = frame.to_ndarray().reshape(-1)
-    return values if channels == 1 else values.reshape(-1, channels).mean(axis=1, dtype=np.float32)
-
-
-def limit(wave: np.ndarray) -> tuple[np.ndarray, float | None]:
-    """``wave`` scaled down to full scale when its peak exceeds it, and that peak (None when untouched).
-
-    Scaling the whole clip, not clipping the samples over full scale, keeps the waveform's shape: the int16
-    waveform stored never holds a run of clipped samples."""
-    peak = float(np.abs(wave).max()) if wave.size else 0.0
-    if peak <= 1.0:
-        return wave, None
-    return (wave / np.float32(peak)).astype(np.float32), peak
-
-
 def frame_plan(pts: np.ndarray, t0: float, t1: float, fps: float | None) -> tuple[np.ndarray, np.ndarray]:
     """Which decoded frames to use and their clip times.
 
     ``pts`` are the frames' own presentation times (container clock, seconds, increasing). With ``fps`` the
     clip is sampled on a regular grid ``t0 + k/fps`` and each grid point takes the frame on screen then (the
-    last with ``pts <= t``), which is right for variable frame rate; without it every frame in ``[t0, t1)`` is
+    last with ``pts <= t``), which is right for variable frame rate; the grid stops where the last frame leaves
+    the screen (its time plus the median frame interval), not at a clip end the container may overstate (a
+    3 s file claiming 120 s gave 2925 copies of its last frame). Without ``fps`` every frame in ``[t0, t1)`` is
     kept. Returns ``(indices, times)`` with times relative to ``t0``.
     """
     if fps is None:
         idx = np.flatnonzero((pts >= t0 - 1e-6) & (pts < t1 - 1e-6))
         return idx, (pts[idx] - t0).astype(np.float32)
+    if not len(pts):
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+    shown = float(np.median(np.diff(pts))) if len(pts) > 1 else 1.0 / fps  # how long the last frame is on screen
+    end = min(t1, float(pts[-1]) + max(shown, 1e-6))
     grid = t0 + np.arange(int(np.ceil((t1 - t0) * fps - 1e-6))) / fps
-    grid = grid[(grid >= pts[0] - 1e-6) & (grid < t1)] if len(pts) else grid[:0]
+    grid = grid[(grid >= pts[0] - 1e-6) & (grid < end - 1e-6)]
     idx = np.clip(np.searchsorted(pts, grid + 1e-6, side="right") - 1, 0, max(len(pts) - 1, 0))
     return idx, (grid - t0).astype(np.float32)

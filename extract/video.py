@@ -22,6 +22,7 @@ import itertools
 import math
 import queue
 import threading
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from extract.decode import DecodeError, Probe, frame_plan
+from extract.decode import MAX_PIXELS, DecodeError, Probe, Skipped, decode_packets, frame_plan
 
 NATIVE_FPS_CAP = 30.0
 # Frames handed out per chunk: what FaceMesh holds at once besides the frame it works on.
@@ -53,28 +54,73 @@ class FrameIndex:
     """The video stream's frames as the container lists them, in presentation order.
 
     ``pts`` are in stream time-base units (int64), ``times`` the same in seconds on the container clock, and
-    ``keys`` the positions (into ``pts``) of the key frames, where decoding can start."""
+    ``keys`` the positions (into ``pts``) of the key frames, where decoding can start. ``whole`` is False when the
+    index starts at a key frame after the stream's first packet (a clip cut from a long file)."""
 
     pts: np.ndarray
     times: np.ndarray
     keys: np.ndarray
+    whole: bool = True
 
 
-def read_index(container: Any, stream: Any) -> FrameIndex:
-    """Every packet of ``stream`` (demuxed, not decoded): its time stamp, and which are key frames.
+# The index of a clip is read from a seek when the clip starts this far into the stream, and ends this far past
+# the clip's end in decoding time (frames reordered for B-frames arrive within it).
+INDEX_SEEK_AFTER_S = 2.0
+INDEX_MARGIN_S = 1.0
+# Packets indexed per second of clip, plus INDEX_SLACK_S seconds' worth for the group of pictures before it: a
+# phone's slow motion is 960 frames per second. A stream over it (a 60 MB file of 10 M tiny frames took 2.3 GB
+# and 6 minutes to index) is refused after at most that many packets, 8 bytes each.
+MAX_PACKET_RATE = 1000
+INDEX_SLACK_S = 600.0
 
-    A packet without a presentation time takes its decoding time; one with neither is left out."""
-    stamps, key = [], []
-    for packet in container.demux(stream):
-        ts = packet.pts if packet.pts is not None else packet.dts
-        if ts is not None:
-            stamps.append(ts)
-            key.append(packet.is_keyframe)
-    order = np.argsort(np.asarray(stamps, dtype=np.int64), kind="stable")
-    pts = np.asarray(stamps, dtype=np.int64)[order]
+
+def read_index(container: Any, stream: Any, t0: float = 0.0, t1: float = math.inf) -> FrameIndex:
+    """The packets of ``stream`` (demuxed, not decoded) from the last key frame at or before ``t0`` to
+    ``INDEX_MARGIN_S`` past ``t1``: their time stamps, and which are key frames. Raises :class:`DecodeError` past
+    ``MAX_PACKET_RATE`` packets per second of the window.
+
+    A packet without a presentation time takes its decoding time; one with neither, or one the demuxer marks
+    corrupt, is left out. When the clip
+    starts over ``INDEX_SEEK_AFTER_S`` into the stream, demuxing starts from a seek (kept when it lands on a key
+    frame at or before ``t0``); packets before the last key frame at or before ``t0`` are dropped as they come."""
     tb = float(stream.time_base) if stream.time_base else 0.0
-    keys = np.flatnonzero(np.asarray(key, dtype=bool)[order]) if len(order) else np.zeros(0, dtype=np.int64)
-    return FrameIndex(pts, pts.astype(np.float64) * tb, keys)
+    start = float(stream.start_time * tb) if stream.start_time is not None else 0.0
+    limit = int((min(t1, 1e9) - t0 + INDEX_SLACK_S) * MAX_PACKET_RATE)
+    first, stop = (t0 / tb, (t1 + INDEX_MARGIN_S) / tb) if tb else (math.inf, math.inf)
+    packets = container.demux(stream)
+    whole = True
+    if tb and t0 - start > INDEX_SEEK_AFTER_S:
+        container.seek(int(first), stream=stream, backward=True)
+        packets = container.demux(stream)
+        head = next(packets, None)
+        stamp = None if head is None else head.pts if head.pts is not None else head.dts
+        if head is not None and head.is_keyframe and stamp is not None and stamp <= first:
+            packets, whole = itertools.chain([head], packets), False
+        else:
+            container.seek(0, stream=stream, backward=True)
+            packets = container.demux(stream)
+    stamps, keys = array("q"), array("q")
+    for packet in packets:
+        ts = packet.pts if packet.pts is not None else packet.dts
+        if ts is None or packet.is_corrupt:  # a truncated file's last, short packet is not a frame
+            continue
+        if packet.is_keyframe:
+            if ts <= first and len(stamps):  # a later start: what came before it is not needed
+                del stamps[:], keys[:]
+                whole = False
+            keys.append(len(stamps))
+        stamps.append(ts)
+        if len(stamps) > limit:
+            seconds = min(t1, 1e9) - t0
+            raise DecodeError(f"over {limit:,} video packets for a {seconds:.0f} s clip ({MAX_PACKET_RATE}/s at most)")
+        if (packet.dts if packet.dts is not None else ts) > stop:
+            break
+    order = np.argsort(np.frombuffer(stamps, dtype=np.int64), kind="stable")
+    pts = np.frombuffer(stamps, dtype=np.int64)[order]
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    key_at = np.sort(rank[np.frombuffer(keys, dtype=np.int64)]) if len(keys) else np.zeros(0, dtype=np.int64)
+    return FrameIndex(pts, pts.astype(np.float64) * tb, key_at, whole)
 
 
 class VideoFrames:
@@ -93,19 +139,24 @@ class VideoFrames:
 
         self.path = path
         self.decoded = 0  # frames the decoder has produced so far, used or not
+        self.skipped = Skipped()  # damaged packets passed over (:func:`extract.decode.decode_packets`)
         self._frames: Iterator[tuple[int, Any]] | None = None  # (index, frame) from the clip's first key frame
         first = None  # the first decoded frame, read at once for the rotation it carries
         self._container: Any = None
         self._ahead: Any = None  # the read-ahead generator of :meth:`chunks`, while one runs
+        self._stream_index = p.video_stream
         try:
             self._open()
-            self._index = read_index(self._container, self._stream)
+            self._index = read_index(self._container, self._stream, t0, t1)
+            if not len(self._index.pts):
+                raise DecodeError("the stream holds no frames")
             self._plan(p, t0, t1, fps)
             if len(self.indices):
                 frames = self._decoded(int(self.indices[0]))
                 first = next(frames, None)
                 if first is None:
-                    raise DecodeError("no frame decodes")
+                    passed = f" ({self.skipped.count} damaged packets passed over, the first {self.skipped.first})"
+                    raise DecodeError("no frame decodes" + (passed if self.skipped.count else ""))
                 self._frames = itertools.chain([first], frames)
         except (av.FFmpegError, IndexError, DecodeError) as exc:
             if self._container is not None:
@@ -178,6 +229,7 @@ class VideoFrames:
                         raise DecodeError(f"the video stream of {self.path.name} ends before {self.times[pos]:.2f} s")
                     last, frame = item
                     if last >= want:  # the frame this entry needs (or, past a frame that never decoded, the next)
+                        _check_size(frame, self.path)
                         graph = graph or _graph(frame, self.rotation, self.decoded_size)
                         graph.vpush(frame)
                         image = graph.vpull().to_ndarray()
@@ -193,7 +245,7 @@ class VideoFrames:
         by scanning time stamps, and can land a group of pictures late) is replaced by decoding from the start."""
         keys = self._index.keys
         key = int(keys[max(np.searchsorted(keys, first, side="right") - 1, 0)]) if len(keys) else 0
-        if key > 0:
+        if key > 0 or not self._index.whole:
             self._container.seek(int(self._index.pts[key]), stream=self._stream, backward=True)
             frames = self._placed()
             head = next(frames, None)
@@ -211,19 +263,35 @@ class VideoFrames:
         if self._container is not None:
             self._container.close()
         self._container = av.open(str(self.path))
-        self._stream = self._container.streams.video[0]
+        streams = self._container.streams
+        self._stream = streams[self._stream_index] if self._stream_index >= 0 else streams.video[0]
         self._stream.codec_context.thread_count = VIDEO_DECODE_THREADS
 
     def _placed(self) -> Iterator[tuple[int, Any]]:
-        """Decoded frames with their index: found by time stamp, or the one after the previous frame's."""
-        pts = self._index.pts.tolist()
-        first_at = {v: i for i, v in reversed(list(enumerate(pts)))}  # a time stamp listed twice: its first
-        last = -1
-        for frame in self._container.decode(self._stream):
+        """Decoded frames with their index: found by time stamp, or the one after the previous frame's (a frame
+        after the index's last is placed past it). Frames before the index's first (decoded from the file's start)
+        are passed over; frames whose time stamps go
+        back (an intra-only codec outputs frames in packet order, however their times run) raise
+        :class:`DecodeError`: placed as they came, 49 shuffled frames gave 30 distinct ones."""
+        pts, tb = self._index.pts, float(self._stream.time_base or 0)
+        last, previous = -1, None
+        for frame in decode_packets(self._container, self._stream, self.skipped):
             self.decoded += 1
             stamp = frame.pts if frame.pts is not None else frame.dts
-            follows = stamp is None or (last + 1 < len(pts) and pts[last + 1] == stamp)
-            last = last + 1 if follows else first_at.get(stamp, last + 1)
+            if stamp is not None:
+                if previous is not None and stamp < previous:
+                    raise DecodeError(
+                        f"frame time stamps go back, from {previous * tb:.3f} s to {stamp * tb:.3f} s (frames out of "
+                        "presentation order)"
+                    )
+                previous = stamp
+                if stamp < pts[0]:
+                    continue
+            if stamp is None or (last + 1 < len(pts) and pts[last + 1] == stamp):
+                last += 1
+            else:
+                at = int(np.searchsorted(pts, stamp))  # a time stamp listed twice: its first
+                last = at if at == len(pts) or pts[at] == stamp else last + 1  # past the index: past every entry
             yield last, frame
 
 
@@ -290,6 +358,14 @@ def _graph(frame: Any, rotation: int, size: tuple[int, int]) -> Any:
         a.link_to(b)
     graph.configure()
     return graph
+
+
+def _check_size(frame: Any, path: Path) -> None:
+    """Refuse a decoded frame over ``MAX_PIXELS`` (a stream whose header declared a smaller size)."""
+    if frame.width * frame.height > MAX_PIXELS:
+        raise DecodeError(
+            f"a frame of {path.name} is {frame.width}x{frame.height} pixels, over the {MAX_PIXELS:,} decoded at most"
+        )
 
 
 def _scaled_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:

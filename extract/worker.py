@@ -4,19 +4,23 @@ processes (or inline with ``--workers 0``). No torch here."""
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import signal
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from extract.decode import DecodeError, clip_window, decode_audio, limit, probe
+from extract.decode import DecodeError, Probe, Skipped, clip_window, probe
 from extract.extractors.base import DecodedClip, Extractor, ModalityFailure
+from extract.limits import ChildFailed, decode_budget, limit_address_space, probe_in_child
 from extract.manifest import Clip
 from extract.video import VideoFrames
+from extract.waveform import decode_audio, limit
 
 MEDIA = ("audio", "video")  # the streams decoded here
 
@@ -45,7 +49,9 @@ def init_worker(settings: DecodeSettings, parent_pid: int | None = None) -> None
       stops the pool and exits with one line; a worker would print a traceback per process);
     - exit as soon as that parent is gone, even if it died while this worker was still starting: a parent killed
       with SIGKILL leaves no workers behind;
-    - run at a lower priority (``WORKER_NICENESS``), so that on a busy machine the encoder process keeps its core."""
+    - run at a lower priority (``WORKER_NICENESS``), so that on a busy machine the encoder process keeps its core;
+    - once set up, limit its address space (:mod:`extract.limits`): a hostile file fails to open or decode, the
+      machine keeps its memory. Other processes open each file in a limited child first (:func:`probe_media`)."""
     os.environ.setdefault("GLOG_minloglevel", "2")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if parent_pid is not None:
@@ -59,6 +65,12 @@ def init_worker(settings: DecodeSettings, parent_pid: int | None = None) -> None
             os.close(devnull)
     for entry, options in settings.extractors:
         _extractor(entry, options)
+    if parent_pid is not None:  # set up: from here on, media may add no more than the budget
+        global _LIMITED
+        _LIMITED = limit_address_space(decode_budget(settings.max_duration_s))
+
+
+_LIMITED = False  # this process's address space is limited (a pool worker): files are probed in it directly
 
 
 MALLOC_ARENAS = 2  # glibc's malloc arenas in a decode process; its default is 8 per core
@@ -112,7 +124,7 @@ def decode_clip(clip: Clip, settings: DecodeSettings) -> DecodedClip:
     d = DecodedClip(clip)
     tic = time.perf_counter()
     try:
-        p = probe(clip.path)
+        p = probe_media(clip.path, settings.max_duration_s)
     except DecodeError as exc:
         d.info["skipped"] = str(exc)
         return d
@@ -138,6 +150,7 @@ def decode_clip(clip: Clip, settings: DecodeSettings) -> DecodedClip:
     finally:
         if d.frames is not None:
             d.frames.close()  # whether or not FaceMesh read every frame
+            _note_skipped(d, "video", d.frames.skipped)
         d.frames = None  # frames never leave the worker
     d.timings["video_s"] = time.perf_counter() - tic - d.timings["decode_audio_s"]
     wanted = [m for m in MEDIA if m in settings.modalities]
@@ -146,14 +159,34 @@ def decode_clip(clip: Clip, settings: DecodeSettings) -> DecodedClip:
     return d
 
 
+def probe_media(path: Path, max_duration_s: float) -> Probe:
+    """:func:`extract.decode.probe` under the decode memory limit: in this process when it has the limit (a pool
+    worker), else in a forked child that has it. Raises :class:`DecodeError`."""
+    if _LIMITED:
+        return probe(path)
+    budget = decode_budget(max_duration_s)
+    try:
+        kind, value = probe_in_child(_probe_fields, str(path), budget=budget)
+    except ChildFailed as exc:
+        raise DecodeError(f"cannot open {path.name}: {exc}") from exc
+    if kind == "ok":
+        return Probe(**value)
+    raise DecodeError(value if kind in ("DecodeError", "MemoryError") else f"cannot open {path.name}: {kind}: {value}")
+
+
+def _probe_fields(path: str) -> dict[str, Any]:
+    return dataclasses.asdict(probe(Path(path)))
+
+
 def _decode_audio(d: DecodedClip, p, t0: float, t1: float) -> None:
     if not p.has_audio:
         d.status["audio"] = {"status": "failed", "error": "no audio stream"}
         return
+    skipped = Skipped()
     try:
-        wave, span = decode_audio(d.clip.path, p, t0, t1)
-    except DecodeError as exc:
-        d.status["audio"] = {"status": "failed", "error": str(exc)}
+        wave, span = decode_audio(d.clip.path, p, t0, t1, skipped)
+    except (DecodeError, MemoryError) as exc:
+        d.status["audio"] = {"status": "failed", "error": _reason(exc)}
         return
     if span[1] <= span[0]:
         d.status["audio"] = {"status": "failed", "error": "the audio stream has no samples inside the clip"}
@@ -163,6 +196,20 @@ def _decode_audio(d: DecodedClip, p, t0: float, t1: float) -> None:
     d.status["audio"] = {"status": "ok", "error": None, "real_span": [round(span[0], 4), round(span[1], 4)]}
     if peak is not None:
         d.status["audio"]["limited_from_peak"] = round(peak, 4)
+    _note_skipped(d, "audio", skipped)
+
+
+def _note_skipped(d: DecodedClip, modality: str, skipped: Skipped) -> None:
+    """Record damaged packets passed over in the modality's status: how many, and the first one."""
+    if skipped.count and d.status.get(modality, {}).get("status") != "failed":
+        d.status.setdefault(modality, {}).update(skipped_packets=skipped.count, first_skipped=skipped.first)
+
+
+def _reason(exc: Exception) -> str:
+    """A decode failure's status text; running out of memory (the process's limit, :mod:`extract.limits`) says so."""
+    if isinstance(exc, MemoryError) and not isinstance(exc, DecodeError):
+        return f"out of memory while decoding (over the decode memory limit){': ' + str(exc) if str(exc) else ''}"
+    return str(exc)
 
 
 def _open_video(d: DecodedClip, p, t0: float, t1: float, fps: float | None) -> None:
@@ -172,8 +219,15 @@ def _open_video(d: DecodedClip, p, t0: float, t1: float, fps: float | None) -> N
     try:
         d.frames = VideoFrames(d.clip.path, p, t0, t1, fps)
         d.info["fps"] = d.frames.fps
-    except DecodeError as exc:
-        d.status["video"] = {"status": "failed", "error": str(exc)}
+        times = d.frames.times
+        if len(times) and d.frames.fps > 0:  # clip seconds from the first frame to where the last leaves the screen
+            d.status["video"] = {
+                "real_span": [round(float(times[0]), 4), round(float(times[-1]) + 1 / d.frames.fps, 4)]
+            }
+        if p.video_streams > 1:
+            d.status.setdefault("video", {})["stream"] = p.video_stream
+    except (DecodeError, MemoryError) as exc:
+        d.status["video"] = {"status": "failed", "error": _reason(exc)}
 
 
 def _run(d: DecodedClip, modality: str, extractor: Extractor) -> None:
@@ -184,8 +238,8 @@ def _run(d: DecodedClip, modality: str, extractor: Extractor) -> None:
         return
     try:
         result = extractor([d])[0]
-    except DecodeError as exc:
-        result = ModalityFailure(str(exc))
+    except (DecodeError, MemoryError) as exc:
+        result = ModalityFailure(_reason(exc))
     noted = d.info.get(modality, {})
     if isinstance(result, ModalityFailure):
         d.status[modality] = {**before, "status": "failed", "error": result.error, **noted}

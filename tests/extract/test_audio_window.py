@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from extract import decode
-from extract.decode import DecodeError, decode_audio, probe
+from extract import waveform
+from extract.decode import DecodeError, probe
+from extract.waveform import decode_audio
 
 
 def write_wav(path: Path, samples: np.ndarray, rate: int) -> Path:
@@ -89,6 +90,6 @@ def test_a_window_reached_by_a_seek_equals_the_decode_from_the_start(tmp_path, r
 
 def test_a_frame_that_would_resample_past_the_cap_is_refused(tmp_path, monkeypatch):
     path = write_wav(tmp_path / "a.wav", np.zeros((8000, 2), dtype=np.int16), 8000)
-    monkeypatch.setattr(decode, "MAX_FRAME_VALUES", 1000)
+    monkeypatch.setattr(waveform, "MAX_FRAME_VALUES", 1000)
     with pytest.raises(DecodeError, match=r"a frame of \d+ samples at 8000 Hz would resample to"):
         decode_audio(path, probe(path), 0.0, 1.0)

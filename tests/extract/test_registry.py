@@ -122,7 +122,10 @@ def test_a_registered_worker_extractor_fills_its_modality(tmp_path, tiny_cfg, mo
     for key, s in samples.items():
         n = len(s["video_time.npy"])
         assert n > 10, key
-        assert s["meta.json"]["modalities"]["video"] == {"status": "ok", "error": None, "frames": n}
+        video = dict(s["meta.json"]["modalities"]["video"])
+        span = video.pop("real_span")  # the decoder's: from the first frame to where the last leaves the screen
+        assert video == {"status": "ok", "error": None, "frames": n}
+        assert span[0] == pytest.approx(float(s["video_time.npy"][0]), abs=1e-4) and span[1] > s["video_time.npy"][-1]
         assert s["video_lmk.npy"].shape == (n, N_LANDMARKS, 3) and (s["video_lmk.npy"] == np.float16(LMK)).all()
         assert (s["video_norm.npy"] == NORM).all() and (s["video_geom.npy"] == GEOM).all() and s["video_mask.npy"].all()
         assert s["meta.json"]["modalities"]["text"]["status"] == "absent" and "audio_feat.npy" in s

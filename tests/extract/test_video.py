@@ -183,14 +183,18 @@ def test_rotated_video_is_upright_with_displayed_size(media):
 
 
 def test_clip_cut_from_a_long_file_decodes_its_window_only(media):
-    """Frames 800-824 of 1,000 (key frames every 25): decoding starts at the key frame before and stops at the
+    """Frames 800-824 of 1,000 (key frames every 25): the index is read from a seek, from the key frame at the
+    window's start (frame 800) to a second past its end; decoding starts at that key frame and stops at the
     window's end, and the frames are decord's."""
     path = media["long"]
     frames = ours(path, start=32.0, end=33.0)
-    assert frames.indices.tolist() == list(range(800, 825))
+    assert not frames._index.whole and frames._index.times[0] == pytest.approx(32.0)
+    assert len(frames._index.pts) <= 25 + 25 + 4  # the window, the margin, the reorder delay
+    assert frames.indices.tolist() == list(range(25))
+    np.testing.assert_allclose(frames.times, np.arange(25) / 25, atol=1e-6)
     images = decode_all(frames)
     assert frames.decoded <= 25 + 25 + 4  # at most a group of pictures before, the window, the reorder delay
-    theirs, _ = decord_frames(path, frames.indices)
+    theirs, _ = decord_frames(path, frames.indices + 800)
     assert images.tobytes() == theirs.tobytes()
 
 
@@ -237,8 +241,8 @@ def test_a_decoding_error_reaches_the_reader(media, monkeypatch):
 
 
 def test_seek_that_lands_late_falls_back_to_the_start(media, monkeypatch):
-    """A container whose seek lands past the wanted frame (no exact index) is decoded from its start instead:
-    the same frames, only slower."""
+    """A container whose seeks land past the wanted frame (no exact index) is indexed and decoded from its start
+    instead: the same frames, only slower."""
     import av
 
     path = media["long"]
@@ -248,14 +252,14 @@ def test_seek_that_lands_late_falls_back_to_the_start(media, monkeypatch):
 
     class LateSeek:
         def __init__(self, container):
-            self._c, self._late = container, True
+            self._c = container
 
         def __getattr__(self, name):
             return getattr(self._c, name)
 
         def seek(self, offset, **kw):
-            if self._late and offset > 0:  # the first seek: 2 s (two groups of pictures) too far
-                self._late, offset = False, offset + int(2 / float(kw["stream"].time_base))
+            if offset > 0:  # 2 s (two groups of pictures) too far
+                offset += int(2 / float(kw["stream"].time_base))
             return self._c.seek(offset, **kw)
 
     monkeypatch.setattr(av, "open", lambda *a, **kw: LateSeek(real_open(*a, **kw)))
