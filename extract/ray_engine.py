@@ -27,10 +27,14 @@ feature set is the driver's).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+import signal
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,15 +98,37 @@ def run_extract_ray(
         written, timings = run_shards(ray, job, decoders, encoders, progress, done, total)
         done_writing = True
     finally:
-        for actor in decoders + encoders:
-            ray.kill(actor)
+        # Stopped early (Ctrl-C, an error): killing actors with tasks in flight makes Ray print a coloured
+        # "(raylet) Task ... failed, retries remaining" line per task; the one line the command ends with is ours.
+        with contextlib.nullcontext() if done_writing else _silenced(1, 2):
+            for actor in decoders + encoders:
+                ray.kill(actor)
+            if started:
+                ray.shutdown()
         for lock in locks if not done_writing else []:  # else finish_run releases them, holding dataset.lock
             lock.release()
-        if started:
-            ray.shutdown()
     summary = finish_run(job, manifest, media_root, out, cfg, written, {"setup_s": setup_s, **timings})
     sizes = {"decoders": len(decoders), "encoders": len(encoders)}
     return {**summary, "engine": "ray", "ray_start_s": round(ray_start_s, 3), **sizes}
+
+
+@contextlib.contextmanager
+def _silenced(*fds: int) -> Iterator[None]:
+    """File descriptors ``fds`` (1: stdout, 2: stderr) sent to /dev/null for the block: Ray's driver prints its
+    task-failure notices from threads of its own, straight to them."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved = [os.dup(fd) for fd in fds]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in fds:
+            os.dup2(devnull, fd)
+        yield
+    finally:
+        for fd, copy in zip(fds, saved, strict=True):
+            os.dup2(copy, fd)
+            os.close(copy)
+        os.close(devnull)
 
 
 def cluster_precision(ray: Any, device: str) -> str:
@@ -130,7 +156,13 @@ def start_ray(ray: Any, address: str | None, cfg: ExtractConfig) -> None:
             raise ExtractionError(f"--ray-address {address}: no Ray cluster could be reached ({exc})") from None
         return
     wanted = _wanted_decoders(cfg, os.cpu_count() or 1) + 1
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, wanted), include_dashboard=False, **quiet)
+    # Ray's processes start ignoring SIGINT (an ignored signal stays ignored across exec): Ctrl-C in the terminal
+    # reaches the whole process group, and the driver alone decides, stopping them with ray.shutdown.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, wanted), include_dashboard=False, **quiet)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _wanted_decoders(cfg: ExtractConfig, cpus: int) -> int:

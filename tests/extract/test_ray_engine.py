@@ -216,3 +216,25 @@ def test_a_decoder_returns_the_compact_arrays_never_frames(tiny_cfg):
     assert decoded.wave.dtype == np.int16 and decoded.wave.ndim == 1
     assert decoded.features["video"]["video_lmk.npy"].shape[1:] == (478, 3)
     assert decoded.status["video"]["status"] == "ok" and decoded.status["audio"]["status"] == "ok"
+
+
+@pytest.mark.integration
+def test_ctrl_c_under_ray_ends_with_our_one_line(ray_cluster, tiny_cfg, tmp_path):
+    """Ctrl-C while the actors have tasks in flight: Ray's driver printed a coloured "(raylet) Task ... failed,
+    retries remaining" line per killed task; now the command's last line is its own, and it exits 130."""
+    from ttyrun import run_mmfuse
+
+    grid = [r for r in bundled_rows() if r["video_id"] == "grid"]
+    rows = [{**grid[i % 3], "video_id": "tiled", "clip_id": f"c{i:02d}", "mode": "train",
+             "path": f"grid/{grid[i % 3]['clip_id']}.mpg"} for i in range(8)]  # fmt: skip
+    manifest = write_manifest(tmp_path / "tiled.csv", rows)
+    cfg = tiny_cfg()
+    args = ["extract", str(manifest), "--media-root", str(MEDIA), "--out", str(tmp_path / "out"), "--shard-size", "2",
+            "--fps", "5", "--batch-size", "1", "--workers", "1", "--text-model", cfg.text_model,
+            "--audio-model", cfg.audio_model, "--engine", "ray",
+            "--ray-address", ray_cluster.get_runtime_context().gcs_address]  # fmt: skip
+    stopped = run_mmfuse(args, interrupt_when=r"extract: +\d+%\|[^|]*\| *[1-6]/8", timeout=240)
+    assert stopped.interrupted and stopped.returncode == 130, stopped.text[-3000:]
+    assert "(raylet)" not in stopped.text and "Traceback" not in stopped.text, stopped.text[-3000:]
+    shown = [line.strip() for line in stopped.lines() if line.replace("\x1b[0m", "").strip()]
+    assert shown[-1] == "mmfuse extract: interrupted; complete shards are kept; rerun the same command to resume"
