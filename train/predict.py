@@ -29,6 +29,7 @@ from train.checkpoint import CheckpointError, checkpoint_dataset, load_checkpoin
 from train.config import TrainConfig, make_train_config
 from train.inputs import DataError, has_video_geom
 from train.pipeline import FusionPipeline
+from train.runtime import amp_dtype
 from train.stages import SelectModalities, ToInputs
 
 NO_TEXT = "no transcript given (pass --text)"
@@ -227,13 +228,14 @@ def check_window(video: Path, window: tuple[float | None, float | None], max_dur
     """Refuse a window (``--start``, ``--end``) that holds nothing, or a clip longer than ``--max-duration``, before
     any model is loaded, naming predict's own options (extraction's skip names its ``--config`` and the manifest's
     start/end columns). A file that cannot be probed is left to extraction's own message."""
-    from extract.decode import DecodeError, clip_window, probe
+    from extract.decode import DecodeError, clip_window
+    from extract.worker import probe_media
 
     start, end = window
     if end is not None and end <= (start or 0.0):
         raise DataError(f"--end {end:g} must be after --start ({start or 0:g} s)")
     try:
-        p = probe(Path(video))
+        p = probe_media(Path(video), max_duration_s)  # under the decode memory limit, in a child of its own
     except DecodeError:
         return
     if start is not None and p.end > 0 and start >= p.end:
@@ -257,7 +259,9 @@ def predict_clip(
 ) -> dict:
     """Predict one raw clip with a checkpoint on ``device`` (:func:`extract.devices.resolve_device`); the result is
     what ``mmfuse predict --json`` prints. ``window``: the clip's ``(start, end)`` in the file, seconds (``None``:
-    the file's own); a clip longer than ``max_duration_s`` (default: extraction's ``max_duration_s``) is refused."""
+    the file's own); a clip longer than ``max_duration_s`` (default: extraction's ``max_duration_s``) is refused.
+    The network scores in the precision :func:`train.trainer.evaluate` uses (the run's ``amp`` on this device), so
+    a clip scores as its sample does in ``mmfuse eval``."""
     device = resolve_device(device)
     ckpt = load_checkpoint(checkpoint)
     if ckpt["config"].get("align_words"):
@@ -273,7 +277,9 @@ def predict_clip(
     sample = extract_sample(Path(video), text, cfg, extractors, fs_hash, tuple(config.data.modalities), window)
     batch = model_batch(sample, ckpt, config)
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    output = net(batch).prediction[0]
+    autocast = amp_dtype(config.run.amp, torch.device(device))  # the precision `mmfuse eval` scores in here
+    with torch.autocast(torch.device(device).type, dtype=autocast or torch.float32, enabled=autocast is not None):
+        output = net(batch).prediction[0].float()
     mods = sample["meta.json"]["modalities"]
     return {
         "video": str(video),

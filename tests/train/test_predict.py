@@ -203,3 +203,18 @@ def test_predict_advice_names_only_options_it_has(checkpoint: Path, capsys) -> N
         main([*argv, "--start", "-1"])
     assert usage.value.code == 2
     assert "--start: '-1': seconds must be a finite number, 0 or more" in capsys.readouterr().err
+
+
+def test_predict_scores_in_the_precision_eval_uses(checkpoint: Path, bundled_dataset: Path, monkeypatch) -> None:
+    """On a GPU `mmfuse eval` scores under the run's AMP dtype (bf16 where native); predict scored in fp32, so a
+    clip's score differed from its sample's. Both now take the dtype from ``train.runtime.amp_dtype``: with it
+    forced to bf16 (autocast runs bf16 on the CPU too), predict matches the sample scored under bf16 autocast."""
+    import train.predict
+
+    fp32 = predict_clip(checkpoint, GRID, GRID_TEXT)["prediction"]["score"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = shard_prediction(checkpoint, bundled_dataset, "train", "grid__bbaf2n")
+    monkeypatch.setattr(train.predict, "amp_dtype", lambda setting, device: torch.bfloat16)
+    bf16 = predict_clip(checkpoint, GRID, GRID_TEXT)["prediction"]["score"]
+    print(f"fp32 {fp32:.6f}, bf16 {bf16:.6f}, the sample under bf16 {expected:.6f}")
+    assert bf16 == pytest.approx(expected, abs=2e-5) and abs(bf16 - fp32) > 1e-4
