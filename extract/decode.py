@@ -21,7 +21,6 @@ from mmfuse.errors import MmfuseError
 
 log = logging.getLogger(__name__)
 
-
 # How audio is made mono (:mod:`extract.waveform`), recorded in the feature set: it sets the stored waveform's level.
 AUDIO_DOWNMIX = "equal-weight mean of the channels; a clip whose peak exceeds full scale is scaled down to it"
 
@@ -158,11 +157,10 @@ def motion_streams(container, kind: str) -> list:
 
 def pick_stream(container, kind: str):
     """The ``kind`` stream a player would play, or None: of :func:`motion_streams`, the longest (its duration, or
-    Matroska's ``DURATION`` tag),
-    then the one with the most frames, then FFmpeg's choice (``av_find_best_stream``: the default-marked stream,
-    then the one that gave the most frames while probing), then the largest picture or the most channels; ties go
-    to the first. (Always taking the first stream decoded a one-frame cover picture, or an empty stream, where the
-    file's real video came second.)"""
+    Matroska's ``DURATION`` tag), then the one with the most frames, then FFmpeg's choice (``av_find_best_stream``:
+    the default-marked stream, then the one that gave the most frames while probing), then the largest picture or
+    the most channels; ties go to the first. (Always taking the first stream decoded a one-frame cover picture, or
+    an empty stream, where the file's real video came second.)"""
     best = container.streams.best(kind)
 
     def rank(s) -> tuple[float, int, bool, int]:

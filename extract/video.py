@@ -7,11 +7,11 @@ before its start to its end, not the rest of the file. (decord, used before, dec
 in a thread of its own: 1.5 GiB of a 40 s 960×540 file within 3.5 s of reading its first 4 frames.)
 
 Frame times are the packets' presentation times in presentation order, read once per clip from the container
-without decoding; frame ``i`` is the ``i``-th of them. A decoded frame is matched to its index by its own time
-stamp, so a seek that lands early costs time, never a wrong frame (one that lands late is not used). Frames go
-through one FFmpeg filter graph: turned upright by the stream's display matrix (phones store portrait video as
-landscape frames with a rotation), scaled to ``decoded_size``, converted to RGB; frames the clip does not use
-skip the graph.
+without decoding, for the clip's window only (:func:`read_index`); frame ``i`` is the ``i``-th of them. A
+decoded frame is matched to its index by its own time stamp, so a seek that lands early costs time, never a
+wrong frame (one that lands late is not used). Frames go through one FFmpeg filter graph: turned upright by the
+stream's display matrix (phones store portrait video as landscape frames with a rotation), scaled to
+``decoded_size``, converted to RGB; frames the clip does not use skip the graph.
 
 No torch here: this module runs in worker processes.
 """
@@ -80,9 +80,9 @@ def read_index(container: Any, stream: Any, t0: float = 0.0, t1: float = math.in
     ``MAX_PACKET_RATE`` packets per second of the window.
 
     A packet without a presentation time takes its decoding time; one with neither, or one the demuxer marks
-    corrupt, is left out. When the clip
-    starts over ``INDEX_SEEK_AFTER_S`` into the stream, demuxing starts from a seek (kept when it lands on a key
-    frame at or before ``t0``); packets before the last key frame at or before ``t0`` are dropped as they come."""
+    corrupt, is left out. When the clip starts over ``INDEX_SEEK_AFTER_S`` into the stream, demuxing starts from
+    a seek (kept when it lands on a key frame at or before ``t0``); packets before the last key frame at or before
+    ``t0`` are dropped as they come."""
     tb = float(stream.time_base) if stream.time_base else 0.0
     start = float(stream.start_time * tb) if stream.start_time is not None else 0.0
     limit = int((min(t1, 1e9) - t0 + INDEX_SLACK_S) * MAX_PACKET_RATE)
@@ -270,9 +270,9 @@ class VideoFrames:
     def _placed(self) -> Iterator[tuple[int, Any]]:
         """Decoded frames with their index: found by time stamp, or the one after the previous frame's (a frame
         after the index's last is placed past it). Frames before the index's first (decoded from the file's start)
-        are passed over; frames whose time stamps go
-        back (an intra-only codec outputs frames in packet order, however their times run) raise
-        :class:`DecodeError`: placed as they came, 49 shuffled frames gave 30 distinct ones."""
+        are passed over; frames whose time stamps go back (an intra-only codec outputs frames in packet order,
+        however their times run) raise :class:`DecodeError`: placed as they came, 49 shuffled frames gave 30
+        distinct ones."""
         pts, tb = self._index.pts, float(self._stream.time_base or 0)
         last, previous = -1, None
         for frame in decode_packets(self._container, self._stream, self.skipped):

@@ -21,7 +21,7 @@ from extract.decode import DecodeError, Probe, Skipped, decode_packets, pick_str
 from shards.schema import SAMPLE_RATE
 
 # Audio decoding starts with a seek when the clip starts this far into the stream (a clip cut from a long file);
-# nearer the start it decodes from the first sample, placed at the stream's start time as before.
+# nearer the start it decodes from the first sample, placed at the stream's start time.
 AUDIO_SEEK_AFTER_S = 2.0
 AUDIO_SEEK_MARGIN_S = 1.0  # decoded before the clip's start after a seek (see :func:`_audio_frames`)
 # Resampled values (samples x channels) one decoded audio frame may become: 32 MB of float32. Real frames are far
