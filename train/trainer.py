@@ -43,6 +43,7 @@ from train.pipeline import FusionPipeline
 from train.run import Run, barrier, build_run, save, train_loader
 from train.runtime import Dist, amp_dtype, setup_distributed, teardown_distributed, write_json
 from train.step import Step, clip_grad_norm_per_group, labelled_rows, to_device, train_step
+from train.workers import close_pools
 
 __all__ = ["clip_grad_norm_per_group", "evaluate", "fit", "prediction_row"]
 
@@ -97,6 +98,7 @@ def fit(
             end_of_epoch(run)
         return finish(run)
     finally:
+        close_pools()  # the data workers kept across epochs and evaluations
         teardown_distributed(d)
 
 
@@ -231,7 +233,7 @@ def evaluate(
     this rank's first batch (``fusion.base.mechanism_shares``: whether the method's own terms drive it), and
     ``diag/<key>``, the model's scalar diagnostics averaged over the split (gate rates, KL terms, MI estimates)."""
     d = d or Dist()
-    data = dataclasses.replace(config.data, num_workers=min(config.data.num_workers, 1), text_vocab=net.text_vocab)
+    data = dataclasses.replace(config.data, text_vocab=net.text_vocab)
     dataset = ShardDataset.of(shards)
     listed = dataset.split_samples(split)
     if split not in dataset.splits:
