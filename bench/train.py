@@ -64,6 +64,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="tiny data, encoders and step counts (a smoke test)")
     p.add_argument("--workdir", type=Path, default=None, help="keep the generated shards here (default: a temp dir)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.add_argument(
+        "--data-only",
+        action="store_true",
+        help="instead: the data path alone, mmfuse's loader vs a plain webdataset + np.load loop (bench/train_data.py)",
+    )
     p.add_argument("--out", type=Path, default=None, help="BENCHMARKS.md whose bench-train section is replaced")
     add_sweep_arguments(p, "frozen streamed samples/s", SWEEP, QUICK_SWEEP, "train-sweep.png")
     p.set_defaults(run=run)
@@ -87,6 +92,10 @@ def run(args: argparse.Namespace) -> int:
         from bench.train_sweep import run_sweep
 
         return run_sweep(args)
+    if args.data_only:
+        from bench.train_data import run_data_only
+
+        return run_data_only(args)
     with workdir(args) as work, args.progress("bench train", "run") as bar:
         report = benchmark(args, work, bar)
     if args.json:

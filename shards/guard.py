@@ -17,9 +17,11 @@ the member holds before NumPy allocates anything, and a JSON document's nesting 
 
 from __future__ import annotations
 
-import io
+import functools
 import json
 import math
+import re
+import struct
 import tarfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -27,10 +29,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
-from numpy.lib import format as npformat
 
 from shards.dataset_fields import DURATION, FPS
 from shards.schema import MEMBERS, SAMPLE_RATE, SchemaError
+from shards.tarstream import NotATar, iter_members
 
 COMPRESSED_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
 META_MEMBER = "meta.json"
@@ -113,7 +115,7 @@ def refuse_compressed(head: bytes, label: str) -> None:
 def check_member(info: tarfile.TarInfo, label: str, limits: ShardLimits) -> tuple[str, str]:
     """``(key, member)`` of a tar entry, or SchemaError if it is not a regular schema member within its cap."""
     where = f"shard {label}: member {info.name}"
-    parts = PurePosixPath(info.name).parts
+    parts = (info.name,) if "/" not in info.name and info.name != ".." else PurePosixPath(info.name).parts
     if info.name.startswith("/") or ".." in parts:
         raise SchemaError(f"{where}: the name escapes the shard (absolute or '..'); refused")
     if info.issym() or info.islnk():
@@ -153,6 +155,7 @@ def iter_raw_samples(
 
     ``limits`` defaults to those of the dataset.json beside the shard; ``label`` names the shard in errors
     (its path by default). Every refusal is a SchemaError naming the shard and, where there is one, the member.
+    Each header is checked (:func:`check_member`) before its member's bytes are read (:mod:`shards.tarstream`).
     """
     label = label or str(path)
     limits = limits or ShardLimits.beside(path)
@@ -163,61 +166,100 @@ def iter_raw_samples(
     with stream:
         refuse_compressed(stream.read(8), label)
         stream.seek(0)
-        try:
-            tar = tarfile.open(fileobj=stream, mode="r|")
-        except (tarfile.TarError, OSError) as exc:
-            raise SchemaError(f"shard {label}: not a readable tar ({exc})") from exc
         current: dict[str, Any] | None = None
         done = 0
         try:
-            for info in tar:
-                key, name = check_member(info, label, limits)
+            for (key, name), data in iter_members(stream, functools.partial(check_member, label=label, limits=limits)):
                 if current is not None and current["__key__"] != key:
                     yield current
                     current, done = None, done + 1
                 if current is None:
                     current = {"__key__": key, "__url__": str(path)}
                 if name in current:
-                    raise SchemaError(f"shard {label}: member {info.name} appears twice")
-                current[name] = tar.extractfile(info).read()
+                    raise SchemaError(f"shard {label}: member {key}.{name} appears twice")
+                current[name] = data
+        except NotATar as exc:
+            raise SchemaError(f"shard {label}: not a readable tar ({exc})") from exc
         except (tarfile.TarError, OSError) as exc:
             raise SchemaError(f"shard {label}: truncated or corrupt tar after sample {done} ({exc})") from exc
         if current is not None:
             yield current
 
 
-def load_npy(data: bytes) -> np.ndarray:
-    """A ``.npy`` member, never unpickled; its header's shape is checked against the bytes present first."""
-    buf = io.BytesIO(data)
-    version = npformat.read_magic(buf)
-    if version == (1, 0):
-        shape, _, dtype = npformat.read_array_header_1_0(buf)
-    elif version == (2, 0):
-        shape, _, dtype = npformat.read_array_header_2_0(buf)
-    else:
-        raise SchemaError(f".npy format version {version} is not one mmfuse writes (1.0 or 2.0)")
-    if not dtype.hasobject:  # object arrays: np.load refuses them below (allow_pickle=False)
-        declared, present = dtype.itemsize * math.prod(shape), len(data) - buf.tell()
-        if declared > present:
-            raise SchemaError(
-                f".npy header declares shape {shape} of {dtype} ({declared} bytes) but the member holds "
-                f"{present}; refused before allocating"
-            )
-    buf.seek(0)
-    return np.load(buf, allow_pickle=False)
+NPY_MAGIC = b"\x93NUMPY"
+NPY_MAX_HEADER = 10_000  # as numpy's own reader (max_header_size)
+# The header numpy writes (format.write_array_header_*): the dict's keys sorted, a simple dtype, the shape's repr,
+# padded with spaces to an aligned length and ended by a newline. Anything else is refused, never evaluated.
+NPY_HEADER = re.compile(
+    r"\{'descr': '(?P<descr>[<>|=][a-zA-Z]\d{0,4})', 'fortran_order': (?P<fortran>True|False), "
+    r"'shape': \((?P<shape>|\d{1,19},|\d{1,19}(?:, \d{1,19})+)\), \} *\n"
+)
+NPY_KINDS = "biufcSU"  # plain numbers, booleans and fixed-width text; never objects (pickles) or records
+
+
+def load_npy(data: bytes, copy: bool = True) -> np.ndarray:
+    """A ``.npy`` member as :func:`numpy.load` reads it, never unpickled: its header parsed once by a strict parser
+    (:data:`NPY_HEADER`, nothing evaluated) and its declared shape checked against the bytes present before
+    anything is allocated. ``copy=False``: a read-only view of ``data`` (no copy), for readers that only read."""
+    version = data[6:8] if data[:6] == NPY_MAGIC else b""
+    if version not in (b"\x01\x00", b"\x02\x00"):
+        shown = tuple(version) if len(version) == 2 else "none: no .npy magic"
+        raise SchemaError(f".npy format version {shown} is not one mmfuse writes (1.0 or 2.0)")
+    size = 2 if version == b"\x01\x00" else 4
+    (length,) = struct.unpack_from("<H" if size == 2 else "<I", data, 8) if len(data) >= 8 + size else (-1,)
+    start = 8 + size + length
+    if length < 0 or length > NPY_MAX_HEADER or start > len(data):
+        raise SchemaError(f".npy header of {length} bytes is truncated or over {NPY_MAX_HEADER} bytes")
+    match = NPY_HEADER.fullmatch(data[8 + size : start].decode("latin1"))
+    if match is None:
+        raise SchemaError(f".npy header {data[8 + size : start][:80]!r} is not one numpy writes for a plain array")
+    dtype = npy_dtype(match["descr"])
+    shape = tuple(int(n) for n in match["shape"].split(",") if n.strip())
+    declared, present = dtype.itemsize * math.prod(shape), len(data) - start
+    if declared > present:
+        raise SchemaError(
+            f".npy header declares shape {shape} of {dtype} ({declared} bytes) but the member holds "
+            f"{present}; refused before allocating"
+        )
+    try:
+        flat = np.frombuffer(data, dtype, count=math.prod(shape), offset=start)
+        array = flat.reshape(shape[::-1]).T if match["fortran"] == "True" else flat.reshape(shape)
+    except ValueError as exc:
+        raise SchemaError(f".npy array of shape {shape} cannot be made ({exc})") from exc
+    return array.copy(order="K") if copy else array
+
+
+@functools.lru_cache(maxsize=64)
+def npy_dtype(descr: str) -> np.dtype:
+    """The dtype a ``.npy`` header's ``descr`` names, if it is a plain one (:data:`NPY_KINDS`)."""
+    try:
+        dtype = np.dtype(descr)
+    except TypeError:
+        raise SchemaError(f".npy dtype {descr!r} is not a NumPy dtype") from None
+    if dtype.kind == "O":
+        raise SchemaError(".npy member holds Python objects: shards never hold pickles (read with allow_pickle=False)")
+    if dtype.kind not in NPY_KINDS or dtype.itemsize == 0:
+        raise SchemaError(f".npy dtype {descr!r} is not a plain number, boolean or text type")
+    return dtype
 
 
 def load_json(data: bytes, max_bytes: int = META_MAX_BYTES, max_depth: int = JSON_MAX_DEPTH) -> Any:
-    """A JSON member of at most ``max_bytes`` nested at most ``max_depth`` deep (checked before parsing)."""
+    """A JSON member of at most ``max_bytes`` nested at most ``max_depth`` deep (checked before parsing; a text with
+    no more brackets than ``max_depth`` cannot nest deeper, so only one with more is scanned)."""
     if len(data) > max_bytes:
         raise SchemaError(f"JSON of {len(data)} bytes, over the {max_bytes}-byte cap")
-    depth = json_depth(data)
-    if depth > max_depth:
-        raise SchemaError(f"JSON nested {depth} levels deep, over the limit of {max_depth}")
+    if data.count(b"[") + data.count(b"{") > max_depth:
+        depth = json_depth(data)
+        if depth > max_depth:
+            raise SchemaError(f"JSON nested {depth} levels deep, over the limit of {max_depth}")
     try:
         return json.loads(data.decode("utf-8"))
     except RecursionError as exc:  # pragma: no cover - json_depth bounds the nesting first
         raise SchemaError("JSON nested too deep to parse") from exc
+
+
+JSON_SPECIAL = np.zeros(256, bool)
+JSON_SPECIAL[list(b'"\\[]{}')] = True  # the bytes json_depth looks at
 
 
 def json_depth(data: bytes) -> int:
@@ -226,16 +268,25 @@ def json_depth(data: bytes) -> int:
     A quote opens or closes a string unless an odd run of backslashes precedes it; brackets count only outside
     strings, so everything after an unterminated string is text (as a JSON parser reads it: it stops there).
     Stray closing brackets may take the running depth below 0; the maximum is what bounds the parser's recursion.
+    Only the bytes that matter (quotes, backslashes, brackets) are looked at after one pass that finds them.
     """
     raw = np.frombuffer(data, np.uint8)
     if raw.size == 0:
         return 0
-    positions = np.arange(raw.size)
-    last_plain = np.maximum.accumulate(np.where(raw != ord("\\"), positions, -1))  # last non-backslash up to i
-    run_before = np.concatenate(([0], positions[:-1] - last_plain[:-1]))  # backslashes right before position i
-    quotes = (raw == ord('"')) & (run_before % 2 == 0)
+    pos = np.flatnonzero(JSON_SPECIAL[raw])
+    byte = raw[pos]
+    slash = byte == ord("\\")
+    # a backslash run: consecutive backslashes at consecutive positions; each event knows where its run started
+    joined = np.zeros(pos.size, bool)
+    joined[1:] = slash[1:] & slash[:-1] & (pos[1:] == pos[:-1] + 1)
+    run_start = np.maximum.accumulate(np.where(slash & ~joined, pos, -1))
+    before = np.zeros(pos.size, np.int64)  # backslashes right before each event
+    touching = np.zeros(pos.size, bool)
+    touching[1:] = slash[:-1] & (pos[1:] == pos[:-1] + 1)
+    before[1:] = np.where(touching[1:], pos[1:] - run_start[:-1], 0)
+    quotes = (byte == ord('"')) & (before % 2 == 0)
     outside = np.cumsum(quotes) % 2 == 0  # after an even number of string quotes (a quote itself is never a bracket)
-    step = np.zeros(raw.size, np.int32)
-    step[(raw == ord("[")) | (raw == ord("{"))] = 1
-    step[(raw == ord("]")) | (raw == ord("}"))] = -1
+    step = np.zeros(pos.size, np.int32)
+    step[(byte == ord("[")) | (byte == ord("{"))] = 1
+    step[(byte == ord("]")) | (byte == ord("}"))] = -1
     return int(np.cumsum(step * outside).max(initial=0))

@@ -42,13 +42,14 @@ def encode_member(name: str, value: Any) -> bytes:
     raise SchemaError(f"member {name!r}: only .npy and .json members are allowed")
 
 
-def decode_member(name: str, data: bytes) -> Any:
+def decode_member(name: str, data: bytes, copy: bool = True) -> Any:
     """Decode one member; never unpickles. A ``.npy`` header declaring more data than the member holds, or JSON
-    nested deeper than :data:`shards.guard.JSON_MAX_DEPTH`, is a SchemaError (see :mod:`shards.guard`)."""
+    nested deeper than :data:`shards.guard.JSON_MAX_DEPTH`, is a SchemaError (see :mod:`shards.guard`).
+    ``copy=False``: arrays are read-only views of ``data`` (:func:`shards.guard.load_npy`)."""
     if name.endswith(".json"):
         return load_json(data)
     if name.endswith(".npy"):
-        return load_npy(data)
+        return load_npy(data, copy)
     raise SchemaError(f"member {name!r}: only .npy and .json members are allowed")
 
 
@@ -174,15 +175,16 @@ def iter_shard(path: Path | str, validate: bool = True, limits: ShardLimits | No
         yield _finish(decode_sample(raw, path), path, validate)
 
 
-def decode_sample(raw: dict[str, Any], shard: Path | str) -> dict[str, Any]:
+def decode_sample(raw: dict[str, Any], shard: Path | str, copy: bool = True) -> dict[str, Any]:
     """``raw`` with every member decoded by :func:`decode_member` (its ``__`` entries kept as they are);
-    :class:`SchemaError` naming the shard and member when one cannot be decoded."""
+    :class:`SchemaError` naming the shard and member when one cannot be decoded. ``copy=False``: arrays are
+    read-only views of the member bytes."""
     sample = {k: v for k, v in raw.items() if k.startswith("__")}
     for suffix, data in raw.items():
         if suffix.startswith("__"):
             continue
         try:
-            sample[suffix] = decode_member(suffix, data)
+            sample[suffix] = decode_member(suffix, data, copy)
         except (ValueError, OSError, UnicodeDecodeError) as exc:
             member = f"{raw['__key__']}.{suffix}"
             raise SchemaError(f"shard {shard}: member {member} cannot be decoded ({exc})") from exc

@@ -5,13 +5,13 @@ lists of samples into padded tensors, the training process only re-cuts them int
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import webdataset as wds
 from torch import nn
 
 from shards.dataset import IMPORTED_VIDEO, ShardDataset
@@ -19,45 +19,6 @@ from train.inputs import GEOM_DIM, DataError, feature_dims
 from train.stages import BAD, GEOM_INPUT, STD_FLOOR
 
 log = logging.getLogger(__name__)
-
-
-class WorkerBatches:
-    """Stage (main process): the workers' collated chunks (:func:`collate_chunk`), round robin, the DataLoader shut
-    down as soon as the epoch ends or fails.
-
-    ``batch_size=None`` with :func:`keep_batch` turns the DataLoader's own batching off: batching stays in the
-    pipeline. Chunk tensors cross the process boundary through shared memory (not pickled element by element);
-    with ``pin_memory`` the DataLoader's pinning thread copies them into page-locked memory for non-blocking
-    host-to-device copies.
-    """
-
-    def __init__(
-        self, dataset: wds.DataPipeline, num_workers: int, prefetch_factor: int, pin_memory: bool = False
-    ) -> None:
-        self.dataset, self.num_workers, self.prefetch_factor = dataset, num_workers, prefetch_factor
-        self.pin_memory = pin_memory
-
-    def __call__(self) -> Iterator[dict[str, Any]]:
-        loader = torch.utils.data.DataLoader(
-            self.dataset,
-            batch_size=None,
-            collate_fn=keep_batch,
-            num_workers=self.num_workers,
-            prefetch_factor=self.prefetch_factor,
-            pin_memory=self.pin_memory,
-        )
-        batches = iter(loader)
-        try:
-            yield from batches
-        finally:  # an error's traceback would otherwise keep the workers alive until garbage collection
-            shutdown = getattr(batches, "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()
-
-
-def keep_batch(batch: Any) -> Any:
-    """DataLoader collate_fn: pass worker items through as they are (no auto-collation)."""
-    return batch
 
 
 class DropBad:
@@ -115,7 +76,11 @@ def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 def collate_chunk(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Stage (worker): a worker's list of samples → a chunk: ``batch`` (:func:`collate` of its good samples, None
     when it has none), ``lengths`` (per padded tensor, (B,) int64 sample lengths, so :class:`Rebatch` can join
-    chunks exactly) and ``errors`` (the messages of its bad-sample markers, in order)."""
+    chunks exactly) and ``errors`` (the messages of its bad-sample markers, in order).
+
+    Each padded tensor is written once: every sample's rows are copied into it and its padding zeroed, its mask is
+    made in one step from the lengths and the samples' masks; in a DataLoader worker the tensors are made in shared
+    memory, so handing the chunk to the training process copies nothing more."""
     good = [s for s in samples if BAD not in s]
     chunk: dict[str, Any] = {"batch": None, "lengths": {}, "errors": [s[BAD] for s in samples if BAD in s]}
     if not good:
@@ -124,24 +89,38 @@ def collate_chunk(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         return chunk
     first = good[0]
     batch: dict[str, Any] = {"key": [str(s["key"]) for s in good], "label": _stack_labels(good)}
+    shared = torch.utils.data.get_worker_info() is not None
     for name in first:
         if name.startswith("__") or name.endswith("_mask") or name in ("key", "label"):
             continue
         if f"{name}_mask" not in first:
             raise DataError(f"input {name!r} has no {name}_mask; every sequence input needs a mask")
         arrays = [np.asarray(s[name]) for s in good]
-        lengths = [len(a) for a in arrays]
-        values = np.zeros((len(arrays), max(lengths), *arrays[0].shape[1:]), arrays[0].dtype)
-        mask = np.zeros((len(arrays), max(lengths)), bool)
-        for i, (a, s) in enumerate(zip(arrays, good, strict=True)):
+        lengths = np.array([len(a) for a in arrays], np.int64)
+        steps = int(lengths.max())
+        tensor = _empty((len(arrays), steps, *arrays[0].shape[1:]), arrays[0].dtype, shared)
+        values = tensor.numpy()
+        for i, a in enumerate(arrays):
             values[i, : len(a)] = a
-            mask[i, : len(a)] = s[f"{name}_mask"]
-        batch[name] = torch.from_numpy(values)
-        chunk["lengths"][name] = torch.tensor(lengths, dtype=torch.int64)
+            values[i, len(a) :] = 0
+        batch[name] = tensor
+        chunk["lengths"][name] = torch.from_numpy(lengths)
         if name != GEOM_INPUT:  # the geometry shares video's mask
+            mask = np.zeros((len(arrays), steps), bool)
+            mask[np.arange(steps) < lengths[:, None]] = np.concatenate([s[f"{name}_mask"] for s in good])
             batch[f"{name}_mask"] = torch.from_numpy(mask)
     chunk["batch"] = batch
     return chunk
+
+
+def _empty(shape: tuple[int, ...], dtype: np.dtype, shared: bool) -> torch.Tensor:
+    """An uninitialised tensor of ``shape`` and the NumPy ``dtype``; in shared memory when ``shared`` (as the
+    DataLoader's own collate makes its batches in a worker)."""
+    kind = torch.from_numpy(np.empty(0, dtype)).dtype
+    if not shared:
+        return torch.empty(shape, dtype=kind)
+    storage = torch.empty(0, dtype=kind)._typed_storage()._new_shared(math.prod(shape), device="cpu")
+    return torch.empty(0, dtype=kind).new(storage).view(shape)
 
 
 def _stack_labels(samples: Sequence[Mapping[str, Any]]) -> torch.Tensor:

@@ -15,17 +15,20 @@ shuffle_buffer —, epoch, rank, world_size), so ``make_loader(..., epoch=e, ski
 batches ``k, k+1, ...`` of the epoch (the skipped ones are still read and collated by the workers, then
 dropped). The sample shuffle runs before "to inputs" so its buffer holds the compact float16 members.
 
-Work per batch in the training process: none per element. Workers collate (``collate_chunk``), tensors reach
-the training process through shared memory, features stay float16 and masks bool; the main process only
-re-cuts chunks into exact batches (``Rebatch``: a pass-through unless a worker's shards ended mid-batch or bad
-samples were dropped), and ``FusionPipeline`` makes features float32 and standardises them on the device.
-Workers are started per epoch (``persistent_workers`` stays off): the epoch's shard plan and shuffle seeds are
-fixed in the pipeline the workers copy at start-up, and the trainer makes a new loader per epoch; start-up is
-one pass over no data, small against an epoch.
+Work per batch in the training process: none per element. Workers collate (``collate_chunk``) into tensors in
+shared memory, features stay float16 and masks bool; the main process only re-cuts chunks into exact batches
+(``Rebatch``: a pass-through unless a worker's shards ended mid-batch or bad samples were dropped), and
+``FusionPipeline`` makes features float32 and standardises them on the device. Workers persist across epochs
+(``train/workers.py``): the trainer makes a new loader per epoch, which finds the workers of the previous one and
+tells them the epoch; each builds that epoch's pipeline (``worker_pipeline``: shard plan and shuffle seeds follow
+from the epoch) without a fork. The sample shuffle yields while its buffer fills, so no epoch starts with a stall.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import hashlib
 import logging
 import math
 import random
@@ -42,7 +45,7 @@ from mmfuse.settings import NOT_A_SETTING
 from shards.dataset import ShardDataset, ShardEntry
 from shards.schema import MODALITIES
 from train.align import AlignWords
-from train.batches import Equalise, Normalise, Rebatch, WorkerBatches, collate_chunk
+from train.batches import Equalise, Normalise, Rebatch, collate_chunk
 from train.inputs import DataError, feature_dims, has_video_geom, label_keys
 from train.stages import (
     ReadShards,
@@ -54,6 +57,7 @@ from train.stages import (
     ToInputs,
     Validate,
 )
+from train.workers import PooledBatches
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +91,8 @@ class DataConfig:
     pin_memory: bool | None = field(default=None, metadata=NOT_A_SETTING)
     # end to end: the text encoder's vocabulary size, which every sample's text_ids must stay below (None: unchecked)
     text_vocab: int | None = field(default=None, metadata=NOT_A_SETTING)
+    # keep the DataLoader workers from one epoch (one evaluation) to the next (train/workers.py)
+    persistent_workers: bool = field(default=True, metadata=NOT_A_SETTING)
 
     def problems(self) -> list[str]:
         """Every invalid setting, each naming its key."""
@@ -209,7 +215,7 @@ def sample_stages(
         wds.map(SafeDecode(skip)),  # members decoded without pickle
         wds.map(Validate(dataset, skip, config.modalities, split, text_vocab)),  # schema-checked samples (or bad)
         wds.map(AlignWords(config.modalities)) if config.align_words else None,  # one audio/video step per word
-        ShuffleSamples(config.shuffle_buffer, config.seed, epoch, rank) if train else None,  # seeded sample order
+        ShuffleSamples(config.shuffle_buffer, config.seed, epoch, rank, config.batch_size) if train else None,  # seeded
         wds.map(to_inputs),  # float32 inputs + masks, label (a number or a (K,) 0/1 vector)
     ]
 
@@ -229,7 +235,7 @@ class ShardLoader:
         batches = iter(self.pipeline)
         try:
             yield from batches
-        finally:  # leaving the epoch early closes the stages, which stops the DataLoader workers
+        finally:  # leaving the epoch early closes the stages (kept workers wait for the next epoch)
             close = getattr(batches, "close", None)
             if close is not None:
                 close()
@@ -241,6 +247,20 @@ class ShardLoader:
     def bad_samples(self) -> list[str]:
         """Error messages of the samples skipped so far this epoch (``skip_bad_samples=True``)."""
         return list(self._bad.errors)
+
+
+def worker_pipeline(
+    dataset: ShardDataset, split: str, config: DataConfig, train: bool, rank: int, world_size: int, epoch: int
+) -> wds.DataPipeline:
+    """What each DataLoader worker (or, without workers, the training process) runs in ``epoch``: this rank's
+    shards of the epoch, this worker's share of them, the sample stages and the batching."""
+    tasks = plan_shards(dataset, split, train=train, seed=config.seed, epoch=epoch, rank=rank, world_size=world_size)
+    return wds.DataPipeline(
+        ShardList(tasks),  # this rank's shards in epoch order
+        wds.split_by_worker,  # this worker's share of them
+        *sample_stages(dataset, config, train=train, epoch=epoch, rank=rank, split=split),
+        wds.batched(config.batch_size, collation_fn=collate_chunk, partial=True),  # padded tensors, bad samples apart
+    )
 
 
 def make_loader(
@@ -264,20 +284,17 @@ def make_loader(
     if not 0 <= rank < world_size:
         raise DataError(f"rank {rank} is not in [0, world_size={world_size})")
     dataset = ShardDataset.of(shards)
-    tasks = plan_shards(dataset, split, train=train, seed=config.seed, epoch=epoch, rank=rank, world_size=world_size)
     geom = has_video_geom(dataset) if config.video_geom is None else config.video_geom
     normalise = Normalise.from_dataset(dataset, config.modalities, geom) if config.normalise else Normalise({}, {})
     total = num_batches(dataset, split, config, train=train, epoch=epoch, rank=rank, world_size=world_size)
-    worker = wds.DataPipeline(
-        ShardList(tasks),  # this rank's shards in epoch order
-        wds.split_by_worker,  # this worker's share of them
-        *sample_stages(dataset, config, train=train, epoch=epoch, rank=rank, split=split),
-        wds.batched(config.batch_size, collation_fn=collate_chunk, partial=True),  # padded tensors, bad samples apart
-    )
-    source: Any = worker
+    build = functools.partial(worker_pipeline, dataset, split, dataclasses.replace(config), train, rank, world_size)
+    source: Any = build(epoch)  # made here too, so a setting its stages refuse is an error here, not in a worker
     if config.num_workers > 0:
         pin = torch.cuda.is_available() if config.pin_memory is None else config.pin_memory
-        source = WorkerBatches(worker, config.num_workers, config.prefetch_factor, pin)
+        # the same dataset.json content (loaded once, or again from its directory), split, rank and settings
+        key = (hashlib.sha256(repr(dataset).encode()).hexdigest(), split, train, rank, world_size, repr(config))
+        workers = (config.num_workers, config.prefetch_factor, pin)
+        source = PooledBatches(key, build, epoch, workers, config.persistent_workers)
     equalise = train and config.equalise
     rebatch = Rebatch(config.batch_size, partial=not (train and (config.drop_last or equalise)))
     pipeline = wds.DataPipeline(

@@ -14,18 +14,18 @@ it yields, callable::
     shuffle          samples in a seeded buffer order (training)                     ShuffleSamples    [worker]
     to inputs        (T, D) features + masks, raw inputs, label, key                 ToInputs          [worker]
     batch            padded tensors of batch_size samples, bad markers apart         collate_chunk     [worker]
-    worker batches   the workers' chunks via shared memory (pinned on CUDA)          WorkerBatches     [main]
+    worker batches   the workers' chunks via shared memory (pinned on CUDA)          PooledBatches     [main]
     rebatch          exactly batch_size samples; bad samples counted and logged      Rebatch           [main]
     equalise         the same number of batches on every rank (training)             Equalise          [main]
     skip             batches from ``skip_batches`` on (resume mid-epoch)             wds.slice         [main]
     normalise        float32 features, standardised with dataset.json's train stats  Normalise         [device]
 
 The [device] stage runs in ``FusionPipeline.forward`` (``train/pipeline.py``); [main] and [worker] stages live in
-``train/batches.py`` and here. A loader batch holds features as stored (float16) and ``video_geom`` (B, T, 4)
-float32 apart from ``video``; after Normalise the batch format is the contract with ``fusion`` (see
-``fusion/base.py``): per modality ``m`` in use, ``m`` (B, T, D) float32 and ``m_mask`` (B, T) bool in the mask
-convention of shards/schema.py; a sample lacking the modality has an all-False mask (one zero row if it has no
-steps at all), it is never dropped. With ``raw=True``
+``train/batches.py``, ``train/workers.py`` (the workers, kept across epochs) and here. A loader batch holds
+features as stored (float16) and ``video_geom`` (B, T, 4) float32 apart from ``video``; after Normalise the
+batch format is the contract with ``fusion`` (see ``fusion/base.py``): per modality ``m`` in use, ``m``
+(B, T, D) float32 and ``m_mask`` (B, T) bool in the mask convention of shards/schema.py; a sample lacking the
+modality has an all-False mask (one zero row if it has no steps at all), it is never dropped. With ``raw=True``
 also ``text_ids`` (B, T) int64 and ``audio_wave`` (B, N) float32 in [-1, 1], each with its ``_mask``. ``label``
 (B,) float32, or (B, K) float32 0/1 for multilabel targets (NaN = no label), and ``key`` (list of B sample
 keys) complete it.
@@ -163,7 +163,8 @@ def _is_raw(name: str) -> bool:
 
 
 class SafeDecode:
-    """Stage: ``.npy`` / ``.json`` members decoded with ``shards.io.decode_sample`` (no pickle)."""
+    """Stage: ``.npy`` / ``.json`` members decoded with ``shards.io.decode_sample`` (no pickle); arrays are read-only
+    views of the member bytes (no copy: the stages after only read them, and collate copies them into the batch)."""
 
     def __init__(self, skip_bad: bool) -> None:
         self.skip_bad = skip_bad
@@ -172,7 +173,7 @@ class SafeDecode:
         if BAD in sample:
             return sample
         try:
-            return decode_sample(sample, sample["__shard__"])
+            return decode_sample(sample, sample["__shard__"], copy=False)  # collate copies them into the batch
         except SchemaError as exc:
             return _bad(sample, exc, self.skip_bad)
 
@@ -249,15 +250,18 @@ def _bad(sample: Mapping[str, Any], error: SchemaError, skip: bool) -> dict[str,
 
 
 class ShuffleSamples:
-    """Stage: a shuffle buffer seeded by (seed, epoch, rank, worker), so the order is reproducible."""
+    """Stage: a shuffle buffer of ``size`` samples seeded by (seed, epoch, rank, worker), so the order is
+    reproducible. It yields as soon as it holds ``initial`` samples and then grows to ``size`` while yielding
+    (two samples in per sample out, ``wds.shuffle``), so a worker's first batch never waits for a full buffer."""
 
-    def __init__(self, size: int, seed: int, epoch: int, rank: int) -> None:
+    def __init__(self, size: int, seed: int, epoch: int, rank: int, initial: int | None = None) -> None:
         self.size, self.seed, self.epoch, self.rank = size, seed, epoch, rank
+        self.initial = size if initial is None else max(1, min(initial, size))
 
     def __call__(self, samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         seed = f"{self.seed}-{self.epoch}-{self.rank}-{info.id if info else 0}"
-        return wds.shuffle(self.size, self.size, seed=seed)(iter(samples))
+        return wds.shuffle(self.size, self.initial, seed=seed)(iter(samples))
 
 
 def _steps(feat: np.ndarray | None, mask: np.ndarray | None, width: int) -> tuple[np.ndarray, np.ndarray]:
