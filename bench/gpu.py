@@ -123,11 +123,8 @@ def extraction(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     rows = [f"v{i % len(clips)},c{i},clip number {i},train,{clips[i % len(clips)]},0" for i in range(args.clips)]
     manifest.write_text("video_id,clip_id,text,mode,path,label\n" + "\n".join(rows) + "\n")
     settings: dict[str, Any] = {"workers": args.workers, "device": args.device, "shard_size": 16}
-    if args.quick:
-        from bench.train_steps import save_tiny_encoders
-
-        text, audio = save_tiny_encoders(work / "extract-models")
-        settings.update(text_model=text, audio_model=audio)
+    encoders, described = image_encoders(work, args.quick)
+    settings.update(encoders)
     started = time.perf_counter()
     summary = run_extract(manifest, media, work / "extracted", make_config(None, **settings))
     wall = time.perf_counter() - started
@@ -137,9 +134,36 @@ def extraction(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "seconds": timed,
         "clips_per_s": summary["samples_written"] / timed,
         "wall_s": wall,
-        "text_model": settings.get("text_model", "default (bundled all-MiniLM-L6-v2)"),
-        "audio_model": settings.get("audio_model", "default (random:wav2vec2-small)"),
+        **described,
     }
+
+
+def image_encoders(work: Path, quick: bool) -> tuple[dict[str, Any], dict[str, str]]:
+    """Extraction settings for what this machine has, and their description: tiny encoders with ``quick``; else
+    the defaults, with a random BERT of MiniLM's shapes where the bundled MiniLM is not installed (the GPU image),
+    and no video where mediapipe is not (FaceMesh runs on the CPU: its cost is measured on the CPU machine)."""
+    import importlib.util
+
+    from bench.stand_ins import save_minilm_shaped_bert
+    from extract.models import bundled_models
+
+    found = importlib.util.find_spec("mediapipe") is not None
+    settings: dict[str, Any] = {"modalities": ("text", "audio", "video") if found else ("text", "audio")}
+    described = {
+        "text_model": "default (bundled all-MiniLM-L6-v2)",
+        "audio_model": "default (random:wav2vec2-small)",
+        "video": "MediaPipe FaceMesh" if found else "not extracted (mediapipe is not installed)",
+    }
+    if quick:
+        from bench.train_steps import save_tiny_encoders
+
+        text, audio = save_tiny_encoders(work / "extract-models")
+        settings.update(text_model=text, audio_model=audio)
+        described.update(text_model=text, audio_model=audio)
+    elif "all-MiniLM-L6-v2" not in bundled_models():
+        settings["text_model"] = save_minilm_shaped_bert(work / "minilm-shaped-bert")
+        described["text_model"] = "a random-init BERT of all-MiniLM-L6-v2's shapes (MiniLM is not installed)"
+    return settings, described
 
 
 def junit_results(path: Path) -> list[dict[str, str]]:
@@ -181,7 +205,8 @@ def format_section(report: dict[str, Any]) -> str:
         f"(**{'met' if t['wait_ok'] else 'missed'}**) |",
         f"| extraction: clips/s ({e['clips']} clips, model loading excluded) | {e['clips_per_s']:.2f} |",
         "",
-        f"Extraction encoders: text {e['text_model']}, audio {e['audio_model']}, MediaPipe FaceMesh.",
+        f"Extraction encoders: text {e['text_model']}, audio {e['audio_model']}, "
+        f"video {e.get('video', 'MediaPipe FaceMesh')}.",
     ]
     tests = report.get("tests")
     if report.get("junit_missing"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import os
 from pathlib import Path
 
@@ -44,6 +45,22 @@ BUNDLED = [
     ("grid", "id2_vcd_swwp2s", "set white with p two soon", "valid"),
     ("faces", "face_noface", "", "test"),
 ]
+# The GPU machine's image has no mediapipe (FaceMesh runs on the CPU anyway, and is tested on the CPU machine). On
+# the image, extraction in this process gets stand-in landmarks (tests/facemesh_stand_in.py), so that the GPU tests
+# train on shards with all three modalities; extraction in other processes leaves video out (HAS_FACEMESH False).
+HAS_FACEMESH = importlib.util.find_spec("mediapipe") is not None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def facemesh_stand_in():
+    if HAS_FACEMESH:
+        yield
+        return
+    from facemesh_stand_in import install
+
+    with pytest.MonkeyPatch.context() as mp:
+        install(mp)
+        yield
 
 
 def pytest_collection_modifyitems(config, items):
@@ -58,14 +75,17 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_text_model(tmp_path_factory) -> Path:
-    """A 1-layer BERT of width 21 with the bundled MiniLM tokenizer, saved as a local model directory."""
+    """A 1-layer BERT of width 21 with the bundled MiniLM tokenizer, saved as a local model directory; where MiniLM
+    is not installed (the GPU image), with a WordPiece tokenizer of the same size made here."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
+    from bench.stand_ins import save_wordpiece_tokenizer
     from extract.models import bundled_models
 
     path = tmp_path_factory.mktemp("tiny-bert")
-    tok = AutoTokenizer.from_pretrained(bundled_models()["all-MiniLM-L6-v2"])
+    minilm = bundled_models().get("all-MiniLM-L6-v2")
+    tok = AutoTokenizer.from_pretrained(minilm) if minilm else save_wordpiece_tokenizer(path)
     torch.manual_seed(1)
     cfg = BertConfig(
         vocab_size=tok.vocab_size, hidden_size=TEXT_DIM, num_hidden_layers=1, num_attention_heads=3,

@@ -64,7 +64,8 @@ def torchrun(procs: int, out: Path, args: list[str], env: dict[str, str], timeou
     not finish within ``timeout`` seconds (a hang) fails."""
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs), __file__]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **env}
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # the carried wheels too
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **env}
     try:
         done = subprocess.run(
             [*cmd, str(out), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout

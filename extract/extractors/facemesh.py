@@ -18,7 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from extract.extractors.base import DecodedClip, Extractor, ExtractorResult, ModalityFailure, check_finite
+from extract.extractors.base import (
+    DecodedClip,
+    Extractor,
+    ExtractorResult,
+    ModalityFailure,
+    ModelNotFoundError,
+    check_finite,
+)
 from extract.video import MAX_FRAME_SIDE
 from shards.schema import N_LANDMARKS
 
@@ -84,7 +91,7 @@ class FaceMeshExtractor(Extractor):
         return {
             "name": self.name,
             "version": self.version,
-            "model": f"mediapipe=={metadata.version('mediapipe')} face_mesh refine_landmarks",
+            "model": f"mediapipe=={mediapipe_version()} face_mesh refine_landmarks",
             "max_faces": self.max_faces,
             "min_detection_confidence": self.min_detection_confidence,
             "min_tracking_confidence": self.min_tracking_confidence,
@@ -147,6 +154,17 @@ class FaceMeshExtractor(Extractor):
         else:
             self._mesh.reset()
         return self._mesh
+
+
+def mediapipe_version() -> str:
+    """The installed mediapipe's version; :class:`ModelNotFoundError`, saying what to do, when there is none."""
+    try:
+        return metadata.version("mediapipe")
+    except metadata.PackageNotFoundError:
+        raise ModelNotFoundError(
+            "video needs MediaPipe FaceMesh, which ships inside the mediapipe 0.10 wheel, and mediapipe is not "
+            "installed: install it (pip install mediapipe==0.10.21), or leave video out with --modalities text,audio"
+        ) from None
 
 
 def _pixels(face: Any, w: int, h: int) -> np.ndarray:
