@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from mmfuse.commands import Commands
+
 EXTRACT_EXAMPLES = """examples:
   # MMSA layout: label.csv beside Raw/<video_id>/<clip_id>.mp4
   mmfuse extract MOSI/label.csv --media-root MOSI/Raw --out shards/mosi \\
@@ -24,8 +26,8 @@ Rerunning the same command resumes: complete shards are skipped, incomplete ones
 """
 
 
-def add_extract(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+def add_extract(commands: Commands) -> None:
+    p = commands.add(
         "extract",
         help="raw videos + manifest -> WebDataset shards",
         description="Extract BERT text, wav2vec 2.0 audio and MediaPipe face-landmark features into shards.",
@@ -150,8 +152,8 @@ def count_or_auto(text: str) -> int | str:
     return value
 
 
-def add_inspect(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+def add_inspect(commands: Commands) -> None:
+    p = commands.add(
         "inspect",
         help="counts by split/status, coverage, dims, provenance of a shard directory",
         description="Summarise a shard directory; --verify reads back and validates every sample.",
@@ -173,8 +175,8 @@ def run_inspect_cmd(args: argparse.Namespace) -> int:
     return 0 if summary.get("verify", {}).get("ok", True) else 1
 
 
-def add_report(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+def add_report(commands: Commands) -> None:
+    p = commands.add(
         "report",
         help="HTML quality report with plots and landmark overlays",
         description="Write a self-contained HTML report (PNG plots, landmark overlays) about extraction quality.",
@@ -198,8 +200,8 @@ def run_report_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_import_mmsa(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+def add_import_mmsa(commands: Commands) -> None:
+    p = commands.add(
         "import-mmsa",
         help="convert MMSA / MMSA-FET / MulT feature pickles into shards",
         description="Convert a published feature pickle (MMSA aligned/unaligned, MMSA-FET, MulT) into shards with "

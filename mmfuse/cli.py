@@ -15,6 +15,7 @@ import sys
 from bench.cli import add_bench
 from extract.cli import add_extract, add_import_mmsa, add_inspect, add_report
 from mmfuse import __version__
+from mmfuse.commands import Commands
 from mmfuse.errors import MmfuseError
 from mmfuse.procs import reap_children
 from mmfuse.terminal import ProgressFactory, bars_wanted, native_logs_filtered
@@ -24,6 +25,11 @@ log = logging.getLogger("mmfuse")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    return build_commands()[0]
+
+
+def build_commands() -> tuple[argparse.ArgumentParser, Commands]:
+    """The ``mmfuse`` parser and its commands (``commands.choices["predict"]`` is predict's parser)."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true", help="print only errors")
     common.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -34,23 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `mmfuse COMMAND --help` for a command's options and examples.",
     )
     parser.add_argument("--version", action="version", version=f"mmfuse {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = Commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"), common)
     for add in (add_extract, add_inspect, add_report, add_import_mmsa, add_train, add_eval, add_predict, add_bench):
-        add(sub)
-    for p in _leaf_parsers(sub):
-        for action in common._actions:
-            if action.dest != "help":
-                p._add_action(action)
-    return parser
-
-
-def _leaf_parsers(sub: argparse._SubParsersAction) -> list[argparse.ArgumentParser]:
-    """Every command's parser, descending into commands with their own subcommands (``bench extract``)."""
-    leaves = []
-    for p in sub.choices.values():
-        nested = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
-        leaves += _leaf_parsers(nested[0]) if nested else [p]
-    return leaves
+        add(commands)
+    return parser, commands
 
 
 def setup_logging(level: str, quiet: bool) -> None:

@@ -12,7 +12,7 @@ PACKAGES = ("mmfuse", "extract", "shards", "train", "fusion", "bench")
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60
 # Modules every package may import: they import nothing of ours.
-LEAVES = {"mmfuse.errors", "mmfuse.settings"}
+LEAVES = {"mmfuse.errors", "mmfuse.settings", "mmfuse.commands"}
 
 
 def modules() -> dict[str, Path]:

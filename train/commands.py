@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mmfuse.commands import Commands
 from train.jsonout import dumps
 
 # train.config (and through it torch and the models) is imported inside the commands: extraction workers
@@ -65,8 +66,8 @@ CHECKPOINT_STEM.noise-SPLIT.json and .png).
 """
 
 
-def add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+def add_train(commands: Commands) -> None:
+    p = commands.add(
         "train",
         help="train a fusion model by streaming shards",
         description="Train a registered fusion model on shards written by `mmfuse extract`, frozen features or "
@@ -89,8 +90,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_train)
 
 
-def add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+def add_eval(commands: Commands) -> None:
+    p = commands.add(
         "eval",
         help="score a checkpoint on a split, optionally with modalities removed",
         description="Evaluate a checkpoint on any split of shards with the same feature set.",
@@ -119,8 +120,8 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_eval)
 
 
-def add_predict(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+def add_predict(commands: Commands) -> None:
+    p = commands.add(
         "predict",
         help="predict one raw clip with a checkpoint",
         description="Decode and encode one video as `mmfuse extract` would for the checkpoint's feature set, "
@@ -161,7 +162,7 @@ def _resumed_config(run_dir: Path) -> dict[str, Any] | None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from train.config import TrainConfigError, make_train_config, parse_seeds
+    from train.config import TrainConfigError, make_train_config, parse_seeds, refuse_repeated
     from train.trainer import fit
 
     base = _resumed_config(args.run_dir) if args.resume else None
@@ -169,6 +170,7 @@ def run_train(args: argparse.Namespace) -> int:
         raise TrainConfigError(f"--resume: {args.run_dir / 'config.json'} not found; nothing to resume")
     if base is not None and args.model and args.model != base["model"]:
         raise TrainConfigError(f"--resume: the run in {args.run_dir} trains {base['model']}, not {args.model}")
+    refuse_repeated(args.overrides)
     overrides = [*args.overrides, *(["skip_bad_samples=true"] if args.skip_bad_samples else [])]
     config = make_train_config(args.model, args.config, overrides, base=base)
     if not args.seeds:

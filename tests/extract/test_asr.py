@@ -347,10 +347,12 @@ def test_manifest_without_text_column_when_transcripts_come_from_asr(tmp_path):
 def test_cli_help_and_flags_reach_the_config(monkeypatch, tmp_path):
     import extract.pipeline
     from extract.cli import add_extract
+    from mmfuse.commands import Commands
 
     parser = argparse.ArgumentParser(prog="mmfuse")
-    add_extract(parser.add_subparsers())
-    sub = parser._subparsers._group_actions[0].choices["extract"]
+    commands = Commands(parser.add_subparsers(), argparse.ArgumentParser(add_help=False))
+    add_extract(commands)
+    sub = commands.choices["extract"]
     text = sub.format_help()
     assert "--asr PATH" in text and "--asr-language CODE" in text and "Whisper" in text
     assert "mmfuse extract videos.csv --media-root videos --out shards/asr --asr " in text  # an example

@@ -173,10 +173,11 @@ def test_eval_and_predict_on_cuda_match_cpu(checkpoint: Path, bundled_dataset: P
 
 
 def predict_options() -> set[str]:
-    from mmfuse.cli import build_parser
+    import re
 
-    (subparsers,) = [a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction"]
-    return set(subparsers.choices["predict"]._option_string_actions)
+    from mmfuse.cli import build_commands
+
+    return set(re.findall(r"(?<![\w-])-{1,2}[\w][\w-]*", build_commands()[1].choices["predict"].format_usage()))
 
 
 def test_predict_advice_names_only_options_it_has(checkpoint: Path, capsys) -> None:
