@@ -29,8 +29,10 @@ def workdir(args: argparse.Namespace) -> Iterator[Path]:
 
 
 def run_overrides(args: argparse.Namespace, *, batch_size: int, workers: int, mode: str = "frozen") -> list[str]:
-    """The training-config overrides of a benchmark run with ``batch_size``, ``workers`` (DataLoader) and ``mode``."""
-    base = [f"batch_size={batch_size}", f"num_workers={workers}", "device=cpu", "seed=0"]
+    """The training-config overrides of a benchmark run with ``batch_size``, ``workers`` (DataLoader) and ``mode``.
+    The device is not among them: ``bench.train_steps.timed_training`` sets the one the run is timed on (a setting
+    given twice in one layer is refused)."""
+    base = [f"batch_size={batch_size}", f"num_workers={workers}", "seed=0"]
     base.append(f"shuffle_buffer={args.shuffle_buffer}")
     base += ["model.hidden=12", "model.num_layers=1"] if args.quick else []
     return [*base, f"mode={mode}"]

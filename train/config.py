@@ -221,7 +221,10 @@ def make_train_config(
     overrides: list[str] | tuple[str, ...] = (),
     base: dict[str, Any] | None = None,
 ) -> TrainConfig:
-    """Defaults <- ``base`` (e.g. a checkpoint's config) <- the model's preset <- ``config_file`` <- overrides."""
+    """Defaults <- ``base`` (e.g. a checkpoint's config) <- the model's preset <- ``config_file`` <- overrides.
+
+    A file naming a setting twice is refused; within ``overrides`` (a list code composes) a later setting
+    replaces an earlier one. The command line refuses a setting typed twice first (:func:`refuse_repeated`)."""
     values: dict[str, Any] = canonical(base or {}, TrainConfig)
     settings: dict[str, Any] = dict(values.pop("model_settings", {}) or {})
     layers: list[dict[str, Any]] = []
@@ -232,7 +235,6 @@ def make_train_config(
         layers.append(read_yaml(config_file, TrainConfigError))
     cli: dict[str, Any] = {"model_settings": {}}
     repeated = [p for layer in layers for p in repeated_settings(flatten(layer, TrainConfig), TrainConfig)]
-    repeated += repeated_settings([parse_override(token, TrainConfigError)[0] for token in overrides], TrainConfig)
     for token in overrides:
         key, value = parse_override(token, TrainConfigError)
         if key.startswith("model."):
@@ -251,6 +253,14 @@ def make_train_config(
     # every problem at once: unknown keys, unreadable values, the model's settings and values out of range
     problems = repeated + problems
     return build(TrainConfig, [values], TrainConfigError, "training settings", TrainConfig.problems, problems)
+
+
+def refuse_repeated(overrides: list[str] | tuple[str, ...]) -> None:
+    """Refuse command-line overrides that name a setting twice (``epochs=3 epochs=5``, or ``lr`` with ``optim.lr``):
+    which value was meant is not known. Raises :class:`TrainConfigError` naming each."""
+    problems = repeated_settings([parse_override(token, TrainConfigError)[0] for token in overrides], TrainConfig)
+    if problems:
+        raise TrainConfigError("invalid training settings:\n  " + "\n  ".join(problems))
 
 
 def _model_settings(model: str, settings: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:

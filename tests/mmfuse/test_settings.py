@@ -183,8 +183,9 @@ def test_yaml_numbers_are_decimal_as_in_yaml_1_2(tmp_path) -> None:
 
 
 def test_a_key_given_twice_is_refused_naming_it(tmp_path) -> None:
+    from mmfuse.cli import main
     from mmfuse.settings import parse_override, read_yaml
-    from train.config import TrainConfigError, make_train_config
+    from train.config import TrainConfigError, make_train_config, refuse_repeated
 
     config = tmp_path / "twice.yaml"
     config.write_text("name: a\noptim:\n  lr: 0.1\n  steps: 3\n  lr: 0.2\n")
@@ -196,7 +197,12 @@ def test_a_key_given_twice_is_refused_naming_it(tmp_path) -> None:
     with pytest.raises(Bad, match=r"'lr' and 'optim\.lr' name the same setting: keep one"):
         build(Settings, [{"lr": 0.1, "optim": {"lr": 0.2}}], Bad, "test settings")
     assert build(Settings, [{"lr": 0.1}, {"optim": {"lr": 0.2}}], Bad, "test settings").optim.lr == 0.2  # layers
-    with pytest.raises(TrainConfigError) as info:
-        make_train_config("late", overrides=["epochs=3", "model.hidden=8", "epochs=5", "model.hidden=9"])
+    with pytest.raises(TrainConfigError) as info:  # typed on the command line: refused
+        refuse_repeated(["epochs=3", "model.hidden=8", "epochs=5", "model.hidden=9", "lr=0.1", "optim.lr=0.2"])
     assert "'epochs' is given 2 times: keep one" in str(info.value)
     assert "'model.hidden' is given 2 times: keep one" in str(info.value)
+    assert "'lr' and 'optim.lr' name the same setting: keep one" in str(info.value)
+    assert main(["train", "--shards", str(tmp_path), "--run-dir", str(tmp_path / "run"), "epochs=3", "epochs=5"]) == 1
+    assert not (tmp_path / "run").exists()
+    composed = make_train_config("late", overrides=["epochs=3", "model.hidden=8", "epochs=5", "model.hidden=9"])
+    assert (composed.run.epochs, composed.model_settings["hidden"]) == (5, 9)  # a list code composes: later wins
