@@ -6,7 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import MEDIA, bundled_rows, write_manifest
+from precision_bounds import FP32, bound, recorded_precision
 
+import extract.pipeline
 from extract import ExtractionError
 from extract.auto import resolve_precision
 from extract.pipeline import build_extractors, describe_feature_set, run_extract
@@ -46,6 +48,27 @@ def test_low_precision_features_stay_close_to_fp32(tmp_path, tiny_cfg, precision
         assert max_abs < limit[precision].get(key[1], 0.03), (key, max_abs)
         assert cosine > (0.9995 if precision == "bf16" else 0.99999), (key, cosine)
         assert max_abs > 0, key  # the encoder did run at the lower precision
+
+
+def test_a_run_that_picks_bf16_is_compared_with_fp32_at_bf16s_bound(tmp_path, tiny_cfg, monkeypatch):
+    """What the CUDA extraction tests compare: a run whose automatic precision is bf16 (CUDA's pick on a GPU with
+    native bf16, here the CPU's) against a CPU fp32 run of the same clips. Its audio features move by more than
+    fp32's bound (2e-2, what those tests allowed) and stay within bf16's (precision_bounds.BOUNDS)."""
+    manifest = write_manifest(tmp_path / "m.csv", bundled_rows()[:2])
+    run_extract(manifest, MEDIA, tmp_path / "cpu", tiny_cfg(modalities=("text", "audio")))
+    monkeypatch.setattr(extract.pipeline, "resolve_precision", lambda asked, device: asked or "bf16")
+    run_extract(manifest, MEDIA, tmp_path / "auto", tiny_cfg(modalities=("text", "audio")))
+    reference, got = features(tmp_path / "cpu"), features(tmp_path / "auto")
+    assert sorted(got) == sorted(reference) and len(got) == 4
+    largest = {}
+    for (key, member), value in reference.items():
+        assert recorded_precision(tmp_path / "auto", member) == "bf16"
+        assert recorded_precision(tmp_path / "cpu", member) == "fp32"
+        max_abs = deviation(value, got[(key, member)])[0]
+        assert max_abs <= bound(tmp_path / "auto", member), (key, member, max_abs)
+        largest[member] = max(largest.get(member, 0.0), max_abs)
+    assert largest["audio_feat.npy"] > FP32, largest  # measured 0.083: the fp32 bound refuses it
+    assert 0 < largest["text_feat.npy"] < FP32, largest
 
 
 def test_precision_is_in_the_feature_set_and_resume_refuses_a_mix(tmp_path, tiny_cfg):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import HAS_FACEMESH, MEDIA, bundled_rows, write_manifest
+from precision_bounds import bound
 from rank_probe import torchrun
 
 from shards import iter_shard
@@ -62,7 +63,10 @@ def test_two_ranks_extract_every_clip_once_on_their_own_device(
     for key, reference in cpu.items():
         for member in members:
             assert (member in reference) == (member in got[key]), (key, member)
-            if member in reference:
+            if member in reference:  # CUDA picks bf16 by itself: its bound against the fp32 reference
                 np.testing.assert_allclose(
-                    got[key][member].astype(np.float32), reference[member].astype(np.float32), atol=2e-2, err_msg=key
+                    got[key][member].astype(np.float32),
+                    reference[member].astype(np.float32),
+                    atol=bound(out, member),
+                    err_msg=key,
                 )
