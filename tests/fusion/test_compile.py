@@ -8,6 +8,12 @@ and show up here as extra frames. ``CompileCounter`` is the eager backend plus a
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sysconfig
+from pathlib import Path
+
 import pytest
 import torch
 from test_models import DIMS, NAMES, assert_outputs_equal, tiny
@@ -60,6 +66,62 @@ def on(device: str, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def inductor_missing(device: str) -> str | None:
+    """What inductor on ``device`` needs from the machine and this one lacks, as a skip reason; None when nothing.
+    Triton compiles its kernel launcher with ``$CC``, else gcc, else clang, against Python.h from sysconfig's
+    include directory, and on CUDA loads libcuda.so.1 from ``$TRITON_LIBCUDA_PATH``, else where ``/sbin/ldconfig
+    -p`` lists it, else from ``$LD_LIBRARY_PATH`` (a bare image has a driver but may have none of these)."""
+    missing = []
+    cc = os.environ.get("CC")
+    if not (shutil.which(cc) if cc else shutil.which("gcc") or shutil.which("clang")):
+        missing.append(f"a C compiler (CC={cc})" if cc else "a C compiler (gcc or clang on PATH, or CC)")
+    scheme = sysconfig.get_default_scheme()
+    include = Path(sysconfig.get_paths(scheme="posix_prefix" if scheme == "posix_local" else scheme)["include"])
+    if not (include / "Python.h").is_file():
+        missing.append(f"Python's headers ({include / 'Python.h'} not found)")
+    if device == "cuda" and not libcuda_found():
+        missing.append("libcuda.so.1 where Triton looks (ldconfig -p, TRITON_LIBCUDA_PATH or LD_LIBRARY_PATH)")
+    return f"inductor on {device} needs {', '.join(missing)}" if missing else None
+
+
+def libcuda_found() -> bool:
+    if os.environ.get("TRITON_LIBCUDA_PATH"):
+        return True
+    try:
+        listed = subprocess.run(["/sbin/ldconfig", "-p"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        listed = ""
+    if any("libcuda.so.1" in line for line in listed.splitlines()):
+        return True
+    paths = os.environ.get("LD_LIBRARY_PATH", "").split(":")
+    return any(p and (Path(p) / "libcuda.so.1").exists() for p in paths)
+
+
+def test_inductor_skip_names_what_the_machine_lacks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.delenv("TRITON_LIBCUDA_PATH", raising=False)
+    monkeypatch.delenv("LD_LIBRARY_PATH", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(sysconfig, "get_paths", lambda scheme=None: {"include": str(tmp_path)})
+    ldconfig = subprocess.CompletedProcess([], 0, stdout="\tlibc.so.6 (libc6,x86-64) => /lib/libc.so.6\n")
+    monkeypatch.setattr(subprocess, "run", lambda *args, **kwargs: ldconfig)
+    assert inductor_missing("cuda") == (
+        "inductor on cuda needs a C compiler (gcc or clang on PATH, or CC), "
+        f"Python's headers ({tmp_path / 'Python.h'} not found), "
+        "libcuda.so.1 where Triton looks (ldconfig -p, TRITON_LIBCUDA_PATH or LD_LIBRARY_PATH)"
+    )
+    assert inductor_missing("cpu") == (
+        f"inductor on cpu needs a C compiler (gcc or clang on PATH, or CC), Python's headers ({tmp_path / 'Python.h'} "
+        "not found)"
+    )
+    (tmp_path / "Python.h").touch()
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}" if name == "clang" else None)
+    ldconfig.stdout += "\tlibcuda.so.1 (libc6,x86-64) => /usr/lib/x86_64-linux-gnu/libcuda.so.1\n"
+    assert inductor_missing("cuda") is None
+    monkeypatch.setenv("CC", "/opt/none/cc")  # Triton takes CC as it is: gcc on PATH does not help
+    assert inductor_missing("cuda") == "inductor on cuda needs a C compiler (CC=/opt/none/cc)"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["mult"])  # one model: inductor compiles take tens of seconds each
 def test_inductor_on_cuda_recompiles_at_most_twice_and_matches_eager(name: str) -> None:
@@ -67,6 +129,8 @@ def test_inductor_on_cuda_recompiles_at_most_twice_and_matches_eager(name: str) 
     when this fails), at most 2 over the 10 varied batches, outputs as eager's."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
+    if reason := inductor_missing("cuda"):
+        pytest.skip(reason)
     torch._dynamo.reset()
     torch._logging.set_logs(recompiles=True)
     try:
