@@ -316,6 +316,20 @@ def run_child(
     return json.loads((out / "rank0.json").read_text())
 
 
+def slowest_rank(result: dict[str, Any], d: Any) -> None:
+    """Under DDP, ``result`` (``timed_training``'s) in the slowest rank's time: every rank's clock stops when the
+    slowest rank is done. The reduced tensor is on ``d.device``: NCCL reduces only tensors on the GPU."""
+    if not d.enabled:
+        return
+    import torch.distributed as dist
+
+    seconds = torch.tensor([result["seconds"]], dtype=torch.float64, device=d.device)
+    dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+    own, result["seconds"] = result["seconds"], float(seconds)
+    result["s_per_step"] = result["seconds"] / result["steps"]
+    result["samples_per_s"] *= own / result["seconds"]  # the same samples in the slowest rank's time
+
+
 def child_main(spec_path: str) -> int:
     """Entry of a fresh process (or torchrun rank): run the variant in the spec, write ``rank<R>.json``."""
     from train.runtime import setup_distributed, teardown_distributed
@@ -335,14 +349,7 @@ def child_main(spec_path: str) -> int:
                 warmup=spec["warmup"],
                 d=d,
             )
-            if d.enabled:  # every rank's clock stops when the slowest rank is done
-                import torch.distributed as dist
-
-                seconds = torch.tensor([result["seconds"]], dtype=torch.float64)
-                dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
-                own, result["seconds"] = result["seconds"], float(seconds)
-                result["s_per_step"] = result["seconds"] / result["steps"]
-                result["samples_per_s"] *= own / result["seconds"]  # the same samples in the slowest rank's time
+            slowest_rank(result, d)
     finally:
         teardown_distributed(d)
     result.update(peak_rss_mb(workers))

@@ -104,6 +104,40 @@ def test_device_clock_waits_for_cuda_work(monkeypatch) -> None:
     assert synced == [torch.device("cuda:0")]
 
 
+def test_the_ranks_times_are_reduced_on_the_ranks_device(monkeypatch) -> None:
+    """NCCL reduces GPU tensors only: ``bench train --device cuda`` on 2 GPUs reduced a CPU tensor and failed."""
+    import torch
+    import torch.distributed as dist
+
+    from bench.train_steps import slowest_rank
+    from train.runtime import Dist
+
+    class Reduced(Exception):
+        pass
+
+    seen = []
+
+    def on_a_gpu(tensor, op):  # the tensor NCCL would be handed (a meta device stands in for the GPU)
+        seen.append((tensor.device, tensor.dtype, op))
+        raise Reduced
+
+    monkeypatch.setattr(dist, "all_reduce", on_a_gpu)
+    result = {"seconds": 2.0, "steps": 4, "s_per_step": 0.5, "samples_per_s": 48.0}
+    with pytest.raises(Reduced):
+        slowest_rank(dict(result), Dist(0, 2, 0, torch.device("meta"), enabled=True))
+    assert seen == [(torch.device("meta"), torch.float64, dist.ReduceOp.MAX)]
+
+    def slower_rank_took_3_s(tensor, op):
+        tensor.fill_(max(float(tensor), 3.0))
+
+    monkeypatch.setattr(dist, "all_reduce", slower_rank_took_3_s)
+    slowest_rank(result, Dist(0, 2, 0, torch.device("cpu"), enabled=True))
+    assert result == {"seconds": 3.0, "steps": 4, "s_per_step": 0.75, "samples_per_s": 32.0}
+    alone = {"seconds": 2.0, "steps": 4}
+    slowest_rank(alone, Dist())  # one process: nothing to reduce
+    assert alone == {"seconds": 2.0, "steps": 4}
+
+
 @pytest.mark.gpu
 def test_timed_training_on_cuda(tmp_path: Path) -> None:
     from bench.train_steps import save_tiny_encoders, timed_training
