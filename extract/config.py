@@ -8,15 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from extract.auto import choose, encoder_threads, usable_cores
+from extract.errors import ConfigError
 from extract.models import DEFAULT_AUDIO_MODEL, DEFAULT_TEXT_MODEL
-from mmfuse.errors import MmfuseError
 from mmfuse.settings import NOT_A_SETTING, build, quoted, read_yaml
 from shards.dataset_fields import MAX_DURATION_S, MAX_FPS
 from shards.schema import MODALITIES
-
-
-class ConfigError(MmfuseError, ValueError):
-    """Invalid settings; the message names every bad key."""
 
 
 @dataclass

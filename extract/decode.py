@@ -17,16 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from mmfuse.errors import MmfuseError
+from extract.errors import DecodeError
 
 log = logging.getLogger(__name__)
 
 # How audio is made mono (:mod:`extract.waveform`), recorded in the feature set: it sets the stored waveform's level.
 AUDIO_DOWNMIX = "equal-weight mean of the channels; a clip whose peak exceeds full scale is scaled down to it"
-
-
-class DecodeError(MmfuseError, RuntimeError):
-    """A media file, or one of its streams, cannot be decoded."""
 
 
 @dataclass(frozen=True)

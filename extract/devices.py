@@ -11,11 +11,7 @@ torch is imported when a device is resolved, not with this module: extraction wo
 
 from __future__ import annotations
 
-from mmfuse.errors import MmfuseError
-
-
-class DeviceError(MmfuseError, RuntimeError):
-    """A device name that names no device, or a device this machine does not have."""
+from extract.errors import DeviceError
 
 
 def resolve_device(name: str, local_rank: int | None = None, option: str = "--device", auto: bool = True) -> str:

@@ -12,25 +12,12 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mmfuse.errors import MmfuseError
+from extract.errors import ManifestError
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
-MAX_PROBLEMS_SHOWN = 50
-
-
-class ManifestError(MmfuseError, ValueError):
-    """The manifest has problems; the message lists all of them."""
-
-    def __init__(self, source: str, problems: Sequence[str]) -> None:
-        self.problems = list(problems)
-        shown = "\n  ".join(self.problems[:MAX_PROBLEMS_SHOWN])
-        more = len(self.problems) - MAX_PROBLEMS_SHOWN
-        tail = f"\n  ... and {more} more" if more > 0 else ""
-        super().__init__(f"{source}: {len(self.problems)} problem(s), nothing was extracted:\n  {shown}{tail}")
 
 
 class NonFinite(str):

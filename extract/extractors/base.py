@@ -17,16 +17,8 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from mmfuse.errors import MmfuseError
+from extract.errors import ExtractionError, ModelNotFoundError  # noqa: F401 (their home before extract.errors)
 from shards.schema import MEMBERS, MemberSpec
-
-
-class ExtractionError(MmfuseError, RuntimeError):
-    """Extraction cannot go on (bad settings, missing model, disk full); the message says what to do."""
-
-
-class ModelNotFoundError(ExtractionError):
-    """A model id or path cannot be found locally (mmfuse never downloads at run time)."""
 
 
 @dataclass(frozen=True)
