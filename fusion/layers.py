@@ -121,6 +121,18 @@ class AttentionPool(nn.Module):
 # ---- tasks -------------------------------------------------------------------------------------------
 
 
+class OutputLinear(nn.Linear):
+    """A model's output layer (its prediction, or logits a loss reads directly) computed in float32 under any
+    autocast. Under fp16 the loss's gradient enters the network here multiplied by the loss scale: an L1 loss at
+    batch 1 sends back +-1 x 65536, past fp16's largest value (65504), and an fp16 prediction would turn it into
+    inf and make the scaler skip the step. In float32 only the gradient of the input, scaled down by the weights,
+    goes back in the autocast dtype. Same parameters and state-dict keys as ``nn.Linear``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float())
+
+
 def task_loss(prediction: Tensor, label: Tensor, task: str, weight: Tensor | None = None, kind: str = "l1") -> Tensor:
     """Per-sample task loss averaged over samples with ``weight`` (B,) (bool or float; None = all).
 

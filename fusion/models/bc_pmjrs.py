@@ -79,7 +79,15 @@ from fusion.base import FusionConfig, FusionModel, FusionOutput, Inputs
 from fusion.estimators import CLUB, InfoNCE
 from fusion.estimators.club import club_estimate, club_lag, refit_club
 from fusion.estimators.critics import full_precision
-from fusion.layers import AttentionPool, CrossModalBlock, SequenceEncoder, frozen_call, masked_mean, task_loss
+from fusion.layers import (
+    AttentionPool,
+    CrossModalBlock,
+    OutputLinear,
+    SequenceEncoder,
+    frozen_call,
+    masked_mean,
+    task_loss,
+)
 
 VAL_LOSS_KEY = "task_loss"  # the validation metric end_epoch reads
 FUSIONS = ("importance", "mean")
@@ -166,7 +174,7 @@ class BCPMJRS(FusionModel):
             {m: nn.Sequential(nn.Linear(h, max(h // 2, 1)), nn.ReLU(), nn.Linear(max(h // 2, 1), 1)) for m in scored}
         )
         self.head_mlp = nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Dropout(c.dropout), nn.Linear(h, h))
-        self.head_out = nn.Linear(h, c.out_dim)
+        self.head_out = OutputLinear(h, c.out_dim)
         self.pairs = list(itertools.combinations(self.modalities, 2))
         lambda_min, lambda_max = c.initial_weights
         self.use_mi_min, self.use_mi_max = lambda_min > 0 and bool(self.pairs), lambda_max > 0

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from fusion.base import FusionConfig, FusionModel, FusionOutput
-from fusion.layers import masked_mean, task_loss
+from fusion.layers import OutputLinear, masked_mean, task_loss
 
 
 @dataclass
@@ -36,7 +36,7 @@ class EarlyFusion(FusionModel):
         for _ in range(max(1, c.num_layers)):
             layers += [nn.Linear(width, c.hidden), nn.ReLU(), nn.Dropout(c.dropout)]
             width = c.hidden
-        layers.append(nn.Linear(width, c.out_dim))
+        layers.append(OutputLinear(width, c.out_dim))
         self.net = nn.Sequential(*layers)
 
     def forward(self, batch: dict[str, Tensor]) -> FusionOutput:

@@ -66,7 +66,7 @@ from torch import Tensor, nn
 
 from fusion.base import MODALITIES, FusionConfig, FusionModel, FusionOutput, Inputs
 from fusion.estimators.vib import GaussianVIB, reparameterise
-from fusion.layers import SequenceEncoder, masked_mean, task_loss
+from fusion.layers import OutputLinear, SequenceEncoder, masked_mean, task_loss
 
 
 @dataclass
@@ -143,7 +143,7 @@ class ITHP(FusionModel):
         self.norm = nn.LayerNorm(c.hidden)
         self.dropout = nn.Dropout(c.dropout)
         self.pooler = nn.Sequential(nn.Linear(c.hidden, c.hidden), nn.Tanh(), nn.Dropout(c.dropout))
-        self.head = nn.Linear(c.hidden, c.out_dim)
+        self.head = OutputLinear(c.hidden, c.out_dim)
         w = 2.0 / (c.beta + c.gamma)
         # (KL weight, reconstruction weight) of each stage, the IB weight included
         kl = 1.0 if c.bottleneck else 0.0  # the ablation drops exactly the KL terms

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from fusion.base import FusionConfig, FusionModel, FusionOutput
-from fusion.layers import SequenceEncoder, masked_mean, task_loss
+from fusion.layers import OutputLinear, SequenceEncoder, masked_mean, task_loss
 
 
 @dataclass
@@ -33,7 +33,7 @@ class LateFusion(FusionModel):
             {m: SequenceEncoder(c.dims[m], c.hidden, c.num_layers, c.num_heads, c.dropout) for m in self.modalities}
         )
         self.heads = nn.ModuleDict(
-            {m: nn.Sequential(nn.Dropout(c.dropout), nn.Linear(c.hidden, c.out_dim)) for m in self.modalities}
+            {m: nn.Sequential(nn.Dropout(c.dropout), OutputLinear(c.hidden, c.out_dim)) for m in self.modalities}
         )
 
     def forward(self, batch: dict[str, Tensor]) -> FusionOutput:

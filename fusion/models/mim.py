@@ -91,7 +91,7 @@ from torch import Tensor, nn
 
 from fusion.base import FusionConfig, FusionModel, FusionOutput, Inputs
 from fusion.estimators.critics import full_precision
-from fusion.layers import SequenceEncoder, frozen_call, last_valid_length, masked_mean, task_loss
+from fusion.layers import OutputLinear, SequenceEncoder, frozen_call, last_valid_length, masked_mean, task_loss
 
 FUSIONS = ("multiplication", "add")
 
@@ -252,9 +252,9 @@ class MIM(FusionModel):
             {m: SequenceEncoder(c.dims[m], c.hidden, c.num_layers, c.num_heads, c.dropout) for m in self.modalities}
         )
         self.upn = nn.ModuleDict({m: MaskLearner(c.hidden) for m in self.modalities})
-        self.heads = nn.ModuleDict({m: nn.Linear(c.hidden, c.out_dim) for m in self.modalities})
+        self.heads = nn.ModuleDict({m: OutputLinear(c.hidden, c.out_dim) for m in self.modalities})
         self.fusion_proj = nn.Linear(c.hidden, c.hidden)
-        self.fusion_out = nn.Linear(c.hidden, c.out_dim)
+        self.fusion_out = OutputLinear(c.hidden, c.out_dim)
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         """Two groups: "upn" (the mask learners: purified + penalty + model losses through the gates), "model"."""

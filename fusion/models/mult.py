@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from fusion.base import FusionConfig, FusionModel, FusionOutput
-from fusion.layers import CrossModalBlock, SequenceEncoder, attention_padding, masked_mean, task_loss
+from fusion.layers import CrossModalBlock, OutputLinear, SequenceEncoder, attention_padding, masked_mean, task_loss
 
 
 @dataclass
@@ -74,7 +74,7 @@ class MulT(FusionModel):
         )
         self.memory_norm = nn.ModuleDict({m: nn.LayerNorm(h) for m in targets})
         width = len(mods) * (h + 1)
-        self.head = nn.Sequential(nn.Linear(width, h), nn.ReLU(), nn.Dropout(c.dropout), nn.Linear(h, c.out_dim))
+        self.head = nn.Sequential(nn.Linear(width, h), nn.ReLU(), nn.Dropout(c.dropout), OutputLinear(h, c.out_dim))
 
     def forward(self, batch: dict[str, Tensor]) -> FusionOutput:
         inputs = self.prepare(batch)

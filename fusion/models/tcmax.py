@@ -82,7 +82,15 @@ from fusion.base import FusionConfig, FusionModel, FusionOutput, Inputs
 from fusion.estimators.critics import mlp
 from fusion.estimators.mine import log_mean_exp
 from fusion.estimators.tcmax import sampled_tc_terms, squared_error_terms, tcmax_terms, tuple_sums
-from fusion.layers import SequenceEncoder, bin_index, expected_value, masked_mean, regression_bins, task_loss
+from fusion.layers import (
+    OutputLinear,
+    SequenceEncoder,
+    bin_index,
+    expected_value,
+    masked_mean,
+    regression_bins,
+    task_loss,
+)
 
 TAU = 1.0  # temperature of the squared-error critics; fixed, as the published loss has no hyper-parameter
 MAX_NEGATIVE_TERMS = 1 << 20  # (tuple, label) pairs enumerated exactly before sampling tuples instead
@@ -157,15 +165,17 @@ class TCMax(FusionModel):
         else:
             self.num_logits = c.num_classes if c.task == "classification" else 2 * c.num_classes
         if c.head == "linear":
-            self.heads = nn.ModuleDict({m: nn.Linear(c.hidden, self.num_logits, bias=False) for m in self.modalities})
+            self.heads = nn.ModuleDict(
+                {m: OutputLinear(c.hidden, self.num_logits, bias=False) for m in self.modalities}
+            )
         elif c.head == "share":
-            self.shared = nn.Linear(c.hidden, self.num_logits, bias=False)
+            self.shared = OutputLinear(c.hidden, self.num_logits, bias=False)
         else:
             self.critic = ConcatMLPCritic(c.hidden, len(self.modalities), self.num_logits)
         if c.head != "mlp":
             self.bias = nn.Parameter(torch.zeros(self.num_logits))
         # bins_head: the prediction, a linear head on the pooled features (the bound's heads are the critic)
-        self.regressor = nn.Linear(c.hidden * len(self.modalities), 1) if self.form == "bins_head" else None
+        self.regressor = OutputLinear(c.hidden * len(self.modalities), 1) if self.form == "bins_head" else None
 
     def encode(self, inputs: Inputs) -> dict[str, Tensor]:
         """Pooled features z_m (B, H) per modality; zero rows where the sample lacks the modality."""
