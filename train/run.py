@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from shards import Progress
 from shards.dataset import ShardDataset, check_feature_set
-from train.checkpoint import load_checkpoint, save_checkpoint
+from train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from train.config import TrainConfig, check_model_settings, resume_changes
 from train.data import DataConfig, ShardLoader, make_loader, num_batches
 from train.inputs import DataError, feature_dims
@@ -131,8 +131,8 @@ def build_run(
         prepare_run_dir(run_dir, resume)
     barrier(d)
     last = run_dir / "checkpoints" / "last.pt"
-    # rank 0 decides: on node-local disks other ranks may not see the file, and must not start afresh alone
-    checkpoint = load_checkpoint(last) if agreed(d, resume and last.is_file()) else None
+    # rank 0 decides and reads: on node-local disks other ranks may not see the file, and must not start afresh alone
+    checkpoint = read_checkpoint(d, last) if agreed(d, resume and last.is_file()) else None
     changes: dict[str, Any] = {}
     if checkpoint is not None:
         check_feature_set(checkpoint["feature_set_hash"], dataset, what=f"the run in {run_dir}")
@@ -294,6 +294,28 @@ def save(run: Run, path: Path) -> None:
             run.scaler,
         )
     barrier(run.d)
+
+
+def read_checkpoint(d: Dist, path: Path, part: str | None = None) -> Any:
+    """The checkpoint at ``path`` (its ``part`` alone when given) as rank 0 reads it, on every rank: rank 0 reads
+    the file and broadcasts what it read. On node-local disks another rank's run directory may lack the file or
+    hold another one. A file rank 0 cannot read is the same ``CheckpointError`` on every rank (none is left
+    waiting for the broadcast)."""
+    if not d.enabled:
+        checkpoint = load_checkpoint(path)
+        return checkpoint if part is None else checkpoint[part]
+    box: list[Any] = [None]
+    if d.main:
+        try:
+            checkpoint = load_checkpoint(path)
+            box[0] = (True, checkpoint if part is None else checkpoint[part])
+        except CheckpointError as exc:
+            box[0] = (False, str(exc))
+    dist.broadcast_object_list(box, src=0)
+    read, value = box[0]
+    if not read:
+        raise CheckpointError(value)
+    return value
 
 
 def agreed(d: Dist, flag: bool) -> bool:

@@ -34,13 +34,12 @@ from fusion.layers import task_loss
 from mmfuse.errors import MmfuseError
 from shards import Progress
 from shards.dataset import ShardDataset
-from train.checkpoint import load_checkpoint
 from train.config import TrainConfig
 from train.data import ShardLoader, make_loader
 from train.inputs import DataError
 from train.metrics import SELECTION, task_metrics
 from train.pipeline import FusionPipeline
-from train.run import Run, barrier, build_run, save, train_loader
+from train.run import Run, barrier, build_run, read_checkpoint, save, train_loader
 from train.runtime import Dist, amp_dtype, setup_distributed, teardown_distributed, write_json
 from train.step import Step, clip_grad_norm_per_group, labelled_rows, to_device, train_step
 from train.workers import close_pools
@@ -201,7 +200,7 @@ def finish(run: Run) -> dict[str, Any]:
         by = f"last step ({why})"
         save(run, run.run_dir / LAST)
     barrier(run.d)
-    run.net.load_state_dict(load_checkpoint(run.run_dir / chosen)["model"])
+    run.net.load_state_dict(read_checkpoint(run.d, run.run_dir / chosen, part="model"))  # read by rank 0
     final = {"selected_step": step, "selected_by": by, "checkpoint": str(chosen)}
     for split in ("valid", "test"):
         final[split] = evaluate(run.net, run.dataset, split, run.config, run.d)

@@ -9,14 +9,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_fp16_steps import cuda_amp_on_cpu
 from test_trainer import Interrupt, RunLog, losses
 
 import fusion
+import train.run
+import train.step
 from shards.dataset import ShardDataset
 from train.checkpoint import load_checkpoint
 from train.config import make_train_config
 from train.pipeline import FusionPipeline
 from train.predict import load_network
+from train.run import INIT_SCALE
 from train.runtime import Dist, seed_everything
 from train.trainer import evaluate, fit
 
@@ -27,9 +31,9 @@ RUNS = [
 ]
 
 
-def settings(device: str, amp: str) -> list[str]:
+def settings(device: str, amp: str, epochs: int = 2) -> list[str]:
     return ["batch_size=1", "num_workers=0", "log_every=1", "model.hidden=12", "model.num_heads=3",
-            f"device={device}", f"amp={amp}", "epochs=2"]  # fmt: skip
+            f"device={device}", f"amp={amp}", f"epochs={epochs}"]  # fmt: skip
 
 
 @pytest.mark.parametrize(("device", "amp"), RUNS)
@@ -52,12 +56,25 @@ def test_every_model_trains_and_scores_with_a_modality_missing(
     assert scored["n"] == 2 and all(math.isfinite(v) for k, v in scored.items() if isinstance(v, float)), scored
 
 
-@pytest.mark.gpu
-def test_fp16_resume_gives_the_same_losses_on_cuda(bundled_dataset: Path, tmp_path: Path, monkeypatch) -> None:
-    """The GradScaler's state is in the checkpoint: a resumed fp16 run does not restart at scale 65536."""
-    config = make_train_config("late", overrides=[*settings("cuda", "fp16"), "epochs=3", "checkpoint_every=1"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_an_fp16_resume_continues_at_the_saved_scale(bundled_dataset: Path, tmp_path: Path, monkeypatch, device):
+    """The GradScaler's state is in the checkpoint and a resumed fp16 run continues at it, with the same losses. One
+    overflow (an inf gradient at the second step) halves the scale before the checkpoint at step 3, so a resume at
+    the initial scale would end at another one. On the CPU: fp16 autocast and the GradScaler as on CUDA."""
+    if device == "cpu":
+        cuda_amp_on_cpu(monkeypatch)
+    step_once = train.step.optimizer_step
+
+    def one_overflow(run):
+        if run.step == 1 and run.scaler.get_scale() == INIT_SCALE:  # once: the retried step runs at half the scale
+            next(p for p in run.net.parameters() if p.grad is not None).grad.fill_(math.inf)
+        return step_once(run)
+
+    monkeypatch.setattr(train.step, "optimizer_step", one_overflow)
+    config = make_train_config("late", overrides=[*settings(device, "fp16", epochs=3), "checkpoint_every=1"])
     fit(config, bundled_dataset, tmp_path / "straight")
     expected = losses(tmp_path / "straight")
+    assert sorted(expected) == [1, 2, 3, 4, 5]  # 6 batches, one step skipped
     original = RunLog.train
 
     def stop_at_step_4(self, step, *args):
@@ -69,18 +86,58 @@ def test_fp16_resume_gives_the_same_losses_on_cuda(bundled_dataset: Path, tmp_pa
     with pytest.raises(Interrupt):
         fit(config, bundled_dataset, tmp_path / "resumed")
     monkeypatch.setattr(RunLog, "train", original)
+    saved = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
+    assert saved["state"]["step"] == 3 and saved["scaler"]["scale"] == INIT_SCALE / 2  # the scale moved
+    restore, restored = train.run.restore, []
+
+    def restore_recorded(run, checkpoint):
+        restore(run, checkpoint)
+        restored.append(run.scaler.state_dict())
+
+    monkeypatch.setattr(train.run, "restore", restore_recorded)
     fit(config, bundled_dataset, tmp_path / "resumed", resume=True)
+    assert restored == [saved["scaler"]]
     got = losses(tmp_path / "resumed")
     assert got.keys() == expected.keys()
     for step in expected:
         assert got[step] == pytest.approx(expected[step], rel=1e-3), step
+    final = [load_checkpoint(tmp_path / r / "checkpoints" / "last.pt")["scaler"] for r in ("straight", "resumed")]
+    assert final[0] == final[1] and final[0]["scale"] == INIT_SCALE / 2
+
+
+def agreement(device: str) -> list[str]:
+    """Full precision and no dropout: CUDA draws dropout masks from its own generator, so with dropout the two
+    devices' losses differ whatever the arithmetic (by up to 85 % at dropout 0.1)."""
+    return [*settings(device, "off"), "model.dropout=0"]
+
+
+def test_the_agreement_settings_leave_nothing_to_the_random_stream(
+    bundled_dataset: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """The CPU twin of CUDA's other generator: the same network (built from the seed) trained with the random
+    stream moved after it is built gives the same losses."""
+    config = make_train_config("late", overrides=agreement("cpu"))
+    fit(config, bundled_dataset, tmp_path / "seeded")
+    original = train.run.make_run
+
+    def reseeded(*args, **kwargs):
+        run = original(*args, **kwargs)
+        torch.manual_seed(12345)  # what the run draws from now on (dropout) comes from another stream
+        return run
+
+    monkeypatch.setattr(train.run, "make_run", reseeded)
+    fit(config, bundled_dataset, tmp_path / "reseeded")
+    expected, got = losses(tmp_path / "seeded"), losses(tmp_path / "reseeded")
+    assert got.keys() == expected.keys() == {1, 2, 3, 4}
+    for step, value in expected.items():
+        assert got[step] == pytest.approx(value, rel=1e-6, abs=1e-7), step
 
 
 @pytest.mark.gpu
 def test_cuda_agrees_with_the_cpu_in_full_precision(bundled_dataset: Path, tmp_path: Path) -> None:
     runs = {}
     for device in ("cpu", "cuda"):
-        config = make_train_config("late", overrides=settings(device, "off"))
+        config = make_train_config("late", overrides=agreement(device))
         fit(config, bundled_dataset, tmp_path / device)
         runs[device] = losses(tmp_path / device)
     assert runs["cuda"].keys() == runs["cpu"].keys()

@@ -85,7 +85,7 @@ def test_the_selection_comes_from_the_run_not_the_disk(bundled_dataset: Path, tm
     saved, loaded = [], []
     monkeypatch.setattr(train.trainer, "save", lambda run, path: saved.append(path))
     monkeypatch.setattr(
-        train.trainer, "load_checkpoint", lambda path: loaded.append(path) or {"model": run.net.state_dict()}
+        train.trainer, "read_checkpoint", lambda d, path, part: loaded.append(path) or run.net.state_dict()
     )
     monkeypatch.setattr(train.trainer, "evaluate", lambda *args, **kwargs: {})
     monkeypatch.setattr(train.trainer, "write_json", lambda *args: None)
