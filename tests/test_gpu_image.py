@@ -239,7 +239,10 @@ def registry_reachable() -> bool:
 @pytest.mark.slow
 @pytest.mark.integration
 def test_rehearsal_runs_the_check_in_a_venv_of_the_image_packages() -> None:
-    """`make gpu-rehearsal`: minutes (the venv is built once, several GB, then kept; about 5 minutes after that)."""
+    """`make gpu-rehearsal`: minutes (the venv is built once, several GB, then kept; about 5 minutes after that).
+    Opt-in (``MMFUSE_GPU_REHEARSAL=1``): it downloads gigabytes and would take a quarter of `make test`'s time."""
+    if os.environ.get("MMFUSE_GPU_REHEARSAL") != "1":
+        pytest.skip("the GPU-image rehearsal is opt-in: MMFUSE_GPU_REHEARSAL=1, or run `make gpu-rehearsal`")
     if not registry_reachable() and not (ROOT / "gpu-wheels").is_dir():
         pytest.skip("the package registry (pypi.org) is unreachable: the rehearsal downloads the image's packages")
     run = subprocess.run(["make", "--no-print-directory", "gpu-rehearsal"], cwd=ROOT, capture_output=True, text=True,
