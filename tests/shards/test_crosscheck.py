@@ -12,23 +12,14 @@ import pytest
 
 from shards import SchemaError, ShardDataset, build_dataset
 from shards.sidecar import ShardCheck
-from tests.shards.test_tamper import rewrite_dataset_json, train_cli, verify
-from tests.train.test_data import FEATURE_SET, write_shards
+from tests.shards import test_tamper
+from tests.shards.test_tamper import LAYOUT, rewrite_dataset_json, train_cli, verify
+from tests.train.test_data import FEATURE_SET
 
-LAYOUT = {"train": [3, 2], "valid": [3], "test": [3]}
 PLANNED = [(split, i) for split, sizes in LAYOUT.items() for i in range(len(sizes))]
 
 
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("pristine")
-    write_shards(root, LAYOUT)
-    return root
-
-
-@pytest.fixture()
-def shards(pristine: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(pristine, tmp_path / "shards"))
+pristine, shards = test_tamper.pristine, test_tamper.shards  # the tamper tests' fixtures: a fresh copy each
 
 
 def record_shard_names(root: Path) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -17,22 +16,10 @@ from extract.outdir import recorded_max_duration
 from mmfuse.cli import main
 from shards import SchemaError, ShardDataset, iter_shard, load_dataset_json
 from shards.guard import ShardLimits
+from tests.shards import test_tamper
 from tests.shards.test_tamper import rewrite_dataset_json, train_cli, verify
-from tests.train.test_data import write_shards
 
-LAYOUT = {"train": [3, 2], "valid": [3], "test": [3]}
-
-
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("pristine")
-    write_shards(root, LAYOUT)
-    return root
-
-
-@pytest.fixture()
-def shards(pristine: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(pristine, tmp_path / "shards"))
+pristine, shards = test_tamper.pristine, test_tamper.shards  # the tamper tests' fixtures: a fresh copy each
 
 
 def put(path: str, value):
