@@ -114,6 +114,7 @@ CLAIMS = (
             "gate_rate/video_noisy",
             "grad_share/purified",
             "grad_share/penalty",
+            "purify_gain/video",
             "noise_auc/video",
         ),  # fmt: skip
     ),

@@ -151,3 +151,23 @@ def noise_areas(model: Any, data: dict[str, dict[str, Any]], modalities: tuple[s
             values.append(float((pred - label).abs().mean()) if correct is None else float(correct))
         out[f"noise_auc/{m}"] = area_under_curve(NOISE_LEVELS, values)
     return out
+
+
+def purification_room(model: Any, data: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """``purify_gain/<m>`` for every modality whose test split marks its noise steps (``<m>_noisy``), for a model
+    with ``purified_loss`` (MIM): the purified branch's test loss with every valid step kept minus with exactly
+    the noise steps closed. Positive: a perfect purifier would lower the loss the gates are trained on; zero or
+    negative: the trained encoder leaves the gates nothing to gain. Eval mode; the model's mode is restored."""
+    if not hasattr(model, "purified_loss"):
+        return {}
+    test, was_training = data["test"], model.training
+    model.eval()
+    out = {}
+    for m in model.modalities:
+        noisy = test.get(f"{m}_noisy")
+        if noisy is not None:
+            mask = test[f"{m}_mask"]
+            gain = model.purified_loss(test, m, mask) - model.purified_loss(test, m, mask & ~noisy)
+            out[f"purify_gain/{m}"] = float(gain)
+    model.train(was_training)
+    return out

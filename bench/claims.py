@@ -39,6 +39,7 @@ from bench.claim_stats import (
     mean_std,
     noise_areas,
     probe_r2,
+    purification_room,
     redundancy_measures,
     verdict,
 )
@@ -194,6 +195,7 @@ def arm_measures(
     clean, noisy = "gate_rate/video_clean", "gate_rate/video_noisy"
     if clean in measured and noisy in measured:
         out["gate_gap"] = measured[clean] - measured[noisy]
+    out.update(purification_room(model, data))
     if hasattr(model, "club_lag"):
         out.update({k: v for k, v in model.club_lag(data["valid"], data["test"]).items() if k.startswith("mi_")})
         out.update(redundancy_measures(model, data))

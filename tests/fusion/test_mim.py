@@ -401,3 +401,27 @@ def test_kgs_losses_equal_the_host_synced_selection(monkeypatch, extra: dict, tr
         if train:
             sum(out.losses.values()).backward()
     assert len(seen) == 5 and seen[-2:] == [-1, -1]  # one modality, none: no teacher
+
+
+def test_purified_loss_by_hand_gates_matches_forward_and_the_pooled_bias() -> None:
+    from bench.claim_stats import purification_room
+
+    model = tiny().eval()
+    batch = make_batch()
+    with torch.no_grad():
+        out = model(batch)
+    for m in DIMS:  # default eval gates are all open: the forward's purified loss is the one with every step kept
+        assert out.diagnostics[f"gate_rate/{m}"].item() == 1.0
+        torch.testing.assert_close(model.purified_loss(batch, m, batch[f"{m}_mask"]), out.diagnostics[f"loss_p/{m}"])
+    nothing = torch.zeros_like(batch["video_mask"])  # every step closed: tanh(0) pools to 0, the head gives its bias
+    expected = (model.heads["video"].bias - batch["label"]).abs().mean()
+    torch.testing.assert_close(model.purified_loss(batch, "video", nothing), expected)
+
+    noisy = batch["video_mask"].clone()
+    noisy[:, 1:] = False  # only the first step marked as noise
+    room = purification_room(model, {"test": {**batch, "video_noisy": noisy}})
+    assert set(room) == {"purify_gain/video"}
+    keep = batch["video_mask"] & ~noisy
+    gain = model.purified_loss(batch, "video", batch["video_mask"]) - model.purified_loss(batch, "video", keep)
+    assert room["purify_gain/video"] == pytest.approx(gain.item())
+    assert purification_room(build_model("late", dims=DIMS, hidden=8), {"test": batch}) == {}
