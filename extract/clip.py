@@ -149,7 +149,7 @@ def extract_clip(
     requested = [m for m in MODALITIES if m in cfg.modalities and (modalities is None or m in modalities)]
     settings = decode_settings(cfg, requested)
     if settings.modalities:
-        with quiet_native_logs():
+        with quiet_native_logs(2):
             init_worker(settings)  # the worker extractors with this config's settings, as the extraction workers
             decoded = decode_clip(clip, settings)
     else:
@@ -162,15 +162,20 @@ def extract_clip(
 
 
 @contextlib.contextmanager
-def quiet_native_logs() -> Iterator[None]:
-    """Silence MediaPipe's C++ logging (written to file descriptor 2) while decoding; decode errors become
-    statuses, not stderr output, so nothing of ours is lost."""
-    sys.stderr.flush()
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+def quiet_native_logs(*fds: int) -> Iterator[None]:
+    """File descriptors ``fds`` (1: stdout, 2: stderr) sent to /dev/null for the block, for native code that writes
+    to them directly: MediaPipe's C++ logging while decoding (decode errors become statuses, so nothing of ours is
+    lost), Ray's driver printing task-failure notices from threads of its own."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved = [os.dup(fd) for fd in fds]
+    devnull = os.open(os.devnull, os.O_WRONLY)
     try:
-        os.dup2(devnull, 2)
+        for fd in fds:
+            os.dup2(devnull, fd)
         yield
     finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+        for fd, copy in zip(fds, saved, strict=True):
+            os.dup2(copy, fd)
+            os.close(copy)
         os.close(devnull)

@@ -32,12 +32,11 @@ import dataclasses
 import logging
 import os
 import signal
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from extract.clip import quiet_native_logs
 from extract.config import ExtractConfig
 from extract.devices import DeviceError
 from extract.extractors.base import DecodedClip, ExtractionError
@@ -100,7 +99,7 @@ def run_extract_ray(
     finally:
         # Stopped early (Ctrl-C, an error): killing actors with tasks in flight makes Ray print a coloured
         # "(raylet) Task ... failed, retries remaining" line per task; the one line the command ends with is ours.
-        with contextlib.nullcontext() if done_writing else _silenced(1, 2):
+        with contextlib.nullcontext() if done_writing else quiet_native_logs(1, 2):
             for actor in decoders + encoders:
                 ray.kill(actor)
             if started:
@@ -110,25 +109,6 @@ def run_extract_ray(
     summary = finish_run(job, manifest, media_root, out, cfg, written, {"setup_s": setup_s, **timings})
     sizes = {"decoders": len(decoders), "encoders": len(encoders)}
     return {**summary, "engine": "ray", "ray_start_s": round(ray_start_s, 3), **sizes}
-
-
-@contextlib.contextmanager
-def _silenced(*fds: int) -> Iterator[None]:
-    """File descriptors ``fds`` (1: stdout, 2: stderr) sent to /dev/null for the block: Ray's driver prints its
-    task-failure notices from threads of its own, straight to them."""
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-    saved = [os.dup(fd) for fd in fds]
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        for fd in fds:
-            os.dup2(devnull, fd)
-        yield
-    finally:
-        for fd, copy in zip(fds, saved, strict=True):
-            os.dup2(copy, fd)
-            os.close(copy)
-        os.close(devnull)
 
 
 def cluster_precision(ray: Any, device: str) -> str:
