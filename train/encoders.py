@@ -6,8 +6,9 @@ normalisation, chunking) and computes the same features extraction stored, but w
 - ``TextEncoder``: ``text_ids`` (B, T) int64 + ``text_ids_mask`` -> hidden states of the configured layer
   (B, T, Dt);
 - ``AudioEncoder``: ``audio_wave`` (B, N) float in [-1, 1] + ``audio_wave_mask`` -> wav2vec 2.0 frames of the
-  configured layer (B, Ta, Da): per-clip convolutional front end (so padding never changes a clip's
-  features), one masked transformer pass, clips longer than the extraction chunk encoded chunk by chunk.
+  configured layer (B, Ta, Da): one batched pass (``extract.extractors.wav2vec2``: padding never changes a
+  clip's features, no host sync, one graph under ``torch.compile``); a batch holding a clip longer than the
+  extraction chunk is encoded chunk by chunk, as extraction cut it.
 
 A test checks that, at initialisation, both reproduce the features stored in the shards. Weights are
 checked against the feature set's weight hash, so fine-tuning always starts from the extraction model.
@@ -26,7 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from extract.extractors.audio import build_random_wav2vec2, encode_pieces, receptive_field, wave_pieces
+from extract.extractors.audio import build_random_wav2vec2, wave_pieces
+from extract.extractors.wav2vec2 import encode_pieces, encode_waves, prepare_waves, receptive_field
 from extract.models import RANDOM_PREFIX, resolve_model, weights_hash
 from mmfuse.errors import MmfuseError
 from shards.schema import SAMPLE_RATE
@@ -133,14 +135,24 @@ class AudioEncoder(nn.Module):
             front._freeze_parameters()  # requires_grad_(False) alone leaves the front end's own switch on
 
     def forward(self, wave: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        lengths = mask.sum(1)
+        if wave.shape[1] <= self.chunk:  # every clip is one piece: one batched pass, no host sync
+            return encode_waves(
+                self.model, *prepare_waves(wave, lengths, self.receptive, self.do_normalize), self.layer
+            )
+        return self._chunked(wave, lengths)
+
+    def _chunked(self, wave: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """A batch holding a clip longer than one chunk: each clip cut into chunks as extraction cuts it."""
         pieces: list[tuple[int, Tensor]] = []  # (clip index, prepared chunk), exactly as extraction prepares them
-        for i in range(wave.shape[0]):
-            clip = wave[i, : int(mask[i].sum())]
-            pieces += [(i, piece) for _, piece in wave_pieces(clip, self.receptive, self.chunk, self.do_normalize)]
-        states, lengths = encode_pieces(self.model, [piece for _, piece in pieces], self.layer)
+        for i, n in enumerate(lengths.tolist()):
+            pieces += [
+                (i, piece) for _, piece in wave_pieces(wave[i, :n], self.receptive, self.chunk, self.do_normalize)
+            ]
+        states, counts = encode_pieces(self.model, [piece for _, piece in pieces], self.layer)
         per_clip: list[list[Tensor]] = [[] for _ in range(wave.shape[0])]
-        for k, (i, _) in enumerate(pieces):
-            per_clip[i].append(states[k, : int(lengths[k])])
+        for k, ((i, _), n) in enumerate(zip(pieces, counts.tolist(), strict=True)):
+            per_clip[i].append(states[k, :n])
         frames = [torch.cat(parts) for parts in per_clip]
-        counts = torch.tensor([f.shape[0] for f in frames], device=wave.device)
-        return torch.nn.utils.rnn.pad_sequence(frames, batch_first=True), counts
+        total = torch.tensor([f.shape[0] for f in frames], device=wave.device)
+        return torch.nn.utils.rnn.pad_sequence(frames, batch_first=True), total

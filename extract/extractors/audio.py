@@ -1,9 +1,9 @@
 """Audio: a wav2vec 2.0-family encoder (wav2vec2, HuBERT, WavLM) at about 50 frames/s.
 
-Batching is exact: the convolutional feature encoder runs per clip (wav2vec2-base's group norm spans the
-whole time axis, so zero padding would change every frame), then the projected frames of a batch are padded
-and the transformer runs once with an attention mask. A clip's features are therefore the same whatever it is
-batched with; the tests check this against unbatched calls and against torchaudio's implementation.
+Batching is exact (``extract.extractors.wav2vec2``): the convolutional feature encoder runs on the padded
+batch with wav2vec2-base's group norm computed over each clip's valid frames only, then the transformer runs
+once with an attention mask. A clip's features are therefore the same whatever it is batched with; the tests
+check this against unbatched calls and against torchaudio's implementation.
 
 Long clips are cut into ``chunk_s`` windows (default 30 s) so attention memory stays bounded. Batches are
 planned per device (``batch_plan``): on CPU by count with little length slack, on CUDA by a budget of padded
@@ -31,6 +31,7 @@ from extract.extractors.base import (
     precision_provenance,
     to_device,
 )
+from extract.extractors.wav2vec2 import encode_pieces, receptive_field
 from extract.models import (
     DEFAULT_AUDIO_MODEL,
     RANDOM_AUDIO_CONFIGS,
@@ -245,53 +246,3 @@ def sample_budget_batches(lengths: Sequence[int], budget: int) -> list[list[int]
         else:
             groups.append([k])
     return groups
-
-
-def receptive_field(kernels: Sequence[int], strides: Sequence[int]) -> int:
-    """Samples one output frame of a strided convolution stack sees."""
-    field, jump = 1, 1
-    for k, s in zip(kernels, strides, strict=True):
-        field += (k - 1) * jump
-        jump *= s
-    return field
-
-
-def encode_pieces(model: Any, pieces: list[torch.Tensor], layer: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact batched wav2vec 2.0 forward, shared by extraction and end-to-end training.
-
-    Each piece (N_i,) runs through the convolutional front end alone, so padding never changes its features;
-    then one masked transformer pass over the padded batch. Returns the hidden states of ``layer`` (1-based,
-    negative from the end, -1 = last) (B, T, D) and the frame count of each piece (B,). Gradients flow when
-    the caller allows them.
-    """
-    projected = []
-    for piece in pieces:
-        conv = model.feature_extractor(piece[None]).transpose(1, 2)  # (1, T, C)
-        proj = model.feature_projection(conv)
-        projected.append((proj[0] if isinstance(proj, tuple) else proj)[0])
-    device = projected[0].device
-    lengths = torch.tensor([p.shape[0] for p in projected], device=device)
-    hidden = torch.nn.utils.rnn.pad_sequence(projected, batch_first=True)
-    mask = torch.arange(hidden.shape[1], device=device)[None] < lengths[:, None]
-    captured: list[torch.Tensor] = []
-    hook = None
-    if layer != -1:  # hidden states of one transformer layer
-        layers = model.encoder.layers
-        idx = layer - 1 if layer > 0 else len(layers) + layer
-        hook = layers[idx].register_forward_hook(_Capture(captured))
-    try:
-        out = model.encoder(hidden, attention_mask=mask)
-    finally:
-        if hook is not None:
-            hook.remove()
-    return (captured[-1] if captured else out.last_hidden_state), lengths
-
-
-class _Capture:
-    """Forward hook keeping a layer's output (a class, not a lambda, so modules stay picklable)."""
-
-    def __init__(self, store: list[torch.Tensor]) -> None:
-        self.store = store
-
-    def __call__(self, _module: Any, _inputs: Any, output: Any) -> None:
-        self.store.append(output[0] if isinstance(output, tuple) else output)
