@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -46,18 +47,25 @@ def _worker(rank: int, tmp: str, shards: str, overrides: list[str], unlabelled_r
     dist.destroy_process_group()
 
 
-def run_two_ranks(tmp: Path, shards: Path, overrides: list[str], unlabelled_rank: int = -1) -> list[dict]:
+def launch_two_ranks(target: Callable[..., None], args: list[tuple], timeout: float) -> list[int | None]:
+    """``target(*args[r])`` in a spawned process for ranks 0 and 1, which join a gloo group themselves; fails the
+    test if a rank is still running after ``timeout`` seconds (killing it). Returns the two exit codes."""
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, str(tmp), str(shards), overrides, unlabelled_rank)) for r in (0, 1)]
+    procs = [ctx.Process(target=target, args=args[r]) for r in (0, 1)]
     for p in procs:
         p.start()
     for p in procs:
-        p.join(timeout=240)
+        p.join(timeout=timeout)
     hung = [p for p in procs if p.is_alive()]
     for p in hung:
         p.kill()
     assert not hung, "a rank hung"
-    assert [p.exitcode for p in procs] == [0, 0]
+    return [p.exitcode for p in procs]
+
+
+def run_two_ranks(tmp: Path, shards: Path, overrides: list[str], unlabelled_rank: int = -1) -> list[dict]:
+    args = [(r, str(tmp), str(shards), overrides, unlabelled_rank) for r in (0, 1)]
+    assert launch_two_ranks(_worker, args, timeout=240) == [0, 0]
     return [torch.load(tmp / f"rank{r}.pt") for r in (0, 1)]
 
 

@@ -4,11 +4,11 @@ the final evaluation's selected checkpoint are read by rank 0 alone and broadcas
 from __future__ import annotations
 
 import json
-import multiprocessing
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from test_ddp_steps import launch_two_ranks
 from test_trainer import losses
 
 from train.config import make_train_config
@@ -64,17 +64,8 @@ def test_only_rank_0_reads_checkpoints_from_its_node_local_run_dir(bundled_datas
     node0, node1 = tmp_path / "node0" / "run", tmp_path / "node1" / "run"
     config = make_train_config("late", overrides=[*SETTINGS, "epochs=1", "checkpoint_every=1"])
     fit(config, bundled_dataset, node0)  # 2 steps on one process; node 1's disk has no run directory at all
-    ctx = multiprocessing.get_context("spawn")
-    dirs = [node0, node1]
-    procs = [ctx.Process(target=_rank, args=(r, str(tmp_path), str(bundled_dataset), str(dirs[r]))) for r in (0, 1)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=180)
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.kill()
-    assert not hung, "a rank hung"
+    args = [(r, str(tmp_path), str(bundled_dataset), str(run_dir)) for r, run_dir in enumerate([node0, node1])]
+    launch_two_ranks(_rank, args, timeout=180)  # a rank's error is in its record, shown below
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r.get("error") for r in ranks] == [None, None], ranks
     assert ranks[0]["reads"] == ["last.pt", "best.pt"] and ranks[1]["reads"] == []  # resume, then the selected one
