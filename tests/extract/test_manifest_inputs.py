@@ -70,6 +70,18 @@ def test_the_independent_record_count_agrees_with_the_csv_module(text):
     assert count_csv_records(text) == sum(1 for r in csv.reader(io.StringIO(text, newline="")) if r)
 
 
+def write_lines(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def manifest_problems(path) -> list[str]:
+    """The problems ``path`` is refused with (a manifest that loads fails the test)."""
+    with pytest.raises(ManifestError) as err:
+        load_manifest(path, None, need_media=False)
+    return err.value.problems
+
+
 def test_non_finite_values_are_reported_together_by_row_and_column(tmp_path):
     lines = [
         '{"video_id": "g", "clip_id": "a", "text": "x", "label": NaN}',
@@ -79,10 +91,7 @@ def test_non_finite_values_are_reported_together_by_row_and_column(tmp_path):
         '{"video_id": "g", "clip_id": "e", "text": "x", "label": "nan"}',
         '{"video_id": "g", "clip_id": "f", "text": "x", "label": 0.5}',
     ]
-    (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
-    with pytest.raises(ManifestError) as err:
-        load_manifest(tmp_path / "m.jsonl", None, need_media=False)
-    assert err.value.problems == [
+    assert manifest_problems(write_lines(tmp_path / "m.jsonl", lines)) == [
         "line 1, column 'label': NaN is not a finite number (NaN and Infinity are refused)",
         "line 2, column 'labels': Infinity is not a finite number (NaN and Infinity are refused)",
         "line 3, column 'words': -Infinity is not a finite number (NaN and Infinity are refused)",
@@ -97,9 +106,7 @@ def test_non_finite_values_are_reported_together_by_row_and_column(tmp_path):
         {"video_id": "g", "clip_id": "e", "text": "x", "words": '[["x", 0, NaN]]'},
         {"video_id": "g", "clip_id": "f", "text": "x", "labels": '{"sad": "inf"}', "label": "2"},
     ]
-    with pytest.raises(ManifestError) as err:
-        load_manifest(write_manifest(tmp_path / "m.csv", rows), None, need_media=False)
-    assert err.value.problems == [
+    assert manifest_problems(write_manifest(tmp_path / "m.csv", rows)) == [
         "row 2, column 'label': 'nan' is not a finite number",
         "row 3, column 'label_T': 'inf' is not a finite number",
         "row 3, column 'label_A': '-Infinity' is not a finite number",
@@ -126,12 +133,10 @@ def test_manifest_values_are_type_and_range_checked_and_reported_together(tmp_pa
         '{"video_id": "g", "clip_id": "h", "text": "x", "words": [["late", 11.5, 12]], "start": 100, "end": 110}',
         '{"video_id": "g", "clip_id": 7, "text": "fine", "label": 3.4e38, "labels": {"happy": true}, "start": 1}',
     ]
-    (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
-    with pytest.raises(ManifestError) as err:
-        load_manifest(tmp_path / "m.jsonl", None, need_media=False)
+    problems = manifest_problems(write_lines(tmp_path / "m.jsonl", lines))
     float32 = "is not a finite float32 number (labels are at most 3.4e38)"
     seconds = "is not a time in seconds in [0, 1000000]"
-    assert err.value.problems == [
+    assert problems == [
         f"line 1, column 'label': an integer of 401 digits {float32}",
         f"line 2, column 'label': 3.5e+38 {float32}",
         "line 2, column 'labels.happy': [1] is a list; a label is a number, a boolean, a text (a class name) or null",
@@ -156,9 +161,7 @@ def test_manifest_values_are_type_and_range_checked_and_reported_together(tmp_pa
         {"video_id": "g", "clip_id": "b", "text": "x", "label_T": "-3.5e38", "labels": '{"happy": 1e39}'},
         {"video_id": "g", "clip_id": "c", "text": "x", "words": '[["x", 1, 0]]', "start": "inf"},
     ]
-    with pytest.raises(ManifestError) as err:
-        load_manifest(write_manifest(tmp_path / "m.csv", rows), None, need_media=False)
-    assert err.value.problems == [
+    assert manifest_problems(write_manifest(tmp_path / "m.csv", rows)) == [
         f"row 2, column 'start': 1e+300 {seconds}",
         f"row 2, column 'end': -1.0 {seconds}",
         f"row 2, column 'label': '{huge[:36]}... is not a finite number",
@@ -167,11 +170,6 @@ def test_manifest_values_are_type_and_range_checked_and_reported_together(tmp_pa
         "row 4, column 'start': 'inf' is not a number of seconds",
         "row 4, column 'words': item 0 (['x', 1, 0]): the word ends before it starts",
     ]
-
-
-def write_lines(path, lines):
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def test_unlabelled_rows_are_allowed_counted_and_logged(tmp_path, caplog):
