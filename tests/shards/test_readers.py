@@ -58,33 +58,26 @@ def _header(text: str, version: int = 1, data: bytes = b"\0" * 64) -> bytes:
     return b"\x93NUMPY" + bytes([version, 0]) + length + raw + data
 
 
+def _npy_dict(descr: str, shape: str, version: int = 1) -> bytes:
+    """A header of numpy's dict layout with ``descr`` and ``shape`` as written (source text, not values)."""
+    return _header(f"{{'descr': {descr}, 'fortran_order': False, 'shape': {shape}, }}\n", version)
+
+
 HOSTILE = {
     "object dtype": (_header("{'descr': '|O', 'fortran_order': False, 'shape': (2,), }    \n"), "allow_pickle=False"),
-    "code in descr": (
-        _header("{'descr': __import__('os').system('true'), 'fortran_order': False, 'shape': (2,), }\n"),
-        "not one numpy writes",
-    ),
-    "code in shape": (
-        _header("{'descr': '<f2', 'fortran_order': False, 'shape': (len(open('/etc/passwd').read()),), }\n"),
-        "not one numpy writes",
-    ),
-    "structured dtype": (
-        _header("{'descr': [('a', '<i4')], 'fortran_order': False, 'shape': (2,), }\n"),
-        "not one numpy writes",
-    ),
-    "void dtype": (_header("{'descr': '|V8', 'fortran_order': False, 'shape': (2,), }\n"), "not a plain number"),
-    "datetime dtype": (_header("{'descr': '<M8[s]', 'fortran_order': False, 'shape': (2,), }\n"), "not one numpy"),
-    "unknown dtype": (_header("{'descr': '<Z9', 'fortran_order': False, 'shape': (2,), }\n"), "not a NumPy dtype"),
-    "zero-size items": (_header("{'descr': '|S0', 'fortran_order': False, 'shape': (2,), }\n"), "not a plain number"),
-    "negative dim": (_header("{'descr': '<f2', 'fortran_order': False, 'shape': (-1,), }\n"), "not one numpy writes"),
+    "code in descr": (_npy_dict("__import__('os').system('true')", "(2,)"), "not one numpy writes"),
+    "code in shape": (_npy_dict("'<f2'", "(len(open('/etc/passwd').read()),)"), "not one numpy writes"),
+    "structured dtype": (_npy_dict("[('a', '<i4')]", "(2,)"), "not one numpy writes"),
+    "void dtype": (_npy_dict("'|V8'", "(2,)"), "not a plain number"),
+    "datetime dtype": (_npy_dict("'<M8[s]'", "(2,)"), "not one numpy"),
+    "unknown dtype": (_npy_dict("'<Z9'", "(2,)"), "not a NumPy dtype"),
+    "zero-size items": (_npy_dict("'|S0'", "(2,)"), "not a plain number"),
+    "negative dim": (_npy_dict("'<f2'", "(-1,)"), "not one numpy writes"),
     "huge shape": (
-        _header("{'descr': '<f2', 'fortran_order': False, 'shape': (1048576, 1048576), }\n"),
+        _npy_dict("'<f2'", "(1048576, 1048576)"),
         r"declares shape \(1048576, 1048576\) of float16 \(2199023255552 bytes\)",
     ),
-    "huge dims, no items": (
-        _header("{'descr': '<f2', 'fortran_order': False, 'shape': (0, 9999999999999999999), }\n"),
-        "cannot be made",
-    ),
+    "huge dims, no items": (_npy_dict("'<f2'", "(0, 9999999999999999999)"), "cannot be made"),
     "extra key": (
         _header("{'descr': '<f2', 'fortran_order': False, 'shape': (2,), 'x': 1, }\n"),
         "not one numpy writes",
@@ -93,7 +86,7 @@ HOSTILE = {
     "not a dict": (_header("[1, 2, 3]\n"), "not one numpy writes"),
     "header past the data": (b"\x93NUMPY\x01\x00\xff\x00{'descr'", "truncated"),
     "header over 10000 bytes": (_header("{'descr': '<f2', " + " " * 20000 + "}\n", version=2), "over 10000"),
-    "version 3": (_header("{'descr': '<f2', 'fortran_order': False, 'shape': (2,), }\n", version=3), "version"),
+    "version 3": (_npy_dict("'<f2'", "(2,)", version=3), "version"),
     "no magic": (b"PK\x03\x04 not an npy", "no .npy magic"),
     "empty": (b"", "no .npy magic"),
 }
