@@ -31,6 +31,7 @@ from typing import Any
 
 from bench.markdown import replace_section
 from bench.sweep import ticker
+from train.config_record import read_record
 from train.jsonout import dumps
 
 NAME = "bench-models"
@@ -134,7 +135,9 @@ def finished_run(run_dir: Path, config: dict[str, Any], fs_hash: str) -> dict[st
         final = json.loads((run_dir / "final.json").read_text())
     except (OSError, ValueError):
         return None
-    if record.get("config") != config or record.get("feature_set_hash") != fs_hash:
+    saved = record.get("config") if isinstance(record, dict) else None
+    # a run recorded before config.json's dotted keys, with the same settings, is the same run
+    if not isinstance(saved, dict) or read_record(saved) != config or record.get("feature_set_hash") != fs_hash:
         return None
     return final
 

@@ -361,15 +361,17 @@ def _instantiate(
         return None
 
 
-def as_flat_dict(instance: Any) -> dict[str, Any]:
-    """The settings as one flat mapping, each under its shortest key (``lr``, or ``optim.steps`` where the bare
-    name is ambiguous), tuples as lists: what a run records in config.json, and what :func:`build` reads back."""
+def as_dotted_dict(instance: Any) -> dict[str, Any]:
+    """The settings as one flat mapping, each under its full dotted key (``optim.lr``; a field outside every section
+    by its name), in field order, tuples as lists. A dotted key names the same setting whatever fields are added
+    later, where a bare name may come to be in several sections: what a record to be read back later keeps, and
+    what :func:`build` reads."""
     out: dict[str, Any] = {}
-    for path, key in _shortest_keys(type(instance)).items():
+    for path in _leaves(type(instance), ()):
         value = instance
         for name in path:
             value = getattr(value, name)
-        out[key] = list(value) if isinstance(value, tuple) else value
+        out[".".join(path)] = list(value) if isinstance(value, tuple) else value
     return out
 
 

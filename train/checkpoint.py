@@ -21,6 +21,7 @@ import torch
 
 from mmfuse.errors import MmfuseError
 from shards.dataset import ShardDataset
+from train.config_record import MODEL, read_record
 
 CHECKPOINT_VERSION = 1
 # Model settings added after checkpoints had been written, with the value those older checkpoints were trained
@@ -120,16 +121,19 @@ def checkpoint_dataset(ckpt: Mapping[str, Any]) -> ShardDataset:
 
 
 def _with_legacy_settings(obj: dict[str, Any]) -> dict[str, Any]:
-    """Give a checkpoint written before a model setting existed that setting's old value (``LEGACY_SETTINGS``),
-    and a renamed setting value its new name (``RENAMED_VALUES``), so it rebuilds the network it was trained as."""
+    """The checkpoint's training config as it is recorded now (dotted keys, :func:`train.config_record.read_record`,
+    whatever form it was saved in); a model setting that did not exist when the checkpoint was written gets its old
+    value (``LEGACY_SETTINGS``) and a renamed setting value its new name (``RENAMED_VALUES``), so it rebuilds the
+    network it was trained as."""
     saved = obj.get("model_config") or {}
-    for key, value in LEGACY_SETTINGS.get(obj.get("model_name", ""), {}).items():
-        if key not in saved and isinstance(obj.get("config"), dict):
-            settings = obj["config"].setdefault("model_settings", {}) or {}
-            settings.setdefault(key, value)
-            obj["config"]["model_settings"] = settings
+    config = read_record(obj["config"]) if isinstance(obj.get("config"), dict) else None
+    if config is not None:
+        obj["config"] = config
+        for key, value in LEGACY_SETTINGS.get(obj.get("model_name", ""), {}).items():
+            if key not in saved:
+                config.setdefault(f"{MODEL}{key}", value)
     for key, names in RENAMED_VALUES.get(obj.get("model_name", ""), {}).items():
-        for place in (saved, (obj.get("config") or {}).get("model_settings") or {}):
-            if isinstance(place, dict) and place.get(key) in names:
-                place[key] = names[place[key]]
+        for place, name in ((saved, key), (config or {}, f"{MODEL}{key}")):
+            if isinstance(place, dict) and place.get(name) in names:
+                place[name] = names[place[name]]
     return obj

@@ -16,7 +16,7 @@ from typing import Any
 from mmfuse.commands import Commands
 from train.jsonout import dumps
 
-# train.config (and through it torch and the models) is imported inside the commands: extraction workers
+# The training modules (and through them torch and the models) are imported inside the commands: extraction workers
 # re-import the `mmfuse` entry point when they start, and must not pay for torch there.
 
 SHORT = {"t": "text", "a": "audio", "v": "video"}

@@ -2,7 +2,9 @@
 
 YAML files hold overrides only. Keys of the fusion model's own ``Config`` (``fusion.MODELS[name].Config``:
 hidden, num_layers, beta, ...) go under ``model_settings`` in YAML, or as ``model.KEY=VALUE`` on the command
-line. Every problem (unknown key, bad value) is collected and reported at once, naming the key.
+line. Every problem (unknown key, bad value) is collected and reported at once, naming the key. Runs record the
+settings by dotted key (``optim.lr``, ``model.hidden``: :mod:`train.config_record`). Importing this module loads
+no model and no pipeline: the functions that check a model's settings import the model registry (``fusion``).
 
 Targets come from each sample's meta.json ``labels``: ``label_key`` names one key for regression and
 classification (``label``, MMSA's sentiment score, by default), and one or more keys for ``task=multilabel``,
@@ -19,11 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import fusion
-from fusion.base import FusionConfigError
 from mmfuse.errors import MmfuseError
 from mmfuse.settings import (
-    as_flat_dict,
+    NOT_A_SETTING,
+    as_dotted_dict,
     build,
     canonical,
     coerce,
@@ -33,8 +34,9 @@ from mmfuse.settings import (
     read_yaml,
     repeated_settings,
 )
-from train.data import DataConfig
-from train.inputs import label_keys
+from shards.schema import MODALITIES
+from train.config_record import read_record, split_model_settings, write_record
+from train.errors import DataError
 
 PRESETS = Path(__file__).resolve().parent / "configs"
 MODES = ("frozen", "end_to_end")
@@ -46,6 +48,69 @@ MAX_SEED = 2**32 - 1  # numpy's seeding range; torch's is wider
 
 class TrainConfigError(MmfuseError, ValueError):
     """Invalid training settings; the message names every bad key and the valid ones."""
+
+
+def label_keys(label_key: str) -> tuple[str, ...]:
+    """The keys named by a ``label_key`` setting, in order: ``"neutral, happy"`` -> ("neutral", "happy")."""
+    return tuple(k.strip() for k in label_key.split(","))
+
+
+@dataclass
+class DataConfig:
+    """How batches are streamed; the defaults suit frozen-feature training. It is also the ``data`` section of
+    ``TrainConfig``, where the fields marked ``NOT_A_SETTING`` are derived (``raw`` from the mode, ``multilabel``
+    from the task, ``seed`` from the run's seed) or internal to the loader."""
+
+    batch_size: int = 32  # samples per batch, per rank
+    num_workers: int = 2  # DataLoader worker processes per rank (0 = read in the training process)
+    shuffle_buffer: int = 256  # samples held by each worker's shuffle buffer (training); memory grows with it
+    modalities: tuple[str, ...] = MODALITIES  # modalities to load; others are dropped right after validation
+    # key of meta.json's labels used as the target ("label": MMSA sentiment); multilabel targets take several,
+    # comma-separated ("neutral,happy,sad,angry"), each a 0/1 or boolean label
+    label_key: str = "label"
+    skip_bad_samples: bool = False  # count and log samples failing decode/validation instead of raising
+    align_words: bool = False  # average audio / video frames per word of the manifest's timings (train/align.py)
+    raw: bool = field(default=False, metadata=NOT_A_SETTING)  # also yield text_ids / audio_wave (end to end)
+    multilabel: bool = field(default=False, metadata=NOT_A_SETTING)  # labels (B, K) 0/1, a column per key
+    seed: int = field(default=0, metadata=NOT_A_SETTING)  # shuffles depend only on (seed, epoch, rank, worker)
+    normalise: bool = field(default=True, metadata=NOT_A_SETTING)  # standardise with dataset.json's train stats
+    drop_last: bool = field(default=True, metadata=NOT_A_SETTING)  # training: drop the last partial batch
+    equalise: bool = field(default=True, metadata=NOT_A_SETTING)  # training: as many batches on every rank
+    video_geom: bool | None = field(default=None, metadata=NOT_A_SETTING)  # the 4 geometry features; None: if stored
+    prefetch_factor: int = field(default=2, metadata=NOT_A_SETTING)  # batches each worker prepares ahead
+    # page-locked batches for non-blocking copies to a GPU; None: when CUDA is available (off on CPU)
+    pin_memory: bool | None = field(default=None, metadata=NOT_A_SETTING)
+    # end to end: the text encoder's vocabulary size, which every sample's text_ids must stay below (None: unchecked)
+    text_vocab: int | None = field(default=None, metadata=NOT_A_SETTING)
+    # keep the DataLoader workers from one epoch (one evaluation) to the next (train/workers.py)
+    persistent_workers: bool = field(default=True, metadata=NOT_A_SETTING)
+
+    def problems(self) -> list[str]:
+        """Every invalid setting, each naming its key."""
+        problems = []
+        if self.batch_size < 1:
+            problems.append(f"batch_size: must be >= 1, got {self.batch_size}")
+        if self.num_workers < 0:
+            problems.append(f"num_workers: must be >= 0, got {self.num_workers}")
+        if self.shuffle_buffer < 1:
+            problems.append(f"shuffle_buffer: must be >= 1, got {self.shuffle_buffer}")
+        unknown = [m for m in self.modalities if m not in MODALITIES]
+        if not self.modalities or unknown:
+            problems.append(f"modalities: a non-empty subset of {list(MODALITIES)}, got {list(self.modalities)}")
+        keys = label_keys(self.label_key)
+        if not all(keys):
+            problems.append(
+                f"label_key: {self.label_key!r} has an empty key; name keys of meta.json's labels, comma-separated"
+            )
+        elif len(keys) > 1 and not self.multilabel:
+            problems.append(f"label_key: {len(keys)} keys ({', '.join(keys)}) need multilabel=True")
+        return problems
+
+    def check(self) -> None:
+        """Raise :class:`DataError` listing every invalid setting."""
+        problems = self.problems()
+        if problems:
+            raise DataError("invalid data config: " + "; ".join(problems))
 
 
 @dataclass
@@ -131,10 +196,10 @@ def parse_seeds(text: str) -> list[int]:
 
 @dataclass
 class TrainConfig:
-    """Every setting of ``mmfuse train``, in sections: what is trained (here), ``data`` (a
-    :class:`~train.data.DataConfig`, handed to the loaders as it is), ``optim`` and ``run``. A setting is given by
-    its name alone (``lr=1e-3``, ``batch_size=8``) or with its section (``optim.lr=1e-3``); config.json records
-    the names alone. Documented defaults; presets and flags override them."""
+    """Every setting of ``mmfuse train``, in sections: what is trained (here), ``data`` (a :class:`DataConfig`,
+    handed to the loaders as it is), ``optim`` and ``run``. A setting is given by its name alone (``lr=1e-3``,
+    ``batch_size=8``) or with its section (``optim.lr=1e-3``); config.json records it with its section. Documented
+    defaults; presets and flags override them."""
 
     model: str = "late"  # a name in fusion.MODELS
     model_settings: dict[str, Any] = field(default_factory=dict)  # overrides of the model's Config
@@ -156,6 +221,8 @@ class TrainConfig:
         )
 
     def problems(self) -> list[str]:
+        import fusion
+
         out = []
         if self.model not in fusion.MODELS:
             out.append(f"model: unknown {self.model!r}; valid models: {', '.join(sorted(fusion.MODELS))}")
@@ -169,11 +236,10 @@ class TrainConfig:
         if self.model in fusion.MODELS:
             known = {f.name for f in dataclasses.fields(fusion.MODELS[self.model].Config)}
             shared = {"dims", "task", "num_classes"}  # set from the shards and the task, not here
+            valid = ", ".join(sorted(known - shared))
             for key in sorted(set(self.model_settings) - (known - shared)):
                 hint = " (set it at the top level)" if key in shared else ""
-                out.append(
-                    f"model.{key}: not a setting of {self.model}{hint}; valid: {', '.join(sorted(known - shared))}"
-                )
+                out.append(f"model.{key}: not a setting of {self.model}{hint}; valid: {valid}")
         return out
 
     @property
@@ -206,8 +272,9 @@ class TrainConfig:
         return {**self.model_settings, "dims": dims, "task": self.task, "num_classes": self.num_classes}
 
     def to_dict(self) -> dict[str, Any]:
-        """The settings as config.json records them: one flat mapping of setting name -> value."""
-        return as_flat_dict(self)
+        """The settings as config.json and checkpoints record them: one flat mapping of dotted key -> value
+        (``optim.lr``, ``model.hidden``); :func:`make_train_config` reads it back as ``base``."""
+        return write_record(as_dotted_dict(self))
 
 
 def preset_path(model: str) -> Path:
@@ -221,12 +288,11 @@ def make_train_config(
     overrides: list[str] | tuple[str, ...] = (),
     base: dict[str, Any] | None = None,
 ) -> TrainConfig:
-    """Defaults <- ``base`` (e.g. a checkpoint's config) <- the model's preset <- ``config_file`` <- overrides.
-
-    A file naming a setting twice is refused; within ``overrides`` (a list code composes) a later setting
+    """Defaults <- ``base`` (a run's recorded config, in any form so far) <- the model's preset <- ``config_file``
+    <- overrides. A file naming a setting twice is refused; within ``overrides`` (a list code composes) a later setting
     replaces an earlier one. The command line refuses a setting typed twice first (:func:`refuse_repeated`)."""
-    values: dict[str, Any] = canonical(base or {}, TrainConfig)
-    settings: dict[str, Any] = dict(values.pop("model_settings", {}) or {})
+    saved, settings = split_model_settings(read_record(base or {}))
+    values: dict[str, Any] = canonical(saved, TrainConfig)
     layers: list[dict[str, Any]] = []
     name = model or values.get("model") or "late"
     if preset_path(name).is_file() and base is None:
@@ -266,6 +332,8 @@ def refuse_repeated(overrides: list[str] | tuple[str, ...]) -> None:
 def _model_settings(model: str, settings: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """The model's settings read by the types of its ``Config`` fields (``model.beta=1e-3`` is a float), and
     the problems found; keys that are not fields are left to :meth:`TrainConfig.problems`."""
+    import fusion
+
     if model not in fusion.MODELS:
         return settings, []
     hints = typing.get_type_hints(fusion.MODELS[model].Config)
@@ -293,9 +361,11 @@ def _label_settings(values: dict[str, Any]) -> None:
 
 def check_model_settings(config: TrainConfig, dims: dict[str, int]) -> None:
     """Build-time validation of the model settings against the data's dims (raises TrainConfigError)."""
+    import fusion
+
     try:
         fusion.make_config(fusion.MODELS[config.model].Config, config.model_kwargs(dims))
-    except FusionConfigError as exc:
+    except fusion.FusionConfigError as exc:
         raise TrainConfigError(f"model settings: {exc}") from exc
 
 
@@ -307,31 +377,18 @@ def check_model_settings(config: TrainConfig, dims: dict[str, int]) -> None:
 # whether a corrupt sample stops the run. Everything else (lr, batch_size, seed, the model, amp, ...) would
 # silently be overridden by the checkpoint (the optimiser's learning rates) or break the identity of the resumed
 # run with an uninterrupted one (the batches, the numerics): a new run is the way to change it.
-RESUMABLE = (
-    "epochs",
-    "max_steps",
-    "log_every",
-    "eval_every",
-    "checkpoint_every",
-    "num_workers",
-    "device",
-    "skip_bad_samples",
-)
+RESUMABLE = ("run.epochs", "run.max_steps", "run.log_every", "run.eval_every", "run.checkpoint_every")
+RESUMABLE += ("data.num_workers", "run.device", "data.skip_bad_samples")
 
 
 def resume_changes(saved: dict[str, Any], config: TrainConfig) -> dict[str, dict[str, Any]]:
-    """The settings ``config`` changes from ``saved`` (a checkpoint's config), as ``{key: {"from", "to"}}``
-    (``model.KEY`` for the model's); ``TrainConfigError`` naming every changed key outside ``RESUMABLE``."""
+    """The settings ``config`` changes from ``saved`` (a checkpoint's config, in any form recorded so far), as
+    ``{key: {"from", "to"}}`` by the dotted keys config.json records; ``TrainConfigError`` naming every changed key
+    outside ``RESUMABLE``."""
     old = make_train_config(saved.get("model"), None, [], base=saved).to_dict()
     new = config.to_dict()
     keys = sorted(set(old) | set(new))
     changes = {k: {"from": old.get(k), "to": new.get(k)} for k in keys if old.get(k) != new.get(k)}
-    settings = changes.pop("model_settings", None)
-    if settings is not None:
-        before, after = settings["from"] or {}, settings["to"] or {}
-        for key in sorted(set(before) | set(after)):
-            if before.get(key) != after.get(key):
-                changes[f"model.{key}"] = {"from": before.get(key), "to": after.get(key)}
     refused = [f"{k}: {v['from']!r} -> {v['to']!r}" for k, v in changes.items() if k not in RESUMABLE]
     if refused:
         raise TrainConfigError(

@@ -33,7 +33,6 @@ import logging
 import math
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +40,11 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from mmfuse.settings import NOT_A_SETTING
 from shards.dataset import ShardDataset, ShardEntry
-from shards.schema import MODALITIES
 from train.align import AlignWords
 from train.batches import Equalise, Normalise, Rebatch, collate_chunk
-from train.inputs import DataError, feature_dims, has_video_geom, label_keys
+from train.config import DataConfig
+from train.inputs import DataError, feature_dims, has_video_geom
 from train.stages import (
     ReadShards,
     SafeDecode,
@@ -61,65 +59,8 @@ from train.workers import PooledBatches
 
 log = logging.getLogger(__name__)
 
+# DataConfig is the data section of the training settings (train.config), named here for the loaders' callers
 __all__ = ["DataConfig", "ShardLoader", "make_loader", "num_batches", "plan_shards"]
-
-
-@dataclass
-class DataConfig:
-    """How batches are streamed; the defaults suit frozen-feature training. It is also the ``data`` section of
-    ``TrainConfig``, where the fields marked ``NOT_A_SETTING`` are derived (``raw`` from the mode, ``multilabel``
-    from the task, ``seed`` from the run's seed) or internal to the loader."""
-
-    batch_size: int = 32  # samples per batch, per rank
-    num_workers: int = 2  # DataLoader worker processes per rank (0 = read in the training process)
-    shuffle_buffer: int = 256  # samples held by each worker's shuffle buffer (training); memory grows with it
-    modalities: tuple[str, ...] = MODALITIES  # modalities to load; others are dropped right after validation
-    # key of meta.json's labels used as the target ("label": MMSA sentiment); multilabel targets take several,
-    # comma-separated ("neutral,happy,sad,angry"), each a 0/1 or boolean label
-    label_key: str = "label"
-    skip_bad_samples: bool = False  # count and log samples failing decode/validation instead of raising
-    align_words: bool = False  # average audio / video frames per word of the manifest's timings (train/align.py)
-    raw: bool = field(default=False, metadata=NOT_A_SETTING)  # also yield text_ids / audio_wave (end to end)
-    multilabel: bool = field(default=False, metadata=NOT_A_SETTING)  # labels (B, K) 0/1, a column per key
-    seed: int = field(default=0, metadata=NOT_A_SETTING)  # shuffles depend only on (seed, epoch, rank, worker)
-    normalise: bool = field(default=True, metadata=NOT_A_SETTING)  # standardise with dataset.json's train stats
-    drop_last: bool = field(default=True, metadata=NOT_A_SETTING)  # training: drop the last partial batch
-    equalise: bool = field(default=True, metadata=NOT_A_SETTING)  # training: as many batches on every rank
-    video_geom: bool | None = field(default=None, metadata=NOT_A_SETTING)  # the 4 geometry features; None: if stored
-    prefetch_factor: int = field(default=2, metadata=NOT_A_SETTING)  # batches each worker prepares ahead
-    # page-locked batches for non-blocking copies to a GPU; None: when CUDA is available (off on CPU)
-    pin_memory: bool | None = field(default=None, metadata=NOT_A_SETTING)
-    # end to end: the text encoder's vocabulary size, which every sample's text_ids must stay below (None: unchecked)
-    text_vocab: int | None = field(default=None, metadata=NOT_A_SETTING)
-    # keep the DataLoader workers from one epoch (one evaluation) to the next (train/workers.py)
-    persistent_workers: bool = field(default=True, metadata=NOT_A_SETTING)
-
-    def problems(self) -> list[str]:
-        """Every invalid setting, each naming its key."""
-        problems = []
-        if self.batch_size < 1:
-            problems.append(f"batch_size: must be >= 1, got {self.batch_size}")
-        if self.num_workers < 0:
-            problems.append(f"num_workers: must be >= 0, got {self.num_workers}")
-        if self.shuffle_buffer < 1:
-            problems.append(f"shuffle_buffer: must be >= 1, got {self.shuffle_buffer}")
-        unknown = [m for m in self.modalities if m not in MODALITIES]
-        if not self.modalities or unknown:
-            problems.append(f"modalities: a non-empty subset of {list(MODALITIES)}, got {list(self.modalities)}")
-        keys = label_keys(self.label_key)
-        if not all(keys):
-            problems.append(
-                f"label_key: {self.label_key!r} has an empty key; name keys of meta.json's labels, comma-separated"
-            )
-        elif len(keys) > 1 and not self.multilabel:
-            problems.append(f"label_key: {len(keys)} keys ({', '.join(keys)}) need multilabel=True")
-        return problems
-
-    def check(self) -> None:
-        """Raise :class:`DataError` listing every invalid setting."""
-        problems = self.problems()
-        if problems:
-            raise DataError("invalid data config: " + "; ".join(problems))
 
 
 def split_shards(dataset: ShardDataset, split: str) -> list[ShardEntry]:

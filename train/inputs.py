@@ -14,15 +14,12 @@ from typing import Any
 import numpy as np
 
 from extract.registry import registered_as
-from mmfuse.errors import MmfuseError
 from shards.dataset import ShardDataset
 from shards.schema import MODALITIES
+from train.config import label_keys  # noqa: F401 (its home before train.config; read by train.stages, train.data)
+from train.errors import DataError
 
 GEOM_DIM = 4  # video_geom.npy: mouth, left/right eye openness, yaw
-
-
-class DataError(MmfuseError, ValueError):
-    """The data pipeline cannot be built or fed as asked (config, split, labels, statistics)."""
 
 
 def has_video_geom(dataset: ShardDataset | str | Path) -> bool:
@@ -54,11 +51,6 @@ def feature_dims(
             width += GEOM_DIM if geom else 0
         out[m] = width
     return out
-
-
-def label_keys(label_key: str) -> tuple[str, ...]:
-    """The keys named by a ``label_key`` setting, in order: ``"neutral, happy"`` -> ("neutral", "happy")."""
-    return tuple(k.strip() for k in label_key.split(","))
 
 
 def scalar_label(meta: Mapping[str, Any], label_key: str) -> float:

@@ -264,7 +264,7 @@ def predict_clip(
     a clip scores as its sample does in ``mmfuse eval``."""
     device = resolve_device(device)
     ckpt = load_checkpoint(checkpoint)
-    if ckpt["config"].get("align_words"):
+    if ckpt["config"].get("data.align_words"):  # load_checkpoint gives the config by dotted keys
         raise DataError(
             f"{checkpoint} was trained on word-aligned features (align_words=true); predicting a single clip needs "
             "its word timings, which `mmfuse predict` does not take: evaluate such models with `mmfuse eval`"

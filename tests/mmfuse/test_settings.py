@@ -8,7 +8,7 @@ import pytest
 
 from extract.config import ConfigError, make_config
 from mmfuse.errors import MmfuseError
-from mmfuse.settings import as_flat_dict, build, coerce, leaf_paths, parse_number
+from mmfuse.settings import as_dotted_dict, build, coerce, leaf_paths, parse_number
 
 
 @dataclass
@@ -77,10 +77,10 @@ def test_sections_take_flat_dotted_and_nested_keys() -> None:
     )
     assert got == Settings(optim=Optim(1e-4, 1000), data=Data(3, ("a", "b")))
     assert build(Settings, [{"lr": 1}, {"optim.lr": 2}], Bad, "s").optim.lr == 2.0  # later layers win
-    flat = as_flat_dict(got)
-    assert flat == {"name": "x", "fps": None, "flag": False, "lr": 1e-4, "optim.steps": 1000, "data.steps": 3,
-                    "modalities": ["a", "b"]}  # fmt: skip
-    assert build(Settings, [flat], Bad, "s") == got
+    dotted = as_dotted_dict(got)
+    assert dotted == {"name": "x", "fps": None, "flag": False, "optim.lr": 1e-4, "optim.steps": 1000,
+                      "data.steps": 3, "data.modalities": ["a", "b"]}  # fmt: skip
+    assert build(Settings, [dotted], Bad, "s") == got
 
 
 def test_every_problem_is_reported_at_once_with_the_valid_keys() -> None:

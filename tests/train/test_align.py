@@ -94,6 +94,6 @@ def test_training_on_word_aligned_features(aligned_shards: Path, tmp_path: Path)
     ]
     fit(make_train_config("late", overrides=overrides), aligned_shards, tmp_path / "run")
     ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
-    assert load_checkpoint(ckpt)["config"]["align_words"] is True
+    assert load_checkpoint(ckpt)["config"]["data.align_words"] is True
     video = str(MEDIA / "grid" / "id2_vcd_swwp2s.mpg")
     assert main(["predict", "--checkpoint", str(ckpt), video, "--text", "set white with p two soon"]) == 1

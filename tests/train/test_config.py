@@ -109,7 +109,7 @@ def test_integers_take_underscores_and_whole_exponents_but_not_fractions() -> No
         make_train_config("ithp", overrides=["model.beta=big"])
 
 
-def test_sections_take_flat_dotted_and_nested_keys_and_record_flat(tmp_path) -> None:
+def test_sections_take_flat_dotted_and_nested_keys_and_record_dotted(tmp_path) -> None:
     path = tmp_path / "sections.yaml"
     path.write_text("optim:\n  lr: 3e-4\ndata:\n  batch_size: 6\n  label_key: happy\nrun:\n  seed: 7\n")
     config = make_train_config("late", path, ["optim.grad_accum=2", "epochs=3", "mode=end_to_end"])
@@ -118,10 +118,10 @@ def test_sections_take_flat_dotted_and_nested_keys_and_record_flat(tmp_path) -> 
     # what the data section derives: raw inputs end to end, scalar labels, the run's seed for every shuffle
     assert (config.data.raw, config.data.multilabel, config.data.seed) == (True, False, 7)
     recorded = config.to_dict()
-    assert (
-        recorded["lr"] == 3e-4 and recorded["batch_size"] == 6 and recorded["modalities"] == ["text", "audio", "video"]
-    )
-    assert not {"raw", "multilabel", "normalise", "prefetch_factor", "data", "optim", "run"} & set(recorded)
+    assert (recorded["optim.lr"], recorded["data.batch_size"], recorded["run.epochs"]) == (3e-4, 6, 3)
+    assert recorded["data.modalities"] == ["text", "audio", "video"] and recorded["model.hidden"] == 64
+    derived = {"data.raw", "data.multilabel", "data.normalise", "data.prefetch_factor"}
+    assert not (derived | {"model_settings", "lr", "batch_size", "data", "optim", "run"}) & set(recorded)
     assert make_train_config("late", base=recorded) == config  # config.json -> the same settings
     with pytest.raises(TrainConfigError, match="unknown setting 'raw'"):
         make_train_config("late", overrides=["raw=true"])  # derived from mode, not a setting

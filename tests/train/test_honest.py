@@ -131,7 +131,7 @@ def test_resume_refuses_changed_settings_and_records_allowed_ones(
     run = tmp_path / "run"
     assert train_cli(bundled_dataset, run, "epochs=1") == 0
     before = (run / "config.json").read_text()
-    lr = json.loads(before)["config"]["lr"]
+    lr = json.loads(before)["config"]["optim.lr"]
     argv = ["train", "--shards", str(bundled_dataset), "--run-dir", str(run), "--resume"]
     capsys.readouterr()
     assert main([*argv, "lr=0.5", "batch_size=2", "epochs=2"]) == 1
@@ -140,8 +140,8 @@ def test_resume_refuses_changed_settings_and_records_allowed_ones(
     assert (run / "config.json").read_text() == before  # nothing resumed, nothing rewritten
     assert main([*argv, "epochs=2", "log_every=2"]) == 0
     record = json.loads((run / "config.json").read_text())
-    assert record["config"]["epochs"] == 2 and record["config"]["log_every"] == 2
-    changes = {"epochs": {"from": 1, "to": 2}, "log_every": {"from": 1, "to": 2}}
+    assert record["config"]["run.epochs"] == 2 and record["config"]["run.log_every"] == 2
+    changes = {"run.epochs": {"from": 1, "to": 2}, "run.log_every": {"from": 1, "to": 2}}
     assert record["resumed"] == [{"step": 2, "changes": changes}]
     assert load_checkpoint(run / "checkpoints" / "last.pt")["state"]["step"] == 4
     with pytest.raises(TrainConfigError, match="model.hidden: 12 -> 15"):

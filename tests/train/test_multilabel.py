@@ -215,7 +215,7 @@ def test_models_train_and_evaluate_per_emotion(iemocap, model: str, tmp_path: Pa
 
     best = tmp_path / "run" / "checkpoints" / "best.pt"
     ckpt = load_checkpoint(best)
-    assert ckpt["config"]["label_key"] == EMOTIONS and ckpt["config"]["num_classes"] == 4
+    assert ckpt["config"]["data.label_key"] == EMOTIONS and ckpt["config"]["num_classes"] == 4
     assert ckpt["model_config"]["task"] == "multilabel" and ckpt["model_config"]["num_classes"] == 4
     config, net = load_network(ckpt)
     by_hand = hand_metrics(net, shards, config, expected)

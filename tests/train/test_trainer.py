@@ -280,10 +280,10 @@ def test_tcmax_checkpoint_from_before_the_regression_setting_still_evaluates(
     config = make_train_config("tcmax", overrides=[*FAST, "epochs=1", "model.regression=bins"])
     fit(config, bundled_dataset, tmp_path / "run")
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")
-    del ckpt["model_config"]["regression"], ckpt["config"]["model_settings"]["regression"]
+    del ckpt["model_config"]["regression"], ckpt["config"]["model.regression"]
     old = tmp_path / "old.pt"
     torch.save(ckpt, old)
-    assert load_checkpoint(old)["config"]["model_settings"]["regression"] == "bins"
+    assert load_checkpoint(old)["config"]["model.regression"] == "bins"
     argv = ["eval", "--checkpoint", str(old), "--shards", str(bundled_dataset), "--split", "train", "--json"]
     assert main(argv) == 0
     assert json.loads(capsys.readouterr().out)["n"] == 2
@@ -299,7 +299,7 @@ def test_eval_measures_the_mechanism_and_reads_a_renamed_setting(bundled_dataset
     assert sum(shares.values()) == pytest.approx(1.0) and shares["grad_share/joint_negative"] == 0.0
     assert {"diag/tc", "diag/dv_joint", "diag/ce/fused"} <= set(final["valid"])
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")
-    ckpt["model_config"]["regression"] = ckpt["config"]["model_settings"]["regression"] = "gaussian"
+    ckpt["model_config"]["regression"] = ckpt["config"]["model.regression"] = "gaussian"
     old = tmp_path / "old.pt"
     torch.save(ckpt, old)
     argv = ["eval", "--checkpoint", str(old), "--shards", str(bundled_dataset), "--split", "valid", "--json"]
@@ -326,7 +326,7 @@ def test_seeds_give_a_mean_std_table(bundled_dataset: Path, tmp_path: Path, caps
     assert main([*argv, "--seeds", "1,2", *FAST, "epochs=1"]) == 0
     runs = json.loads((tmp_path / "seeds" / "seeds.json").read_text())
     assert set(runs) == {"1", "2"}
-    assert json.loads((tmp_path / "seeds" / "seed-2" / "config.json").read_text())["config"]["seed"] == 2
+    assert json.loads((tmp_path / "seeds" / "seed-2" / "config.json").read_text())["config"]["run.seed"] == 2
     maes = [runs[s]["test"]["mae"] for s in ("1", "2")]
     table = (tmp_path / "seeds" / "seeds.md").read_text()
     mean, std = sum(maes) / 2, abs(maes[0] - maes[1]) / 2**0.5
@@ -405,6 +405,6 @@ def test_checkpoint_sizes_that_do_not_fit_its_weights_are_refused_before_buildin
     with pytest.raises(CheckpointError, match=r"do not fit the network .*fusion\..*text.*10000000"):
         load_network(wide)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB: nothing near 2.5 GB
-    deep = dict(ckpt, config={**ckpt["config"], "model_settings": {**ckpt["config"]["model_settings"], "hidden": 3000}})
+    deep = dict(ckpt, config={**ckpt["config"], "model.hidden": 3000})
     with pytest.raises(CheckpointError, match="do not fit the network"):
         load_network(deep)
