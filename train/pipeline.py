@@ -6,7 +6,8 @@ float16 features to float32, video geometry joined, train-split standardisation 
 so the training process does no per-element work on batches. In end-to-end mode the text features are
 recomputed from ``text_ids`` and the audio features from ``audio_wave`` with gradients, then standardised with
 the same train-split statistics the frozen features get, so at initialisation both modes feed the fusion model
-identical inputs. Video always uses the stored landmarks. One module, so DDP wraps it whole.
+identical inputs. Video always uses the stored landmarks. One module, so DDP wraps it whole. Token ids must lie
+in the text encoder's vocabulary: callers check a batch with ``check_token_ids`` before it leaves the host.
 """
 
 from __future__ import annotations
@@ -76,8 +77,7 @@ class FusionPipeline(nn.Module):
     def forward(self, batch: dict[str, Any]) -> FusionOutput:
         batch = self.normalise(batch)  # a new dict; float32 inputs already normalised pass unchanged
         if self.end_to_end:
-            if "text" in self.encoders and "text_ids" in batch:
-                check_token_ids(batch, self.encoders["text"].vocab_size)
+            if "text" in self.encoders and "text_ids" in batch:  # ids checked on the host (``check_token_ids``)
                 feats = self.encoders["text"](batch["text_ids"], batch["text_ids_mask"])
                 batch["text"] = self._standardise("text", feats, batch["text_ids_mask"])
                 batch["text_mask"] = batch["text_ids_mask"] & batch["text_mask"].any(1, keepdim=True)
@@ -94,10 +94,14 @@ class FusionPipeline(nn.Module):
         return torch.where(mask[..., None], (x.float() - mean) / std, torch.zeros((), device=x.device))
 
 
-def check_token_ids(batch: dict[str, Any], vocab: int) -> None:
+def check_token_ids(batch: dict[str, Any], vocab: int | None) -> None:
     """``DataError`` naming the sample when a batch's ``text_ids`` (B, T) leave [0, vocab): the loaders check each
-    sample already; this one reduction (one synchronisation) guards batches made elsewhere, since an id past the
-    embedding is a device-side assert on CUDA, which ends the process without saying which sample."""
+    sample already; the training step, ``evaluate`` and ``predict`` also check each batch here, on the host before
+    it moves to the device (no device synchronisation, and nothing for a compiled forward to trace), since an id
+    past the embedding is a device-side assert on CUDA, which ends the process without saying which sample.
+    Nothing to check without a text encoder (``vocab`` None) or ids."""
+    if vocab is None or "text_ids" not in batch:
+        return
     ids = batch["text_ids"]
     outside = (ids < 0) | (ids >= vocab)
     if not bool(outside.any()):

@@ -28,7 +28,7 @@ from train.batches import Normalise, collate
 from train.checkpoint import CheckpointError, checkpoint_dataset, load_checkpoint
 from train.config import TrainConfig, make_train_config
 from train.inputs import DataError, has_video_geom
-from train.pipeline import FusionPipeline
+from train.pipeline import FusionPipeline, check_token_ids
 from train.runtime import amp_dtype
 from train.stages import SelectModalities, ToInputs
 
@@ -276,6 +276,7 @@ def predict_clip(
     config, net = load_network(ckpt, device)
     sample = extract_sample(Path(video), text, cfg, extractors, fs_hash, tuple(config.data.modalities), window)
     batch = model_batch(sample, ckpt, config)
+    check_token_ids(batch, net.text_vocab)
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     autocast = amp_dtype(config.run.amp, torch.device(device))  # the precision `mmfuse eval` scores in here
     with torch.autocast(torch.device(device).type, dtype=autocast or torch.float32, enabled=autocast is not None):

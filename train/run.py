@@ -217,8 +217,8 @@ def wrap(run: Run) -> None:
     if run.d.enabled:
         run.ddp = DistributedDataParallel(run.net, find_unused_parameters=may_leave_parameters_unused(run))
         run.model = run.ddp
-    if run.config.run.compile:
-        run.model = torch.compile(run.model)
+    if run.config.run.compile:  # lengths vary per batch: dynamic shapes from the first graph, no per-dim recompiles
+        run.model = torch.compile(run.model, dynamic=True)
 
 
 def may_leave_parameters_unused(run: Run) -> bool:

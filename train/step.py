@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from fusion.base import FusionOutput
+from train.pipeline import check_token_ids
 from train.run import Run, train_encoders
 
 
@@ -55,6 +56,7 @@ def train_step(run: Run, batches: list[dict[str, Any]]) -> Step:
         if not anywhere[i]:
             continue
         sync = i == config.optim.grad_accum - 1
+        check_token_ids(batch, run.net.text_vocab)  # on the host: no device sync
         if counts[i]:
             last = forward_backward(run, to_device(rows, run.d.device), sync=sync)
         else:  # labels on another rank only: a zero gradient through the same reduction
@@ -91,8 +93,8 @@ def forward_backward(
     # DDP: all-reduce gradients only on the micro-batch that ends a group (``sync``). ``no_sync`` is the DDP
     # module's own: under torch.compile ``run.model`` is the compiled wrapper
     with run.ddp.no_sync() if run.ddp is not None and not sync else nullcontext():
-        with run.autocast():
-            out = run.model(batch)
+        with run.autocast():  # tensors only: a compiled forward would guard on (and recompile for) the keys
+            out = run.model({k: v for k, v in batch.items() if isinstance(v, torch.Tensor)})
         loss = sum(out.losses.values())
         if weight != 1.0:
             loss = torch.nan_to_num(loss) * weight

@@ -38,7 +38,7 @@ from train.config import TrainConfig
 from train.data import ShardLoader, make_loader
 from train.inputs import DataError
 from train.metrics import SELECTION, task_metrics
-from train.pipeline import FusionPipeline
+from train.pipeline import FusionPipeline, check_token_ids
 from train.run import Run, barrier, build_run, read_checkpoint, save, train_loader
 from train.runtime import Dist, amp_dtype, setup_distributed, teardown_distributed, write_json
 from train.step import Step, clip_grad_norm_per_group, labelled_rows, to_device, train_step
@@ -247,6 +247,7 @@ def evaluate(
         read += len(batch["key"])
         if progress is not None:
             progress(read, listed)
+        check_token_ids(batch, net.text_vocab)  # on the host, before the device
         batch = to_device(labelled_rows(batch), d.device)
         if batch["label"].numel() == 0:
             continue
