@@ -309,7 +309,9 @@ def run_child(
     entry = ["-m", "bench.train_steps", str(out / "spec.json")]
     if out.name.startswith("ddp"):
         entry = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs), *entry]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
+    # the tree first, then what the caller's PYTHONPATH holds (on the GPU image: the carried wheels' folder)
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": path}
     done = subprocess.run([sys.executable, *entry], cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
     if done.returncode != 0:
         raise RuntimeError(f"benchmark child {out.name} failed:\n{done.stderr[-3000:]}")

@@ -49,6 +49,34 @@ from train.runtime import (
 INIT_SCALE = 2.0**10
 
 
+class StepScaler(torch.amp.GradScaler):
+    """The GradScaler, telling whether ``step`` skipped the optimiser step with one host read of the scale per
+    step (under fp16; none when it is off): ``update`` backs the scale off only after a skip, so a scale below
+    the one before ``step`` is a skip. The scale before is kept on the host (``host_scale``) from the last read."""
+
+    def __init__(self, device: str, init_scale: float, enabled: bool = True) -> None:
+        super().__init__(device, init_scale=init_scale, enabled=enabled)
+        self.host_scale = init_scale if enabled else 1.0
+
+    def step_and_update(self, optimizer: torch.optim.Optimizer) -> bool:
+        """``step`` then ``update``; whether the optimiser stepped."""
+        self.step(optimizer)  # under fp16 torch reads the inf check on the host here (its own synchronisation)
+        self.update()
+        if not self.is_enabled():
+            return True
+        before, self.host_scale = self.host_scale, self.get_scale()
+        return self.host_scale >= before
+
+    def update(self, new_scale: float | torch.Tensor | None = None) -> None:
+        super().update(new_scale)
+        if new_scale is not None and self.is_enabled():
+            self.host_scale = self.get_scale()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.host_scale = self.get_scale() if self.is_enabled() else 1.0
+
+
 @dataclass
 class Run:
     """Everything the training loop carries from one optimiser step to the next.
@@ -70,7 +98,7 @@ class Run:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    scaler: torch.amp.GradScaler
+    scaler: StepScaler
     amp: torch.dtype | None  # autocast dtype; None: full precision
     batches_per_epoch: int  # per rank
     total_steps: int
@@ -185,7 +213,7 @@ def make_run(
     optimizer = torch.optim.AdamW(net.param_groups(config.optim.lr, config.optim.encoder_lr, config.optim.weight_decay))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total_steps))
     amp = amp_dtype(config.run.amp, d.device)
-    scaler = torch.amp.GradScaler(d.device.type, init_scale=INIT_SCALE, enabled=amp == torch.float16)
+    scaler = StepScaler(d.device.type, init_scale=INIT_SCALE, enabled=amp == torch.float16)
     run = Run(
         config, d, shards, dataset, dims, data, net, net, optimizer, scheduler, scaler, amp, per_epoch, total_steps
     )

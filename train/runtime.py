@@ -39,6 +39,9 @@ class Dist:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     enabled: bool = False
+    # a gloo group over the same ranks when the default group is NCCL: host values (counts, flags) are reduced
+    # through host memory without waiting for the GPU's queue; None: the default group is gloo already
+    cpu_group: Any = None
 
     @property
     def main(self) -> bool:
@@ -70,7 +73,10 @@ def setup_distributed(device: str) -> Dist:
         if dev.type == "cuda" and backend == "gloo" and local == 0:
             log.warning("%d ranks on this node share %d GPU(s): gloo instead of NCCL (slower)", local_world, gpus)
         dist.init_process_group(backend)
-    return Dist(rank, world, local, dev, True)
+    else:
+        backend = dist.get_backend()
+    cpu_group = dist.new_group(backend="gloo") if backend == "nccl" else None
+    return Dist(rank, world, local, dev, True, cpu_group)
 
 
 def pick_backend(device: torch.device, local_world: int, gpus: int) -> str:

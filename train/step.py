@@ -69,12 +69,13 @@ def train_step(run: Run, batches: list[dict[str, Any]]) -> Step:
 
 
 def labelled_anywhere(run: Run, counts: list[int]) -> list[bool]:
-    """For each micro-batch, whether any rank has a labelled sample in it (every rank decides the same)."""
+    """For each micro-batch, whether any rank has a labelled sample in it (every rank decides the same). The
+    counts are the host's: they are reduced on the CPU (``Dist.cpu_group``), never through the GPU's queue."""
     if not run.d.enabled:
         return [n > 0 for n in counts]
-    flags = torch.zeros(run.config.optim.grad_accum, dtype=torch.int64, device=run.d.device)
+    flags = torch.zeros(run.config.optim.grad_accum, dtype=torch.int64)
     flags[: len(counts)] = torch.tensor([int(n > 0) for n in counts], dtype=torch.int64)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=run.d.cpu_group)
     return [bool(f) for f in flags.tolist()[: len(counts)]]
 
 
@@ -109,11 +110,9 @@ def optimizer_step(run: Run) -> torch.Tensor | None:
     schedule or ``run.step``."""
     run.scaler.unscale_(run.optimizer)
     grad_norm = clip_grad_norm_per_group(run.optimizer, run.config.optim.clip_norm or float("inf"))
-    scale = run.scaler.get_scale()
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
+    stepped = run.scaler.step_and_update(run.optimizer)  # one host read of the scale per step, under fp16 only
     run.optimizer.zero_grad(set_to_none=True)
-    if run.scaler.is_enabled() and run.scaler.get_scale() < scale:  # update() backs off only after a skip
+    if not stepped:
         return None
     run.scheduler.step()
     run.step += 1

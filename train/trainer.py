@@ -31,11 +31,11 @@ import torch.distributed as dist
 
 from fusion.base import mechanism_shares
 from fusion.layers import task_loss
-from mmfuse.errors import MmfuseError
 from shards import Progress
 from shards.dataset import ShardDataset
 from train.config import TrainConfig
 from train.data import ShardLoader, make_loader
+from train.finite import FiniteWatch, NonFiniteLoss
 from train.inputs import DataError
 from train.metrics import SELECTION, task_metrics
 from train.pipeline import FusionPipeline, check_token_ids
@@ -44,15 +44,11 @@ from train.runtime import Dist, amp_dtype, setup_distributed, teardown_distribut
 from train.step import Step, clip_grad_norm_per_group, labelled_rows, to_device, train_step
 from train.workers import close_pools
 
-__all__ = ["clip_grad_norm_per_group", "evaluate", "fit", "prediction_row"]
+__all__ = ["NonFiniteLoss", "clip_grad_norm_per_group", "evaluate", "fit", "prediction_row"]
 
 log = logging.getLogger(__name__)
 
 LAST, BEST = Path("checkpoints/last.pt"), Path("checkpoints/best.pt")
-
-
-class NonFiniteLoss(MmfuseError, RuntimeError):
-    """The training loss became NaN or inf; the run stopped at that step, keeping what it had saved before."""
 
 
 def fit(
@@ -76,7 +72,7 @@ def fit(
             run.total_steps,
             run.batches_per_epoch // config.optim.grad_accum,
         )
-        run.started = time.perf_counter()
+        run.started, watch = time.perf_counter(), FiniteWatch(run.d.device)
         if run.progress is not None:
             run.progress(run.step, run.total_steps)
         while run.step < run.total_steps and run.epoch < config.run.epochs:
@@ -86,13 +82,14 @@ def fit(
             fresh, labelled, batches = run.batch == 0, 0, iter(loader)
             while run.step < run.total_steps and (micro := list(islice(batches, config.optim.grad_accum))):
                 step = train_step(run, micro)
-                if step.loss is not None:
-                    check_finite(run, step)
+                if step.loss is not None:  # on the device: read before anything is logged or saved
+                    watch.add(run.step if step.stepped else run.step + 1, run.epoch, step.loss, step.grad_norm)
                 run.batch += len(micro)
                 labelled += step.labelled
                 if step.stepped:
-                    after_step(run, step)
+                    after_step(run, step, watch)
             check_labelled(run, fresh, labelled)
+            check_finite(run, watch)
             note_skipped(run, loader)
             end_of_epoch(run)
         return finish(run)
@@ -101,12 +98,16 @@ def fit(
         teardown_distributed(d)
 
 
-def after_step(run: Run, step: Step) -> None:
+def after_step(run: Run, step: Step, watch: FiniteWatch) -> None:
     """Progress, a log line every ``log_every`` steps (and after the first), a checkpoint every
-    ``checkpoint_every`` steps."""
+    ``checkpoint_every`` steps; the finite check (a host synchronisation) before either, on those steps only."""
     if run.progress is not None:
         run.progress(run.step, run.total_steps)
-    if run.step % run.config.run.log_every == 0 or run.step == 1:
+    logs = run.step % run.config.run.log_every == 0 or run.step == 1
+    saves = bool(run.config.run.checkpoint_every) and run.step % run.config.run.checkpoint_every == 0
+    if logs or saves:
+        check_finite(run, watch)
+    if logs:
         run.log.train(
             run.step,
             run.epoch,
@@ -117,27 +118,14 @@ def after_step(run: Run, step: Step) -> None:
             run.scheduler.get_last_lr(),
             time.perf_counter() - run.started,
         )
-    if run.config.run.checkpoint_every and run.step % run.config.run.checkpoint_every == 0:
+    if saves:
         save(run, run.run_dir / LAST)
 
 
-def check_finite(run: Run, step: Step) -> None:
-    """``NonFiniteLoss`` when the loss (or the gradient norm of a step taken) of a full group is NaN or inf on
-    any rank: nothing after it is logged or saved, so the checkpoints keep the last finite state."""
-    values = [step.loss.detach().float().reshape(())]
-    if step.grad_norm is not None:
-        values.append(step.grad_norm.detach().float().reshape(()).to(values[0].device))
-    bad = not bool(torch.isfinite(torch.stack(values)).all())
-    if _total(int(bad), run.d) == 0:
-        return
-    at = run.step if step.stepped else run.step + 1
-    what = f"loss {float(values[0])}" + (f", gradient norm {float(values[1])}" if len(values) > 1 else "")
-    kept = [str(p) for p in (LAST, BEST) if (run.run_dir / p).is_file()] if run.run_dir else []
-    raise NonFiniteLoss(
-        f"training stopped at step {at} (epoch {run.epoch}): the {what} is not finite. "
-        f"{'Kept from before: ' + ', '.join(kept) if kept else 'No checkpoint had been saved'} in {run.run_dir}. "
-        "Start a new run with a lower lr (and encoder_lr), or amp=off"
-    )
+def check_finite(run: Run, watch: FiniteWatch) -> None:
+    """``NonFiniteLoss`` when a step since the start had a non-finite loss or gradient norm on any rank."""
+    kept = [p for p in (LAST, BEST) if run.run_dir and (run.run_dir / p).is_file()]
+    watch.check(run.d, run.step, run.run_dir, kept)
 
 
 def check_labelled(run: Run, fresh: bool, labelled: int) -> None:
@@ -284,9 +272,11 @@ class Diagnostics:
         self.counts: dict[str, int] = {}
 
     def add(self, values: dict[str, torch.Tensor], n: int) -> None:
+        """A batch's diagnostics; a NaN one is undefined for that batch (e.g. an MI term over a pair of modalities
+        with too few joint samples) and left out of its mean."""
         for key, value in values.items():
-            if value.dim() == 0:
-                self.sums[key] = self.sums.get(key, 0.0) + float(value) * n
+            if value.dim() == 0 and not math.isnan(scalar := float(value)):
+                self.sums[key] = self.sums.get(key, 0.0) + scalar * n
                 self.counts[key] = self.counts.get(key, 0) + n
 
     def means(self, d: Dist) -> dict[str, float]:
@@ -329,9 +319,9 @@ def _gather(parts: list[torch.Tensor], d: Dist) -> torch.Tensor | None:
 
 
 def _total(count: int, d: Dist) -> int:
-    """``count`` summed over ranks (every rank calls this at the same point)."""
+    """``count`` summed over ranks (every rank calls this at the same point), through host memory."""
     if not d.enabled:
         return count
-    total = torch.tensor([count], dtype=torch.int64, device=d.device)
-    dist.all_reduce(total)
+    total = torch.tensor([count], dtype=torch.int64)
+    dist.all_reduce(total, group=d.cpu_group)
     return int(total)

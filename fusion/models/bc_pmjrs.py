@@ -69,6 +69,7 @@ the method altogether and are not reproducible in a meaningful way; the rest of 
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -270,8 +271,9 @@ class BCPMJRS(FusionModel):
     ) -> tuple[Tensor, Tensor]:
         """(club_fit, mean CLUB estimate) over the pairs with >= 2 samples having both modalities (0, 0 if none).
 
-        The rows of a pair are weighted, not indexed out, and a pair with fewer samples counts 0: no host sync in
-        a compiled forward. Only eager runs leave such a pair's ``mi/a-b`` out of the diagnostics.
+        The rows of a pair are weighted, not indexed out, and a pair with fewer samples counts 0: no host
+        synchronisation, eager or compiled. Such a pair's ``mi/a-b`` diagnostic is NaN (undefined for the batch;
+        evaluation leaves it out of the mean, the training log writes null).
         """
         fits, estimates, counted = [], [], []
         for a, b in self.pairs:
@@ -283,8 +285,7 @@ class BCPMJRS(FusionModel):
             fits.append(torch.where(enough, fit, 0.0))
             estimates.append(torch.where(enough, estimate, 0.0))
             counted.append(enough)
-            if torch.compiler.is_compiling() or bool(enough):
-                diagnostics[f"mi/{a}-{b}"] = estimates[-1].detach()
+            diagnostics[f"mi/{a}-{b}"] = torch.where(enough, estimate, math.nan).detach()
         pairs = torch.stack(counted).sum().clamp_min(1)
         return torch.stack(fits).sum(), torch.stack(estimates).sum() / pairs
 

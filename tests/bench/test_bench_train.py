@@ -152,3 +152,24 @@ def test_timed_training_on_cuda(tmp_path: Path) -> None:
         assert result["device"].startswith("cuda") and result["compute_s_per_step"] > 0
         total = result["data_wait_s_per_step"] + result["compute_s_per_step"]
         assert total == pytest.approx(result["s_per_step"], rel=1e-9)
+
+
+def test_benchmark_children_keep_the_callers_import_path(tmp_path: Path, monkeypatch) -> None:
+    """On the GPU image the carried wheels are on PYTHONPATH: a child run sees them after the tree."""
+    import argparse
+    import subprocess
+
+    import bench.train_steps
+
+    seen = {}
+
+    def fake_run(cmd, *, env, **kwargs):
+        seen.update(env)
+        (tmp_path / "child" / "rank0.json").write_text("{}")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(bench.train_steps.subprocess, "run", fake_run)
+    monkeypatch.setenv("PYTHONPATH", "/carried/site")
+    args = argparse.Namespace(model="late", threads=1)
+    bench.train_steps.run_child(tmp_path / "child", tmp_path, [], args, 1, steps=1, warmup=0)
+    assert seen["PYTHONPATH"].split(":") == [str(bench.train_steps.ROOT), "/carried/site"]

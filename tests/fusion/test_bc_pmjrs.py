@@ -194,8 +194,8 @@ def test_pairs_with_fewer_than_two_joint_samples_are_skipped() -> None:
     batch["audio_mask"][1:] = False  # only sample 0 has audio
     model = tiny().train()
     out = model(batch)
-    assert "mi/text-video" in out.diagnostics
-    assert "mi/text-audio" not in out.diagnostics and "mi/audio-video" not in out.diagnostics
+    assert torch.isfinite(out.diagnostics["mi/text-video"])
+    assert out.diagnostics["mi/text-audio"].isnan() and out.diagnostics["mi/audio-video"].isnan()  # undefined
     assert all(torch.isfinite(v) for v in out.losses.values())
     batch["video_mask"][1:] = False  # now no pair has two joint samples
     out = model(batch)

@@ -82,9 +82,13 @@ def test_success_messages_name_only_what_exists(bundled_dataset: Path, tmp_path:
     assert "valid (removed: none): n=1 " in capsys.readouterr().out  # the bundled valid split has one clip
 
 
+@pytest.mark.parametrize("log_every", [1, 100])
 def test_a_non_finite_loss_stops_training_naming_the_step(
-    bundled_dataset: Path, tmp_path: Path, monkeypatch, capsys
+    bundled_dataset: Path, tmp_path: Path, monkeypatch, capsys, log_every: int
 ) -> None:
+    """The finite check is read on the host only before a log line, a checkpoint or an evaluation: with a log line
+    every step training stops at the bad step; with none due it runs on to the end of the epoch (step 4), and
+    nothing from step 3 on is logged or saved either way."""
     original = train.trainer.train_step
 
     def nan_at_step_3(run, micro):
@@ -93,25 +97,36 @@ def test_a_non_finite_loss_stops_training_naming_the_step(
             step.loss = torch.tensor(float("nan"))
         return step
 
+    fast = [s for s in FAST if not s.startswith("log_every=")]
+
+    def train_two_epochs(run_dir: Path) -> int:
+        args = ["--shards", str(bundled_dataset), "--model", "late", "--run-dir", str(run_dir), *fast, "epochs=2"]
+        return main(["train", *args, f"log_every={log_every}"])
+
     monkeypatch.setattr(train.trainer, "train_step", nan_at_step_3)
     run = tmp_path / "run"
-    assert train_cli(bundled_dataset, run, "epochs=2") == 1
+    assert train_two_epochs(run) == 1
     err = capsys.readouterr().err
-    assert "training stopped at step 3 (epoch 1): the loss nan" in err and "lower lr" in err and "amp=off" in err
-    assert "checkpoints/last.pt, checkpoints/best.pt" in err
+    stopped = 3 if log_every == 1 else 4
+    assert f"training stopped at step {stopped}: step 3 (epoch 1) had a loss of nan, gradient norm " in err
+    assert "not finite" in err and "lower lr" in err and "amp=off" in err
+    assert "Kept from before it: checkpoints/last.pt, checkpoints/best.pt" in err
     assert load_checkpoint(run / "checkpoints" / "last.pt")["state"]["step"] == 2  # the end of epoch 0, kept
     assert (run / "checkpoints" / "best.pt").is_file() and not (run / "final.json").exists()
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in logged) == 2 and {r["step"] for r in logged if "loss" in r} <= {1, 2}
 
-    def nan_at_once(run, micro):
+    def inf_at_once(run, micro):
         step = original(run, micro)
         step.loss = torch.tensor(float("inf"))
         return step
 
-    monkeypatch.setattr(train.trainer, "train_step", nan_at_once)
-    assert train_cli(bundled_dataset, tmp_path / "first", "epochs=2") == 1
+    monkeypatch.setattr(train.trainer, "train_step", inf_at_once)
+    assert train_two_epochs(tmp_path / "first") == 1
     err = capsys.readouterr().err
-    assert "training stopped at step 1 (epoch 0): the loss inf" in err and "No checkpoint had been saved" in err
-    assert "best.pt" not in err and not (tmp_path / "first" / "checkpoints" / "best.pt").exists()
+    assert "training stopped at step 1: step 1 (epoch 0) had a loss of inf" in err  # step 1 is always logged
+    assert "No checkpoint had been saved" in err and "best.pt" not in err
+    assert not (tmp_path / "first" / "checkpoints").exists() or not any((tmp_path / "first" / "checkpoints").iterdir())
 
 
 def test_eval_of_a_split_that_is_unknown_or_absent_is_an_error(bundled_dataset: Path, tmp_path: Path, capsys) -> None:

@@ -80,12 +80,15 @@ def test_ranks_sharing_a_gpu_use_gloo(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: joined.append(device))
     monkeypatch.setattr(runtime.dist, "is_initialized", lambda: False)
     monkeypatch.setattr(runtime.dist, "init_process_group", lambda backend: joined.append(backend))
+    monkeypatch.setattr(runtime.dist, "new_group", lambda backend: joined.append(f"{backend} group") or backend)
     env = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     d = setup_distributed("cuda")
     assert (d.rank, d.world_size, d.device, d.enabled) == (1, 2, cuda, True)
-    assert joined == [cuda, "gloo"]
+    assert joined == [cuda, "gloo"] and d.cpu_group is None  # host values go through the default group
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     joined.clear()
-    assert setup_distributed("cuda").device == torch.device("cuda:1") and joined == [torch.device("cuda:1"), "nccl"]
+    d = setup_distributed("cuda")
+    assert d.device == torch.device("cuda:1") and joined == [torch.device("cuda:1"), "nccl", "gloo group"]
+    assert d.cpu_group == "gloo"  # NCCL's default group: host values through a gloo group over the same ranks

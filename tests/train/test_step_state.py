@@ -13,7 +13,7 @@ from train.checkpoint import load_checkpoint
 from train.config import make_train_config
 from train.inputs import feature_dims
 from train.logs import RunLog
-from train.run import Run, make_run, may_leave_parameters_unused, restore, save, train_loader
+from train.run import Run, StepScaler, make_run, may_leave_parameters_unused, restore, save, train_loader
 from train.runtime import Dist
 from train.step import train_step
 
@@ -28,7 +28,7 @@ def tiny_run(shards: Path, *overrides: str) -> Run:
 
 def with_cpu_scaler(run: Run, init_scale: float) -> Run:
     """GradScaler is on for fp16 on CUDA only; the same logic runs with CPU grad scaling."""
-    run.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    run.scaler = StepScaler("cpu", init_scale=init_scale)
     return run
 
 
