@@ -14,6 +14,8 @@ Valid steps: from ``*_lengths`` when given (MMSA unaligned); from the ``text_ber
 (and for audio / vision in the aligned format, which share the text's word axis); otherwise every row that is
 not all zeros (MulT pads with zero rows). ``-inf`` values (MulT audio) become 0, as MulT does. Visual features
 go to ``video_feat.npy`` (there are no landmarks); time stamps are step indices (``meta["time_unit"]``).
+dataset.json records each modality as features of the extractor ``imported`` (:func:`imported_contracts`), so
+the training side reads them as it reads any extractor's.
 
 Loading a pickle can run arbitrary code, so nothing is read without ``trust_pickle=True``
 (``--trust-pickle``).
@@ -24,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import pickle
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +34,15 @@ import numpy as np
 
 from extract.extractors.base import ExtractionError
 from shards import Progress
+from shards.contract import IMPORTED, ModalityContract, declare, declared_table
 from shards.dataset import build_dataset, feature_set_hash, shard_name
 from shards.io import ShardWriter, atomic_write_json
-from shards.schema import MODALITIES, SCHEMA_VERSION, SPLITS, make_key
+from shards.schema import MEMBERS, MODALITIES, SCHEMA_VERSION, SPLITS, MemberSpec, make_key
 from shards.stats import RunningStats
 
 SPLIT_ALIASES = {"train": "train", "valid": "valid", "dev": "valid", "val": "valid", "test": "test"}
 ARRAYS = {"text": "text", "audio": "audio", "video": "vision"}
+FEATURES = {"text": "text_feat.npy", "audio": "audio_feat.npy", "video": "video_feat.npy"}
 MULT_EMOTIONS = ("neutral", "happy", "sad", "angry")
 
 
@@ -190,7 +195,23 @@ def convert(
             written += len(rows)
             if progress is not None:
                 progress(written, total)
-    return build_dataset(out, planned, feature_set, extra={"imported_from": str(source)})
+    contracts = imported_contracts(present, dims, {"format": fmt, "aligned": aligned})
+    return build_dataset(out, planned, feature_set, extra={"imported_from": str(source)}, contracts=contracts)
+
+
+def imported_outputs(modality: str) -> dict[str, MemberSpec]:
+    """The members an imported modality's samples carry, by role: its features (required), token ids for text
+    (where the pickle has them), a mask and step-index time stamps for audio and video."""
+    names = [FEATURES[modality], *(["text_ids.npy"] if modality == "text" else [f"{modality}_mask.npy"])]
+    names += [f"{modality}_time.npy"] if modality != "text" else []
+    return {n: replace(MEMBERS[n], required=True) if n == FEATURES[modality] else MEMBERS[n] for n in names}
+
+
+def imported_contracts(
+    present: list[str], dims: dict[str, int], settings: dict[str, Any]
+) -> dict[str, ModalityContract]:
+    """dataset.json's record of each imported modality: features of the extractor ``imported``."""
+    return {m: declare(m, IMPORTED, imported_outputs(m), dims, settings) for m in present}
 
 
 def _check_unique(all_ids: dict[str, list[tuple[str, str]]]) -> None:
@@ -206,10 +227,10 @@ def _check_unique(all_ids: dict[str, list[tuple[str, str]]]) -> None:
 
 def _write_shard(out, split, index, rows, table, ids, fmt, aligned, present, dims, fs_hash) -> None:
     name = shard_name(split, index)
-    writer = ShardWriter(out / f"{name}.tar")
+    writer = ShardWriter(out / f"{name}.tar", members=declared_table({m: imported_outputs(m) for m in present}))
     stats: dict[str, RunningStats] = {}
     records = []
-    members = {"text": "text_feat.npy", "audio": "audio_feat.npy", "video": "video_feat.npy"}
+    members = FEATURES
     try:
         for i in rows:
             video_id, clip_id = ids[i]

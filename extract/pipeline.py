@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from extract.registry import EXTRACTORS, extractor_for
 from extract.worker import DecodeSettings
 from extract.writer import ShardBuilder
 from shards import Progress
+from shards.contract import ModalityContract
 from shards.dataset import build_dataset, feature_set_hash, shard_name
 from shards.schema import MODALITIES, SAMPLE_RATE, SCHEMA_VERSION, SPLITS
 
@@ -110,6 +111,20 @@ def describe_feature_set(cfg: ExtractConfig, extractors: dict[str, Any]) -> dict
     return described
 
 
+def describe_contracts(
+    cfg: ExtractConfig, extractors: dict[str, Any], feature_set: dict[str, Any]
+) -> dict[str, ModalityContract]:
+    """dataset.json's record of each extracted modality (:mod:`shards.contract`): which member its extractor
+    writes as the feature, its width, mask, time, raw and extra members, and the extractor's settings. Widths come
+    from the provenance already in ``feature_set``."""
+    recorded = feature_set.get("extractors", {})
+    return {
+        m: extractors[m].contract(type(extractors[m]).settings_from(cfg), recorded.get(m))
+        for m in MODALITIES
+        if m in extractors
+    }
+
+
 def check_device(device: str) -> None:
     """Refuse ``--device`` when this machine lacks it (:func:`extract.devices.resolve_device`'s one line)."""
     resolve_device(device, auto=False)
@@ -130,6 +145,7 @@ class ExtractionJob:
     tic: float  # when setup began (after reading the manifest)
     locks: list[ShardLock]  # of the shards in todo
     held: list[str]  # this rank's incomplete shards another live writer holds (left to it)
+    contracts: dict[str, ModalityContract] = field(default_factory=dict)  # dataset.json's records, by modality
 
 
 def run_extract(
@@ -197,6 +213,7 @@ def finish_run(
                 "media_root": str(Path(media_root).resolve()) if media_root else None,
                 "max_duration_s": recorded_max_duration(out, cfg.max_duration_s),  # caps shard readers' members
             },
+            contracts=job.contracts,
         )
     finally:
         if dataset_lock is not None:
@@ -254,7 +271,10 @@ def prepare(
     if held:
         log.warning("left to the writers that hold them: %s", ", ".join(held))
     log.info(describe(cfg.workers, cfg.batch_size, cfg.precision, cfg.auto, cfg.auto_reason, cfg.threads))
-    return ExtractionJob(clips, plans, mine, todo, extractors, feature_set, fs_hash, settings, tic, locks, held)
+    contracts = describe_contracts(cfg, extractors, feature_set)
+    return ExtractionJob(
+        clips, plans, mine, todo, extractors, feature_set, fs_hash, settings, tic, locks, held, contracts
+    )  # fmt: skip
 
 
 def encode_and_write(

@@ -13,9 +13,10 @@ import numpy as np
 from extract.clip import make_sample, run_extractors
 from extract.config import ExtractConfig
 from extract.extractors.base import DecodedClip, ExtractionError
+from shards.contract import declared_table
 from shards.dataset import read_sidecar
 from shards.io import DiskFullError, ShardWriter, atomic_write_json
-from shards.schema import FEATURE_MEMBERS, MASK_MEMBERS, MODALITIES, SAMPLE_RATE, SCHEMA_VERSION
+from shards.schema import MODALITIES, SAMPLE_RATE, SCHEMA_VERSION, MemberSpec
 from shards.stats import RunningStats
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,9 @@ class ShardBuilder:
     ) -> None:
         self.out, self.plan, self.extractors, self.fs_hash, self.cfg = out, plan, extractors, fs_hash, cfg
         self.group = max(1, group)
-        self.writer = ShardWriter(out / f"{plan.name}.tar", rank=cfg.rank)
+        outputs = {m: e.output_spec() for m, e in extractors.items() if m in MODALITIES}  # each member by role
+        self.writer = ShardWriter(out / f"{plan.name}.tar", rank=cfg.rank, members=declared_table(outputs))
+        self.features = {m: feature_and_mask(spec) for m, spec in outputs.items()}
         self.pending: list[DecodedClip] = []
         self.records: list[dict[str, Any]] = []
         self.stats: dict[str, RunningStats] = {}
@@ -140,7 +143,7 @@ class ShardBuilder:
             mods = sample["meta.json"]["modalities"]
             self.writer.write(sample)
             if c.split == "train":
-                _accumulate(self.stats, sample)
+                _accumulate(self.stats, sample, self.features)
             requested_ok = all(mods[m]["status"] == "ok" for m in cfg.modalities)
             self.records.append({**record, "status": "ok" if requested_ok else "partial", "modalities": mods})
 
@@ -159,12 +162,21 @@ def write_shard(
     return builder.finish()
 
 
-def _accumulate(stats: dict[str, RunningStats], sample: dict[str, Any]) -> None:
-    for modality, member in FEATURE_MEMBERS.items():
-        if member not in sample:
+def feature_and_mask(outputs: dict[str, MemberSpec]) -> tuple[str | None, str | None]:
+    """The members of role ``feature`` and ``mask`` of an extractor's output spec (None where it has none)."""
+    roles = {spec.role: name for name, spec in outputs.items()}
+    return roles.get("feature"), roles.get("mask")
+
+
+def _accumulate(
+    stats: dict[str, RunningStats], sample: dict[str, Any], features: dict[str, tuple[str | None, str | None]]
+) -> None:
+    """Add a train sample's valid feature rows (``features``: modality -> its feature and mask members) to the
+    shard's statistics, by feature member."""
+    for member, mask_member in features.values():
+        if member is None or member not in sample:
             continue
         rows = sample[member]
-        mask_member = MASK_MEMBERS.get(modality)
-        if mask_member is not None:
+        if mask_member is not None and mask_member in sample:
             rows = rows[np.asarray(sample[mask_member], dtype=bool)]
         stats.setdefault(member, RunningStats()).update(rows)

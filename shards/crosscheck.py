@@ -9,7 +9,7 @@ mean shifted, a std shrunk) standardise every feature wrongly while every shard 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +57,8 @@ class SidecarStats:
     """The train statistics dataset.json should record: the train sidecars' ``stats`` merged, as
     :func:`shards.dataset.build_dataset` merges them."""
 
-    def __init__(self) -> None:
+    def __init__(self, members: Collection[str] = STATS_MEMBERS) -> None:
+        self.members = members  # the members build_dataset records (shards.contract.stats_members)
         self.merged: dict[str, RunningStats] = {}
         self.unreadable: list[str] = []
 
@@ -67,7 +68,7 @@ class SidecarStats:
             self.unreadable.append(f"sidecar {sidecar}: 'stats' is not an object of statistics by member")
             return
         for member, obj in stats.items():
-            if member not in STATS_MEMBERS:
+            if member not in self.members:
                 continue  # build_dataset records only these
             try:
                 part = _running_stats(obj)

@@ -5,7 +5,8 @@ Layout of ``OUT/``::
     {split}-{index:06d}.tar     samples (committed by rename)
     {split}-{index:06d}.json    sidecar: keys, sizes, per-clip statuses, timings, train statistics
     status.jsonl                one line per clip of the manifest (rebuilt from the sidecars)
-    dataset.json                schema version, feature set + hash, counts, shard list, train mean/std
+    dataset.json                schema version, feature set + hash, per-modality records (shards.contract),
+                                counts, shard list, train mean/std
 
 A shard is complete when its sidecar exists: the sidecar is renamed into place after the tar, so it is the
 commit marker. ``dataset.json`` and ``status.jsonl`` are derived from the sidecars and can be rebuilt at any
@@ -26,15 +27,15 @@ from typing import Any
 import numpy as np
 
 from mmfuse.settings import quoted
+from shards.contract import CONTRACT_KEY, IMPORTED, ModalityContract, member_table, read_contracts, stats_members
 from shards.dataset_fields import dataset_field_problems
 from shards.io import atomic_write_bytes, atomic_write_json
-from shards.schema import ALTERNATIVES, FEATURE_MEMBERS, N_LANDMARKS, SCHEMA_VERSION, STATS_MEMBERS, SchemaError
+from shards.schema import ALTERNATIVES, SCHEMA_VERSION, MemberSpec, SchemaError
 from shards.sidecar import dataset_problems, read_json_file, read_sidecar
 from shards.stats import RunningStats
 
 DATASET_JSON = "dataset.json"
 STATUS_JSONL = "status.jsonl"
-IMPORTED_VIDEO = ALTERNATIVES[FEATURE_MEMBERS["video"]]  # imported corpora's pre-computed visual features
 
 
 class FeatureSetMismatch(SchemaError):
@@ -117,8 +118,11 @@ class ShardDataset:
     """``dataset.json`` of a shard directory, read once (:meth:`load`) and passed to whatever reads the shards.
 
     ``feature_set`` and ``stats`` are kept as stored (checkpoints record them unchanged); ``dims`` maps the width
-    symbols (``Dt``, ``Da``, ``Dv``, ``landmarks``) to ints. A dataset with ``root=None`` has no shards to read: it
-    is the feature set and statistics a checkpoint records (see :meth:`from_json`).
+    symbols (``Dt``, ``Da``, ``Dv``, ``landmarks``) to ints. ``contracts`` holds each extracted modality's record
+    (:class:`shards.contract.ModalityContract`: its feature member, width, mask, time, raw and extra members), as
+    dataset.json records it or, for one written before it did, as :func:`shards.contract.legacy_contracts`
+    derives it. A dataset with ``root=None`` has no shards to read: it is the feature set, records and statistics
+    a checkpoint records (see :meth:`from_json`).
     """
 
     root: Path | None
@@ -130,6 +134,7 @@ class ShardDataset:
     shards: tuple[ShardEntry, ...] = ()
     missing_shards: tuple[str, ...] = ()
     complete: bool = True
+    contracts: dict[str, ModalityContract] = field(default_factory=dict)
 
     @classmethod
     def load(cls, root: Path | str) -> ShardDataset:
@@ -144,7 +149,7 @@ class ShardDataset:
     @classmethod
     def from_json(cls, obj: Mapping[str, Any], root: Path | str | None = None) -> ShardDataset:
         """From a ``dataset.json`` dict; absent keys read as empty (a checkpoint records only the feature set,
-        its hash and the statistics)."""
+        its hash, the per-modality records and the statistics; an older one no records, which are then derived)."""
         shards = tuple(
             ShardEntry(s["name"], s["split"], int(s["samples"]), int(s.get("bytes", 0))) for s in obj.get("shards", [])
         )
@@ -158,6 +163,7 @@ class ShardDataset:
             shards=shards,
             missing_shards=tuple(obj.get("missing_shards", ())),
             complete=bool(obj.get("complete", True)),
+            contracts=read_contracts(obj),
         )
 
     @classmethod
@@ -196,24 +202,35 @@ class ShardDataset:
 
     @property
     def imported_video(self) -> bool:
-        """Whether the video features are imported pre-computed ones (``video_feat.npy``), not landmarks."""
-        return "Dv" in self.dims
+        """Whether the video features are imported pre-computed ones: the record's extractor is ``imported`` (or,
+        in a record derived from an older dataset.json, the feature is the landmarks' alternative)."""
+        c = self.contracts.get("video")
+        return c is not None and (c.extractor == IMPORTED or c.feature == ALTERNATIVES["video_lmk.npy"])
+
+    @property
+    def members(self) -> dict[str, MemberSpec]:
+        """The members a sample of these shards may carry, as the schema checks them (see
+        :func:`shards.contract.member_table`)."""
+        return member_table(self.contracts)
+
+    def contract(self, modality: str) -> ModalityContract:
+        """The record of ``modality``; a SchemaError saying which modalities the shards hold when it has none."""
+        if modality not in self.contracts:
+            raise SchemaError(
+                f"the shards hold no {modality} features (dataset.json records {sorted(self.contracts) or 'none'}): "
+                f"extract the corpus with {modality}, or leave {modality} out of the modalities"
+            )
+        return self.contracts[modality]
 
     def feature_member(self, modality: str) -> str:
-        """The member holding ``modality``'s features, e.g. ``text_feat.npy``."""
-        return IMPORTED_VIDEO if modality == "video" and self.imported_video else FEATURE_MEMBERS[modality]
+        """The member holding ``modality``'s features, e.g. ``text_feat.npy`` (the record's ``feature``)."""
+        return self.contract(modality).feature
 
     def feature_width(self, modality: str) -> int | None:
-        """Width per step of the stored features of ``modality`` (landmarks flattened: 478 * 3), from ``dims``
-        or else the train statistics; None when neither says."""
-        if modality == "video":
-            return int(self.dims["Dv"]) if self.imported_video else int(self.dims.get("landmarks", N_LANDMARKS)) * 3
-        sym = {"text": "Dt", "audio": "Da"}[modality]
-        if sym in self.dims:
-            return int(self.dims[sym])
-        if FEATURE_MEMBERS[modality] in self.stats:
-            return len(self.stats[FEATURE_MEMBERS[modality]]["mean"])
-        return None
+        """Width per step of the stored features of ``modality`` (landmarks flattened: 478 * 3), from its record;
+        None when there is none."""
+        c = self.contracts.get(modality)
+        return None if c is None else c.width
 
     def train_stats(self, member: str) -> MemberStats | None:
         """Train-split statistics of ``member`` (e.g. ``audio_feat.npy``); None when dataset.json has none."""
@@ -244,11 +261,13 @@ def build_dataset(
     planned: Iterable[tuple[str, int]],
     feature_set: Mapping[str, Any],
     extra: Mapping[str, Any] | None = None,
+    contracts: Mapping[str, ModalityContract] | None = None,
 ) -> dict[str, Any]:
     """Rebuild ``status.jsonl`` and ``dataset.json`` from the sidecars of the planned shards.
 
     ``planned`` lists every ``(split, index)`` of the whole extraction (all ranks), so ``complete`` says whether
-    anything is still missing. Statistics are merged from train shards only.
+    anything is still missing. Statistics are merged from train shards only. ``contracts``: the extractors'
+    per-modality records, stored under ``modalities`` (without them, readers derive the built-in ones).
     """
     fs_hash = feature_set_hash(feature_set)
     shards, status_lines, missing = [], [], []
@@ -284,10 +303,12 @@ def build_dataset(
         "stats": {
             m: {"count": s.count, "mean": s.mean.tolist(), "std": s.std.tolist()}
             for m, s in sorted(stats.items())
-            if m in STATS_MEMBERS
+            if m in stats_members(contracts or {})
         },
         "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **dict(extra or {}),
     }
+    if contracts:
+        dataset[CONTRACT_KEY] = {m: c.to_json() for m, c in contracts.items()}
     atomic_write_json(out / DATASET_JSON, dataset)
     return dataset

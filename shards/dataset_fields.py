@@ -13,12 +13,14 @@ the two numbers it sizes member caps from with the same :class:`Range`.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from mmfuse.settings import quoted
-from shards.schema import SAMPLE_RATE
+from shards.contract import CONTRACT_KEY, step_width
+from shards.schema import MEMBERS, MODALITIES, ROLES, SAMPLE_RATE, MemberSpec
 
 # Bounds on what an extraction may be asked for and what dataset.json may record (extract.config checks the
 # settings, this module the file): shard readers size their member caps from them.
@@ -90,6 +92,8 @@ def dataset_field_problems(obj: Any) -> list[str]:
     if isinstance(obj.get("feature_set"), dict):
         problems += _feature_set_problems(obj["feature_set"])
     problems += stats_field_problems(obj.get("stats", {}))
+    if CONTRACT_KEY in obj:
+        problems += contract_problems(obj[CONTRACT_KEY], obj.get("dims"))
     if not isinstance(obj.get("missing_shards", []), list) or not all(
         isinstance(name, str) for name in obj.get("missing_shards", [])
     ):
@@ -166,4 +170,88 @@ def stats_field_problems(stats: Any) -> list[str]:
             problems.append(
                 f"'stats.{member}' has {len(values['mean'])} means but {len(values['std'])} standard deviations"
             )
+    return problems
+
+
+DTYPES = ("bool", "uint8", "int16", "int32", "int64", "float16", "float32")  # what a declared member may hold
+_MEMBER_NAME = re.compile(r"[a-z0-9_]+\.npy")
+
+
+def contract_problems(records: Any, dims: Any) -> list[str]:
+    """``modalities`` (the per-modality records of :mod:`shards.contract`): each names its extractor, a feature
+    member of its own members, a width in range that its shape and ``dims`` agree with, and members of known
+    roles, dtypes and shapes; a member the schema declares keeps the schema's dtype and shape."""
+    if not isinstance(records, dict):
+        return [f"'{CONTRACT_KEY}' is {quoted(records)}, not an object of records by modality"]
+    unknown = [m for m in records if m not in MODALITIES]
+    problems = [f"'{CONTRACT_KEY}.{m}' is not a modality ({', '.join(MODALITIES)})" for m in unknown]
+    for m, rec in records.items():
+        problems += [] if m in unknown else _record_problems(m, rec, dims)
+    return problems
+
+
+def _record_problems(m: str, rec: Any, dims: Any) -> list[str]:
+    """One modality's record, checked field by field, then its members, then the roles and width it names."""
+    where = f"{CONTRACT_KEY}.{m}"
+    problems = _typed(rec, RECORD_FIELDS, f"{where}.")
+    if problems:
+        return problems
+    problems = [p for p in [WIDTH.problem(rec["width"], f"{where}.width")] if p]
+    problems += _member_problems(m, rec["members"], where)
+    if problems:
+        return problems
+    problems += _role_problems(rec, where)
+    if problems:
+        return problems
+    feature = MemberSpec(**_spec_fields(rec["members"][rec["feature"]]), modality=m, required=True, doc="")
+    if isinstance(dims, dict) and all(
+        isinstance(a if isinstance(a, int) else dims.get(a), int) for a in feature.shape[1:]
+    ):
+        width = step_width(feature, dims)
+        if width != rec["width"]:
+            problems.append(f"'{where}.width' is {rec['width']}, but {rec['feature']} holds {width} per step")
+    return problems
+
+
+RECORD_FIELDS = {"extractor": str, "settings": dict, "feature": str, "width": int, "extra": dict, "members": dict}
+
+
+def _spec_fields(entry: Mapping[str, Any]) -> dict[str, Any]:
+    return {"dtype": entry["dtype"], "shape": tuple(entry["shape"]), "role": entry["role"]}
+
+
+def _member_problems(modality: str, members: Mapping[str, Any], where: str) -> list[str]:
+    """Each declared member: a ``<modality>_<name>.npy`` name, a role, a dtype, a (T, ...) shape and ``required``."""
+    problems = []
+    for name, entry in members.items():
+        at = f"'{where}.members.{name}'"
+        if not name.startswith(f"{modality}_") or not _MEMBER_NAME.fullmatch(name):
+            problems.append(f"{at}: a member is named {modality}_<lowercase letters, digits, _>.npy")
+        elif not isinstance(entry, dict) or entry.get("role") not in ROLES or entry.get("dtype") not in DTYPES:
+            problems.append(f"{at} needs a role of {list(ROLES)} and a dtype of {list(DTYPES)}")
+        elif not isinstance(entry.get("required"), bool) or not _shape_ok(entry.get("shape")):
+            problems.append(f"{at} needs 'required' true or false and a shape [time, axes...] (names or sizes >= 1)")
+        elif name in MEMBERS and (MEMBERS[name].dtype, MEMBERS[name].shape) != (entry["dtype"], tuple(entry["shape"])):
+            problems.append(f"{at} is declared {MEMBERS[name].dtype} {list(MEMBERS[name].shape)} by the shard schema")
+    return problems
+
+
+def _shape_ok(shape: Any) -> bool:
+    if not isinstance(shape, list) or not shape or not isinstance(shape[0], str):
+        return False
+    return all(isinstance(a, str) and a.isidentifier() or type(a) is int and 1 <= a <= MAX_DIM for a in shape)
+
+
+def _role_problems(rec: Mapping[str, Any], where: str) -> list[str]:
+    """The feature, mask, time and raw members and the extra inputs are members of the role they are named for."""
+    problems = []
+    named = {role: rec.get(role) for role in ("feature", "mask", "time", "raw")}
+    named.update({f"extra.{name}": name for name in rec["extra"]})
+    for field, name in named.items():
+        role = field.split(".")[0]
+        if name is None and role != "feature":
+            continue
+        if not isinstance(name, str) or rec["members"].get(name, {}).get("role") != role:
+            problems.append(f"'{where}.{field}' is {quoted(name)}, not one of its members of role {role}")
+    problems += [p for name, w in rec["extra"].items() for p in [WIDTH.problem(w, f"{where}.extra.{name}")] if p]
     return problems

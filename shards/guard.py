@@ -7,7 +7,8 @@ A shard is a plain POSIX tar of flat ``<key>.<member>`` regular files. The reade
 * anything but a regular file: symbolic or hard links, devices, FIFOs, folders, sparse members (a few KB on
   disk declaring GBs), names in a folder, absolute or with ``..``;
 * a member that is not in the schema, or whose size in the tar header is over its cap. The caps follow from the
-  schema's declared shapes (:data:`shards.schema.MEMBERS`): item size times the product of the axes, the widths
+  declared shapes (:data:`shards.schema.MEMBERS`, and the members dataset.json's records declare, see
+  :mod:`shards.contract`): item size times the product of the axes, the widths
   from dataset.json's ``dims`` and each time axis bounded by its step rate times the longest clip
   (dataset.json's ``max_duration_s`` or extraction's default, with a margin). ``meta.json`` is capped at 1 MB.
 
@@ -24,14 +25,15 @@ import re
 import struct
 import tarfile
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 
+from shards.contract import table_of
 from shards.dataset_fields import DURATION, FPS
-from shards.schema import MEMBERS, SAMPLE_RATE, SchemaError
+from shards.schema import MEMBERS, SAMPLE_RATE, MemberSpec, SchemaError
 from shards.tarstream import NotATar, iter_members
 
 COMPRESSED_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
@@ -49,9 +51,12 @@ NPY_HEADER_BYTES = 1 << 16  # room for a .npy header on top of the array bytes
 
 @dataclass(frozen=True)
 class ShardLimits:
-    """Per-member byte caps (member suffix → bytes) for the shards of one dataset."""
+    """Per-member byte caps (member suffix → bytes) for the shards of one dataset, and the member table they
+    come from (:func:`shards.contract.member_table` of its dataset.json: the schema's members and those its
+    extractors declare), which the samples read are validated against."""
 
     caps: Mapping[str, int]
+    members: Mapping[str, MemberSpec] = field(default_factory=lambda: dict(MEMBERS))
 
     @classmethod
     def derive(
@@ -59,8 +64,10 @@ class ShardLimits:
         dims: Mapping[str, Any] | None = None,
         feature_set: Mapping[str, Any] | None = None,
         max_duration_s: float | None = None,
+        members: Mapping[str, MemberSpec] | None = None,
     ) -> ShardLimits:
-        """Caps from the schema's shapes, dataset.json's ``dims`` and ``feature_set`` and the longest clip.
+        """Caps from the shapes of ``members`` (default: the schema's), dataset.json's ``dims`` and ``feature_set``
+        and the longest clip.
 
         A frame rate or duration outside what extraction accepts (``shards.dataset_fields.FPS`` and ``DURATION``)
         is a SchemaError naming it: a cap sized from ``1e308`` seconds would be no cap (and overflows)."""
@@ -76,17 +83,18 @@ class ShardLimits:
             if sym not in bounds and isinstance(width, int) and width > 0:
                 bounds[sym] = width
         caps = {META_MEMBER: META_MAX_BYTES}
-        for name, spec in MEMBERS.items():
+        members = dict(MEMBERS if members is None else members)
+        for name, spec in members.items():
             axes = [axis if isinstance(axis, int) else bounds.get(axis, MAX_WIDTH) for axis in spec.shape]
             caps[name] = np.dtype(spec.dtype).itemsize * math.prod(axes) + NPY_HEADER_BYTES
-        return cls(caps)
+        return cls(caps, members)
 
     @classmethod
     def of_dataset(cls, ds: Mapping[str, Any]) -> ShardLimits:
         """Caps for the shards a dataset.json object lists."""
         fs = ds.get("feature_set") if isinstance(ds.get("feature_set"), Mapping) else {}
         dims = ds.get("dims") if isinstance(ds.get("dims"), Mapping) else {}
-        return cls.derive(dims, fs, ds.get("max_duration_s") or fs.get("max_duration_s"))
+        return cls.derive(dims, fs, ds.get("max_duration_s") or fs.get("max_duration_s"), table_of(ds))
 
     @classmethod
     def beside(cls, shard: Path | str) -> ShardLimits:

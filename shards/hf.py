@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from shards.dataset import ShardDataset
+from shards.guard import ShardLimits
 from shards.io import iter_shard
-from shards.schema import MEMBERS
 
-DTYPES = {"float16": "float16", "float32": "float32", "int32": "int32", "int16": "int16", "bool": "bool"}
+DTYPES = {"float16": "float16", "float32": "float32", "int64": "int64", "int32": "int32", "int16": "int16"}
+DTYPES |= {"uint8": "uint8", "bool": "bool"}
 
 
 def _datasets() -> Any:
@@ -31,7 +32,8 @@ def _datasets() -> Any:
 
 
 def hf_features(root: Path | str) -> Any:
-    """``datasets.Features`` for every member of the schema and every meta.json field of ``root``'s shards."""
+    """``datasets.Features`` for every member of the schema (and those the records of ``root``'s dataset.json
+    declare, see :mod:`shards.contract`) and every meta.json field of ``root``'s shards."""
     datasets = _datasets()
     import pyarrow as pa
 
@@ -42,7 +44,7 @@ def hf_features(root: Path | str) -> Any:
         "__url__": datasets.Value("string"),
         "meta.json": dict(datasets.Features.from_arrow_schema(pa.Table.from_pylist(metas).schema)),
     }
-    for name, spec in MEMBERS.items():
+    for name, spec in ShardLimits.beside(root / "dataset.json").members.items():
         feature: Any = datasets.Value(DTYPES[spec.dtype])
         for _ in spec.shape:
             feature = datasets.List(feature)

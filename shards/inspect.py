@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from shards import Progress
+from shards.contract import ModalityContract, member_table, read_contracts
 from shards.dataset import STATUS_JSONL, load_dataset_json
 from shards.guard import ShardLimits, iter_raw_samples, load_json
 from shards.io import decode_sample
@@ -101,6 +102,7 @@ def verify_dataset(root: Path, ds: dict[str, Any], progress: Progress | None = N
     problems: list[str] = dataset_problems(root, ds)
     warnings: list[str] = []
     limits = ShardLimits.of_dataset(ds)
+    contracts = read_contracts(ds)  # which member is each modality's feature, and its width
     entries = list({entry["name"]: entry for entry in ds["shards"]}.values())  # a shard listed twice is read once
     listed, samples = sum(entry["samples"] for entry in entries), 0
     if progress is not None:
@@ -119,7 +121,7 @@ def verify_dataset(root: Path, ds: dict[str, Any], progress: Progress | None = N
                 if progress is not None:
                     progress(samples + count, listed)
                 problems.extend(check.sample(count - 1, raw))
-                problems.extend(_sample_problems(raw, entry, ds))
+                problems.extend(_sample_problems(raw, entry, ds, contracts))
         except SchemaError as exc:
             problems.append(str(exc))
         else:
@@ -134,12 +136,15 @@ def verify_dataset(root: Path, ds: dict[str, Any], progress: Progress | None = N
     }
 
 
-def _sample_problems(raw: dict[str, Any], entry: dict[str, Any], ds: dict[str, Any]) -> list[str]:
-    """Problems of one sample read back (members as bytes): decoding, the schema, feature set, split, widths."""
+def _sample_problems(
+    raw: dict[str, Any], entry: dict[str, Any], ds: dict[str, Any], contracts: dict[str, ModalityContract]
+) -> list[str]:
+    """Problems of one sample read back (members as bytes): decoding, the schema (the members of the shards'
+    records), feature set, split, and each record's feature width."""
     where = f"{entry['name']}: sample {raw['__key__']}"
     try:
         sample = decode_sample(raw, entry["name"])
-        validate_sample(sample)
+        validate_sample(sample, members=member_table(contracts))
     except SchemaError as exc:
         return [f"{entry['name']}: {exc}" if entry["name"] not in str(exc) else str(exc)]
     meta, problems = sample["meta.json"], []
@@ -147,9 +152,10 @@ def _sample_problems(raw: dict[str, Any], entry: dict[str, Any], ds: dict[str, A
         problems.append(f"{where} has another feature-set hash")
     if meta["split"] != entry["split"]:
         problems.append(f"{where}: meta.json says split {meta['split']!r} but it is in a {entry['split']} shard")
-    for name, width in (("text_feat.npy", "Dt"), ("audio_feat.npy", "Da")):
-        if name in sample and width in ds["dims"] and sample[name].shape[-1] != ds["dims"][width]:
-            problems.append(f"{where} {name} width {sample[name].shape[-1]}")
+    for c in contracts.values():
+        feat = sample.get(c.feature)
+        if feat is not None and len(feat) and feat[0].size != c.width:
+            problems.append(f"{where} {c.feature} width {feat[0].size}, but dataset.json records {c.width}")
     return problems
 
 

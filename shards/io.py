@@ -20,7 +20,7 @@ import numpy as np
 
 from mmfuse.errors import MmfuseError
 from shards.guard import ShardLimits, iter_raw_samples, load_json, load_npy
-from shards.schema import MEMBERS, SchemaError, validate_sample
+from shards.schema import MEMBERS, MemberSpec, SchemaError, validate_sample
 from shards.sidecar import member_digest
 
 MEMBER_ORDER = ("meta.json", *MEMBERS)
@@ -103,10 +103,13 @@ class ShardWriter:
     ``digests`` each one's members with their digests (:func:`shards.sidecar.member_digest`), for the sidecar.
     """
 
-    def __init__(self, path: Path | str, validate: bool = True, rank: int = 0) -> None:
+    def __init__(
+        self, path: Path | str, validate: bool = True, rank: int = 0, members: Mapping[str, MemberSpec] | None = None
+    ) -> None:
         self.path = Path(path)
         self.tmp = temp_path(self.path, rank)
         self.validate = validate
+        self.members = MEMBERS if members is None else members  # the extractors' member table (shards.contract)
         self.keys: list[str] = []
         self.digests: dict[str, dict[str, str]] = {}
         self.nbytes = 0
@@ -115,11 +118,12 @@ class ShardWriter:
 
     def write(self, sample: Mapping[str, Any]) -> None:
         if self.validate:
-            validate_sample(sample)
+            validate_sample(sample, members=self.members)
         key = sample["__key__"]
         digests: dict[str, str] = {}
+        declared = sorted(n for n in sample if not n.startswith("__") and n not in MEMBER_ORDER)
         try:
-            for name in MEMBER_ORDER:
+            for name in (*MEMBER_ORDER, *declared):  # the schema's order, then members an extractor declares
                 if name in sample:
                     digests[name] = self._add(f"{key}.{name}", encode_member(name, sample[name]))
         except OSError as exc:
@@ -171,8 +175,9 @@ def iter_shard(path: Path | str, validate: bool = True, limits: ShardLimits | No
     the dataset.json beside the shard).
     """
     path = Path(path)
+    limits = ShardLimits.beside(path) if limits is None else limits
     for raw in iter_raw_samples(path, limits):
-        yield _finish(decode_sample(raw, path), path, validate)
+        yield _finish(decode_sample(raw, path), path, validate, limits.members)
 
 
 def decode_sample(raw: dict[str, Any], shard: Path | str, copy: bool = True) -> dict[str, Any]:
@@ -191,10 +196,10 @@ def decode_sample(raw: dict[str, Any], shard: Path | str, copy: bool = True) -> 
     return sample
 
 
-def _finish(sample: dict[str, Any], path: Path, validate: bool) -> dict[str, Any]:
+def _finish(sample: dict[str, Any], path: Path, validate: bool, members: Mapping[str, MemberSpec]) -> dict[str, Any]:
     if validate:
         try:
-            validate_sample(sample)
+            validate_sample(sample, members=members)
         except SchemaError as exc:
             raise SchemaError(f"shard {path}: {exc}") from exc
     return sample

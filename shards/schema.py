@@ -21,7 +21,7 @@ import math
 import re
 import unicodedata
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -37,19 +37,25 @@ N_LANDMARKS = 478
 SAMPLE_RATE = 16000
 
 
+ROLES = ("feature", "mask", "time", "raw", "extra")
+
+
 class SchemaError(MmfuseError, ValueError):
     """A sample, shard or dataset does not match the shard schema."""
 
 
 @dataclass(frozen=True)
 class MemberSpec:
-    """One array member: dtype and shape, with symbolic dims shared across members of a sample."""
+    """One array member: dtype and shape, with symbolic dims shared across members of a sample, and its role for
+    the training side (:data:`ROLES`: the modality's ``feature``, its ``mask``, its ``time`` stamps, a ``raw``
+    input for end-to-end training, or an ``extra`` array)."""
 
     dtype: str
     shape: tuple[str | int, ...]
     modality: str
     required: bool
-    doc: str
+    doc: str = field(compare=False)  # what the member holds, for readers; not part of what it is
+    role: str = "extra"
 
 
 MEMBERS: dict[str, MemberSpec] = {
@@ -59,15 +65,16 @@ MEMBERS: dict[str, MemberSpec] = {
         "text",
         False,
         "tokenizer ids incl. special tokens (absent for imported features that have none)",
+        "raw",
     ),
-    "text_feat.npy": MemberSpec("float16", ("Tt", "Dt"), "text", True, "encoder hidden states"),
-    "audio_wave.npy": MemberSpec("int16", ("N",), "audio", False, "16 kHz mono waveform on the clip clock"),
-    "audio_feat.npy": MemberSpec("float16", ("Ta", "Da"), "audio", True, "wav2vec 2.0 frames"),
-    "audio_mask.npy": MemberSpec("bool", ("Ta",), "audio", True, "frame covers real audio"),
-    "audio_time.npy": MemberSpec("float32", ("Ta",), "audio", True, "frame centre time, seconds"),
-    "video_lmk.npy": MemberSpec("float16", ("Tv", N_LANDMARKS, 3), "video", True, "normalised landmarks"),
-    "video_mask.npy": MemberSpec("bool", ("Tv",), "video", True, "face present per frame"),
-    "video_time.npy": MemberSpec("float32", ("Tv",), "video", True, "frame time stamp, seconds"),
+    "text_feat.npy": MemberSpec("float16", ("Tt", "Dt"), "text", True, "encoder hidden states", "feature"),
+    "audio_wave.npy": MemberSpec("int16", ("N",), "audio", False, "16 kHz mono waveform on the clip clock", "raw"),
+    "audio_feat.npy": MemberSpec("float16", ("Ta", "Da"), "audio", True, "wav2vec 2.0 frames", "feature"),
+    "audio_mask.npy": MemberSpec("bool", ("Ta",), "audio", True, "frame covers real audio", "mask"),
+    "audio_time.npy": MemberSpec("float32", ("Ta",), "audio", True, "frame centre time, seconds", "time"),
+    "video_lmk.npy": MemberSpec("float16", ("Tv", N_LANDMARKS, 3), "video", True, "normalised landmarks", "feature"),
+    "video_mask.npy": MemberSpec("bool", ("Tv",), "video", True, "face present per frame", "mask"),
+    "video_time.npy": MemberSpec("float32", ("Tv",), "video", True, "frame time stamp, seconds", "time"),
     "video_norm.npy": MemberSpec("float32", ("Tv", 4), "video", False, "centre x, y, z and inter-ocular px"),
     "video_geom.npy": MemberSpec("float32", ("Tv", 4), "video", False, "mouth, left/right eye openness, yaw"),
     "video_feat.npy": MemberSpec(
@@ -76,12 +83,15 @@ MEMBERS: dict[str, MemberSpec] = {
         "video",
         False,
         "pre-computed visual features (imported, e.g. Facet / OpenFace), in place of landmarks",
+        "feature",
     ),
 }
 # A required member may be replaced by its alternative (imported corpora carry features, not landmarks).
 ALTERNATIVES = {"video_lmk.npy": "video_feat.npy"}
 
-# Per-modality features that get train-split normalisation statistics in dataset.json.
+# The built-in extractors' members by role: what dataset.json's per-modality record (shards.contract) says for
+# shards of FaceMesh and the bundled encoders, and what a dataset.json written before the record existed is read as.
+# Readers take the member names from the record (shards.dataset.ShardDataset.contracts), not from these tables.
 FEATURE_MEMBERS = {"text": "text_feat.npy", "audio": "audio_feat.npy", "video": "video_lmk.npy"}
 STATS_MEMBERS = (*FEATURE_MEMBERS.values(), "video_feat.npy")
 MASK_MEMBERS = {"audio": "audio_mask.npy", "video": "video_mask.npy"}
@@ -213,14 +223,20 @@ def words_problem(words: Any) -> str | None:
 
 
 def validate_sample(
-    sample: Mapping[str, Any], dims: Mapping[str, int] | None = None, modalities: Sequence[str] | None = None
+    sample: Mapping[str, Any],
+    dims: Mapping[str, int] | None = None,
+    modalities: Sequence[str] | None = None,
+    members: Mapping[str, MemberSpec] | None = None,
 ) -> None:
     """Check one decoded sample against the schema; raise :class:`SchemaError` naming the sample and member.
 
     ``dims`` optionally pins feature widths (``{"Dt": 384, "Da": 768}``) to those declared in dataset.json.
     ``modalities`` restricts the member checks to those modalities (a reader that dropped the others before
-    decoding); meta.json is always checked whole. Float members must be finite.
+    decoding); meta.json is always checked whole. Float members must be finite. ``members``: the member table of
+    the shards' extractors (``shards.contract.member_table``: :data:`MEMBERS` with each modality's members as its
+    extractor declares them); by default :data:`MEMBERS`.
     """
+    members = MEMBERS if members is None else members
     key = sample.get("__key__")
     if "meta.json" not in sample:
         raise SchemaError(f"sample {key}: no meta.json member")
@@ -228,11 +244,11 @@ def validate_sample(
     validate_meta(meta, key)
     key = meta["key"]
     problems: list[str] = []
-    unknown = sorted(k for k in sample if not k.startswith("__") and k != "meta.json" and k not in MEMBERS)
+    unknown = sorted(k for k in sample if not k.startswith("__") and k != "meta.json" and k not in members)
     if unknown:
         problems.append(f"unknown members {unknown}")
     bound: dict[str, int] = dict(dims or {})
-    for name, spec in MEMBERS.items():
+    for name, spec in members.items():
         if modalities is not None and spec.modality not in modalities:
             continue
         status = meta["modalities"][spec.modality]["status"]
@@ -258,7 +274,6 @@ _FLOAT_BITS = {
     4: (np.int32, np.uint32, 0x7F80_0000, 0x8000_0000),
     8: (np.int64, np.uint64, 0x7FF0_0000_0000_0000, 0x8000_0000_0000_0000),
 }
-_DTYPES = {name: np.dtype(spec.dtype) for name, spec in MEMBERS.items()}
 
 
 def all_finite(arr: np.ndarray) -> bool:
@@ -273,7 +288,7 @@ def all_finite(arr: np.ndarray) -> bool:
 
 
 def _check_array(name: str, spec: MemberSpec, arr: np.ndarray, bound: dict[str, int]) -> list[str]:
-    if arr.dtype != _DTYPES[name]:
+    if arr.dtype != np.dtype(spec.dtype):
         return [f"{name} has dtype {arr.dtype}, expected {spec.dtype}"]
     if arr.ndim != len(spec.shape):
         return [f"{name} has shape {arr.shape}, expected {len(spec.shape)} dims {spec.shape}"]

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from mmfuse.settings import quoted
+from shards.contract import stats_members_of
 from shards.crosscheck import KeyOwners, SidecarStats
 from shards.guard import load_json
 from shards.schema import SCHEMA_VERSION, SchemaError
@@ -184,7 +185,7 @@ def dataset_problems(root: Path | str, ds: Mapping[str, Any]) -> list[str]:
     listed = Counter(entry["name"] for entry in ds["shards"])
     problems += [f"{path}: shards lists {name} {n} times" for name, n in sorted(listed.items()) if n > 1]
     per_split: Counter = Counter()
-    owners, train_stats = KeyOwners(), SidecarStats()
+    owners, train_stats = KeyOwners(), SidecarStats(stats_members_of(ds))
     seen: set[str] = set()
     for i, entry in enumerate(ds["shards"]):
         if entry["name"] in seen:

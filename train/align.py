@@ -3,28 +3,28 @@
 ``AlignWords`` is a sample stage (before ``ToInputs``): for every word ``[word, start, end]`` in the sample's
 ``meta.json["words"]`` it averages the valid audio frames and video frames whose time stamp
 (``audio_time.npy`` / ``video_time.npy``, seconds on the clip's own clock, 0 = clip start) falls in
-``[start, end)``. Audio and video then have one step per word (W steps), with a mask that is False for a
-word no valid frame falls in (a word shorter than a video frame takes the valid frame nearest its middle, if
-that frame is within half a frame interval of the word). Word timings are therefore given on the clip's clock
-too. Text stays at token level (sub-word tokens; the shards keep no token-to-word map).
+``[start, end)``; which members are a modality's features, mask and time stamps comes from dataset.json's
+records (:mod:`shards.contract`: the feature and its extra members are averaged). Audio and video then have one
+step per word (W steps), with a mask that is False for a word no valid frame falls in (a word shorter than a
+video frame takes the valid frame nearest its middle, if that frame is within half a frame interval of the
+word). Word timings are therefore given on the clip's clock too. Text stays at token level (sub-word tokens;
+the shards keep no token-to-word map).
 
 A sample without word timings cannot be aligned: ``DataError`` names it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from shards.contract import ModalityContract, builtin_contracts
 from train.inputs import DataError
 from train.stages import BAD
 
-FRAMES = {  # modality -> (feature members averaged per word, mask member, time member)
-    "audio": (("audio_feat.npy",), "audio_mask.npy", "audio_time.npy"),
-    "video": (("video_lmk.npy", "video_geom.npy", "video_norm.npy"), "video_mask.npy", "video_time.npy"),
-}
+ALIGNED = ("audio", "video")  # text stays at token level
 
 
 def word_index(times: np.ndarray, valid: np.ndarray, words: Sequence[Sequence[Any]]) -> list[np.ndarray]:
@@ -52,10 +52,17 @@ def pool_words(feat: np.ndarray, groups: list[np.ndarray]) -> np.ndarray:
 
 
 class AlignWords:
-    """Stage: audio and video frames averaged per word (see the module docstring)."""
+    """Stage: audio and video frames averaged per word (see the module docstring). ``contracts``: the shards'
+    records (:attr:`shards.dataset.ShardDataset.contracts`; by default the built-in extractors'); a modality whose
+    record names no time member is left as it is."""
 
-    def __init__(self, modalities: Sequence[str]) -> None:
-        self.modalities = [m for m in modalities if m in FRAMES]
+    def __init__(self, modalities: Sequence[str], contracts: Mapping[str, ModalityContract] | None = None) -> None:
+        found = builtin_contracts() if contracts is None else contracts
+        self.frames = {  # modality -> (members averaged per word, mask member or None, time member)
+            m: (found[m].averaged(), found[m].mask, found[m].time)
+            for m in modalities
+            if m in ALIGNED and m in found and found[m].time
+        }
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         if BAD in sample:
@@ -68,16 +75,16 @@ class AlignWords:
                 "([word, start, end] on the clip's clock) for every clip"
             )
         out = dict(sample)
-        for m in self.modalities:
-            members, mask_name, time_name = FRAMES[m]
+        for m, (members, mask_name, time_name) in self.frames.items():
             if meta["modalities"][m]["status"] != "ok" or time_name not in sample:
                 continue
             times = np.asarray(sample[time_name], np.float64)
-            valid = np.asarray(sample[mask_name], bool)
+            valid = np.asarray(sample[mask_name], bool) if mask_name else np.ones(len(times), bool)
             groups = word_index(times, valid, words)
             for name in members:
                 if name in sample:
                     out[name] = pool_words(np.asarray(sample[name]), groups)
-            out[mask_name] = np.array([len(g) > 0 for g in groups], bool)
+            if mask_name:
+                out[mask_name] = np.array([len(g) > 0 for g in groups], bool)
             out[time_name] = np.array([(s + e) / 2 for _, s, e in words], np.float32)
         return out

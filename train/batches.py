@@ -14,8 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from shards.dataset import IMPORTED_VIDEO, ShardDataset
-from train.inputs import GEOM_DIM, DataError, feature_dims
+from shards.dataset import ShardDataset
+from shards.schema import SchemaError
+from train.inputs import DataError, feature_dims
 from train.stages import BAD, GEOM_INPUT, STD_FLOOR
 
 log = logging.getLogger(__name__)
@@ -211,15 +212,15 @@ def join_pieces(pieces: Sequence[tuple[dict[str, Any], int, int]]) -> dict[str, 
 
 class Normalise(nn.Module):
     """The step from a loader batch to the models' inputs (on the device, in ``FusionPipeline.forward``): float16
-    features become float32, ``video_geom`` is joined onto ``video`` (landmarks then the 4 geometry features, as
-    ``feature_dims`` declares), and features are standardised ``(x - mean) / std`` per feature dimension at valid
-    positions; masked positions stay 0.
+    features become float32, ``video_geom`` is joined onto ``video`` (the feature then the video record's extra
+    inputs, e.g. FaceMesh's 4 geometry features, as ``feature_dims`` declares), and features are standardised
+    ``(x - mean) / std`` per feature dimension at valid positions; masked positions stay 0.
 
-    Statistics are dataset.json's train-split ones; a std below ``STD_FLOOR`` divides by 1. The 4 video geometry
-    features have no stored statistics and pass unchanged; without statistics (``normalise=False``) features are
-    only made float32. Only features still as stored (float16) are standardised, so the step is idempotent: a
-    batch it already made (float32) passes unchanged. Mean and std are non-persistent buffers: they follow the
-    module to its device and stay out of checkpoints.
+    Statistics are dataset.json's train-split ones of each record's feature member; a std below ``STD_FLOOR``
+    divides by 1. The extra inputs have no stored statistics and pass unchanged; without statistics
+    (``normalise=False``) features are only made float32. Only features still as stored (float16) are
+    standardised, so the step is idempotent: a batch it already made (float32) passes unchanged. Mean and std are
+    non-persistent buffers: they follow the module to its device and stay out of checkpoints.
     """
 
     def __init__(self, mean: Mapping[str, np.ndarray], std: Mapping[str, np.ndarray]) -> None:
@@ -246,21 +247,22 @@ class Normalise(nn.Module):
         dims = feature_dims(ds, modalities, video_geom) if dims is None else dims
         mean, std = {}, {}
         for m in modalities:
-            member = ds.feature_member(m)
-            if m == "video" and ds.train_stats(member) is None and ds.train_stats(IMPORTED_VIDEO) is not None:
-                member = IMPORTED_VIDEO  # a checkpoint's dataset: imported features, told by their statistics
-            stats = ds.train_stats(member)
+            try:
+                c = ds.contract(m)
+            except SchemaError as exc:
+                raise DataError(str(exc)) from None
+            stats = ds.train_stats(c.feature)
             if stats is None or not stats.count:
                 raise DataError(
-                    f"dataset.json has no train-split statistics for {member}: the shards need a train split with "
+                    f"dataset.json has no train-split statistics for {c.feature}: the shards need a train split with "
                     f"{m} features to normalise, or set normalise=False"
                 )
             mu, sd = stats.mean, stats.std
             extra = dims[m] - len(mu)
-            if extra == GEOM_DIM and m == "video":
-                mu, sd = np.concatenate([mu, np.zeros(GEOM_DIM)]), np.concatenate([sd, np.ones(GEOM_DIM)])
+            if extra and extra == c.extra_width and m == "video":  # the extra inputs pass unchanged
+                mu, sd = np.concatenate([mu, np.zeros(extra)]), np.concatenate([sd, np.ones(extra)])
             elif extra:
-                raise DataError(f"statistics of {member} have width {len(mu)} but {m} inputs have {dims[m]}")
+                raise DataError(f"statistics of {c.feature} have width {len(mu)} but {m} inputs have {dims[m]}")
             mean[m], std[m] = mu, sd
         return cls(mean, std)
 

@@ -4,7 +4,7 @@ A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, save
 read with ``torch.load(weights_only=True)``, so loading one never runs code. It holds the network state
 (fusion model and, end to end, the encoders), optimiser, scheduler, gradient scaler, every rank's RNG state,
 the step and data position, the resolved training config, the fusion model's config, input dims, and the feature set
-(with its hash and train-split statistics) the shards were extracted with.
+(with its hash, per-modality records and train-split statistics) the shards were extracted with.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from mmfuse.errors import MmfuseError
+from shards.contract import CONTRACT_KEY
 from shards.dataset import ShardDataset
 from train.config_record import MODEL, read_record
 
@@ -70,6 +71,7 @@ def save_checkpoint(
         "feature_set_hash": dataset.feature_set_hash,
         "feature_set": dataset.feature_set,
         "stats": dataset.stats,
+        CONTRACT_KEY: {m: c.to_json() for m, c in dataset.contracts.items()},  # which member is each feature
         "torch_version": str(torch.__version__),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -113,11 +115,17 @@ def load_error(path: Path, exc: Exception) -> str:
 
 
 def checkpoint_dataset(ckpt: Mapping[str, Any]) -> ShardDataset:
-    """The feature set, its hash and the train statistics a checkpoint records, as a dataset without shards
-    (what the network and the input stages need from dataset.json)."""
-    return ShardDataset.from_json(
-        {"feature_set": ckpt["feature_set"], "feature_set_hash": ckpt["feature_set_hash"], "stats": ckpt["stats"]}
-    )
+    """The feature set, its hash, the per-modality records and the train statistics a checkpoint records, as a
+    dataset without shards (what the network and the input stages need from dataset.json). A checkpoint saved
+    before the records were gets those its feature set and statistics imply (``shards.contract.legacy_contracts``)."""
+    recorded = {
+        "feature_set": ckpt["feature_set"],
+        "feature_set_hash": ckpt["feature_set_hash"],
+        "stats": ckpt["stats"],
+    }
+    if CONTRACT_KEY in ckpt:
+        recorded[CONTRACT_KEY] = ckpt[CONTRACT_KEY]
+    return ShardDataset.from_json(recorded)
 
 
 def _with_legacy_settings(obj: dict[str, Any]) -> dict[str, Any]:

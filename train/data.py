@@ -148,14 +148,15 @@ def sample_stages(
     skip = config.skip_bad_samples
     geom = has_video_geom(dataset) if config.video_geom is None else config.video_geom
     dims = feature_dims(dataset, config.modalities, geom)
-    to_inputs = ToInputs(config.modalities, dims, config.raw, config.label_key, geom, config.multilabel)
+    contracts = dataset.contracts  # which member is each modality's feature, mask, raw and extra inputs
+    to_inputs = ToInputs(config.modalities, dims, config.raw, config.label_key, geom, config.multilabel, contracts)
     text_vocab = config.text_vocab if config.raw else None
     return [
         ReadShards(skip),  # samples with members as bytes and their shard name
-        wds.map(SelectModalities(config.modalities, config.raw)),  # only the members the model uses, still bytes
+        wds.map(SelectModalities(config.modalities, config.raw, contracts)),  # only the members in use, still bytes
         wds.map(SafeDecode(skip)),  # members decoded without pickle
         wds.map(Validate(dataset, skip, config.modalities, split, text_vocab)),  # schema-checked samples (or bad)
-        wds.map(AlignWords(config.modalities)) if config.align_words else None,  # one audio/video step per word
+        wds.map(AlignWords(config.modalities, contracts)) if config.align_words else None,  # a step per word
         ShuffleSamples(config.shuffle_buffer, config.seed, epoch, rank, config.batch_size) if train else None,  # seeded
         wds.map(to_inputs),  # float32 inputs + masks, label (a number or a (K,) 0/1 vector)
     ]

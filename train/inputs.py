@@ -13,43 +13,39 @@ from typing import Any
 
 import numpy as np
 
-from extract.registry import registered_as
 from shards.dataset import ShardDataset
-from shards.schema import MODALITIES
+from shards.schema import MODALITIES, SchemaError
 from train.config import label_keys  # noqa: F401 (its home before train.config; read by train.stages, train.data)
 from train.errors import DataError
 
-GEOM_DIM = 4  # video_geom.npy: mouth, left/right eye openness, yaw
-
 
 def has_video_geom(dataset: ShardDataset | str | Path) -> bool:
-    """Whether the shards' video extractor stores ``video_geom.npy`` (decided from dataset.json alone: the
-    registered extractor of the provenance name it records)."""
-    entry = registered_as(ShardDataset.of(dataset).video_extractor)
-    return entry is not None and "video_geom.npy" in entry.members
+    """Whether the shards' video record names extra inputs (FaceMesh's ``video_geom.npy``) to join after the
+    feature, decided from dataset.json alone (:attr:`shards.dataset.ShardDataset.contracts`)."""
+    c = ShardDataset.of(dataset).contracts.get("video")
+    return c is not None and bool(c.extra)
 
 
 def feature_dims(
     dataset: ShardDataset | str | Path, modalities: Sequence[str] = MODALITIES, video_geom: bool | None = None
 ) -> dict[str, int]:
-    """Input width per modality, for ``FusionConfig.dims``, from dataset.json (loaded, or the shard dir).
+    """Input width per modality, for ``FusionConfig.dims``, from dataset.json's records (loaded, or the shard dir).
 
-    text = Dt, audio = Da, video = 478 * 3 landmark coordinates (+ 4 geometry features when ``video_geom``,
-    by default when the video extractor stores them), or Dv for imported pre-computed visual features.
+    Each modality's record ``width`` (text Dt, audio Da, video 478 * 3 landmark coordinates for FaceMesh, Dv for
+    imported features, whatever its extractor declares otherwise), plus for video the widths of the record's
+    ``extra`` inputs (FaceMesh's 4 geometry features) when ``video_geom``, by default when the record names any.
     """
     ds = ShardDataset.of(dataset)
     out: dict[str, int] = {}
     for m in modalities:
         if m not in MODALITIES:
             raise DataError(f"unknown modality {m!r}; valid: {', '.join(MODALITIES)}")
-        width = ds.feature_width(m)
-        if width is None:
-            sym = {"text": "Dt", "audio": "Da"}[m]
-            raise DataError(f"dataset.json has no width for {m} ({sym} in 'dims'): were the shards extracted with {m}?")
-        if m == "video" and not ds.imported_video:
-            geom = has_video_geom(ds) if video_geom is None else video_geom
-            width += GEOM_DIM if geom else 0
-        out[m] = width
+        try:
+            c = ds.contract(m)
+        except SchemaError as exc:
+            raise DataError(f"dataset.json has no width for {m}: {exc}") from None
+        geom = has_video_geom(ds) if video_geom is None else video_geom
+        out[m] = c.width + (c.extra_width if m == "video" and geom else 0)
     return out
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from shards import Progress
-from shards.dataset import IMPORTED_VIDEO, ShardDataset
+from shards.dataset import ShardDataset
 from shards.stats import RunningStats
 from train.config import TrainConfig, TrainConfigError
 from train.data import make_loader
@@ -68,9 +68,8 @@ def input_std(
 
 
 def _recorded_std(dataset: ShardDataset, modality: str) -> np.ndarray | None:
-    stats = dataset.train_stats(dataset.feature_member(modality))
-    if stats is None and modality == "video":  # a checkpoint's record names no dims: imported features
-        stats = dataset.train_stats(IMPORTED_VIDEO)
+    c = dataset.contracts.get(modality)
+    stats = None if c is None else dataset.train_stats(c.feature)  # the statistics of the record's feature member
     return None if stats is None or not stats.count else stats.std
 
 

@@ -20,7 +20,6 @@ from torch import Tensor, nn
 import fusion
 from fusion.base import FusionOutput
 from shards.dataset import ShardDataset
-from shards.schema import FEATURE_MEMBERS
 from train.batches import Normalise
 from train.config import TrainConfig, TrainConfigError
 from train.encoders import AudioEncoder, TextEncoder
@@ -49,7 +48,7 @@ class FusionPipeline(nn.Module):
             if "audio" in config.data.modalities and "audio" in extractors:
                 self.encoders["audio"] = AudioEncoder(extractors["audio"], config.grad_checkpointing)
         for m in self.encoders:
-            mean, std = _stats(dataset, FEATURE_MEMBERS[m])
+            mean, std = _stats(dataset, dataset.feature_member(m))
             self.register_buffer(f"{m}_mean", mean)
             self.register_buffer(f"{m}_std", std)
 

@@ -188,9 +188,10 @@ def model_batch(sample: dict[str, Any], ckpt: Mapping[str, Any], config: TrainCo
     geom = has_video_geom(dataset)
     modalities, raw = tuple(config.data.modalities), config.mode == "end_to_end"
     dims = {m: int(ckpt["dims"][m]) for m in modalities}
-    validate_sample(sample)
-    to_inputs = ToInputs(modalities, dims, raw, config.data.label_key, geom, config.task == "multilabel")
-    inputs = to_inputs(SelectModalities(modalities, raw)(sample))
+    contracts = dataset.contracts  # the checkpoint's records (or those its feature set implies)
+    validate_sample(sample, members=dataset.members)
+    to_inputs = ToInputs(modalities, dims, raw, config.data.label_key, geom, config.task == "multilabel", contracts)
+    inputs = to_inputs(SelectModalities(modalities, raw, contracts)(sample))
     batch = Normalise.from_dataset(dataset, modalities, geom)(collate([inputs]))
     batch.pop("label")  # NaN: a new clip has no label
     return batch

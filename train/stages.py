@@ -44,18 +44,19 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from shards.dataset import IMPORTED_VIDEO, ShardDataset
+from shards.contract import ModalityContract, builtin_contracts
+from shards.dataset import ShardDataset
 from shards.guard import ShardLimits, iter_raw_samples
 from shards.io import decode_sample
-from shards.schema import FEATURE_MEMBERS, MASK_MEMBERS, MODALITIES, SchemaError, validate_sample
+from shards.schema import MODALITIES, SchemaError, validate_sample
 from shards.sidecar import ShardCheck
-from train.inputs import GEOM_DIM, DataError, binary_labels, label_keys, scalar_label
+from train.inputs import DataError, binary_labels, label_keys, scalar_label
 
 log = logging.getLogger(__name__)
 
-RAW_MEMBERS = {"text": "text_ids.npy", "audio": "audio_wave.npy"}
-RAW_INPUTS = {"text": "text_ids", "audio": "audio_wave"}
-GEOM_INPUT = "video_geom"  # ToInputs' separate geometry input, joined onto "video" by Normalise
+RAW_MEMBERS = {"text": "text_ids.npy", "audio": "audio_wave.npy"}  # the built-in extractors' raw members
+RAW_INPUTS = {"text": "text_ids", "audio": "audio_wave"}  # the inputs the end-to-end encoders take
+GEOM_INPUT = "video_geom"  # ToInputs' video extra inputs (FaceMesh's geometry), joined onto "video" by Normalise
 STD_FLOOR = 1e-6  # a feature whose train std is below this is only centred (divided by 1)
 BAD = "__bad__"  # marker member of a sample that failed decoding or validation (with skip_bad_samples)
 
@@ -141,10 +142,16 @@ class ReadShards:
 
 
 class SelectModalities:
-    """Stage: drop the members of modalities (and raw inputs) the model does not use."""
+    """Stage: drop the members of modalities (and raw inputs) the model does not use. A member belongs to the
+    modality its name starts with (``video_...``); raw inputs are the records' ``raw`` members (``contracts``,
+    by default the built-in extractors')."""
 
-    def __init__(self, modalities: Sequence[str], raw: bool) -> None:
+    def __init__(
+        self, modalities: Sequence[str], raw: bool, contracts: Mapping[str, ModalityContract] | None = None
+    ) -> None:
         self.modalities, self.raw = tuple(modalities), raw
+        found = builtin_contracts() if contracts is None else contracts
+        self.raw_members = frozenset(c.raw for c in found.values() if c.raw)
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         if BAD in sample:
@@ -152,14 +159,12 @@ class SelectModalities:
         keep = {}
         for name, value in sample.items():
             modality = name.split("_", 1)[0]
-            if modality in MODALITIES and (modality not in self.modalities or (not self.raw and _is_raw(name))):
+            if modality in MODALITIES and (
+                modality not in self.modalities or (not self.raw and name in self.raw_members)
+            ):
                 continue
             keep[name] = value
         return keep
-
-
-def _is_raw(name: str) -> bool:
-    return name in RAW_MEMBERS.values()
 
 
 class SafeDecode:
@@ -192,7 +197,9 @@ class Validate:
         split: str | None = None,
         text_vocab: int | None = None,
     ) -> None:
-        self.dims = {k: int(v) for k, v in dataset.dims.items() if k in ("Dt", "Da", "Dv")}
+        self.members = dataset.members  # the member table of the shards' extractors (shards.contract)
+        widths = {axis for spec in self.members.values() for axis in spec.shape[1:] if isinstance(axis, str)}
+        self.dims = {k: int(v) for k, v in dataset.dims.items() if k in widths}
         self.fs_hash, self.skip_bad, self.split = dataset.feature_set_hash, skip_bad, split
         self.modalities = tuple(modalities) if modalities is not None else None
         self.text_vocab = text_vocab
@@ -201,7 +208,7 @@ class Validate:
         if BAD in sample:
             return sample
         try:
-            validate_sample(sample, self.dims, self.modalities)
+            validate_sample(sample, self.dims, self.modalities, self.members)
             got = sample["meta.json"]["feature_set_hash"]
             if self.fs_hash is not None and got != self.fs_hash:
                 raise SchemaError(
@@ -278,8 +285,12 @@ def _steps(feat: np.ndarray | None, mask: np.ndarray | None, width: int) -> tupl
 class ToInputs:
     """Stage: a validated shard sample → model inputs (NumPy): features, masks, raw inputs, label, key.
 
-    The label is the number under ``label_key``, or with ``multilabel`` the (K,) 0/1 vector of its
-    comma-separated keys (see :func:`train.inputs.label_keys`).
+    Which member is each modality's feature, mask, raw input and extra inputs comes from the records
+    (``contracts``: dataset.json's, :attr:`shards.dataset.ShardDataset.contracts`; by default the built-in
+    extractors'). The label is the number under ``label_key``, or with ``multilabel`` the (K,) 0/1 vector of its
+    comma-separated keys (see :func:`train.inputs.label_keys`). With ``video_geom`` the video record's extra
+    inputs (FaceMesh's 4 geometry features) travel as ``video_geom`` (T, E) float32, zeros where a sample lacks
+    them, and ``dims["video"]`` counts them.
     """
 
     def __init__(
@@ -290,9 +301,11 @@ class ToInputs:
         label_key: str,
         video_geom: bool,
         multilabel: bool = False,
+        contracts: Mapping[str, ModalityContract] | None = None,
     ) -> None:
         self.modalities, self.dims, self.raw = tuple(modalities), dict(dims), raw
         self.label_key, self.video_geom, self.multilabel = label_key, video_geom, multilabel
+        self.contracts = dict(builtin_contracts(dims) if contracts is None else contracts)
         self.keys = label_keys(label_key)
         if not multilabel and len(self.keys) > 1:
             raise DataError(
@@ -307,21 +320,18 @@ class ToInputs:
         label = binary_labels(meta, self.keys) if self.multilabel else scalar_label(meta, self.label_key)
         out: dict[str, Any] = {"key": meta["key"], "label": label}
         for m in self.modalities:
-            ok = meta["modalities"][m]["status"] == "ok"
-            feat = sample.get(FEATURE_MEMBERS[m], sample.get(IMPORTED_VIDEO)) if ok else None
-            mask = sample.get(MASK_MEMBERS[m]) if ok and m in MASK_MEMBERS else None
-            geom = None
-            if m == "video" and feat is not None and IMPORTED_VIDEO not in sample:
-                feat = feat.reshape(len(feat), -1)
-                if self.video_geom:  # float32, kept apart so landmarks can travel as float16; Normalise joins them
-                    geom = sample.get("video_geom.npy", np.zeros((len(feat), GEOM_DIM), np.float32))
-            width = self.dims[m] - (GEOM_DIM if m == "video" and self.video_geom else 0)
-            out[m], out[f"{m}_mask"] = _steps(feat, mask, width)
-            if m == "video" and self.video_geom:
-                out[GEOM_INPUT] = np.zeros((len(out[m]), GEOM_DIM), np.float32) if geom is None else geom
+            c = self.contracts.get(m)
+            ok = c is not None and meta["modalities"][m]["status"] == "ok"
+            feat = sample.get(c.feature) if ok else None
+            mask = sample.get(c.mask) if ok and c.mask else None
+            extras = c.extra if c is not None and m == "video" and self.video_geom else {}
+            out[m], out[f"{m}_mask"] = _steps(feat, mask, self.dims[m] - sum(extras.values()))
+            if extras:  # float32, kept apart so features can travel as float16; Normalise joins them
+                out[GEOM_INPUT] = _extras(sample if feat is not None and len(feat) else {}, extras, len(out[m]))
                 out[f"{GEOM_INPUT}_mask"] = out[f"{m}_mask"]
             if self.raw and m in RAW_INPUTS:
-                out.update(self._raw(m, sample.get(RAW_MEMBERS[m]) if ok else None))
+                member = c.raw if c is not None else None
+                out.update(self._raw(m, sample.get(member) if ok and member else None))
         return out
 
     @staticmethod
@@ -332,3 +342,12 @@ class ToInputs:
             return {name: values, f"{name}_mask": np.zeros(1, bool)}
         values = value.astype(np.int64) if modality == "text" else value.astype(np.float32) / 32768.0
         return {name: values, f"{name}_mask": np.ones(len(values), bool)}
+
+
+def _extras(sample: Mapping[str, Any], extras: Mapping[str, int], steps: int) -> np.ndarray:
+    """(T, E) float32: the ``extras`` members (member -> width) side by side, zeros for one the sample lacks."""
+    parts = []
+    for name, width in extras.items():
+        value = sample.get(name)
+        parts.append(np.zeros((steps, width), np.float32) if value is None else np.asarray(value, np.float32))
+    return parts[0].reshape(steps, -1) if len(parts) == 1 else np.concatenate([p.reshape(steps, -1) for p in parts], 1)

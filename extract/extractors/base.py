@@ -1,23 +1,27 @@
 """The one interface every extractor implements, and the decoded clip it works on.
 
-An extractor has a ``name``, a ``version``, the ``modality`` it fills, an output spec (the schema members it
-writes), where it runs (``runs_in``), a ``Settings`` dataclass whose fields are the extraction settings
-(``ExtractConfig`` keys) it reads, ``setup(device)`` to load its model once, and ``__call__`` on a batch of
-decoded clips returning, per clip, either a dict of named arrays matching the spec or a :class:`ModalityFailure`
-saying why not.
+An extractor has a ``name``, a ``version``, the ``modality`` it fills, an output spec (the members it writes,
+each with its role: the modality's ``feature``, ``mask``, ``time``, ``raw`` input or an ``extra`` array; the
+schema's own members by default, or members of its own declared with their dtype and shape), where it runs
+(``runs_in``), a ``Settings`` dataclass whose fields are the extraction settings (``ExtractConfig`` keys) it
+reads, ``setup(device)`` to load its model once, and ``__call__`` on a batch of decoded clips returning, per
+clip, either a dict of named arrays matching the spec or a :class:`ModalityFailure` saying why not. Its output
+spec becomes dataset.json's record of the modality (:meth:`Extractor.contract`, see :mod:`shards.contract`),
+which is all the training side reads of it: a new extractor is one module plus one registry line.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 
 from extract.errors import ExtractionError, ModelNotFoundError  # noqa: F401 (their home before extract.errors)
+from shards.contract import ModalityContract, declare
 from shards.schema import MEMBERS, MemberSpec
 
 
@@ -75,6 +79,7 @@ class Extractor(ABC):
     members: tuple[str, ...] = ()
     runs_in: ClassVar[RunsIn] = "encoder"
     Settings: ClassVar[type] = NoSettings
+    joined: ClassVar[tuple[str, ...]] = ()  # extra members the model may take after the feature (FaceMesh's geometry)
 
     @classmethod
     def settings_from(cls, config: Any) -> Any:
@@ -87,7 +92,17 @@ class Extractor(ABC):
         return cls(**asdict(settings))
 
     def output_spec(self) -> dict[str, MemberSpec]:
+        """Each member it writes with its dtype, shape and role; by default the schema's (:data:`MEMBERS`). An
+        extractor writing a member the schema does not declare overrides this, returning a ``MemberSpec`` of its
+        modality (named ``<modality>_<name>.npy``) with the role it plays, e.g. ``role="feature"``."""
         return {m: MEMBERS[m] for m in self.members}
+
+    def contract(self, settings: Any = None, provenance: Mapping[str, Any] | None = None) -> ModalityContract:
+        """dataset.json's record of the modality it fills: its output spec by role, the feature's width (symbolic
+        widths from its provenance's ``dims``), its ``joined`` extra inputs and ``settings`` (its ``Settings``)."""
+        prov = self.provenance() if provenance is None else provenance
+        values = asdict(settings) if is_dataclass(settings) and not isinstance(settings, type) else {}
+        return declare(self.modality, self.name, self.output_spec(), prov.get("dims", {}), values, self.joined)
 
     def setup(self, device: str = "cpu") -> None:  # noqa: B027 - optional hook
         """Load models onto ``device``; called once before the first batch."""

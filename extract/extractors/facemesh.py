@@ -69,6 +69,7 @@ class FaceMeshExtractor(Extractor):
     modality = "video"
     members = ("video_lmk.npy", "video_mask.npy", "video_time.npy", "video_norm.npy", "video_geom.npy")
     runs_in = "worker"  # it reads the decoded frames, which stay in the decode worker
+    joined = ("video_geom.npy",)  # mouth and eye openness and yaw: inputs after the landmarks (video_geom)
 
     @dataclass(frozen=True)
     class Settings:

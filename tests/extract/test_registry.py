@@ -37,6 +37,7 @@ class ToyFaces(Extractor):
     modality = "video"
     members = ("video_lmk.npy", "video_mask.npy", "video_time.npy", "video_norm.npy", "video_geom.npy")
     runs_in = "worker"
+    joined = ("video_geom.npy",)
 
     @dataclass(frozen=True)
     class Settings:
@@ -129,8 +130,9 @@ def test_a_registered_worker_extractor_fills_its_modality(tmp_path, tiny_cfg, mo
         assert s["video_lmk.npy"].shape == (n, N_LANDMARKS, 3) and (s["video_lmk.npy"] == np.float16(LMK)).all()
         assert (s["video_norm.npy"] == NORM).all() and (s["video_geom.npy"] == GEOM).all() and s["video_mask.npy"].all()
         assert s["meta.json"]["modalities"]["text"]["status"] == "absent" and "audio_feat.npy" in s
-    monkeypatch.delitem(EXTRACTORS, "toy-faces")  # shards of an extractor nobody registers: no geometry assumed
-    assert not has_video_geom(out)
+    monkeypatch.delitem(EXTRACTORS, "toy-faces")  # dataset.json's record says so, registered or not
+    assert has_video_geom(out) and ds["modalities"]["video"]["extra"] == {"video_geom.npy": 4}
+    assert ds["modalities"]["video"]["settings"] == {"max_faces": 3}
 
 
 def test_a_registered_encoder_extractor_fills_its_modality(tmp_path, tiny_cfg, monkeypatch):
