@@ -14,6 +14,8 @@ EXTRACT_EXAMPLES = """examples:
       --text-model bert-base-uncased --audio-model facebook/wav2vec2-base --fps 25 --workers 4
   # no transcripts in the manifest: transcribe the audio with a local Whisper checkpoint
   mmfuse extract videos.csv --media-root videos --out shards/asr --asr ~/models/whisper-small --asr-language en
+  # any setting as KEY=VALUE (extract/config.py lists them), right after the manifest
+  mmfuse extract label.csv max_faces=2 audio_chunk_s=20 --media-root Raw --out shards/y
   # transcript-only corpus: no media needed
   mmfuse extract transcripts.jsonl --out shards/text --modalities text
   # two machines (or `torchrun --nproc-per-node 2 -m mmfuse extract ...`): disjoint shards, one dataset
@@ -35,6 +37,11 @@ def add_extract(commands: Commands) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("manifest", type=Path, help="CSV (MMSA label.csv or superset) or JSONL, one row per clip")
+    p.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE",
+        help="any extraction setting (extract/config.py lists them), e.g. max_faces=2 audio_chunk_s=20 "
+        "text_layer=-2; a setting given by a flag and a KEY=VALUE too is an error",
+    )  # fmt: skip
     p.add_argument("--media-root", type=Path, help="directory the media paths are relative to")
     p.add_argument("--out", type=Path, required=True, help="output directory for shards")
     p.add_argument("--config", type=Path, help="YAML file of extraction settings (overridden by flags)")
@@ -85,8 +92,10 @@ def run_extract_cmd(args: argparse.Namespace) -> int:
     from extract.pipeline import run_extract
 
     rank, world = rank_from_env()
+    given = {token.split("=", 1)[0].strip() for token in args.overrides}
     cfg = make_config(
         args.config,
+        args.overrides,
         text_model=args.text_model,
         audio_model=args.audio_model,
         fps=args.fps,
@@ -100,8 +109,8 @@ def run_extract_cmd(args: argparse.Namespace) -> int:
         asr_language=args.asr_language,
         raw=False if args.no_raw else None,
         overwrite=True if args.overwrite else None,
-        rank=args.rank if args.rank is not None else rank,
-        world_size=args.world_size if args.world_size is not None else world,
+        rank=args.rank if args.rank is not None or "rank" in given else rank,  # the environment's, unless given
+        world_size=args.world_size if args.world_size is not None or "world_size" in given else world,
     )
     cfg.device = local_device(cfg.device)  # torchrun: one GPU per local rank
     if args.ray_address and args.engine != "ray":

@@ -1,8 +1,10 @@
-"""Typed extraction settings: dataclass defaults, a YAML file of overrides, then command-line flags."""
+"""Typed extraction settings: dataclass defaults, a YAML file of overrides, then the command line's flags and
+``KEY=VALUE`` settings."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,7 +12,7 @@ from typing import Any
 from extract.auto import choose, encoder_threads, usable_cores
 from extract.errors import ConfigError
 from extract.models import DEFAULT_AUDIO_MODEL, DEFAULT_TEXT_MODEL
-from mmfuse.settings import NOT_A_SETTING, build, quoted, read_yaml
+from mmfuse.settings import NOT_A_SETTING, build, parse_override, quoted, read_yaml, repeated_settings
 from shards.dataset_fields import MAX_DURATION_S, MAX_FPS
 from shards.schema import MODALITIES
 
@@ -111,13 +113,21 @@ class ExtractConfig:
         return problems
 
 
-def make_config(yaml_path: Path | str | None = None, **overrides: Any) -> ExtractConfig:
-    """Defaults <- YAML overrides <- keyword overrides (``None`` values are ignored); all problems reported at
-    once (unknown keys, unreadable values and values out of range together).
-    Values are read as :mod:`mmfuse.settings` reads every setting (``1e-3``, ``yes``, ``text,audio``);
-    ``auto`` for workers, batch_size or precision is their default (chosen from the machine)."""
+def make_config(yaml_path: Path | str | None = None, settings: Sequence[str] = (), **overrides: Any) -> ExtractConfig:
+    """Defaults <- YAML overrides <- the command line: keyword overrides (its flags; ``None`` values are ignored)
+    and ``settings``, ``KEY=VALUE`` tokens naming any field (``max_faces=2 audio_chunk_s=20``), as ``mmfuse
+    train`` takes them. A setting given twice on the command line (two tokens, or a flag and a token) is refused,
+    since which value was meant is not known. All problems are reported at once (unknown keys, unreadable values
+    and values out of range together). Values are read as :mod:`mmfuse.settings` reads every setting (``1e-3``,
+    ``yes``, ``text,audio``); ``auto`` for workers, batch_size or precision is their default (chosen from the
+    machine)."""
     layers = [read_yaml(yaml_path, ConfigError)] if yaml_path is not None else []
-    layers.append({k: v for k, v in overrides.items() if v is not None})
+    flags = {k: v for k, v in overrides.items() if v is not None}
+    tokens = [parse_override(token, ConfigError) for token in settings]
+    repeated = repeated_settings([*flags, *(key for key, _ in tokens)], ExtractConfig)
+    if repeated:
+        raise ConfigError("invalid extraction settings:\n  " + "\n  ".join(repeated))
+    layers.append({**flags, **dict(tokens)})
     layers = [{k: None if k in AUTO_KEYS and _is_auto(v) else v for k, v in layer.items()} for layer in layers]
     return build(ExtractConfig, layers, ConfigError, "extraction settings", checks=ExtractConfig.problems).validate()
 

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    args = build_parser().parse_args(argv)
+    args = parse(build_parser(), argv)
     debug = args.log_level == "DEBUG" and not args.quiet
     if debug:  # decode workers keep their native log lines too
         os.environ["MMFUSE_NATIVE_LOGS"] = "show"
@@ -82,6 +82,21 @@ def main(argv: list[str] | None = None) -> int:
         return _interrupted(args)
     finally:
         reap_children()  # no worker or helper process outlives the command
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``parser.parse_args``, except that a command taking ``KEY=VALUE`` settings (``overrides``) takes them
+    anywhere on its line: argparse gives a positional list only the tokens right after the positionals before
+    it, so ``--out DIR fps=25`` would leave ``fps=25`` unrecognised. Anything else unrecognised is the usual
+    usage error (exit 2)."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        takes = hasattr(args, "overrides")
+        stray = [t for t in extra if not takes or "=" not in t or t.startswith("-")]
+        if stray:
+            parser.error(f"unrecognized arguments: {' '.join(stray)}")
+        args.overrides = [*args.overrides, *extra]
+    return args
 
 
 def _run(args: argparse.Namespace) -> int:
