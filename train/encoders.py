@@ -66,7 +66,8 @@ class TextEncoder(nn.Module):
         from transformers import AutoModel
 
         path = resolve_model(str(provenance["model"]), "text")
-        self.model = AutoModel.from_pretrained(path, local_files_only=True)
+        # SDPA, fed a prepared mask (``key_mask``): no host synchronisation in the forward pass
+        self.model = AutoModel.from_pretrained(path, local_files_only=True, attn_implementation="sdpa")
         _check_hash(self.model, provenance, "text")
         self.layer = int(provenance.get("layer", -1))
         if gradient_checkpointing:
@@ -89,8 +90,17 @@ class TextEncoder(nn.Module):
         _set_top_k(self.layers, self.model, top_k)
 
     def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
-        out = self.model(input_ids=ids.long(), attention_mask=mask.long(), output_hidden_states=self.layer != -1)
+        out = self.model(input_ids=ids.long(), attention_mask=key_mask(mask), output_hidden_states=self.layer != -1)
         return out.last_hidden_state if self.layer == -1 else out.hidden_states[self.layer]
+
+
+def key_mask(mask: Tensor) -> Tensor:
+    """The (B, 1, 1, T) boolean attention mask (True: attend to that key) that SDPA takes, from the tokens' (B, T)
+    mask. Given the 2-D mask, transformers tests it on the host (``padding_mask.all()``) to leave it out when
+    nothing is padded: a GPU synchronisation every training step. A sample with no valid token attends to every
+    position, so no attention row is empty (its features are masked out after the encoder)."""
+    keys = mask.bool()
+    return (keys | ~keys.any(1, keepdim=True))[:, None, None, :]
 
 
 class AudioEncoder(nn.Module):

@@ -108,7 +108,10 @@ def run_encoder(encoder: nn.Module, hidden: Tensor, mask: Tensor, layer: int = -
     if type(encoder).__name__ not in OWN_ENCODERS:
         return _hooked_encoder(encoder, hidden, mask, last)
     stable = type(encoder).__name__.endswith("StableLayerNorm")
-    attention = create_bidirectional_mask(config=encoder.config, inputs_embeds=hidden, attention_mask=mask)
+    # always built: transformers' skip of a mask with no padding tests it on the host (a GPU synchronisation)
+    attention = create_bidirectional_mask(
+        config=encoder.config, inputs_embeds=hidden, attention_mask=mask, allow_is_bidirectional_skip=False
+    )
     hidden = hidden + encoder.pos_conv_embed(hidden)
     if not stable:
         hidden = encoder.layer_norm(hidden)

@@ -87,14 +87,19 @@ def device_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return calls
 
 
+MODES = [*((m, "frozen") for m in sorted(fusion.MODELS)), ("mult", "end_to_end")]
+
+
 @pytest.mark.parametrize("amp", ["off", "fp16"])
-@pytest.mark.parametrize("model", sorted(fusion.MODELS))
+@pytest.mark.parametrize(("model", "mode"), MODES)
 def test_a_training_step_reads_no_device_value_on_the_host(
-    bundled_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: str, amp: str
+    bundled_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: str, mode: str, amp: str
 ) -> None:
+    """End to end the text encoder is fed a prepared attention mask: given the 2-D one, transformers tests it for
+    padding on the host every step."""
     if amp == "fp16":
         cuda_amp_on_cpu(monkeypatch)
-    config = make_train_config(model, overrides=[*FAST, "device=cpu", f"amp={amp}"])
+    config = make_train_config(model, overrides=[*FAST, "device=cpu", f"amp={amp}", f"mode={mode}"])
     run = build_run(config, bundled_dataset, tmp_path / "run", Dist())
     calls = device_reads(monkeypatch)
     batches = list(train_loader(run)) * 2  # the train split holds a few clips: each twice
