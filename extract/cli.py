@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,8 +15,10 @@ EXTRACT_EXAMPLES = """examples:
       --text-model bert-base-uncased --audio-model facebook/wav2vec2-base --fps 25 --workers 4
   # no transcripts in the manifest: transcribe the audio with a local Whisper checkpoint
   mmfuse extract videos.csv --media-root videos --out shards/asr --asr ~/models/whisper-small --asr-language en
-  # any setting as KEY=VALUE (extract/config.py lists them), right after the manifest
-  mmfuse extract label.csv max_faces=2 audio_chunk_s=20 --media-root Raw --out shards/y
+  # any setting as KEY=VALUE (general ones, or an extractor's section by its registry name), after the manifest
+  mmfuse extract label.csv facemesh.max_faces=2 audio.chunk_s=20 --media-root Raw --out shards/y
+  # another registered extractor for a modality
+  mmfuse extract label.csv extractors.video=NAME --media-root Raw --out shards/z
   # transcript-only corpus: no media needed
   mmfuse extract transcripts.jsonl --out shards/text --modalities text
   # two machines (or `torchrun --nproc-per-node 2 -m mmfuse extract ...`): disjoint shards, one dataset
@@ -39,8 +42,9 @@ def add_extract(commands: Commands) -> None:
     p.add_argument("manifest", type=Path, help="CSV (MMSA label.csv or superset) or JSONL, one row per clip")
     p.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE",
-        help="any extraction setting (extract/config.py lists them), e.g. max_faces=2 audio_chunk_s=20 "
-        "text_layer=-2; a setting given by a flag and a KEY=VALUE too is an error",
+        help="any extraction setting: a general one (workers=2) or one of an extractor's section, named by its "
+        "registry name (facemesh.max_faces=2 audio.chunk_s=20 text.layer=-2; older flat names such as max_faces "
+        "too), or extractors.MODALITY=NAME; a setting given by a flag and a KEY=VALUE too is an error",
     )  # fmt: skip
     p.add_argument("--media-root", type=Path, help="directory the media paths are relative to")
     p.add_argument("--out", type=Path, required=True, help="output directory for shards")
@@ -112,7 +116,7 @@ def run_extract_cmd(args: argparse.Namespace) -> int:
         rank=args.rank if args.rank is not None or "rank" in given else rank,  # the environment's, unless given
         world_size=args.world_size if args.world_size is not None or "world_size" in given else world,
     )
-    cfg.device = local_device(cfg.device)  # torchrun: one GPU per local rank
+    cfg = dataclasses.replace(cfg, device=local_device(cfg.device))  # torchrun: one GPU per local rank
     if args.ray_address and args.engine != "ray":
         raise ConfigError("--ray-address is for --engine ray: add --engine ray")
     with args.progress("extract", "clip") as bar:

@@ -18,17 +18,24 @@ from typing import Any
 from extract.config import ExtractConfig
 from extract.extractors.base import DecodedClip, ExtractionError, ExtractorResult, ModalityFailure
 from extract.manifest import Clip
-from extract.registry import EXTRACTORS, extractor_for
+from extract.registry import EXTRACTORS
 from extract.worker import MEDIA, DecodeSettings, decode_clip, init_worker
 from shards.schema import MODALITIES, SAMPLE_RATE, SCHEMA_VERSION
+
+ASR = "asr"  # the registry name of the speech recogniser, and its key among the built extractors
+
+
+def transcribes(cfg: ExtractConfig) -> bool:
+    """Whether ``cfg`` recognises speech for clips whose manifest text is empty (``asr.model``, ``--asr``)."""
+    return "text" in cfg.modalities and cfg.section(ASR).model is not None
 
 
 def decode_settings(cfg: ExtractConfig, modalities: Sequence[str] | None = None) -> DecodeSettings:
     """What the decode workers need for ``modalities`` (default: ``cfg.modalities``): the streams to decode, the
     frame rate and limits, and each configured ``"worker"`` extractor's registry entry with its settings."""
     wanted = [m for m in MODALITIES if m in (cfg.modalities if modalities is None else modalities)]
-    entries = [EXTRACTORS[extractor_for(m)] for m in wanted]
-    in_worker = tuple((e, e.settings(cfg)) for e in entries if e.runs_in == "worker")
+    keys = [cfg.chosen(m) for m in wanted]
+    in_worker = tuple((EXTRACTORS[k], cfg.section(k)) for k in keys if EXTRACTORS[k].runs_in == "worker")
     return DecodeSettings(tuple(m for m in MEDIA if m in wanted), cfg.fps, cfg.max_duration_s, in_worker)
 
 
@@ -40,9 +47,9 @@ def run_extractors(
     come from the decode workers. Seconds spent are added to ``timings[f"{name}_s"]``."""
     timings = {} if timings is None else timings
     results: dict[str, list[ExtractorResult]] = {}
-    if "asr" in extractors:
+    if ASR in extractors:
         t = time.perf_counter()
-        fill_transcripts(live, extractors["asr"])
+        fill_transcripts(live, extractors[ASR])
         timings["asr_s"] = timings.get("asr_s", 0.0) + time.perf_counter() - t
     for modality in MODALITIES:
         extractor = extractors.get(modality)
@@ -129,7 +136,7 @@ def sample_meta(d: DecodedClip, mods: dict[str, Any], fs_hash: str, cfg: Extract
         "feature_set_hash": fs_hash,
         "text_truncated_from": d.info.get("text_truncated_from"),
         "text_source": d.info.get("text_source", "manifest" if c.text.strip() else None),
-        "asr_model": cfg.asr if d.info.get("text_source") == "asr" or "asr_error" in d.info else None,
+        "asr_model": cfg.section(ASR).model if d.info.get("text_source") == "asr" or "asr_error" in d.info else None,
         "asr_error": d.info.get("asr_error"),
     }
 
@@ -156,7 +163,7 @@ def extract_clip(
         decoded = DecodedClip(clip)
     if "skipped" in decoded.info:
         raise ExtractionError(f"cannot decode {clip.media or clip.path}: {decoded.info['skipped']}")
-    used = {k: e for k, e in extractors.items() if k in requested or (k == "asr" and "text" in requested)}
+    used = {k: e for k, e in extractors.items() if k in requested or (k == ASR and "text" in requested)}
     results = {m: found[0] for m, found in run_extractors([decoded], used).items()}
     return make_sample(decoded, results, requested, fs_hash, cfg)
 

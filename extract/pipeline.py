@@ -21,12 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from extract.auto import describe, resolve_precision
-from extract.clip import decode_settings
-from extract.config import ExtractConfig
+from extract.auto import describe
+from extract.clip import ASR, decode_settings, transcribes
+from extract.config import ExtractConfig, resolved
 from extract.decode import AUDIO_DOWNMIX
 from extract.devices import resolve_device
-from extract.extractors.base import read_settings
 from extract.manifest import Clip, load_manifest
 from extract.outdir import (
     DATASET_LOCK,
@@ -39,7 +38,7 @@ from extract.outdir import (
     refuse_live_writers,
 )
 from extract.pool import DecodePool, decode_clips
-from extract.registry import EXTRACTORS, extractor_for
+from extract.registry import EXTRACTORS
 from extract.worker import DecodeSettings
 from extract.writer import ShardBuilder
 from shards import Progress
@@ -72,22 +71,17 @@ def plan_shards(clips: Sequence[Clip], shard_size: int) -> list[ShardPlan]:
 
 
 def build_extractors(cfg: ExtractConfig) -> dict[str, Any]:
-    """The configured extractors by modality (the registry's extractor for each, built from its ``Settings``
-    read from ``cfg``) set up on ``cfg.device``, and with ``cfg.asr`` the speech recogniser under ``"asr"`` (a
-    ``WhisperTranscriber``). Worker extractors are built here too, for their provenance; the decode workers
-    build their own. An automatic ``cfg.precision`` is resolved here, for the device."""
-    if cfg.precision is None:
-        cfg.precision = resolve_precision(None, cfg.device)
-        cfg.auto += ("precision",)
+    """The configured extractors by modality (the one ``cfg.extractors`` chooses for each, built from its
+    ``Settings`` read from ``cfg``, resolved: :func:`extract.config.resolved`) set up on ``cfg.device``, and when
+    ``cfg`` transcribes (:func:`transcribes`) the registered speech recogniser ``"asr"`` under its name. Worker
+    extractors are built here too, for their provenance; the decode workers build their own."""
+    cfg = resolved(cfg)
     found: dict[str, Any] = {}
     for modality in MODALITIES:
         if modality in cfg.modalities:
-            entry = EXTRACTORS[extractor_for(modality)]
-            found[modality] = entry.build(entry.settings(cfg))
-    if cfg.asr is not None:
-        from extract.extractors.asr import WhisperTranscriber
-
-        found["asr"] = WhisperTranscriber.from_settings(read_settings(WhisperTranscriber.Settings, cfg))
+            found[modality] = EXTRACTORS[cfg.chosen(modality)].build(cfg.section(cfg.chosen(modality)))
+    if transcribes(cfg):
+        found[ASR] = EXTRACTORS[ASR].build(cfg.section(ASR))
     for ex in found.values():  # worker extractors are here for their provenance: the decode workers set up theirs
         if getattr(ex, "runs_in", "encoder") != "worker":
             ex.setup(cfg.device)
@@ -106,8 +100,8 @@ def describe_feature_set(cfg: ExtractConfig, extractors: dict[str, Any]) -> dict
     }
     if "audio" in cfg.modalities:
         described["audio_downmix"] = AUDIO_DOWNMIX
-    if "asr" in extractors:
-        described["asr"] = extractors["asr"].provenance()
+    if ASR in extractors:
+        described[ASR] = extractors[ASR].provenance()
     return described
 
 
@@ -119,9 +113,7 @@ def describe_contracts(
     from the provenance already in ``feature_set``."""
     recorded = feature_set.get("extractors", {})
     return {
-        m: extractors[m].contract(type(extractors[m]).settings_from(cfg), recorded.get(m))
-        for m in MODALITIES
-        if m in extractors
+        m: extractors[m].contract(cfg.section(cfg.chosen(m)), recorded.get(m)) for m in MODALITIES if m in extractors
     }
 
 
@@ -162,7 +154,7 @@ def run_extract(
     import torch
 
     check_device(cfg.device)
-    cfg.validate()  # also fills workers and batch_size left to auto
+    cfg = resolved(cfg.validate())  # workers, batch_size, threads and precision left to auto chosen, once
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(out)
@@ -242,7 +234,7 @@ def prepare(
     and find this rank's incomplete shards. ``pool``: decode workers to start once the inputs are checked, before
     the models load."""
     settings = decode_settings(cfg)
-    need_text = "text" in cfg.modalities and cfg.asr is None  # with --asr, empty transcripts are recognised
+    need_text = "text" in cfg.modalities and not transcribes(cfg)  # with --asr, empty transcripts are recognised
     clips = load_manifest(manifest, media_root, need_media=bool(settings.modalities), need_text=need_text)
     check_out_dir(out, cfg.overwrite)
     if cfg.overwrite and cfg.rank == 0:  # rank 0 removes the old shards: never those a live run is writing

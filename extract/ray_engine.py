@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from extract.clip import quiet_native_logs
-from extract.config import ExtractConfig
+from extract.config import ExtractConfig, resolved
 from extract.devices import DeviceError
 from extract.extractors.base import DecodedClip, ExtractionError
 from extract.pipeline import ExtractionJob, ShardPlan, finish_run, prepare
@@ -75,7 +75,6 @@ def run_extract_ray(
     already initialised in this process is used as it is."""
     ray = import_ray()
     out = Path(out)
-    cfg = dataclasses.replace(cfg)  # the precision may be resolved below: the caller's settings stay as given
     started, ray_start_s, decoders, encoders, locks, done_writing = False, 0.0, [], [], [], False
     began = time.perf_counter()  # set-up and wall time count from here, Ray's start included
     try:
@@ -83,8 +82,8 @@ def run_extract_ray(
             tic = time.perf_counter()
             start_ray(ray, address or os.environ.get("RAY_ADDRESS"), cfg)
             started, ray_start_s = True, time.perf_counter() - tic
-        if cfg.precision is None:  # the encoders' GPUs decide it, not the driver's machine
-            cfg.precision, cfg.auto = cluster_precision(ray, cfg.device), cfg.auto + ("precision",)
+        # auto settings chosen once; the precision by the encoders' GPUs, not the driver's machine
+        cfg = resolved(cfg.validate(), None if cfg.precision else cluster_precision(ray, cfg.device))
         job = prepare(manifest, media_root, out, dataclasses.replace(cfg, device="cpu"))  # provenance only
         job = dataclasses.replace(job, tic=began)
         locks = job.locks

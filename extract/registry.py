@@ -9,7 +9,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
-from extract.extractors.base import ExtractionError, Extractor, RunsIn
+from extract.extractors.base import ExtractionError, Extractor, RunsIn, read_settings
 
 
 @dataclass(frozen=True)
@@ -33,9 +33,10 @@ class Registered:
     def __call__(self, **kwargs: Any) -> Extractor:
         return self._checked(self.load()(**kwargs))
 
-    def settings(self, config: Any) -> Any:
-        """The extractor's ``Settings`` read from an ``ExtractConfig``."""
-        return self.load().settings_from(config)
+    def settings(self, config: Any, key: str) -> Any:
+        """The extractor's ``Settings`` read from an ``ExtractConfig``: its own fields from the section of its
+        registry name ``key``, its shared ones from the general settings."""
+        return read_settings(self.load().Settings, config, key)
 
     def build(self, settings: Any) -> Extractor:
         """The extractor for its ``Settings``."""
@@ -65,6 +66,12 @@ EXTRACTORS: dict[str, Registered] = {
         "extract.extractors.facemesh:FaceMeshExtractor", name="mediapipe-facemesh", modality="video", runs_in="worker",
         members=("video_lmk.npy", "video_mask.npy", "video_time.npy", "video_norm.npy", "video_geom.npy"),
     ),
+    # Speech recognition: with asr.model set, transcripts for clips whose manifest text is empty (the text
+    # extractor then reads them); it fills no modality of its own.
+    "asr": Registered(
+        "extract.extractors.asr:WhisperTranscriber", name="whisper-asr", modality="transcript", runs_in="encoder",
+        members=(),
+    ),
 }  # fmt: skip
 DEFAULT_EXTRACTORS = {"text": "text", "audio": "audio", "video": "facemesh"}  # when several fill one modality
 
@@ -88,6 +95,15 @@ def extractor_for(modality: str) -> str:
         f"{len(names)} extractors registered for the {modality} modality ({names}) and none is its default "
         f"({DEFAULT_EXTRACTORS.get(modality)!r}); registered: {sorted(EXTRACTORS)}"
     )
+
+
+def default_extractor(modality: str) -> str:
+    """The extractor that fills ``modality`` unless the settings choose another (``extractors.video=NAME``):
+    :func:`extractor_for`'s, else the ``DEFAULT_EXTRACTORS`` entry (which the settings' check then reports)."""
+    try:
+        return extractor_for(modality)
+    except ExtractionError:
+        return DEFAULT_EXTRACTORS.get(modality, "")
 
 
 def registered_as(name: str | None) -> Registered | None:

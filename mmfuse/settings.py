@@ -2,10 +2,10 @@
 
 Each command's settings are a dataclass with documented defaults (``extract.config.ExtractConfig``,
 ``train.config.TrainConfig``). A field whose type is itself a dataclass is a *section*; its fields can be
-given flat (``lr``, when no other section has a field of that name), dotted (``optim.lr``) or nested in YAML
-(``optim: {lr: 1e-3}``). Layers are applied in order, later ones winning, and every problem (an unknown key,
-with the closest valid one; a value of the wrong type; a value out of range) is collected and reported at
-once, naming the key.
+given flat (``lr``, when no other section has a field of that name and the section does not set ``DOTTED_ONLY``),
+dotted (``optim.lr``), nested in YAML (``optim: {lr: 1e-3}``) or by an older name (:func:`setting_aliases`).
+Layers are applied in order, later ones winning, and every problem (an unknown key, with the closest valid one;
+a value of the wrong type; a value out of range) is collected and reported at once, naming the key.
 
 Values are read by the field's type, with one set of rules for YAML files and the command line:
 
@@ -246,14 +246,32 @@ def repeated_settings(keys: Iterable[str], cls: type) -> list[str]:
     ]
 
 
-def leaf_paths(cls: type) -> dict[str, tuple[str, ...]]:
-    """Every key a setting of ``cls`` can be given by -> its path of field names: the dotted path always, and a
-    section's field also by its bare name when no other field has that name (``lr`` -> ``("optim", "lr")``)."""
+def leaf_paths(cls: type, aliases: bool = True) -> dict[str, tuple[str, ...]]:
+    """Every key a setting of ``cls`` can be given by -> its path: the dotted path, a section's field by its bare name
+    when no other field has it (``lr`` -> ``("optim", "lr")``), with ``aliases`` those of :func:`setting_aliases`."""
     leaves = list(_leaves(cls, ()))
     keys = {".".join(path): path for path in leaves}
     names = Counter(path[-1] for path in leaves)
-    keys.update({path[-1]: path for path in leaves if names[path[-1]] == 1 and path[-1] not in keys})
+    keys |= {p[-1]: p for p in leaves if names[p[-1]] == 1 and p[-1] not in keys and not _dotted_only(cls, p[:-1])}
+    if aliases:
+        keys.update({a: keys[t] for a, t in setting_aliases(cls).items() if t in keys and a not in keys})
     return keys
+
+
+def _dotted_only(cls: type, section: tuple[str, ...]) -> bool:  # the section sets DOTTED_ONLY: bare names mislead
+    for name in section:
+        cls = typing.get_type_hints(cls)[name]
+    return bool(section) and getattr(cls, "DOTTED_ONLY", False)
+
+
+def setting_aliases(cls: type) -> dict[str, str]:
+    """Older names of settings: ``cls.SETTING_ALIASES`` (alias -> dotted key) and its sections', the section's name
+    put before the key (section ``text`` declaring ``{"text_model": "model"}``: ``text_model`` -> ``text.model``)."""
+    found, hints = dict(getattr(cls, "SETTING_ALIASES", {})), typing.get_type_hints(cls)
+    sections = [
+        f.name for f in dataclasses.fields(cls) if f.metadata.get("setting", True) and _is_section(hints[f.name])
+    ]
+    return found | {a: f"{s}.{t}" for s in sections for a, t in setting_aliases(hints[s]).items()}
 
 
 def _leaves(cls: type, prefix: tuple[str, ...]) -> Iterator[tuple[str, ...]]:
@@ -377,6 +395,6 @@ def as_dotted_dict(instance: Any) -> dict[str, Any]:
 
 def _shortest_keys(cls: type) -> dict[tuple[str, ...], str]:
     """Each setting's path -> the shortest key naming it, in field order."""
-    keys = leaf_paths(cls)
+    keys = leaf_paths(cls, aliases=False)
     shortest = {path: key for key, path in keys.items() if "." not in key or path[-1] not in keys}
     return {path: shortest.get(path, ".".join(path)) for path in _leaves(cls, ())}

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from extract import Registered
-from extract.extractors.base import DecodedClip, Extractor, ExtractorResult, ModalityFailure, check_finite
+from extract.extractors.base import DecodedClip, Extractor, ExtractorResult, ModalityFailure, check_finite, shared
 from shards.schema import MEMBERS, MemberSpec
 
 EMB_DIM = 7
@@ -33,7 +33,7 @@ class ColourStats(Extractor):
 
     @dataclass(frozen=True)
     class Settings:
-        fps: float | None = None
+        fps: float | None = shared(None)  # the general frame rate; no knob of its own
 
     def __init__(self, fps: float | None = None) -> None:
         self.fps = fps

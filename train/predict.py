@@ -1,7 +1,8 @@
 """``mmfuse predict``: one raw clip through exactly the checkpoint's extraction pipeline and network.
 
-The extraction settings are rebuilt from the feature set the checkpoint records (models, layers, fps,
-modalities, FaceMesh options), the extractors are loaded, and the feature set they describe must hash to the
+The extraction settings are rebuilt from what the checkpoint records: per modality the registered extractor and
+the settings of its section (dataset.json's ``modalities`` records), and the feature set's modalities, fps and
+precision; the extractors are loaded, and the feature set they describe must hash to the
 checkpoint's ``feature_set_hash`` — otherwise (e.g. the local weights differ) prediction is refused naming
 what differs. The clip is decoded and encoded as ``mmfuse extract`` would, its sample members are built in
 memory (no shard is written), then the training stages ToInputs → collate → Normalise feed the network.
@@ -11,6 +12,7 @@ A modality the clip lacks (no transcript, no audio stream, no face) is masked, n
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +20,14 @@ import numpy as np
 import torch
 
 from extract import extract_clip
+from extract.clip import ASR
 from extract.config import ExtractConfig, make_config
 from extract.devices import resolve_device
+from extract.extractors.base import section_name
 from extract.manifest import Clip
 from extract.pipeline import build_extractors, check_device, describe_feature_set
+from extract.registry import EXTRACTORS
+from shards.contract import ModalityContract
 from shards.dataset import FeatureSetMismatch, feature_set_hash
 from shards.schema import MODALITIES, SAMPLE_RATE, make_key, validate_sample
 from train.batches import Normalise, collate
@@ -56,34 +62,57 @@ def _lookup(tree: Mapping[str, Any], dotted: str) -> Any:
     return tree
 
 
-def extract_config(feature_set: Mapping[str, Any], device: str = "cpu") -> ExtractConfig:
-    """The extraction settings that reproduce ``feature_set`` (dataset.json's description) for one clip."""
+def extract_config(
+    feature_set: Mapping[str, Any], device: str = "cpu", contracts: Mapping[str, ModalityContract] | None = None
+) -> ExtractConfig:
+    """The extraction settings that reproduce ``feature_set`` (dataset.json's description) for one clip: per
+    modality the registered extractor its record (``contracts``, dataset.json's ``modalities``; without one, the
+    feature set's provenance) names, with the settings of its section the record holds (older records by their
+    flat names, older feature sets by the provenance), and the feature set's modalities, frame rate, precision and
+    speech recogniser."""
+    contracts = contracts or {}
     ex = feature_set.get("extractors", {})
-    text, audio, video = ex.get("text", {}), ex.get("audio", {}), ex.get("video", {})
     fps = feature_set.get("fps")
+    modalities = tuple(feature_set.get("modalities") or MODALITIES)
     settings: dict[str, Any] = {
-        "modalities": tuple(feature_set.get("modalities") or MODALITIES),
+        "modalities": modalities,
         "fps": fps if isinstance(fps, (int, float)) else None,
-        "text_model": text.get("model"),
-        "text_layer": text.get("layer"),
-        "max_text_tokens": text.get("max_tokens"),
-        "audio_model": audio.get("model"),
-        "audio_layer": audio.get("layer"),
-        "max_faces": video.get("max_faces"),
-        "min_detection_confidence": video.get("min_detection_confidence"),
         "workers": 0,
         "batch_size": 1,
         # the shards' encoder precision (fp32 unless recorded), not this device's default: it is in the hash
-        "precision": text.get("precision") or audio.get("precision") or "fp32",
+        "precision": next(
+            (e["precision"] for e in ex.values() if isinstance(e, Mapping) and e.get("precision")), "fp32"
+        ),
         "raw": True,  # in memory only; end-to-end checkpoints need the waveform
         "device": device,
     }
-    if audio.get("chunk_samples"):
-        settings["audio_chunk_s"] = audio["chunk_samples"] / audio.get("sample_rate", SAMPLE_RATE)
-    asr = feature_set.get("asr")
+    for m in modalities:
+        record, provenance = contracts.get(m), ex.get(m) or {}
+        name = record.extractor if record is not None else provenance.get("name")
+        key = next((k for k, e in EXTRACTORS.items() if e.name == name and e.modality == m), None)
+        if key is not None:  # else the feature-set check names the extractor that differs
+            settings[f"extractors.{m}"] = key
+            settings.update(recorded_section(key, {**provenance, **(record.settings if record else {})}))
+    audio = ex.get("audio", {})
+    if audio.get("chunk_samples") and "audio.chunk_s" not in settings:  # feature sets before chunk_s was recorded
+        settings["audio.chunk_s"] = audio["chunk_samples"] / audio.get("sample_rate", SAMPLE_RATE)
+    asr = feature_set.get(ASR)
     if asr:  # the shards' transcripts came from speech recognition: a clip without --text is transcribed too
-        settings["asr"], settings["asr_language"] = asr.get("model"), asr.get("language")
+        settings.update(recorded_section(ASR, asr))
     return make_config(None, **settings)
+
+
+def recorded_section(key: str, recorded: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings of the section of extractor ``key`` that ``recorded`` (its record's ``settings``, or its
+    provenance) holds, by dotted key: its own ``Settings`` fields, by their names or older flat ones."""
+    settings_type = EXTRACTORS[key].load().Settings
+    own = {f.name for f in fields(settings_type) if f.metadata.get("setting", True)}
+    names = {
+        **{a: t for a, t in getattr(settings_type, "SETTING_ALIASES", {}).items() if t in own},
+        **{n: n for n in own},
+    }
+    section = section_name(key)
+    return {f"{section}.{names[k]}": v for k, v in recorded.items() if k in names and v is not None}
 
 
 def matching_extractors(ckpt: Mapping[str, Any], cfg: ExtractConfig) -> tuple[dict[str, Any], str]:
@@ -270,8 +299,8 @@ def predict_clip(
             f"{checkpoint} was trained on word-aligned features (align_words=true); predicting a single clip needs "
             "its word timings, which `mmfuse predict` does not take: evaluate such models with `mmfuse eval`"
         )
-    cfg = extract_config(ckpt.get("feature_set", {}), device)
-    cfg.max_duration_s = cfg.max_duration_s if max_duration_s is None else max_duration_s
+    cfg = extract_config(ckpt.get("feature_set", {}), device, checkpoint_dataset(ckpt).contracts)
+    cfg = cfg if max_duration_s is None else replace(cfg, max_duration_s=max_duration_s)
     check_window(Path(video), window, cfg.max_duration_s)
     extractors, fs_hash = matching_extractors(ckpt, cfg)
     config, net = load_network(ckpt, device)

@@ -20,13 +20,13 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from extract.extractors.base import DecodedClip, ExtractionError, ModalityFailure, ModelNotFoundError
+from extract.extractors.base import DecodedClip, ExtractionError, ModalityFailure, ModelNotFoundError, shared
 from extract.models import resolve_model, weights_hash
 from shards.schema import SAMPLE_RATE
 
@@ -84,16 +84,39 @@ class WhisperTranscriber:
 
     name = "whisper-asr"
     version = "1"
+    modality = "transcript"  # it fills no modality: it writes the transcripts the text extractor reads
+    members: tuple[str, ...] = ()
+    runs_in = "encoder"
 
     @dataclass(frozen=True)
     class Settings:
-        asr: str  # the checkpoint directory
-        batch_size: int = 8
-        asr_language: str | None = None
+        """``asr: {model, language}``; no model: no speech recognition."""
+
+        model: str | None = None  # local Whisper checkpoint: transcribe clips whose manifest text is empty
+        language: str | None = None  # Whisper language code or name (None: detected per window)
+        batch_size: int = shared(8)
+        SETTING_ALIASES: ClassVar[dict[str, str]] = {"asr": "model", "asr_language": "language"}
+
+        def problems(self, config: Any) -> list[str]:
+            if self.model is None:
+                return ["asr.language: set, but asr.model (the Whisper checkpoint) is not"] if self.language else []
+            found, modalities = [], list(config.modalities)
+            if not self.model.strip():
+                found.append("asr.model: empty path; give the directory of a local Whisper checkpoint")
+            if "text" not in modalities:
+                found.append(f"asr.model: transcripts feed the text modality, which modalities {modalities} omit")
+            if "audio" not in modalities:
+                found.append(
+                    f"asr.model: no audio to transcribe with modalities {modalities}; add audio "
+                    "(e.g. --modalities text,audio or text,audio,video)"
+                )
+            return found
 
     @classmethod
     def from_settings(cls, settings: Settings) -> WhisperTranscriber:
-        return cls(settings.asr, batch_size=settings.batch_size, language=settings.asr_language)
+        if settings.model is None:
+            raise ExtractionError("no ASR model: set asr.model (--asr) to the directory of a local Whisper checkpoint")
+        return cls(settings.model, batch_size=settings.batch_size, language=settings.language)
 
     def __init__(self, model: str, batch_size: int = 8, max_new_tokens: int = 128, language: str | None = None):
         if batch_size < 1 or max_new_tokens < 1:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -29,6 +29,8 @@ from extract.extractors.base import (
     check_finite,
     precision_context,
     precision_provenance,
+    range_problem,
+    shared,
     to_device,
 )
 from extract.extractors.wav2vec2 import encode_pieces, receptive_field
@@ -41,6 +43,8 @@ from extract.models import (
     weights_hash,
 )
 from shards.schema import SAMPLE_RATE
+
+MAX_AUDIO_CHUNK_S = 600.0  # an encoder window of 10 minutes: attention over 30,000 wav2vec 2.0 frames at most
 
 
 def build_random_wav2vec2(name: str) -> Any:
@@ -63,19 +67,27 @@ class AudioExtractor(Extractor):
 
     @dataclass(frozen=True)
     class Settings:
-        audio_model: str = DEFAULT_AUDIO_MODEL
-        audio_layer: int = -1
-        batch_size: int = 8
-        audio_chunk_s: float = 30.0
-        raw: bool = True  # keep the waveform (audio_wave.npy)
-        precision: str | None = None  # None: resolved for the device (extract.auto.resolve_precision)
+        """``audio: {model, layer, chunk_s}``."""
+
+        model: str = DEFAULT_AUDIO_MODEL  # wav2vec2/HuBERT/WavLM id or path; random:NAME = seeded random init
+        layer: int = -1  # hidden-state layer (-1: last)
+        chunk_s: float = 30.0  # long audio is encoded in windows of this length, in [1, MAX_AUDIO_CHUNK_S]
+        batch_size: int = shared(8)
+        raw: bool = shared(True)  # keep the waveform (audio_wave.npy)
+        precision: str | None = shared(None)  # None: resolved for the device (extract.auto.resolve_precision)
+        SETTING_ALIASES: ClassVar[dict[str, str]] = {
+            "audio_model": "model", "audio_layer": "layer", "audio_chunk_s": "chunk_s"
+        }  # fmt: skip
+
+        def problems(self, config: Any) -> list[str]:
+            return [p for p in [range_problem("audio.chunk_s", self.chunk_s, 1.0, MAX_AUDIO_CHUNK_S)] if p]
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AudioExtractor:
         s = settings
         return cls(
-            model=s.audio_model, layer=s.audio_layer, batch_size=s.batch_size, chunk_s=s.audio_chunk_s,
-            keep_wave=s.raw, precision=s.precision,
+            model=s.model, layer=s.layer, batch_size=s.batch_size, chunk_s=s.chunk_s, keep_wave=s.raw,
+            precision=s.precision,
         )  # fmt: skip
 
     def __init__(

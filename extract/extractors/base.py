@@ -3,8 +3,9 @@
 An extractor has a ``name``, a ``version``, the ``modality`` it fills, an output spec (the members it writes,
 each with its role: the modality's ``feature``, ``mask``, ``time``, ``raw`` input or an ``extra`` array; the
 schema's own members by default, or members of its own declared with their dtype and shape), where it runs
-(``runs_in``), a ``Settings`` dataclass whose fields are the extraction settings (``ExtractConfig`` keys) it
-reads, ``setup(device)`` to load its model once, and ``__call__`` on a batch of decoded clips returning, per
+(``runs_in``), a ``Settings`` dataclass declaring the extraction settings it reads (its own knobs are the config's
+section named by its registry name, ``facemesh.max_faces``; fields declared :func:`shared` are general settings,
+``batch_size``), ``setup(device)`` to load its model once, and ``__call__`` on a batch of decoded clips returning, per
 clip, either a dict of named arrays matching the spec or a :class:`ModalityFailure` saying why not. Its output
 spec becomes dataset.json's record of the modality (:meth:`Extractor.contract`, see :mod:`shards.contract`),
 which is all the training side reads of it: a new extractor is one module plus one registry line.
@@ -21,6 +22,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 
 from extract.errors import ExtractionError, ModelNotFoundError  # noqa: F401 (their home before extract.errors)
+from mmfuse.settings import NOT_A_SETTING
 from shards.contract import ModalityContract, declare
 from shards.schema import MEMBERS, MemberSpec
 
@@ -62,6 +64,13 @@ class NoSettings:
 
 
 RunsIn = Literal["worker", "encoder"]
+SHARED = {**NOT_A_SETTING, "shared": True}  # Settings field metadata: a general extraction setting, not the section's
+
+
+def shared(default: Any) -> Any:
+    """A ``Settings`` field that is a general extraction setting of the same name (``batch_size``, ``precision``,
+    ``raw``, ``fps``): read from the config's general settings, not from the extractor's section."""
+    return field(default=default, metadata=SHARED)
 
 
 class Extractor(ABC):
@@ -69,8 +78,10 @@ class Extractor(ABC):
 
     ``runs_in`` says where: ``"worker"`` in the decode worker processes, one decoded clip at a time while its
     frames are at hand, without torch (FaceMesh); ``"encoder"`` in the main process on groups of decoded clips
-    (text, audio). ``Settings`` is a dataclass whose field names are the ``ExtractConfig`` keys the extractor
-    reads (frozen: the decode workers key their extractors by it); :meth:`from_settings` builds the extractor from one.
+    (text, audio). ``Settings`` is a frozen dataclass (the decode workers key their extractors by it) with a default
+    for every field: its own fields are the extractor's section of the extraction settings, its :func:`shared`
+    fields general settings; ``SETTING_ALIASES`` on it maps older flat names to its fields and an optional
+    ``problems(config)`` returns what is wrong with its values. :meth:`from_settings` builds the extractor from one.
     """
 
     name: str = ""
@@ -82,9 +93,9 @@ class Extractor(ABC):
     joined: ClassVar[tuple[str, ...]] = ()  # extra members the model may take after the feature (FaceMesh's geometry)
 
     @classmethod
-    def settings_from(cls, config: Any) -> Any:
-        """This extractor's ``Settings`` read from an extraction config."""
-        return read_settings(cls.Settings, config)
+    def settings_from(cls, config: Any, section: str) -> Any:
+        """This extractor's ``Settings`` read from an extraction config, its own fields from ``section``."""
+        return read_settings(cls.Settings, config, section)
 
     @classmethod
     def from_settings(cls, settings: Any) -> Extractor:
@@ -116,9 +127,30 @@ class Extractor(ABC):
         return {"name": self.name, "version": self.version}
 
 
-def read_settings(settings_type: type, config: Any) -> Any:
-    """A settings dataclass filled from the same-named attributes of ``config`` (an ``ExtractConfig``)."""
-    return settings_type(**{f.name: getattr(config, f.name) for f in fields(settings_type)})
+def read_settings(settings_type: type, config: Any, section: str) -> Any:
+    """A settings dataclass filled from ``config`` (an ``ExtractConfig``): its :func:`shared` fields from the general
+    settings, the others from the config's section for registry name ``section`` (its defaults when the config has
+    no such section)."""
+    own = getattr(config, section_name(section), None)
+    return settings_type(
+        **{
+            f.name: getattr(config if f.metadata.get("shared") else own, f.name)
+            for f in fields(settings_type)
+            if f.init and (f.metadata.get("shared") or own is not None)
+        }
+    )
+
+
+def range_problem(key: str, value: Any, low: float, high: float, open_low: bool = False) -> str | None:
+    """Why setting ``key`` (a number) is outside ``[low, high]`` (``(low, high]`` with ``open_low``; NaN is
+    outside), or None."""
+    inside = low < value <= high if open_low else low <= value <= high  # False for NaN
+    return None if inside else f"{key}: must be {'>' if open_low else '>='} {low:g} and <= {high:g}, got {value!r}"
+
+
+def section_name(key: str) -> str:
+    """The settings section of the extractor registered as ``key`` (``my-faces`` -> ``my_faces``)."""
+    return key.replace("-", "_")
 
 
 def check_finite(out: dict[str, np.ndarray]) -> ExtractorResult:

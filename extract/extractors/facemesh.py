@@ -25,6 +25,7 @@ from extract.extractors.base import (
     ModalityFailure,
     ModelNotFoundError,
     check_finite,
+    range_problem,
 )
 from extract.video import MAX_FRAME_SIDE
 from shards.schema import N_LANDMARKS
@@ -73,8 +74,15 @@ class FaceMeshExtractor(Extractor):
 
     @dataclass(frozen=True)
     class Settings:
-        max_faces: int = 1
-        min_detection_confidence: float = 0.5
+        """``facemesh: {max_faces, min_detection_confidence}``."""
+
+        max_faces: int = 1  # faces per frame; the largest is kept
+        min_detection_confidence: float = 0.5  # in [0, 1]
+
+        def problems(self, config: Any) -> list[str]:
+            found = [f"facemesh.max_faces: must be >= 1, got {self.max_faces}"] if self.max_faces < 1 else []
+            conf = range_problem("facemesh.min_detection_confidence", self.min_detection_confidence, 0.0, 1.0)
+            return found + ([conf] if conf else [])
 
     def __init__(self, max_faces: int = 1, min_detection_confidence: float = 0.5, min_tracking_confidence: float = 0.5):
         self.max_faces = max_faces

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from extract.extractors.base import (
     check_finite,
     precision_context,
     precision_provenance,
+    shared,
     to_device,
 )
 from extract.models import DEFAULT_TEXT_MODEL, resolve_model, weights_hash
@@ -40,18 +41,25 @@ class TextExtractor(Extractor):
 
     @dataclass(frozen=True)
     class Settings:
-        text_model: str = DEFAULT_TEXT_MODEL
-        text_layer: int = -1
-        max_text_tokens: int = 512
-        batch_size: int = 16
-        precision: str | None = None  # None: resolved for the device (extract.auto.resolve_precision)
+        """``text: {model, layer, max_tokens}``."""
+
+        model: str = DEFAULT_TEXT_MODEL  # BERT-family id or local path
+        layer: int = -1  # hidden-state layer (-1: last)
+        max_tokens: int = 512  # longer transcripts are cut (recorded in meta.json's text_truncated_from)
+        batch_size: int = shared(16)
+        precision: str | None = shared(None)  # None: resolved for the device (extract.auto.resolve_precision)
+        SETTING_ALIASES: ClassVar[dict[str, str]] = {
+            "text_model": "model", "text_layer": "layer", "max_text_tokens": "max_tokens"
+        }  # fmt: skip
+
+        def problems(self, config: Any) -> list[str]:
+            return [f"text.max_tokens: must be >= 1, got {self.max_tokens}"] if self.max_tokens < 1 else []
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TextExtractor:
         s = settings
         return cls(
-            model=s.text_model, layer=s.text_layer, max_tokens=s.max_text_tokens, batch_size=s.batch_size,
-            precision=s.precision,
+            model=s.model, layer=s.layer, max_tokens=s.max_tokens, batch_size=s.batch_size, precision=s.precision
         )  # fmt: skip
 
     def __init__(

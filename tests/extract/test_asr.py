@@ -323,13 +323,13 @@ def test_english_only_checkpoint_takes_no_language(tmp_path, whisper_dir, decode
 
 def test_config_validation_of_asr_settings():
     cfg = make_config(None, asr="/models/whisper", asr_language="en", modalities="text,audio")
-    assert (cfg.asr, cfg.asr_language) == ("/models/whisper", "en")
-    with pytest.raises(ConfigError, match=r"asr: no audio to transcribe with modalities \['text'\]"):
+    assert (cfg.asr.model, cfg.asr_language, cfg.asr.language) == ("/models/whisper", "en", "en")
+    with pytest.raises(ConfigError, match=r"asr.model: no audio to transcribe with modalities \['text'\]"):
         make_config(None, asr="/models/whisper", modalities="text")
     with pytest.raises(ConfigError) as err:
         make_config(None, asr="/models/whisper", modalities="audio,video", asr_language=None)
-    assert "asr: transcripts feed the text modality" in str(err.value)
-    with pytest.raises(ConfigError, match="asr_language: set, but asr"):
+    assert "asr.model: transcripts feed the text modality" in str(err.value)
+    with pytest.raises(ConfigError, match=r"asr.language: set, but asr.model"):
         make_config(None, asr_language="en")
 
 
@@ -368,7 +368,7 @@ def test_cli_help_and_flags_reach_the_config(monkeypatch, tmp_path):
                               "--asr-language", "de"])  # fmt: skip
     args.quiet, args.no_progress, args.progress = True, True, ProgressFactory(enabled=False)
     assert args.run(args) == 0
-    assert (seen["cfg"].asr, seen["cfg"].asr_language) == ("/m/w", "de")
+    assert (seen["cfg"].asr.model, seen["cfg"].asr.language, seen["cfg"].asr_language) == ("/m/w", "de", "de")
 
 
 def test_extraction_transcribes_clips_without_text_and_records_the_source(
@@ -438,7 +438,7 @@ def test_predict_transcribes_a_clip_without_text_when_the_shards_did(tmp_path, t
     extractors = build_extractors(cfg)
     feature_set = describe_feature_set(cfg, extractors)
     again = extract_config(feature_set)
-    assert again.asr == str(fixed_whisper_dir) and again.asr_language is None
+    assert again.asr.model == str(fixed_whisper_dir) and again.asr.language is None
     fs_hash = feature_set_hash(feature_set)
     sample = extract_sample(MEDIA / "grid" / "bbaf2n.mpg", None, cfg, extractors, fs_hash, ("text", "audio"))
     meta = sample["meta.json"]

@@ -3,14 +3,16 @@ that do not depend on either."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 
 import numpy as np
 import pytest
 from conftest import MEDIA, bundled_rows, write_manifest
 
-from extract.auto import choose, describe, usable_cores
-from extract.config import ConfigError, make_config
+from extract.auto import choose, describe, encoder_threads, resolve_precision, usable_cores
+from extract.config import ConfigError, make_config, resolved
 from extract.pipeline import run_extract
 from shards import iter_shard, load_dataset_json
 
@@ -46,20 +48,24 @@ def test_usable_cores_follow_the_affinity_mask(monkeypatch):
 def test_settings_take_auto_and_integers_and_refuse_junk(monkeypatch, tmp_path):
     monkeypatch.setattr("extract.config.usable_cores", lambda: 4)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    cfg = make_config(None)
-    assert (cfg.workers, cfg.batch_size, cfg.threads, cfg.precision) == (3, 2, 1, None)
-    assert cfg.auto == ("workers", "batch_size", "threads")
+    given = make_config(None)
+    assert (given.workers, given.batch_size, given.threads, given.precision, given.auto) == (None,) * 4 + ((),)
+    cfg = resolved(given)
+    assert (cfg.workers, cfg.batch_size, cfg.threads, cfg.precision) == (3, 2, 1, "fp32")
+    assert cfg.auto == ("workers", "batch_size", "threads", "precision")
     assert cfg.auto_reason == "4 CPU cores, cpu"
-    cfg = make_config(None, workers="auto", batch_size=5, modalities="text")
-    assert (cfg.workers, cfg.batch_size, cfg.threads, cfg.auto) == (0, 5, 4, ("workers", "threads"))
+    cfg = resolved(make_config(None, workers="auto", batch_size=5, modalities="text"))
+    assert (cfg.workers, cfg.batch_size, cfg.threads, cfg.auto) == (0, 5, 4, ("workers", "threads", "precision"))
     (tmp_path / "c.yaml").write_text("workers: 1\nbatch_size: AUTO\nprecision: auto\nthreads: 2\n")
-    cfg = make_config(tmp_path / "c.yaml")
-    assert (cfg.workers, cfg.batch_size, cfg.threads, cfg.precision, cfg.auto) == (1, 2, 2, None, ("batch_size",))
-    cfg = make_config(tmp_path / "c.yaml", workers="auto")  # the flag wins
-    assert (cfg.workers, cfg.auto) == (3, ("workers", "batch_size"))
-    assert make_config(None, workers=1).threads == 3  # the cores the workers leave
+    cfg = resolved(make_config(tmp_path / "c.yaml"), precision="bf16")  # the Ray engine's, from a cluster GPU
+    assert (cfg.workers, cfg.batch_size, cfg.threads, cfg.precision) == (1, 2, 2, "bf16")
+    assert cfg.auto == ("batch_size", "precision")
+    cfg = resolved(make_config(tmp_path / "c.yaml", workers="auto", precision="fp16"))  # the flag wins
+    assert (cfg.workers, cfg.precision, cfg.auto) == (3, "fp16", ("workers", "batch_size"))
+    assert resolved(make_config(None, workers=1)).threads == 3  # the cores the workers leave
     monkeypatch.setenv("OMP_NUM_THREADS", "2")  # torch follows it: not overridden
-    assert make_config(None).threads is None and make_config(None).auto == ("workers", "batch_size")
+    cfg = resolved(make_config(None))
+    assert cfg.threads is None and cfg.auto == ("workers", "batch_size", "precision")
     with pytest.raises(ConfigError, match="workers: 'many' is not a number"):
         make_config(None, workers="many")
     with pytest.raises(ConfigError) as err:
@@ -69,6 +75,31 @@ def test_settings_take_auto_and_integers_and_refuse_junk(monkeypatch, tmp_path):
     assert "precision: 'fp8' must be one of fp32, bf16, fp16 or auto" in str(err.value)
     with pytest.raises(ConfigError, match="threads: must be >= 1, got 0"):
         make_config(None, threads=0)
+
+
+def test_auto_settings_are_chosen_once_into_a_new_config(monkeypatch, tmp_path):
+    """The validated config is never changed: resolved() returns a copy holding extract.auto's choices, and a
+    run leaves the caller's config as it was."""
+    monkeypatch.setattr("extract.config.usable_cores", lambda: 3)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    given = make_config(None, ["modalities=text,audio", "asr.model=~/w"])
+    before = copy.deepcopy(given)
+    cfg = resolved(given)
+    assert given == before and cfg is not given and resolved(cfg) is cfg  # resolving twice changes nothing
+    workers, batch_size, reason = choose("cpu", 3, ("text", "audio"))
+    assert (cfg.workers, cfg.batch_size, cfg.auto_reason) == (workers, batch_size, reason) == (2, 2, "3 CPU cores, cpu")
+    assert (cfg.threads, cfg.precision) == (encoder_threads(3, workers), resolve_precision(None, "cpu")) == (1, "fp32")
+    assert dataclasses.replace(cfg, workers=None, batch_size=None, threads=None, precision=None, auto=(),
+                               auto_reason="", resolved=False) == given  # nothing else differs  # fmt: skip
+
+
+def test_a_run_leaves_the_callers_settings_unchanged(tmp_path, tiny_text_model, monkeypatch):
+    monkeypatch.setattr("extract.config.usable_cores", lambda: 2)
+    manifest = write_manifest(tmp_path / "m.csv", bundled_rows()[:2])
+    cfg = make_config(None, text_model=str(tiny_text_model), modalities="text")
+    before = copy.deepcopy(cfg)
+    run_extract(manifest, None, tmp_path / "out", cfg)
+    assert cfg == before and cfg.workers is None and cfg.precision is None
 
 
 def test_extract_flags_take_auto_and_integers_and_refuse_junk(capsys):

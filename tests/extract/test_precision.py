@@ -8,7 +8,7 @@ import pytest
 from conftest import MEDIA, bundled_rows, write_manifest
 from precision_bounds import FP32, bound, recorded_precision
 
-import extract.pipeline
+import extract.config
 from extract import ExtractionError
 from extract.auto import resolve_precision
 from extract.pipeline import build_extractors, describe_feature_set, run_extract
@@ -56,7 +56,7 @@ def test_a_run_that_picks_bf16_is_compared_with_fp32_at_bf16s_bound(tmp_path, ti
     fp32's bound (2e-2, what those tests allowed) and stay within bf16's (precision_bounds.BOUNDS)."""
     manifest = write_manifest(tmp_path / "m.csv", bundled_rows()[:2])
     run_extract(manifest, MEDIA, tmp_path / "cpu", tiny_cfg(modalities=("text", "audio")))
-    monkeypatch.setattr(extract.pipeline, "resolve_precision", lambda asked, device: asked or "bf16")
+    monkeypatch.setattr(extract.config, "resolve_precision", lambda asked, device: asked or "bf16")  # resolved()
     run_extract(manifest, MEDIA, tmp_path / "auto", tiny_cfg(modalities=("text", "audio")))
     reference, got = features(tmp_path / "cpu"), features(tmp_path / "auto")
     assert sorted(got) == sorted(reference) and len(got) == 4

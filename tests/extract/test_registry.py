@@ -7,6 +7,7 @@ Test-only toy extractors are registered with ``monkeypatch`` on the dict alone a
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -16,8 +17,8 @@ import pytest
 from conftest import MEDIA, bundled_rows, write_manifest
 
 from extract import EXTRACTORS, ExtractionError, Registered, extract_clip, extractor_for, get_extractor, registered_as
-from extract.config import ExtractConfig
-from extract.extractors.base import DecodedClip, Extractor, ExtractorResult, ModalityFailure
+from extract.config import ExtractConfig, make_config
+from extract.extractors.base import DecodedClip, Extractor, ExtractorResult, ModalityFailure, shared
 from extract.manifest import load_manifest
 from extract.pipeline import build_extractors, describe_feature_set, run_extract
 from shards import iter_shard, load_dataset_json
@@ -78,8 +79,8 @@ class ToyWords(Extractor):
 
     @dataclass(frozen=True)
     class Settings:
-        max_text_tokens: int
-        batch_size: int
+        max_text_tokens: int = 512
+        batch_size: int = shared(16)
 
     def __init__(self, max_text_tokens: int, batch_size: int):
         self.offset = max_text_tokens / 1000
@@ -110,11 +111,11 @@ def shard_samples(out) -> dict[str, dict]:
 
 
 def test_a_registered_worker_extractor_fills_its_modality(tmp_path, tiny_cfg, monkeypatch):
-    monkeypatch.delitem(EXTRACTORS, "facemesh")
-    monkeypatch.setitem(EXTRACTORS, "toy-faces", FACES)
+    monkeypatch.setitem(EXTRACTORS, "toy-faces", FACES)  # FaceMesh stays registered: the settings pick this one
     manifest = write_manifest(tmp_path / "m.csv", bundled_rows())
     out = tmp_path / "out"
-    run_extract(manifest, MEDIA, out, tiny_cfg(modalities="audio,video", workers=1, max_faces=3))
+    picked = {"extractors.video": "toy-faces", "toy_faces.max_faces": 3, "facemesh.max_faces": 2}
+    run_extract(manifest, MEDIA, out, tiny_cfg(modalities="audio,video", workers=1, **picked))
     ds = load_dataset_json(out)
     assert ds["feature_set"]["extractors"]["video"] == {"name": "toy-faces", "version": "1", "max_faces": 3}
     assert has_video_geom(out)
@@ -136,11 +137,13 @@ def test_a_registered_worker_extractor_fills_its_modality(tmp_path, tiny_cfg, mo
 
 
 def test_a_registered_encoder_extractor_fills_its_modality(tmp_path, tiny_cfg, monkeypatch):
-    monkeypatch.delitem(EXTRACTORS, "text")
     monkeypatch.setitem(EXTRACTORS, "toy-words", WORDS)
     manifest = write_manifest(tmp_path / "m.csv", bundled_rows())
     out = tmp_path / "out"
-    run_extract(manifest, MEDIA, out, tiny_cfg(modalities="text,video", max_text_tokens=250, batch_size=3))
+    picked = {"extractors.text": "toy-words", "toy_words.max_text_tokens": 250}
+    run_extract(manifest, MEDIA, out, tiny_cfg(modalities="text,video", batch_size=3, **picked))
+    settings = load_dataset_json(out)["modalities"]["text"]["settings"]
+    assert settings == {"max_text_tokens": 250, "batch_size": 3}  # its own section's, and the shared batch size
     ds = load_dataset_json(out)
     assert ds["feature_set"]["extractors"]["text"]["name"] == "toy-words" and ds["dims"]["Dt"] == TOY_DT
     samples = shard_samples(out)
@@ -155,22 +158,22 @@ def test_a_registered_encoder_extractor_fills_its_modality(tmp_path, tiny_cfg, m
 
 
 def test_settings_fields_are_extraction_config_keys():
-    from extract.extractors.asr import WhisperTranscriber
-
-    keys = {f.name for f in fields(ExtractConfig)}
+    general = {f.name for f in fields(ExtractConfig)}
+    cfg = make_config(None, ["text.max_tokens=77", "text_layer=-2", "audio.chunk_s=12", "max_faces=2"], raw=False)
     for name, entry in EXTRACTORS.items():
         cls = entry.load()
-        assert {f.name for f in fields(cls.Settings)} <= keys, name
+        section = {f.name for f in fields(getattr(cfg, name))}
+        assert {f.name for f in fields(cls.Settings) if f.metadata.get("shared")} <= general, name
+        assert section == {f.name for f in fields(cls.Settings)}, name  # the section is the extractor's Settings
         assert (cls.name, cls.modality, cls.runs_in, cls.members) == (
             entry.name, entry.modality, entry.runs_in, entry.members,
         ), name  # fmt: skip
-    assert {f.name for f in fields(WhisperTranscriber.Settings)} <= keys
-    cfg = ExtractConfig(max_text_tokens=77, text_layer=-2, audio_chunk_s=12.0, raw=False, max_faces=2, batch_size=8)
-    assert EXTRACTORS["text"].settings(cfg) == EXTRACTORS["text"].load().Settings(cfg.text_model, -2, 77, 8, None)
-    audio = EXTRACTORS["audio"].build(EXTRACTORS["audio"].settings(cfg))
+    cfg = dataclasses.replace(cfg, batch_size=8)
+    assert EXTRACTORS["text"].settings(cfg, "text") == EXTRACTORS["text"].load().Settings(cfg.text.model, -2, 77, 8)
+    audio = EXTRACTORS["audio"].build(EXTRACTORS["audio"].settings(cfg, "audio"))
     assert (audio.layer, audio._chunk_s, audio.keep_wave) == (-1, 12.0, False)
     assert get_extractor("facemesh", max_faces=2).max_faces == EXTRACTORS["facemesh"].build(
-        EXTRACTORS["facemesh"].settings(cfg)
+        EXTRACTORS["facemesh"].settings(cfg, "facemesh")
     ).max_faces == 2  # fmt: skip
 
 

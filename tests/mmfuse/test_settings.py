@@ -135,7 +135,7 @@ def test_extraction_settings_report_typos_and_bad_values_together(tmp_path) -> N
         "  fps: 'fast' is not a number\n"
         "  modalities: ['text', 'smell'] must be a non-empty subset of ['text', 'audio', 'video']\n"
         "  workers: must be >= 0 or auto, got -1\n"
-        "valid keys: asr, "
+        "valid keys: asr.model, "
     )
 
 

@@ -16,13 +16,14 @@ import numpy as np
 from conftest import MEDIA, ROOT, bundled_rows, write_manifest
 from toy_visual import EMB, EMB_DIM, ENTRY
 
-from extract import DEFAULT_EXTRACTORS, EXTRACTORS
+from extract import EXTRACTORS
 from extract.pipeline import run_extract
 from shards import iter_shard, load_dataset_json
 from shards.dataset import ShardDataset
 from shards.inspect import inspect_dataset
 from train.checkpoint import checkpoint_dataset, load_checkpoint
 from train.config import make_train_config
+from train.predict import extract_config, predict_clip
 from train.trainer import fit
 
 FAST = ["batch_size=1", "num_workers=0", "log_every=1", "model.hidden=12", "model.num_heads=3", "device=cpu"]
@@ -34,8 +35,8 @@ def test_a_new_visual_extractor_trains_with_no_other_file_aware_of_it(tmp_path: 
     manifest = write_manifest(tmp_path / "m.csv", bundled_rows())
     with monkeypatch.context() as mp:
         mp.setitem(EXTRACTORS, "colour-stats", ENTRY)  # the registry line
-        mp.setitem(DEFAULT_EXTRACTORS, "video", "colour-stats")  # FaceMesh stays registered; this one fills video
-        run_extract(manifest, MEDIA, out, tiny_cfg(shard_size=2))
+        # FaceMesh stays registered and the default; the settings choose this one to fill video
+        run_extract(manifest, MEDIA, out, tiny_cfg(shard_size=2, **{"extractors.video": "colour-stats"}))
     # from here on the extractor is registered nowhere: training reads only the shards' records
     ds = load_dataset_json(out)
     video = ds["modalities"]["video"]
@@ -61,6 +62,12 @@ def test_a_new_visual_extractor_trains_with_no_other_file_aware_of_it(tmp_path: 
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert ckpt["dims"] == {"text": 21, "audio": 27, "video": EMB_DIM} and ckpt["state"]["step"] == 2
     assert ckpt["modalities"]["video"] == video and checkpoint_dataset(ckpt).feature_member("video") == EMB
+    with monkeypatch.context() as mp:  # predict re-extracts a clip with the extractor the checkpoint records
+        mp.setitem(EXTRACTORS, "colour-stats", ENTRY)
+        cfg = extract_config(ckpt["feature_set"], "cpu", checkpoint_dataset(ckpt).contracts)
+        assert cfg.extractors.video == "colour-stats" and cfg.extractors.text == "text"
+        result = predict_clip(tmp_path / "run" / "checkpoints" / "last.pt", MEDIA / "grid" / "bbaf2n.mpg", "bin blue")
+        assert result["modalities"]["video"]["status"] == "ok" and result["feature_set_hash"] == ds["feature_set_hash"]
     for package in PROJECT:  # no project file names the extractor or its member
         for path in (ROOT / package).rglob("*.py"):
             text = path.read_text()

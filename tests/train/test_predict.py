@@ -16,7 +16,7 @@ from train.checkpoint import checkpoint_dataset, load_checkpoint
 from train.config import make_train_config
 from train.data import make_loader
 from train.pipeline import FusionPipeline
-from train.predict import feature_set_diff, predict_clip
+from train.predict import extract_config, feature_set_diff, predict_clip
 from train.trainer import fit
 
 FAST = ["batch_size=1", "num_workers=0", "log_every=1", "model.hidden=12", "model.num_heads=3", "device=cpu"]
@@ -219,3 +219,26 @@ def test_predict_scores_in_the_precision_eval_uses(checkpoint: Path, bundled_dat
     bf16 = predict_clip(checkpoint, GRID, GRID_TEXT)["prediction"]["score"]
     print(f"fp32 {fp32:.6f}, bf16 {bf16:.6f}, the sample under bf16 {expected:.6f}")
     assert bf16 == pytest.approx(expected, abs=2e-5) and abs(bf16 - fp32) > 1e-4
+
+
+def test_predict_rebuilds_the_extraction_settings_the_checkpoint_records(checkpoint: Path, tiny_text_model) -> None:
+    """Each modality's record names its extractor and holds its section's settings: predict reads them back (records
+    written before the sections were, by their flat names), not a table of known fields."""
+    ckpt = load_checkpoint(checkpoint)
+    contracts = checkpoint_dataset(ckpt).contracts
+    cfg = extract_config(ckpt["feature_set"], "cpu", contracts)
+    assert (cfg.extractors.text, cfg.extractors.audio, cfg.extractors.video) == ("text", "audio", "facemesh")
+    recorded = {m: {k: v for k, v in c.settings.items() if k not in ("batch_size", "precision", "raw")}
+                for m, c in contracts.items()}  # fmt: skip
+    assert recorded["text"] == {"model": str(tiny_text_model), "layer": -1, "max_tokens": cfg.text.max_tokens}
+    assert (cfg.text.model, cfg.text.layer) == (str(tiny_text_model), -1)
+    assert recorded["video"] == {"max_faces": 1, "min_detection_confidence": 0.5}
+    assert (cfg.workers, cfg.batch_size, cfg.raw) == (0, 1, True)
+    changed = {
+        "text": dataclasses.replace(contracts["text"], settings={"text_model": "m/t", "text_layer": -3}),
+        "video": dataclasses.replace(contracts["video"], settings={"max_faces": 4, "min_detection_confidence": 0.75}),
+    }
+    again = extract_config(ckpt["feature_set"], "cpu", {**contracts, **changed})
+    provenance = ckpt["feature_set"]["extractors"]["text"]["max_tokens"]  # what a record without it leaves
+    assert (again.text.model, again.text.layer, again.text.max_tokens) == ("m/t", -3, provenance)
+    assert (again.facemesh.max_faces, again.facemesh.min_detection_confidence) == (4, 0.75)
