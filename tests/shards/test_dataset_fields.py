@@ -98,8 +98,8 @@ def test_member_caps_refuse_out_of_range_rates_and_a_shard_alone_still_reads(sha
         ("max_duration_s", "1e308", "max_duration_s: must be > 0 and <= 86400, got 1e+308"),
         ("max_duration_s", ".nan", "max_duration_s: nan is not a finite number"),
         ("fps", "1e308", "fps: must be > 0 and <= 240, got 1e+308"),
-        ("audio_chunk_s", "1e308", "audio_chunk_s: must be >= 1 and <= 600, got 1e+308"),
-        ("min_detection_confidence", "2", "min_detection_confidence: must be >= 0 and <= 1, got 2.0"),
+        ("audio_chunk_s", "1e308", "audio.chunk_s: must be >= 1 and <= 600, got 1e+308"),
+        ("min_detection_confidence", "2", "facemesh.min_detection_confidence: must be >= 0 and <= 1, got 2.0"),
     ],
 )
 def test_extraction_settings_are_bounded(tmp_path: Path, capsys, setting: str, value: str, message: str) -> None:
