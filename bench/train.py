@@ -360,8 +360,8 @@ def _setup(s: dict[str, Any]) -> str:
         f"then {s['steps']} timed steps per variant; {s['workers']} DataLoader worker(s) per process when streaming, "
         f"shuffle buffer {s['shuffle_buffer']} per worker (smaller than the dataset, so the timed steps include "
         "steady-state reading, not a drained buffer). "
-        f"A step is `fit`'s own (`train.step.train_step`): next batch, forward under autocast, backward through the "
-        "GradScaler, per-group clip, AdamW, schedule. Stream and in-memory runs alternate "
+        "A step is `fit`'s own (training runs `fit` itself): next batch, forward under autocast, backward through "
+        "the GradScaler, per-group clip, AdamW, schedule. Stream and in-memory runs alternate "
         f"{s['repeats']} time(s); the best of each is shown (all: {_runs(s['all_runs_samples_per_s'])})."
     )
 

@@ -202,32 +202,35 @@ def timed_training(
     d: Any = None,
     device: str = "cpu",
 ) -> dict[str, Any]:
-    """Train ``model`` (its preset, then ``overrides``) for ``warmup + steps`` steps; time the last ``steps``.
+    """Train ``model`` (its preset, then ``overrides``) with ``fit`` itself; time its steps after the first
+    ``warmup``.
 
-    A step is ``train.step.train_step`` on a run built as ``fit`` builds it (``train.run.make_run``): the next
-    ``grad_accum`` batches (the wait for data is timed on its own), then forward, losses and backward under
-    autocast and the GradScaler, unscale, per-group clip, AdamW step and schedule step. ``source``: ``stream``
-    (make_loader with the config's workers) or ``memory`` (``InMemorySource.from_shards``, read before the clock
-    starts). The run is on ``d.device`` (without ``d``: ``device``); train_step moves each batch there. On CUDA
-    every clock reading waits for the device's queued work, so ``compute_s_per_step`` (copy to the device,
-    forward, backward, optimiser) holds the GPU time and excludes the data wait: wait + compute = step.
+    A step is ``fit``'s own: the next ``grad_accum`` batches (the wait for data is timed on its own), then forward,
+    losses and backward under autocast and the GradScaler, unscale, per-group clip, AdamW step and schedule step,
+    and what ``fit`` does between steps (no log line or checkpoint falls in the timed ones). ``fit`` takes its
+    batches from ``TimedBatches``: ``stream`` (``make_loader`` with the config's workers, a new loader per epoch)
+    or ``memory`` (``InMemorySource.from_shards``, read before the first step). It trains ``warmup + steps + 1``
+    steps: a step ends when the next one asks for its batches. The run is on ``d.device`` (without ``d``:
+    ``device``). On CUDA every clock reading waits for the device's queued work, so ``compute_s_per_step`` (copy
+    to the device, forward, backward, optimiser) holds the GPU time and excludes the data wait: wait + compute =
+    step. The run directory (a checkpoint at the end) is a temporary one.
     """
+    import tempfile
+
     from train.config import make_train_config
-    from train.inputs import feature_dims
-    from train.run import make_run
     from train.runtime import Dist
+    from train.trainer import fit
 
     d = d or Dist(device=torch.device(device))
-    config = make_train_config(model, overrides=[*overrides, f"device={d.device}"])
-    dataset = ShardDataset.load(shards)
-    run = make_run(config, shards, d, dataset, feature_dims(dataset, config.data.modalities))
-    batches, load_s = training_batches(run, source)
-    try:
-        run.net.train()
-        wait_s, compute_s, step = timed_steps(run, batches, warmup + steps)
-    finally:
-        batches.close()  # stops the DataLoader workers
-    wait, compute = sum(wait_s[warmup:]), sum(compute_s[warmup:])
+    timing = ["max_steps", "log_every", "checkpoint_every", "selection", "eval_every"]
+    fixed = [f"max_steps={warmup + steps + 1}", f"log_every={10**9}", "checkpoint_every=0", "selection=last"]
+    kept = [o for o in overrides if o.split("=")[0] not in timing]
+    config = make_train_config(model, overrides=[*kept, *fixed, f"eval_every={10**9}", f"device={d.device}"])
+    batches = TimedBatches(source)
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as run_dir:
+        fit(config, shards, run_dir, d=d, source=batches)
+    wait_s, compute_s = batches.step_split(config.optim.grad_accum)
+    wait, compute = sum(wait_s[warmup : warmup + steps]), sum(compute_s[warmup : warmup + steps])
     seconds = wait + compute
     return {
         "steps": steps,
@@ -240,27 +243,47 @@ def timed_training(
         "data_wait_s_per_step": wait / steps,
         "compute_s_per_step": compute / steps,
         "samples_per_s": config.data.batch_size * config.optim.grad_accum * steps * d.world_size / seconds,
-        "load_s": load_s,
-        "loss": float(step.loss.detach()),
+        "load_s": batches.load_s,
     }
 
 
-def timed_steps(run: Any, batches: Iterator[dict[str, Any]], n: int) -> tuple[list[float], list[float], Any]:
-    """``n`` training steps; per step the seconds waiting for its ``grad_accum`` batches and computing it, and
-    the last step."""
-    from train.step import train_step
+class TimedBatches:
+    """A batch source for ``fit`` (``train.run.BatchSource``): ``stream`` or ``memory`` batches, epoch after epoch
+    in one iterator (so the run stays in its first epoch: no end-of-epoch evaluation or checkpoint between the
+    timed steps), with the device clock read when ``fit`` asks for each batch and when it has it."""
 
-    wait_s, compute_s, step = [], [], None
-    last = device_clock(run.d.device)
-    for _ in range(n):
-        micro = [next(batches) for _ in range(run.config.optim.grad_accum)]
-        got = device_clock(run.d.device)
-        step = train_step(run, micro)
-        now = device_clock(run.d.device)
-        wait_s.append(got - last)
-        compute_s.append(now - got)
-        last = now
-    return wait_s, compute_s, step
+    def __init__(self, kind: str) -> None:
+        if kind not in ("stream", "memory"):
+            raise ValueError(f"source must be stream or memory, got {kind!r}")
+        self.kind, self.load_s = kind, 0.0
+        self.asked: list[float] = []
+        self.got: list[float] = []
+
+    def __call__(self, job: Any, epoch: int, skip: int) -> Iterator[dict[str, Any]]:
+        from train.memory import InMemorySource
+
+        if self.kind == "stream":
+            return self.timed(stream_batches(job.dataset, job.data, job.d.rank, job.d.world_size), job.d.device)
+        start = time.perf_counter()
+        held = InMemorySource.from_shards(job.dataset, "train", job.data, shuffle=True)
+        self.load_s = time.perf_counter() - start
+        return self.timed(memory_batches(held), job.d.device)
+
+    def timed(self, batches: Iterator[dict[str, Any]], device: torch.device) -> Iterator[dict[str, Any]]:
+        while True:
+            self.asked.append(device_clock(device))
+            batch = next(batches)
+            self.got.append(device_clock(device))
+            yield batch
+
+    def step_split(self, grad_accum: int) -> tuple[list[float], list[float]]:
+        """Per step but the last: the seconds waiting for its ``grad_accum`` batches, and computing it (from having
+        its last batch to the next step asking for its first)."""
+        wait_s, compute_s = [], []
+        for first in range(0, len(self.got) - grad_accum, grad_accum):
+            wait_s.append(sum(self.got[i] - self.asked[i] for i in range(first, first + grad_accum)))
+            compute_s.append(self.asked[first + grad_accum] - self.got[first + grad_accum - 1])
+        return wait_s, compute_s
 
 
 def device_clock(device: torch.device) -> float:
@@ -268,18 +291,6 @@ def device_clock(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
-
-
-def training_batches(run: Any, source: str) -> tuple[Iterator[dict[str, Any]], float]:
-    """The run's training batches, epoch after epoch, from ``source`` (``stream`` or ``memory``), and the
-    seconds spent reading them into memory first (0 when streamed)."""
-    from train.memory import InMemorySource
-
-    if source != "memory":
-        return stream_batches(run.dataset, run.data, run.d.rank, run.d.world_size), 0.0
-    start = time.perf_counter()
-    batches = memory_batches(InMemorySource.from_shards(run.dataset, "train", run.data, shuffle=True))
-    return batches, time.perf_counter() - start
 
 
 def peak_rss_mb(workers: ChildPeaks) -> dict[str, float]:

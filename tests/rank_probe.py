@@ -29,18 +29,18 @@ RECORD: dict = {"rank": int(os.environ.get("RANK", "0")), "zero_weight_batches":
 def probe_training() -> None:
     finish, labelled_anywhere = train.trainer.finish, train.step.labelled_anywhere
 
-    def finish_recorded(run):
-        params = [p.detach().double().cpu() for p in run.net.parameters()]
+    def finish_recorded(job, run, parts):
+        params = [p.detach().double().cpu() for p in parts.net.parameters()]
         RECORD.update(
             step=run.step,
-            device=str(run.d.device),
+            device=str(job.d.device),
             checksum=float(sum((p * (i + 1)).sum() for i, p in enumerate(params))),
             abs_sum=float(sum(p.abs().sum() for p in params)),
         )
-        return finish(run)
+        return finish(job, run, parts)
 
-    def anywhere_recorded(run, counts):
-        flags = labelled_anywhere(run, counts)
+    def anywhere_recorded(d, grad_accum, counts):
+        flags = labelled_anywhere(d, grad_accum, counts)
         RECORD["zero_weight_batches"] += sum(1 for n, f in zip(counts, flags, strict=True) if f and n == 0)
         return flags
 

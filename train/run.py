@@ -1,10 +1,10 @@
-"""A training run in one object, and how it is built.
+"""What a training run is made of, and how it is built.
 
-``Run`` holds the network (and its DDP / compiled wrapper), the optimiser, the learning-rate schedule, the
-GradScaler, the autocast dtype, the training data, and where training stands: epoch, optimiser step, data
-position and best validation score. ``build_run`` prepares the run directory and, resuming, restores all of it
-from ``checkpoints/last.pt``; ``make_run`` is the part that writes nothing (``mmfuse bench train`` uses it).
-``save`` writes a run as a checkpoint.
+``fit`` (``train.trainer``) holds a run as locals: the ``Job`` (settings, device, shards, data settings, the run's
+length and where it writes: fixed for the whole run), the ``Run`` (where training stands: optimiser step, epoch,
+data position, best validation score: what a checkpoint saves as ``state``) and the ``Parts`` that train (network,
+optimiser, learning-rate schedule, GradScaler). ``prepare`` makes all three for a new run or a resumed one and
+writes the run directory's ``config.json``; ``build`` is the part that writes nothing. ``save`` writes a checkpoint.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -79,14 +80,26 @@ class StepScaler(torch.amp.GradScaler):
 
 @dataclass
 class Run:
-    """Everything the training loop carries from one optimiser step to the next.
+    """Where training stands, what a checkpoint saves as its ``state``: optimiser steps taken, the epoch, batches
+    of that epoch already consumed (a resumed epoch skips them), and the best validation score so far
+    (``train.metrics.SELECTION``) with its step (-1 while there is none)."""
 
-    ``net`` is what is checkpointed and evaluated; ``model`` is what the training forward pass goes through:
-    ``net`` itself, or ``net`` wrapped in DDP and/or ``torch.compile``. ``step``, ``epoch``, ``batch`` (batches
-    of ``epoch`` already consumed, so a resumed epoch skips them), ``best`` and ``best_step`` are what a
-    checkpoint saves as the run's ``state``. ``run_dir``, ``log`` and ``progress`` are None when the run writes
-    nothing (benchmarks).
-    """
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+    best: float | None = None
+    best_step: int = -1
+
+    def state(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Job:
+    """What stays fixed while a run trains: its settings, device, shards (``dims``: each modality's feature width),
+    the training data's settings (``data``: pinned on CUDA, token ids checked against the network's vocabulary),
+    its length (``batches_per_epoch`` per rank, ``total_steps``) and where it writes. ``run_dir``, ``log`` and
+    ``progress`` are None for a run that writes nothing (``build``)."""
 
     config: TrainConfig
     d: Dist
@@ -94,38 +107,26 @@ class Run:
     dataset: ShardDataset
     dims: dict[str, int]
     data: DataConfig
-    net: FusionPipeline
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    scaler: StepScaler
     amp: torch.dtype | None  # autocast dtype; None: full precision
-    batches_per_epoch: int  # per rank
+    batches_per_epoch: int
     total_steps: int
     run_dir: Path | None = None
     log: RunLog | None = None
     progress: Progress | None = None  # progress(steps done, steps in all), rank 0 only
     started: float = field(default_factory=time.perf_counter)
-    step: int = 0  # optimiser steps taken
-    epoch: int = 0
-    batch: int = 0
-    best: float | None = None  # best validation score so far (train.metrics.SELECTION)
-    best_step: int = -1
-    ddp: DistributedDataParallel | None = None  # the DDP wrapper inside ``model`` (``no_sync`` is taken from it)
-    trainable: int | None = None  # the encoders' trainable top k the wrappers were built for (end to end)
 
     def autocast(self) -> torch.autocast:
         return torch.autocast(self.d.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
 
-    def state(self) -> dict[str, Any]:
-        """Where training stands, as a checkpoint's ``state`` holds it."""
-        return {
-            "step": self.step,
-            "epoch": self.epoch,
-            "batch": self.batch,
-            "best": self.best,
-            "best_step": self.best_step,
-        }
+
+class Parts(NamedTuple):
+    """What trains and what a checkpoint saves besides the ``Run``: the network (what is evaluated and saved, never
+    a DDP or compiled wrapper), AdamW over its parameter groups, the warm-up + decay schedule, the GradScaler."""
+
+    net: FusionPipeline
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: StepScaler
 
 
 def lr_lambda(config: TrainConfig, total_steps: int):
@@ -144,9 +145,9 @@ def lr_lambda(config: TrainConfig, total_steps: int):
     return factor
 
 
-def build_run(
+def prepare(
     config: TrainConfig, shards: Path, run_dir: Path, d: Dist, *, resume: bool = False, progress: Progress | None = None
-) -> Run:
+) -> tuple[Job, Run, Parts]:
     """A run ready for its first step, or resuming (``resume`` and ``checkpoints/last.pt`` present) for the step
     after its last checkpoint. Checks the settings against the shards, prepares ``run_dir`` (``prepare_run_dir``)
     and writes ``config.json`` when the run is new. Resuming, settings may change only as
@@ -165,13 +166,13 @@ def build_run(
     if checkpoint is not None:
         check_feature_set(checkpoint["feature_set_hash"], dataset, what=f"the run in {run_dir}")
         changes = resume_changes(checkpoint["config"], config)
-    run = make_run(config, shards, d, dataset, dims, checkpoint)
-    run.run_dir, run.log, run.progress = run_dir, RunLog(run_dir, enabled=d.main), progress
+    job, run, parts = build(config, shards, d, dataset, dims, checkpoint)
+    job.run_dir, job.log, job.progress = run_dir, RunLog(run_dir, enabled=d.main), progress
     if d.main and checkpoint is None:
-        write_json(run_dir / "config.json", run_record(run))
+        write_json(run_dir / "config.json", run_record(job))
     elif d.main and changes:
-        record_resume(run, changes)
-    return run
+        record_resume(job, run, changes)
+    return job, run, parts
 
 
 def check_selection(config: TrainConfig, dataset: ShardDataset) -> None:
@@ -183,27 +184,27 @@ def check_selection(config: TrainConfig, dataset: ShardDataset) -> None:
         )
 
 
-def record_resume(run: Run, changes: dict[str, Any]) -> None:
+def record_resume(job: Job, run: Run, changes: dict[str, Any]) -> None:
     """config.json after a resume with changed settings: the settings now in force, and under ``resumed`` the step
     the run resumed at and each change (from, to)."""
-    path = run.run_dir / "config.json"
-    record = json.loads(path.read_text()) if path.is_file() else run_record(run)
-    record["config"] = run.config.to_dict()
+    path = job.run_dir / "config.json"
+    record = json.loads(path.read_text()) if path.is_file() else run_record(job)
+    record["config"] = job.config.to_dict()
     record.setdefault("resumed", []).append({"step": run.step, "changes": changes})
     write_json(path, record)
 
 
-def make_run(
+def build(
     config: TrainConfig,
     shards: Path,
     d: Dist,
     dataset: ShardDataset,
     dims: dict[str, int],
     checkpoint: dict[str, Any] | None = None,
-) -> Run:
+) -> tuple[Job, Run, Parts]:
     """The network (seeded with ``config.run.seed``), AdamW over its parameter groups, the warm-up + decay schedule
-    over every step of the run, the GradScaler (on with fp16 autocast only) and the training data; at step 0, or
-    where ``checkpoint`` stopped. Writes nothing."""
+    over every step of the run and the GradScaler (on with fp16 autocast only); at step 0, or where ``checkpoint``
+    stopped. Writes nothing."""
     seed_everything(config.run.seed)
     net = FusionPipeline(config, dims, dataset).to(d.device)
     # pinned: non-blocking copies; text_vocab: end to end, every sample's text_ids checked before it is batched
@@ -214,53 +215,43 @@ def make_run(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total_steps))
     amp = amp_dtype(config.run.amp, d.device)
     scaler = StepScaler(d.device.type, init_scale=INIT_SCALE, enabled=amp == torch.float16)
-    run = Run(
-        config, d, shards, dataset, dims, data, net, net, optimizer, scheduler, scaler, amp, per_epoch, total_steps
-    )
+    job = Job(config, d, shards, dataset, dims, data, amp, per_epoch, total_steps)
+    run, parts = Run(), Parts(net, optimizer, scheduler, scaler)
     if checkpoint is not None:
-        restore(run, checkpoint)
-    if net.end_to_end:
-        train_encoders(run)  # freeze before wrapping: DDP reduces only what requires a gradient when it is built
-    wrap(run)
-    return run
+        restore(checkpoint, run, parts, d)
+    return job, run, parts
 
 
-def train_encoders(run: Run) -> None:
-    """Apply the encoders' freeze / unfreeze schedule at ``run.step``; when the trainable parameters change,
-    rebuild the DDP / compiled wrappers so the reducer covers exactly the parameters that now train. The
-    schedule depends on the step alone, so every rank rebuilds at the same step."""
-    config = run.config
-    top_k = config.unfreeze_top_k if run.step >= config.unfreeze_after else 0
-    if top_k == run.trainable:
-        return
-    first, run.trainable = run.trainable is None, top_k
-    run.net.set_encoders_trainable(top_k)
-    if not first:
-        wrap(run)
+def encoders_top_k(config: TrainConfig, step: int) -> int:
+    """How many of the encoders' top layers train at ``step`` (end to end: none before ``unfreeze_after``)."""
+    return config.unfreeze_top_k if step >= config.unfreeze_after else 0
 
 
-def wrap(run: Run) -> None:
-    """``run.model``: ``run.net`` in DDP when distributed (kept as ``run.ddp``), then ``torch.compile`` when asked."""
-    run.model, run.ddp = run.net, None
-    if run.d.enabled:
-        run.ddp = DistributedDataParallel(run.net, find_unused_parameters=may_leave_parameters_unused(run))
-        run.model = run.ddp
-    if run.config.run.compile:  # lengths vary per batch: dynamic shapes from the first graph, no per-dim recompiles
-        run.model = torch.compile(run.model, dynamic=True)
+def wrap(net: FusionPipeline, config: TrainConfig, d: Dist) -> tuple[torch.nn.Module, DistributedDataParallel | None]:
+    """What the training forward pass goes through: ``net`` in DDP when distributed (returned as well, for its
+    ``no_sync``), then ``torch.compile`` when asked. Built again whenever the trainable parameters change, so DDP's
+    reducer covers exactly the parameters that train."""
+    model, ddp = net, None
+    if d.enabled:
+        ddp = DistributedDataParallel(net, find_unused_parameters=may_leave_parameters_unused(net))
+        model = ddp
+    if config.run.compile:  # lengths vary per batch: dynamic shapes from the first graph, no per-dim recompiles
+        model = torch.compile(model, dynamic=True)
+    return model, ddp
 
 
-def may_leave_parameters_unused(run: Run) -> bool:
+def may_leave_parameters_unused(net: FusionPipeline) -> bool:
     """Whether a training forward pass can leave a parameter that requires a gradient out of the loss (DDP's
     ``find_unused_parameters``, which costs a graph walk every step). Yes unless the fusion model declares
     ``uses_every_parameter = True`` (its forward reaches every parameter whatever modalities are present), and
     always with modality dropout, which can drop a modality from a whole batch, and while an encoder trains
     (BERT's pooler and wav2vec 2.0's mask embedding take no part in the features). Frozen encoder parameters do
-    not count: DDP leaves out what does not require a gradient when it is built (``train_encoders`` rebuilds it)."""
-    if getattr(run.net.fusion.config, "modality_dropout", 0.0) > 0:
+    not count: DDP leaves out what does not require a gradient when it is built (``wrap`` is called again)."""
+    if getattr(net.fusion.config, "modality_dropout", 0.0) > 0:
         return True
-    if any(p.requires_grad for encoder in run.net.encoders.values() for p in encoder.parameters()):
+    if any(p.requires_grad for encoder in net.encoders.values() for p in encoder.parameters()):
         return True
-    return not getattr(run.net.fusion, "uses_every_parameter", False)
+    return not getattr(net.fusion, "uses_every_parameter", False)
 
 
 def train_batches(config: TrainConfig, dataset: ShardDataset, d: Dist) -> int:
@@ -275,53 +266,47 @@ def train_batches(config: TrainConfig, dataset: ShardDataset, d: Dist) -> int:
     return batches
 
 
-def restore(run: Run, checkpoint: dict[str, Any]) -> None:
-    """Network, optimiser, schedule, position and this rank's RNG streams as ``checkpoint`` saved them."""
-    run.net.load_state_dict(checkpoint["model"])
-    run.optimizer.load_state_dict(checkpoint["optimizer"])
-    run.scheduler.load_state_dict(checkpoint["scheduler"])
-    if checkpoint.get("scaler") and run.scaler.is_enabled():  # absent from older checkpoints: the initial scale
-        run.scaler.load_state_dict(checkpoint["scaler"])
-    state = checkpoint["state"]
-    run.step, run.epoch, run.batch = state["step"], state["epoch"], state["batch"]
-    run.best, run.best_step = state["best"], state["best_step"]
-    set_rng_state(checkpoint["rng"][min(run.d.rank, len(checkpoint["rng"]) - 1)], run.d.device)
+def restore(checkpoint: dict[str, Any], run: Run, parts: Parts, d: Dist) -> None:
+    """Network, optimiser, schedule, scaler, position and this rank's RNG streams as ``checkpoint`` saved them."""
+    parts.net.load_state_dict(checkpoint["model"])
+    parts.optimizer.load_state_dict(checkpoint["optimizer"])
+    parts.scheduler.load_state_dict(checkpoint["scheduler"])
+    if checkpoint.get("scaler") and parts.scaler.is_enabled():  # absent from older checkpoints: the initial scale
+        parts.scaler.load_state_dict(checkpoint["scaler"])
+    for key, value in checkpoint["state"].items():
+        setattr(run, key, value)
+    set_rng_state(checkpoint["rng"][min(d.rank, len(checkpoint["rng"]) - 1)], d.device)
 
 
-def train_loader(run: Run) -> ShardLoader:
-    """This rank's training batches of ``run.epoch``, after the ``run.batch`` ones already trained on."""
+BatchSource = Callable[[Job, int, int], Iterable[dict[str, Any]]]
+"""Where ``fit`` takes an epoch's training batches from: ``source(job, epoch, skip)``, the epoch's batches after
+the first ``skip`` (already trained on before a resume). ``train_loader`` streams them from the shards."""
+
+
+def train_loader(job: Job, epoch: int, skip: int) -> ShardLoader:
+    """This rank's training batches of ``epoch`` from the shards, after the ``skip`` ones already trained on."""
     return make_loader(
-        run.dataset,
+        job.dataset,
         "train",
-        run.data,
+        job.data,
         train=True,
-        epoch=run.epoch,
-        rank=run.d.rank,
-        world_size=run.d.world_size,
-        skip_batches=run.batch,
+        epoch=epoch,
+        rank=job.d.rank,
+        world_size=job.d.world_size,
+        skip_batches=skip,
     )
 
 
-def save(run: Run, path: Path) -> None:
-    """Checkpoint ``run`` to ``path`` (rank 0 writes; every rank takes part)."""
-    rngs: list[Any] = [rng_state(run.d.device)]
-    if run.d.enabled:  # every rank's RNG, so each resumes its own stream
-        rngs = [None] * run.d.world_size
-        dist.all_gather_object(rngs, rng_state(run.d.device))
-    if run.d.main:
-        save_checkpoint(
-            path,
-            run.net,
-            run.optimizer,
-            run.scheduler,
-            run.state(),
-            run.config,
-            run.dataset,
-            run.dims,
-            rngs,
-            run.scaler,
-        )
-    barrier(run.d)
+def save(path: Path, job: Job, run: Run, parts: Parts) -> None:
+    """Checkpoint the run to ``path`` (rank 0 writes; every rank takes part)."""
+    rngs: list[Any] = [rng_state(job.d.device)]
+    if job.d.enabled:  # every rank's RNG, so each resumes its own stream
+        rngs = [None] * job.d.world_size
+        dist.all_gather_object(rngs, rng_state(job.d.device))
+    if job.d.main:
+        net, optimizer, scheduler, scaler = parts
+        save_checkpoint(path, net, optimizer, scheduler, run.state(), job.config, job.dataset, job.dims, rngs, scaler)
+    barrier(job.d)
 
 
 def read_checkpoint(d: Dist, path: Path, part: str | None = None) -> Any:
@@ -360,17 +345,17 @@ def barrier(d: Dist) -> None:
         dist.barrier()
 
 
-def run_record(run: Run) -> dict[str, Any]:
+def run_record(job: Job) -> dict[str, Any]:
     """What config.json holds: settings, code revision, shards and their fingerprint, job shape."""
     return {
-        "config": run.config.to_dict(),
+        "config": job.config.to_dict(),
         "git_revision": git_revision(),
-        "shards": str(run.shards.resolve()),
-        "feature_set_hash": run.dataset.feature_set_hash,
-        "dataset_counts": run.dataset.counts,
-        "dims": run.dims,
-        "world_size": run.d.world_size,
-        "backend": dist.get_backend() if run.d.enabled else None,
-        "device": str(run.d.device),
+        "shards": str(job.shards.resolve()),
+        "feature_set_hash": job.dataset.feature_set_hash,
+        "dataset_counts": job.dataset.counts,
+        "dims": job.dims,
+        "world_size": job.d.world_size,
+        "backend": dist.get_backend() if job.d.enabled else None,
+        "device": str(job.d.device),
         "torch": str(torch.__version__),
     }

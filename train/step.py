@@ -1,81 +1,56 @@
-"""One training step, as ``fit`` runs it and ``mmfuse bench train`` times it: ``grad_accum`` micro-batches
-forward (under autocast) and backward (through the GradScaler), then one optimiser step: unscale, clip each
-parameter group on its own, step, advance the schedule.
+"""The pieces of a training step that ``fit`` (``train.trainer``) writes out around its forward, backward and
+optimiser step: which micro-batches to train on and with what weight (host-side, before anything moves to the
+device), the copy to the device, and the gradient clip of each parameter group on its own.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from fusion.base import FusionOutput
 from train.pipeline import check_token_ids
-from train.run import Run, train_encoders
+from train.runtime import Dist
 
 
 @dataclass
-class Step:
-    """What one ``train_step`` did. ``labelled``: samples with a label in its micro-batches. When it ended a full
-    group: the last micro-batch's ``out`` and summed ``loss``; ``grad_norm``, the gradient norm before clipping,
-    when the optimiser stepped (None otherwise, and when the scaler ``skipped`` the step)."""
+class Group:
+    """The host's side of one optimiser step's micro-batches (``prepare_group``): per micro-batch, its rows to
+    train on and the weight of their loss, or None when no rank has a label in it (skipped); ``labelled``, the
+    samples with a label in them on this rank."""
 
-    labelled: int = 0
-    out: FusionOutput | None = None
-    loss: torch.Tensor | None = None
-    grad_norm: torch.Tensor | None = None
-    skipped: bool = False  # the scaler skipped the optimiser step (inf/NaN gradients)
-
-    @property
-    def stepped(self) -> bool:
-        return self.grad_norm is not None
+    batches: list[tuple[dict[str, Any], float] | None]
+    labelled: int
 
 
-def train_step(run: Run, batches: list[dict[str, Any]]) -> Step:
-    """Forward and backward over ``batches`` (the loader's next ``grad_accum`` batches, fewer at the end of an
-    epoch), then one optimiser step when they are a full group.
+def prepare_group(micro: list[dict[str, Any]], text_vocab: int | None, d: Dist, grad_accum: int) -> Group:
+    """Each micro-batch's labelled rows, its token ids checked (on the host, before any of it moves).
 
-    A micro-batch with no labelled sample on any rank is skipped (unlabelled samples are kept out of losses).
-    Under DDP a rank whose micro-batch has no label while another's has runs it anyway with zero weight, so
-    every rank takes part in the same gradient reductions and steps. A group whose last micro-batch is skipped,
-    or an epoch's incomplete last group, takes no optimiser step: its gradients carry on into the next group of
-    the epoch (an epoch starts from zero gradients).
-    """
-    config = run.config
-    if run.net.end_to_end:
-        train_encoders(run)
-    kept = [labelled_rows(batch) for batch in batches]
+    Unlabelled samples are kept out of losses, and a micro-batch with no labelled sample on any rank is skipped.
+    Under DDP a rank whose micro-batch has no label while another's has runs it anyway with its loss weighted
+    zero, so every rank takes part in the same gradient reductions and steps."""
+    kept = [labelled_rows(batch) for batch in micro]
     counts = [len(rows["label"]) for rows in kept]
-    anywhere = labelled_anywhere(run, counts)
-    step, last = Step(labelled=sum(counts)), None
-    for i, (batch, rows) in enumerate(zip(batches, kept, strict=True)):
-        last = None
-        if not anywhere[i]:
+    batches: list[tuple[dict[str, Any], float] | None] = []
+    for batch, rows, anywhere in zip(micro, kept, labelled_anywhere(d, grad_accum, counts), strict=True):
+        if not anywhere:
+            batches.append(None)
             continue
-        sync = i == config.optim.grad_accum - 1
-        check_token_ids(batch, run.net.text_vocab)  # on the host: no device sync
-        if counts[i]:
-            last = forward_backward(run, to_device(rows, run.d.device), sync=sync)
-        else:  # labels on another rank only: a zero gradient through the same reduction
-            last = forward_backward(run, to_device(placeholder_labels(batch), run.d.device), sync=sync, weight=0.0)
-    if len(batches) == config.optim.grad_accum and last is not None:
-        step.out, step.loss = last
-        step.grad_norm = optimizer_step(run)
-        step.skipped = step.grad_norm is None
-    return step
+        check_token_ids(batch, text_vocab)
+        batches.append((rows, 1.0) if len(rows["label"]) else (placeholder_labels(batch), 0.0))
+    return Group(batches, sum(counts))
 
 
-def labelled_anywhere(run: Run, counts: list[int]) -> list[bool]:
+def labelled_anywhere(d: Dist, grad_accum: int, counts: list[int]) -> list[bool]:
     """For each micro-batch, whether any rank has a labelled sample in it (every rank decides the same). The
     counts are the host's: they are reduced on the CPU (``Dist.cpu_group``), never through the GPU's queue."""
-    if not run.d.enabled:
+    if not d.enabled:
         return [n > 0 for n in counts]
-    flags = torch.zeros(run.config.optim.grad_accum, dtype=torch.int64)
+    flags = torch.zeros(grad_accum, dtype=torch.int64)
     flags[: len(counts)] = torch.tensor([int(n > 0) for n in counts], dtype=torch.int64)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=run.d.cpu_group)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=d.cpu_group)
     return [bool(f) for f in flags.tolist()[: len(counts)]]
 
 
@@ -85,38 +60,9 @@ def placeholder_labels(batch: dict[str, Any]) -> dict[str, Any]:
     return {**batch, "label": torch.where(torch.isfinite(label), label, torch.zeros_like(label))}
 
 
-def forward_backward(
-    run: Run, batch: dict[str, Any], *, sync: bool, weight: float = 1.0
-) -> tuple[FusionOutput, torch.Tensor]:
-    """One micro-batch: forward under autocast, then backward of its summed losses over ``grad_accum`` (so a
-    group's gradient is the mean over its micro-batches), times ``weight``, through the GradScaler. Returns the
-    output and the summed losses times ``weight``."""
-    # DDP: all-reduce gradients only on the micro-batch that ends a group (``sync``). ``no_sync`` is the DDP
-    # module's own: under torch.compile ``run.model`` is the compiled wrapper
-    with run.ddp.no_sync() if run.ddp is not None and not sync else nullcontext():
-        with run.autocast():  # tensors only: a compiled forward would guard on (and recompile for) the keys
-            out = run.model({k: v for k, v in batch.items() if isinstance(v, torch.Tensor)})
-        loss = sum(out.losses.values())
-        if weight != 1.0:
-            loss = torch.nan_to_num(loss) * weight
-        run.scaler.scale(loss / run.config.optim.grad_accum).backward()
-    return out, loss
-
-
-def optimizer_step(run: Run) -> torch.Tensor | None:
-    """Unscale the accumulated gradients, clip each parameter group to ``clip_norm`` on its own, step through
-    the scaler, clear the gradients, advance the schedule and ``run.step``. Returns the norm before clipping, or
-    None when the scaler skipped the step (inf/NaN gradients under fp16): a skipped step does not advance the
-    schedule or ``run.step``."""
-    run.scaler.unscale_(run.optimizer)
-    grad_norm = clip_grad_norm_per_group(run.optimizer, run.config.optim.clip_norm or float("inf"))
-    stepped = run.scaler.step_and_update(run.optimizer)  # one host read of the scale per step, under fp16 only
-    run.optimizer.zero_grad(set_to_none=True)
-    if not stepped:
-        return None
-    run.scheduler.step()
-    run.step += 1
-    return grad_norm
+def tensors(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The batch's tensors only (not its keys): a compiled forward would guard on the strings and recompile."""
+    return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 
 def clip_grad_norm_per_group(optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor:

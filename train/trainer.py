@@ -1,7 +1,8 @@
-"""``fit``: the training loop, written out in one place: for each optimiser step, ``grad_accum`` micro-batches
-forward and backward and one optimiser step (``train.step.train_step``), then progress, log and checkpoint; at
-the end of each epoch evaluation, model selection and checkpointing (``end_of_epoch``). What the loop carries
-is one ``train.run.Run``. ``evaluate`` is what every command that scores a model goes through.
+"""``fit``: the training loop, written out in one place (forward, backward, clip, optimiser step), then progress,
+log and checkpoint; at the end of each epoch evaluation, model selection and checkpointing (``end_of_epoch``).
+The network, optimiser, schedule, scaler and loader are ``fit``'s locals; what the loop carries from step to step
+is where training stands (``train.run.Run``). ``evaluate`` is what every command that scores a model goes
+through.
 
 Run directory (``--run-dir``)::
 
@@ -22,6 +23,8 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Iterable
+from contextlib import nullcontext
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -29,19 +32,31 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from fusion.base import mechanism_shares
+from fusion.base import FusionOutput, mechanism_shares
 from fusion.layers import task_loss
 from shards import Progress
 from shards.dataset import ShardDataset
 from train.config import TrainConfig
-from train.data import ShardLoader, make_loader
+from train.data import make_loader
 from train.finite import FiniteWatch, NonFiniteLoss
 from train.inputs import DataError
 from train.metrics import SELECTION, task_metrics
 from train.pipeline import FusionPipeline, check_token_ids
-from train.run import Run, barrier, build_run, read_checkpoint, save, train_loader
+from train.run import (
+    BatchSource,
+    Job,
+    Parts,
+    Run,
+    barrier,
+    encoders_top_k,
+    prepare,
+    read_checkpoint,
+    save,
+    train_loader,
+    wrap,
+)
 from train.runtime import Dist, amp_dtype, setup_distributed, teardown_distributed, write_json
-from train.step import Step, clip_grad_norm_per_group, labelled_rows, to_device, train_step
+from train.step import clip_grad_norm_per_group, labelled_rows, prepare_group, tensors, to_device
 from train.workers import close_pools
 
 __all__ = ["NonFiniteLoss", "clip_grad_norm_per_group", "evaluate", "fit", "prediction_row"]
@@ -57,115 +72,149 @@ def fit(
     run_dir: Path | str,
     resume: bool = False,
     progress: Progress | None = None,
+    *,
+    d: Dist | None = None,
+    source: BatchSource = train_loader,
 ) -> dict[str, Any]:
     """Train ``config.model`` on the shards; returns the final test metrics (validation-selected).
-    ``progress(steps done, steps in all)`` is called on rank 0 after each optimiser step."""
+
+    ``progress(steps done, steps in all)`` is called on rank 0 after each optimiser step. ``d``: a distributed job
+    the caller has set up (and tears down); without it, ``fit`` joins the torchrun job or runs alone. ``source``:
+    where each epoch's training batches come from (``train.run.BatchSource``); the shards' streaming loader unless
+    a benchmark or a test hands in its own.
+
+    Long: the training loop written out in one place. For each group of ``grad_accum`` micro-batches: forward
+    under autocast and backward through the GradScaler (DDP reduces gradients on the group's last micro-batch
+    only), then the optimiser step: unscale, clip each parameter group on its own, step, schedule; then progress,
+    log line and checkpoint (``after_step``). At the end of each epoch evaluation, model selection and a checkpoint
+    (``end_of_epoch``); at the end the selected checkpoint is scored (``finish``).
+    """
     shards, run_dir = Path(shards), Path(run_dir)
-    d = setup_distributed(config.run.device)
+    own = d is None
+    d = setup_distributed(config.run.device) if d is None else d
     try:
-        run = build_run(config, shards, run_dir, d, resume=resume, progress=progress if d.main else None)
-        log.info(
-            "training %s (%s) on %s: %d steps, %d per epoch",
-            config.model,
-            config.mode,
-            shards,
-            run.total_steps,
-            run.batches_per_epoch // config.optim.grad_accum,
-        )
-        run.started, watch = time.perf_counter(), FiniteWatch(run.d.device)
-        if run.progress is not None:
-            run.progress(run.step, run.total_steps)
-        while run.step < run.total_steps and run.epoch < config.run.epochs:
-            loader = train_loader(run)
-            run.net.train()
-            run.optimizer.zero_grad(set_to_none=True)  # no micro-batch gradient carries over an epoch boundary
+        job, run, parts = prepare(config, shards, run_dir, d, resume=resume, progress=progress if d.main else None)
+        net, optimizer, scheduler, scaler = parts
+        accum, clip = config.optim.grad_accum, config.optim.clip_norm or math.inf
+        steps, per_epoch = job.total_steps, job.batches_per_epoch // accum
+        log.info("training %s (%s) on %s: %d steps, %d per epoch", config.model, config.mode, shards, steps, per_epoch)
+        model, ddp, trainable = net, None, None  # what the forward goes through: net, in DDP and/or compiled
+        job.started, watch = time.perf_counter(), FiniteWatch(d.device)
+        if job.progress is not None:
+            job.progress(run.step, job.total_steps)
+        while run.step < job.total_steps and run.epoch < config.run.epochs:
+            loader = source(job, run.epoch, run.batch)
+            net.train()
+            optimizer.zero_grad(set_to_none=True)  # no micro-batch gradient carries over an epoch boundary
             fresh, labelled, batches = run.batch == 0, 0, iter(loader)
-            while run.step < run.total_steps and (micro := list(islice(batches, config.optim.grad_accum))):
-                step = train_step(run, micro)
-                if step.loss is not None:  # on the device: read before anything is logged or saved
-                    watch.add(run.step if step.stepped else run.step + 1, run.epoch, step.loss, step.grad_norm)
+            while run.step < job.total_steps and (micro := list(islice(batches, accum))):
+                if (top_k := encoders_top_k(config, run.step) if net.end_to_end else 0) != trainable:
+                    net.set_encoders_trainable(top_k)  # the encoders' schedule; DDP must cover what now trains
+                    model, ddp = wrap(net, config, d)
+                    trainable = top_k
+                group = prepare_group(micro, net.text_vocab, d, accum)
+                out, loss = None, None
+                for i, item in enumerate(group.batches):
+                    if item is None:  # no rank has a label in it
+                        out, loss = None, None
+                        continue
+                    rows, weight = item
+                    batch = to_device(rows, d.device)
+                    # DDP's own no_sync: under torch.compile ``model`` is the compiled wrapper
+                    with ddp.no_sync() if ddp is not None and i < accum - 1 else nullcontext():
+                        with job.autocast():
+                            out = model(tensors(batch))
+                        loss = sum(out.losses.values())
+                        if weight != 1.0:  # labels on another rank only: a zero gradient through the same reduction
+                            loss = torch.nan_to_num(loss) * weight
+                        scaler.scale(loss / accum).backward()  # a group's gradient: the mean over its micro-batches
                 run.batch += len(micro)
-                labelled += step.labelled
-                if step.stepped:
-                    after_step(run, step, watch)
-            check_labelled(run, fresh, labelled)
-            check_finite(run, watch)
-            note_skipped(run, loader)
-            end_of_epoch(run)
-        return finish(run)
+                labelled += group.labelled
+                if len(micro) < accum or loss is None:
+                    continue  # an epoch's last, incomplete group or one ending unlabelled: its gradients carry on
+                scaler.unscale_(optimizer)
+                grad_norm = clip_grad_norm_per_group(optimizer, clip)
+                stepped = scaler.step_and_update(optimizer)  # under fp16: torch's inf check, then the scale's read
+                optimizer.zero_grad(set_to_none=True)
+                watch.add(run.step + 1, run.epoch, loss, grad_norm if stepped else None)  # read before a log line
+                if stepped:  # a step the scaler skipped (inf/NaN gradients) neither counts nor advances the schedule
+                    scheduler.step()
+                    run.step += 1
+                    after_step(job, run, parts, out, loss, grad_norm, watch)
+            check_labelled(job, fresh, labelled)
+            check_finite(job, run, watch)
+            note_skipped(job, run, loader)
+            end_of_epoch(job, run, parts)
+        return finish(job, run, parts)
     finally:
         close_pools()  # the data workers kept across epochs and evaluations
-        teardown_distributed(d)
+        if own:
+            teardown_distributed(d)
 
 
-def after_step(run: Run, step: Step, watch: FiniteWatch) -> None:
+def after_step(
+    job: Job, run: Run, parts: Parts, out: FusionOutput, loss: torch.Tensor, grad_norm: torch.Tensor, watch: FiniteWatch
+) -> None:
     """Progress, a log line every ``log_every`` steps (and after the first), a checkpoint every
     ``checkpoint_every`` steps; the finite check (a host synchronisation) before either, on those steps only."""
-    if run.progress is not None:
-        run.progress(run.step, run.total_steps)
-    logs = run.step % run.config.run.log_every == 0 or run.step == 1
-    saves = bool(run.config.run.checkpoint_every) and run.step % run.config.run.checkpoint_every == 0
+    config = job.config.run
+    if job.progress is not None:
+        job.progress(run.step, job.total_steps)
+    logs = run.step % config.log_every == 0 or run.step == 1
+    saves = bool(config.checkpoint_every) and run.step % config.checkpoint_every == 0
     if logs or saves:
-        check_finite(run, watch)
+        check_finite(job, run, watch)
     if logs:
-        run.log.train(
-            run.step,
-            run.epoch,
-            float(step.loss.detach()),
-            step.out.losses,
-            step.out.diagnostics,
-            float(step.grad_norm),
-            run.scheduler.get_last_lr(),
-            time.perf_counter() - run.started,
-        )
+        lr, elapsed = parts.scheduler.get_last_lr(), time.perf_counter() - job.started
+        values = float(loss.detach()), out.losses, out.diagnostics, float(grad_norm), lr, elapsed
+        job.log.train(run.step, run.epoch, *values)
     if saves:
-        save(run, run.run_dir / LAST)
+        save(job.run_dir / LAST, job, run, parts)
 
 
-def check_finite(run: Run, watch: FiniteWatch) -> None:
+def check_finite(job: Job, run: Run, watch: FiniteWatch) -> None:
     """``NonFiniteLoss`` when a step since the start had a non-finite loss or gradient norm on any rank."""
-    kept = [p for p in (LAST, BEST) if run.run_dir and (run.run_dir / p).is_file()]
-    watch.check(run.d, run.step, run.run_dir, kept)
+    kept = [p for p in (LAST, BEST) if job.run_dir and (job.run_dir / p).is_file()]
+    watch.check(job.d, run.step, job.run_dir, kept)
 
 
-def check_labelled(run: Run, fresh: bool, labelled: int) -> None:
+def check_labelled(job: Job, fresh: bool, labelled: int) -> None:
     """A whole epoch (not a resumed remainder) without one labelled sample on any rank is a ``DataError``."""
-    if fresh and _total(labelled, run.d) == 0:
+    if fresh and _total(labelled, job.d) == 0:
         raise DataError(
-            f"no sample of the train split in {run.shards} has a label under label_key={run.config.data.label_key!r} "
-            f"(task={run.config.task}): check the key names against the samples' meta.json labels"
+            f"no sample of the train split in {job.shards} has a label under label_key={job.config.data.label_key!r} "
+            f"(task={job.config.task}): check the key names against the samples' meta.json labels"
         )
 
 
-def note_skipped(run: Run, loader: ShardLoader) -> None:
-    if loader.bad_samples:  # only with skip_bad_samples; otherwise the first bad sample raised
-        run.log.note(run.step, "skipped", {"epoch": run.epoch, "count": len(loader.bad_samples)})
-        log.warning(
-            "epoch %d: skipped %d bad sample(s): %s", run.epoch, len(loader.bad_samples), loader.bad_samples[:3]
-        )
+def note_skipped(job: Job, run: Run, loader: Iterable[Any]) -> None:
+    bad = getattr(loader, "bad_samples", [])  # only with skip_bad_samples; otherwise the first bad sample raised
+    if bad:
+        job.log.note(run.step, "skipped", {"epoch": run.epoch, "count": len(bad)})
+        log.warning("epoch %d: skipped %d bad sample(s): %s", run.epoch, len(bad), bad[:3])
 
 
-def end_of_epoch(run: Run) -> None:
+def end_of_epoch(job: Job, run: Run, parts: Parts) -> None:
     """Move the data position past a finished epoch. Every ``eval_every`` epochs and after the last step:
     evaluate on the validation split, let the fusion model react (``end_epoch``), and save ``best.pt`` when the
     selection metric improved. Then save ``last.pt``."""
-    epoch, stopped = run.epoch, run.step >= run.total_steps
-    if not stopped or run.batch >= run.batches_per_epoch:  # the epoch ran to its end
+    epoch, stopped = run.epoch, run.step >= job.total_steps
+    if not stopped or run.batch >= job.batches_per_epoch:  # the epoch ran to its end
         run.epoch, run.batch = epoch + 1, 0
-    if stopped or (epoch + 1) % run.config.run.eval_every == 0:
-        metrics = evaluate(run.net, run.dataset, "valid", run.config, run.d)
-        run.log.eval(run.step, epoch, "valid", metrics)
-        changed = run.net.fusion.end_epoch(metrics)
+    if stopped or (epoch + 1) % job.config.run.eval_every == 0:
+        metrics = evaluate(parts.net, job.dataset, "valid", job.config, job.d)
+        job.log.eval(run.step, epoch, "valid", metrics)
+        changed = parts.net.fusion.end_epoch(metrics)
         if changed:
-            run.log.note(run.step, "end_epoch", changed)
-        if run.config.run.selection == "valid" and select(run, metrics):
-            save(run, run.run_dir / BEST)
-    save(run, run.run_dir / LAST)
+            job.log.note(run.step, "end_epoch", changed)
+        if job.config.run.selection == "valid" and select(job, run, metrics):
+            save(job.run_dir / BEST, job, run, parts)
+    save(job.run_dir / LAST, job, run, parts)
 
 
-def select(run: Run, metrics: dict[str, Any]) -> bool:
+def select(job: Job, run: Run, metrics: dict[str, Any]) -> bool:
     """Whether ``metrics`` beat the best validation score so far (``SELECTION``); if so, they become the best."""
-    key, larger_is_better = SELECTION[run.config.task]
+    key, larger_is_better = SELECTION[job.config.task]
     score, best = metrics.get(key, math.nan), run.best
     if math.isnan(score) or not (best is None or (score > best if larger_is_better else score < best)):
         return False
@@ -173,30 +222,30 @@ def select(run: Run, metrics: dict[str, Any]) -> bool:
     return True
 
 
-def finish(run: Run) -> dict[str, Any]:
+def finish(job: Job, run: Run, parts: Parts) -> dict[str, Any]:
     """Evaluate the selected checkpoint on the validation and test splits; write final.json and the curves.
     final.json names the selected checkpoint (``checkpoint``, relative to the run directory), its step, and how it
     was selected: ``best.pt`` by the validation score, or ``last.pt`` with ``selection=last`` or when no
     validation score was finite (said so in ``selected_by``)."""
-    select_key = SELECTION[run.config.task][0]
+    select_key = SELECTION[job.config.task][0]
     # from state every rank holds alike, not each rank's view of the disk (node-local disks disagree)
-    if run.config.run.selection == "valid" and run.best_step >= 0:
+    if job.config.run.selection == "valid" and run.best_step >= 0:
         chosen, step, by = BEST, run.best_step, f"valid {select_key}"
     else:
         chosen, step = LAST, run.step
-        why = "selection=last" if run.config.run.selection == "last" else f"no finite valid {select_key}"
+        why = "selection=last" if job.config.run.selection == "last" else f"no finite valid {select_key}"
         by = f"last step ({why})"
-        save(run, run.run_dir / LAST)
-    barrier(run.d)
-    run.net.load_state_dict(read_checkpoint(run.d, run.run_dir / chosen, part="model"))  # read by rank 0
+        save(job.run_dir / LAST, job, run, parts)
+    barrier(job.d)
+    parts.net.load_state_dict(read_checkpoint(job.d, job.run_dir / chosen, part="model"))  # read by rank 0
     final = {"selected_step": step, "selected_by": by, "checkpoint": str(chosen)}
     for split in ("valid", "test"):
-        final[split] = evaluate(run.net, run.dataset, split, run.config, run.d)
-        run.log.eval(step, run.epoch, f"{split} (selected)", final[split])
-    if run.d.main:
-        write_json(run.run_dir / "final.json", final)
-        run.log.curves(select_key)
-    run.log.close()
+        final[split] = evaluate(parts.net, job.dataset, split, job.config, job.d)
+        job.log.eval(step, run.epoch, f"{split} (selected)", final[split])
+    if job.d.main:
+        write_json(job.run_dir / "final.json", final)
+        job.log.curves(select_key)
+    job.log.close()
     return final
 
 

@@ -173,3 +173,15 @@ def test_benchmark_children_keep_the_callers_import_path(tmp_path: Path, monkeyp
     args = argparse.Namespace(model="late", threads=1)
     bench.train_steps.run_child(tmp_path / "child", tmp_path, [], args, 1, steps=1, warmup=0)
     assert seen["PYTHONPATH"].split(":") == [str(bench.train_steps.ROOT), "/carried/site"]
+
+
+def test_a_timed_step_ends_when_the_next_one_asks_for_its_batches() -> None:
+    """``fit`` asks for a step's ``grad_accum`` batches, then computes; the step ends when the next one asks. The
+    last step (no next one) is not timed."""
+    from bench.train_steps import TimedBatches
+
+    timed = TimedBatches("stream")
+    timed.asked, timed.got = [0.0, 1.0, 10.0, 11.0, 20.0, 21.0], [0.5, 2.0, 10.5, 12.0, 20.5, 22.0]
+    assert timed.step_split(2) == ([1.5, 1.5], [8.0, 8.0])
+    with pytest.raises(ValueError, match="source must be stream or memory, got 'disk'"):
+        TimedBatches("disk")

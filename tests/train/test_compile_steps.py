@@ -12,13 +12,14 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
 
+from shards.dataset import ShardDataset
+from train.checkpoint import load_checkpoint
 from train.config import make_train_config
 from train.data import make_loader
-from train.run import build_run
-from train.runtime import Dist
-from train.step import train_step
+from train.trainer import fit
 
 FAST = ["batch_size=2", "num_workers=0", "model.hidden=12", "model.num_heads=3", "device=cpu", "compile=true"]
+FAST += ["epochs=1", "max_steps=10", "selection=last"]
 
 
 def cropped(batch: dict, fraction: float) -> dict:
@@ -31,10 +32,12 @@ def cropped(batch: dict, fraction: float) -> dict:
     }
 
 
-def varied_batches(run, count: int) -> list[dict]:
+def varied_batches(shards: Path, config, count: int) -> list[dict]:
     """``count`` batches of the train split, each cut to its own lengths. The batch size stays: the training loader
     gives full batches only."""
-    (batch,) = make_loader(run.dataset, "train", dataclasses.replace(run.data, batch_size=2), train=False)
+    (batch,) = make_loader(
+        ShardDataset.load(shards), "train", dataclasses.replace(config.data, batch_size=2), train=False
+    )
     batches = [cropped(batch, 1.0 - 0.06 * i) for i in range(count)]
     shapes = {tuple(tuple(v.shape) for k, v in sorted(b.items()) if k.endswith("_mask")) for b in batches}
     assert len(shapes) == count
@@ -50,8 +53,8 @@ def test_compiled_training_steps_need_one_graph_and_at_most_one_recompile(
     real = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, **kwargs: real(model, **{**kwargs, "backend": counter}))
     config = make_train_config("mult", overrides=[*FAST, f"mode={mode}", "encoder_lr=0.01"])
-    run = build_run(config, bundled_dataset, tmp_path / mode, Dist())
-    assert run.model is not run.net  # the compiled wrapper
-    steps = [train_step(run, [batch]) for batch in varied_batches(run, 10)]
-    assert all(s.stepped for s in steps) and run.step == 10
+    batches = varied_batches(bundled_dataset, config, 10)
+    fit(config, bundled_dataset, tmp_path / mode, source=lambda job, epoch, skip: list(batches))
+    assert load_checkpoint(tmp_path / mode / "checkpoints" / "last.pt")["state"]["step"] == 10
+    assert counter.frame_count >= 1  # the training forward went through the compiled wrapper
     assert counter.frame_count <= 2, f"{counter.frame_count} graphs in 10 steps: graph breaks or recompiles"

@@ -11,39 +11,46 @@ from pathlib import Path
 import pytest
 import torch
 
-SETTINGS = ["batch_size=1", "num_workers=0", "model.hidden=12", "model.num_heads=3", "device=cpu", "grad_accum=2"]
+SETTINGS = ["batch_size=1", "num_workers=0", "model.hidden=12", "model.num_heads=3", "device=cpu", "grad_accum=2",
+            "epochs=3", "selection=last"]  # fmt: skip
 
 
 def _worker(rank: int, tmp: str, shards: str, overrides: list[str], unlabelled_rank: int) -> None:
-    """Three train steps of a two-rank run over the two train clips (both on each rank); ``unlabelled_rank``'s
-    labels are all missing. Saves this rank's parameters, step and wrapper history to ``tmp``."""
+    """Three epochs of one optimiser step each (``fit`` over the two train clips, both on each rank, as one group
+    of two micro-batches); ``unlabelled_rank``'s labels are all missing. Saves this rank's parameters before the
+    selected checkpoint is loaded, its step, and how many times the DDP wrapper was built, to ``tmp``."""
     import torch.distributed as dist
 
     import train.run
+    import train.trainer
     from shards.dataset import ShardDataset
     from train.config import make_train_config
     from train.data import make_loader
-    from train.inputs import feature_dims
     from train.runtime import Dist
-    from train.step import train_step
 
     torch.set_num_threads(1)
     store = f"file://{tmp}/store"
     dist.init_process_group("gloo", init_method=store, rank=rank, world_size=2, timeout=timedelta(seconds=30))
-    train.run.train_batches = lambda config, dataset, d: 8  # two clips give one batch per rank, too few for a step
     config = make_train_config("late", overrides=[*SETTINGS, *overrides])
     dataset = ShardDataset.load(Path(shards))
-    d = Dist(rank, 2, 0, torch.device("cpu"), True)
-    run = train.run.make_run(config, Path(shards), d, dataset, feature_dims(dataset, config.data.modalities))
-    batches = list(make_loader(dataset, "train", run.data, train=False))
+    batches = list(make_loader(dataset, "train", config.data, train=False))
     if rank == unlabelled_rank:
         batches = [{**b, "label": torch.full_like(b["label"], math.nan)} for b in batches]
-    wrappers = [run.ddp]  # the objects themselves: a freed wrapper's id could be reused by the next one
-    for _ in range(3):
-        train_step(run, batches)
-        wrappers.append(run.ddp)
-    params = [p.detach().clone() for p in run.net.parameters()]
-    torch.save({"params": params, "step": run.step, "wrappers": len({id(w) for w in wrappers})}, f"{tmp}/rank{rank}.pt")
+    train.run.train_batches = lambda config, dataset, d: 2  # two clips give one batch per rank, too few for a step
+    wrap, finish, wrappers = train.trainer.wrap, train.trainer.finish, []
+
+    def counted_wrap(*args):
+        wrappers.append(args)
+        return wrap(*args)
+
+    def saved_finish(job, run, parts):
+        params = [p.detach().clone() for p in parts.net.parameters()]
+        torch.save({"params": params, "step": run.step, "wrappers": len(wrappers)}, f"{tmp}/rank{rank}.pt")
+        return finish(job, run, parts)
+
+    train.trainer.wrap, train.trainer.finish = counted_wrap, saved_finish
+    d = Dist(rank, 2, 0, torch.device("cpu"), True)
+    train.trainer.fit(config, Path(shards), Path(tmp) / "run", d=d, source=lambda job, epoch, skip: list(batches))
     dist.destroy_process_group()
 
 

@@ -49,7 +49,7 @@ def batch_of(size: int, seed: int) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("size", [1, 32])
 @pytest.mark.parametrize("name", sorted(fusion.MODELS))
 def test_every_model_takes_its_fp16_steps(name: str, size: int) -> None:
-    """Four steps as ``train.step`` takes them (scale, backward, unscale, step, update). Before: at batch 1 the L1
+    """Four steps as ``fit`` takes them (scale, backward, unscale, step, update). Before: at batch 1 the L1
     gradient (+-1 x 65536) overflowed the fp16 prediction, and BC-PMJRS's CLUB fit and MIM's distillation overflowed
     at any batch: skipped steps were bc_pmjrs 1 / 4 (batch 1 / 32), ithp 2 / 0, early 1 / 0, mim 4 / 4, mult 1 / 0,
     tcmax 2 / 0. Now none."""

@@ -14,13 +14,12 @@ from test_trainer import Interrupt, RunLog, losses
 
 import fusion
 import train.run
-import train.step
 from shards.dataset import ShardDataset
 from train.checkpoint import load_checkpoint
 from train.config import make_train_config
 from train.pipeline import FusionPipeline
 from train.predict import load_network
-from train.run import INIT_SCALE
+from train.run import INIT_SCALE, StepScaler
 from train.runtime import Dist, seed_everything
 from train.trainer import evaluate, fit
 
@@ -63,14 +62,16 @@ def test_an_fp16_resume_continues_at_the_saved_scale(bundled_dataset: Path, tmp_
     the initial scale would end at another one. On the CPU: fp16 autocast and the GradScaler as on CUDA."""
     if device == "cpu":
         cuda_amp_on_cpu(monkeypatch)
-    step_once = train.step.optimizer_step
+    unscale = StepScaler.unscale_
 
-    def one_overflow(run):
-        if run.step == 1 and run.scaler.get_scale() == INIT_SCALE:  # once: the retried step runs at half the scale
-            next(p for p in run.net.parameters() if p.grad is not None).grad.fill_(math.inf)
-        return step_once(run)
+    def one_overflow(self, optimizer):
+        self.unscaled = getattr(self, "unscaled", 0) + 1  # the run's second step, once: its retry runs at half scale
+        if self.unscaled == 2 and self.get_scale() == INIT_SCALE:
+            params = (p for group in optimizer.param_groups for p in group["params"] if p.grad is not None)
+            next(params).grad.fill_(math.inf)
+        return unscale(self, optimizer)
 
-    monkeypatch.setattr(train.step, "optimizer_step", one_overflow)
+    monkeypatch.setattr(StepScaler, "unscale_", one_overflow)
     config = make_train_config("late", overrides=[*settings(device, "fp16", epochs=3), "checkpoint_every=1"])
     fit(config, bundled_dataset, tmp_path / "straight")
     expected = losses(tmp_path / "straight")
@@ -90,9 +91,9 @@ def test_an_fp16_resume_continues_at_the_saved_scale(bundled_dataset: Path, tmp_
     assert saved["state"]["step"] == 3 and saved["scaler"]["scale"] == INIT_SCALE / 2  # the scale moved
     restore, restored = train.run.restore, []
 
-    def restore_recorded(run, checkpoint):
-        restore(run, checkpoint)
-        restored.append(run.scaler.state_dict())
+    def restore_recorded(checkpoint, run, parts, d):
+        restore(checkpoint, run, parts, d)
+        restored.append(parts.scaler.state_dict())
 
     monkeypatch.setattr(train.run, "restore", restore_recorded)
     fit(config, bundled_dataset, tmp_path / "resumed", resume=True)
@@ -118,14 +119,14 @@ def test_the_agreement_settings_leave_nothing_to_the_random_stream(
     stream moved after it is built gives the same losses."""
     config = make_train_config("late", overrides=agreement("cpu"))
     fit(config, bundled_dataset, tmp_path / "seeded")
-    original = train.run.make_run
+    original = train.run.build
 
     def reseeded(*args, **kwargs):
-        run = original(*args, **kwargs)
+        built = original(*args, **kwargs)
         torch.manual_seed(12345)  # what the run draws from now on (dropout) comes from another stream
-        return run
+        return built
 
-    monkeypatch.setattr(train.run, "make_run", reseeded)
+    monkeypatch.setattr(train.run, "build", reseeded)
     fit(config, bundled_dataset, tmp_path / "reseeded")
     expected, got = losses(tmp_path / "seeded"), losses(tmp_path / "reseeded")
     assert got.keys() == expected.keys() == {1, 2, 3, 4}

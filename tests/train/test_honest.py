@@ -4,20 +4,20 @@ split, changed settings on resume, non-finite train statistics, and the paths th
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
-import train.trainer
 from mmfuse.cli import main
 from shards.dataset import ShardDataset
 from shards.schema import SchemaError
 from train.checkpoint import load_checkpoint
 from train.config import TrainConfigError, make_train_config
 from train.inputs import DataError
+from train.pipeline import FusionPipeline
 from train.trainer import fit
 
 FAST = ["batch_size=1", "num_workers=0", "log_every=1", "model.hidden=12", "model.num_heads=3", "device=cpu"]
@@ -89,13 +89,20 @@ def test_a_non_finite_loss_stops_training_naming_the_step(
     """The finite check is read on the host only before a log line, a checkpoint or an evaluation: with a log line
     every step training stops at the bad step; with none due it runs on to the end of the epoch (step 4), and
     nothing from step 3 on is logged or saved either way."""
-    original = train.trainer.train_step
+    original, forwards = FusionPipeline.forward, []
 
-    def nan_at_step_3(run, micro):
-        step = original(run, micro)
-        if run.step == 3:
-            step.loss = torch.tensor(float("nan"))
-        return step
+    def losses_times(factor: float, at: int | None = None):
+        """The training forward, its losses times ``factor`` at training forward number ``at`` (every one: None)."""
+
+        def forward(net, batch):
+            out = original(net, batch)
+            if net.training:
+                forwards.append(1)
+                if at is None or len(forwards) == at:
+                    out.losses.update({k: v * factor for k, v in out.losses.items()})
+            return out
+
+        return forward
 
     fast = [s for s in FAST if not s.startswith("log_every=")]
 
@@ -103,7 +110,7 @@ def test_a_non_finite_loss_stops_training_naming_the_step(
         args = ["--shards", str(bundled_dataset), "--model", "late", "--run-dir", str(run_dir), *fast, "epochs=2"]
         return main(["train", *args, f"log_every={log_every}"])
 
-    monkeypatch.setattr(train.trainer, "train_step", nan_at_step_3)
+    monkeypatch.setattr(FusionPipeline, "forward", losses_times(math.nan, at=3))  # step 3: batch 1, grad_accum 1
     run = tmp_path / "run"
     assert train_two_epochs(run) == 1
     err = capsys.readouterr().err
@@ -116,12 +123,7 @@ def test_a_non_finite_loss_stops_training_naming_the_step(
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in logged) == 2 and {r["step"] for r in logged if "loss" in r} <= {1, 2}
 
-    def inf_at_once(run, micro):
-        step = original(run, micro)
-        step.loss = torch.tensor(float("inf"))
-        return step
-
-    monkeypatch.setattr(train.trainer, "train_step", inf_at_once)
+    monkeypatch.setattr(FusionPipeline, "forward", losses_times(math.inf))
     assert train_two_epochs(tmp_path / "first") == 1
     err = capsys.readouterr().err
     assert "training stopped at step 1: step 1 (epoch 0) had a loss of inf" in err  # step 1 is always logged

@@ -6,6 +6,7 @@ backward, optimiser step); on CUDA, torch's sync debug mode counts every synchro
 
 from __future__ import annotations
 
+import contextlib
 import math
 import traceback
 import warnings
@@ -18,15 +19,19 @@ import torch
 from test_fp16_steps import cuda_amp_on_cpu
 
 import fusion
-import train.step
+import train.trainer
+from shards.dataset import ShardDataset
+from train.checkpoint import load_checkpoint
 from train.config import make_train_config
 from train.finite import FiniteWatch, NonFiniteLoss
-from train.run import build_run, train_loader
+from train.inputs import feature_dims
+from train.run import build, train_loader
 from train.runtime import Dist
-from train.step import train_step
+from train.trainer import fit
 
 READS = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist")
-FAST = ["batch_size=1", "num_workers=0", "model.hidden=12", "model.num_heads=3", "epochs=3"]
+FAST = ["batch_size=1", "num_workers=0", "model.hidden=12", "model.num_heads=3", "epochs=1", "max_steps=4"]
+FAST += ["log_every=1000", "selection=last"]
 
 
 @contextmanager
@@ -71,23 +76,58 @@ def test_the_finite_watch_reads_nothing_until_it_is_checked() -> None:
         finite.check(Dist(), step=2, run_dir=None, kept=[])
 
 
+class StepWindow:
+    """Marks the device part of ``fit``'s steps: open from the end of step 1 (logged, so read on the host) until
+    the epoch's last step is done, closed while a step's batches are prepared on the host (``prepare_group``: the
+    batch's own checks before it moves) and while ``after_step`` logs or saves. ``on_open`` / ``on_close`` are
+    called as it opens and closes."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, on_open, on_close) -> None:
+        self.on_open, self.on_close, self.is_open = on_open, on_close, False
+        for name, then in (("prepare_group", None), ("after_step", True), ("check_labelled", False)):
+            monkeypatch.setattr(train.trainer, name, self.closed_in(getattr(train.trainer, name), then))
+
+    def set(self, state: bool) -> None:
+        if state != self.is_open:
+            self.is_open = state
+            (self.on_open if state else self.on_close)()
+
+    def closed_in(self, function, then: bool | None):
+        """``function`` with the window closed, then open (True), closed (False) or as it was (None)."""
+
+        def closed(*args, **kwargs):
+            was = self.is_open
+            self.set(False)
+            result = function(*args, **kwargs)
+            self.set(was if then is None else then)
+            return result
+
+        return closed
+
+
 def device_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The host reads inside ``forward_backward`` and ``optimizer_step`` (the part of a step that runs on the
-    device; the batch's own checks before it moves are host work), less AdamW's reads of its step counters, which
-    torch keeps on the host."""
+    """The host reads inside the device part of ``fit``'s steps after the first (``StepWindow``), less AdamW's
+    reads of its step counters, which torch keeps on the host."""
     calls: list[str] = []
-    for name in ("forward_backward", "optimizer_step"):
-        original = getattr(train.step, name)
+    counting: list[contextlib.ExitStack] = []
 
-        def counted(*args, _original=original, **kwargs):
-            with counted_reads(calls):
-                return _original(*args, **kwargs)
+    def start() -> None:
+        stack = contextlib.ExitStack()
+        stack.enter_context(counted_reads(calls))
+        counting.append(stack)
 
-        monkeypatch.setattr(train.step, name, counted)
+    StepWindow(monkeypatch, start, lambda: counting.pop().close())
     return calls
 
 
 MODES = [*((m, "frozen") for m in sorted(fusion.MODELS)), ("mult", "end_to_end")]
+
+
+def clips(config, shards: Path) -> list[dict]:
+    """The train split's clips in the loader's format, each twice (the split holds a few)."""
+    dataset = ShardDataset.load(shards)
+    job, _, _ = build(config, shards, Dist(), dataset, feature_dims(dataset, config.data.modalities))
+    return list(train_loader(job, 0, 0)) * 2
 
 
 @pytest.mark.parametrize("amp", ["off", "fp16"])
@@ -100,35 +140,39 @@ def test_a_training_step_reads_no_device_value_on_the_host(
     if amp == "fp16":
         cuda_amp_on_cpu(monkeypatch)
     config = make_train_config(model, overrides=[*FAST, "device=cpu", f"amp={amp}", f"mode={mode}"])
-    run = build_run(config, bundled_dataset, tmp_path / "run", Dist())
+    batches = clips(config, bundled_dataset)
     calls = device_reads(monkeypatch)
-    batches = list(train_loader(run)) * 2  # the train split holds a few clips: each twice
-    steps = [train_step(run, [batch]) for batch in batches]
-    assert all(s.stepped for s in steps) and run.step == len(batches) >= 2
+    fit(config, bundled_dataset, tmp_path / "run", source=lambda job, epoch, skip: list(batches))
+    saved = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert saved["state"]["step"] == len(batches) == 4
     # under fp16, per optimiser step: torch's read of the inf check in GradScaler.step (which waits for the step's
     # kernels), then ours of the scale after update (which waits for update's one kernel only)
-    assert calls == (["item", "item"] * len(batches) if amp == "fp16" else []), calls
+    assert calls == (["item", "item"] * (len(batches) - 1) if amp == "fp16" else []), calls
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["frozen", "end_to_end"])
 def test_cuda_training_steps_synchronise_only_where_torch_must(
-    bundled_dataset: Path, tmp_path: Path, mode: str
+    bundled_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
 ) -> None:
     """bf16 on CUDA: no synchronisation in any step after the first (which builds the optimiser's state and the
     allocator's pools)."""
     config = make_train_config("mult", overrides=[*FAST, "device=cuda", "amp=bf16", f"mode={mode}"])
-    run = build_run(config, bundled_dataset, tmp_path / "run", Dist(device=torch.device("cuda")))
-    batches = list(train_loader(run)) * 2  # the train split holds a few clips: each twice
-    train_step(run, [batches[0]])
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
+    batches = clips(config, bundled_dataset)
+    caught: list[warnings.WarningMessage] = []
+    recording = warnings.catch_warnings(record=True)
+
+    def start() -> None:
+        torch.cuda.synchronize()
+        caught.append(recording.__enter__())
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
-        try:
-            for batch in batches[1:]:
-                train_step(run, [batch])
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
-    assert syncs == [], syncs[:3]
+
+    def stop() -> None:
+        torch.cuda.set_sync_debug_mode("default")
+        recording.__exit__(None, None, None)
+
+    StepWindow(monkeypatch, start, stop)
+    fit(config, bundled_dataset, tmp_path / "run", source=lambda job, epoch, skip: list(batches))
+    syncs = [str(w.message) for got in caught for w in got if "synchroniz" in str(w.message)]
+    assert caught and syncs == [], syncs[:3]

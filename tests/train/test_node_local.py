@@ -43,9 +43,9 @@ def _rank(rank: int, tmp: str, shards: str, run_dir: str) -> None:
     torch.load = counted
     finish = train.trainer.finish
 
-    def finish_recorded(run):
-        final = finish(run)
-        params = [p.detach().double() for p in run.net.parameters()]
+    def finish_recorded(job, run, parts):
+        final = finish(job, run, parts)
+        params = [p.detach().double() for p in parts.net.parameters()]
         record.update(step=run.step, checksum=float(sum((p * (i + 1)).sum() for i, p in enumerate(params))))
         return final
 
