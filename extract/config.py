@@ -50,15 +50,15 @@ class ExtractConfig:
     shard_size: int = 256  # clips per shard
     workers: int | None = None  # decode + FaceMesh processes (0: inline; None = auto: chosen by extract.auto)
     batch_size: int | None = None  # clips per encoder batch (None = auto: chosen by extract.auto)
-    device: str = "cpu"
+    device: str = "cpu"  # cpu | cuda | cuda:N: where the text and audio encoders run
     precision: str | None = None  # text and audio encoders: fp32, bf16 or fp16 (None = auto: fp32 on CPU, else bf16)
-    modalities: tuple[str, ...] = MODALITIES
+    modalities: tuple[str, ...] = MODALITIES  # which to extract (comma-separated on the command line)
     raw: bool = True  # store audio_wave.npy for end-to-end fine-tuning
     max_duration_s: float = 3600.0  # longer clips are skipped with a recorded status; in (0, MAX_DURATION_S = 86400]
     threads: int | None = None  # torch intra-op threads in the encoder process (None: the cores workers leave)
-    rank: int = 0
-    world_size: int = 1
-    overwrite: bool = False
+    rank: int = 0  # this process's share of the manifest (with world_size; set by torchrun or --rank)
+    world_size: int = 1  # processes sharing the manifest, each writing its own shards
+    overwrite: bool = False  # start over in an output directory written with other settings
     extractors: Extractors = field(default_factory=Extractors)
     # Set by resolved(): which of workers, batch_size, threads and precision were chosen automatically, from what.
     auto: tuple[str, ...] = field(default=(), metadata=NOT_A_SETTING)

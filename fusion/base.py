@@ -53,7 +53,7 @@ class FusionConfig:
     hidden: int = 64  # width of every modality's representation
     num_layers: int = 1  # transformer layers per modality encoder (0 = projection only)
     num_heads: int = 4  # attention heads; must divide hidden
-    dropout: float = 0.1
+    dropout: float = 0.1  # in the modality encoders and before each output layer
     modality_dropout: float = 0.0  # training only: drop each present modality of a sample with this probability
     faithful: bool = False  # reproduce the published code's behaviour where it departs from good practice
 

@@ -67,7 +67,7 @@ class DataConfig:
     modalities: tuple[str, ...] = MODALITIES  # modalities to load; others are dropped right after validation
     # key of meta.json's labels used as the target ("label": MMSA sentiment); multilabel targets take several,
     # comma-separated ("neutral,happy,sad,angry"), each a 0/1 or boolean label
-    label_key: str = "label"
+    label_key: str = "label"  # the meta.json label to train on; multilabel: comma-separated keys
     skip_bad_samples: bool = False  # count and log samples failing decode/validation instead of raising
     align_words: bool = False  # average audio / video frames per word of the manifest's timings (train/align.py)
     raw: bool = field(default=False, metadata=NOT_A_SETTING)  # also yield text_ids / audio_wave (end to end)
@@ -119,9 +119,9 @@ class OptimConfig:
 
     lr: float = 1e-3  # fusion model
     encoder_lr: float = 2e-5  # text / audio encoders in end-to-end mode
-    weight_decay: float = 0.01
+    weight_decay: float = 0.01  # AdamW's, on every weight but biases and norms
     schedule: str = "cosine"  # cosine | linear | constant, after warm-up
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # optimiser steps of linear warm-up from 0 to the learning rates
     grad_accum: int = 1  # micro-batches per optimiser step
     clip_norm: float = 1.0  # max gradient norm of each optimiser group, clipped on its own; 0 disables clipping
 
@@ -145,12 +145,12 @@ class OptimConfig:
 class RunConfig:
     """How long the run lasts, what it records and where it runs."""
 
-    epochs: int = 10
+    epochs: int = 10  # passes over the train split
     max_steps: int = 0  # > 0: stop after this many optimiser steps
     eval_every: int = 1  # epochs between validation passes
     log_every: int = 10  # optimiser steps between training log lines
     checkpoint_every: int = 0  # optimiser steps between mid-epoch checkpoints (0: end of each epoch only)
-    seed: int = 0
+    seed: int = 0  # initialisation, shuffling, dropout: a run is repeated by its seed
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "auto"  # auto (bf16 on CUDA when supported, off on CPU) | off | bf16 | fp16
     compile: bool = False  # torch.compile the fusion model

@@ -110,10 +110,10 @@ class MIMConfig(FusionConfig):
     penalty_weight: float = 0.1  # weight of the L0 penalty
     inter_temp: float = 10.0  # scales the inter-modal KL (not a softmax temperature)
     fusion: str = "multiplication"  # multiplication | add
-    unimodal_weight: float = 1.0
-    purified_weight: float = 1.0
-    intra_weight: float = 1.0
-    inter_weight: float = 1.0
+    unimodal_weight: float = 1.0  # weight of each modality's own prediction loss
+    purified_weight: float = 1.0  # weight of the purified (gated) representations' prediction loss
+    intra_weight: float = 1.0  # weight of the intra-modal guidance term (KGS)
+    inter_weight: float = 1.0  # weight of the inter-modal KL term (KGS)
     gates: bool = True  # ablation switch: False = no purification (every valid step kept, no mask learner)
 
     def problems(self) -> list[str]:
