@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import subprocess
@@ -226,9 +227,14 @@ def timed_training(
     fixed = [f"max_steps={warmup + steps + 1}", f"log_every={10**9}", "checkpoint_every=0", "selection=last"]
     kept = [o for o in overrides if o.split("=")[0] not in timing]
     config = make_train_config(model, overrides=[*kept, *fixed, f"eval_every={10**9}", f"device={d.device}"])
-    batches = TimedBatches(source)
-    with tempfile.TemporaryDirectory(prefix="bench-train-") as run_dir:
-        fit(config, shards, run_dir, d=d, source=batches)
+    batches, said = TimedBatches(source), logging.getLogger("train")
+    level = said.level
+    said.setLevel(logging.WARNING)  # fit's log lines and evaluations of a run that is only timed
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-train-") as run_dir:
+            fit(config, shards, run_dir, d=d, source=batches)
+    finally:
+        said.setLevel(level)
     wait_s, compute_s = batches.step_split(config.optim.grad_accum)
     wait, compute = sum(wait_s[warmup : warmup + steps]), sum(compute_s[warmup : warmup + steps])
     seconds = wait + compute
