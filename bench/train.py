@@ -138,7 +138,8 @@ def benchmark(args: argparse.Namespace, work: Path, progress: Progress | None = 
         tick()
     epoch = {n: args.samples * n // args.batch_size for n in (1, 4)}
     for n in (1, 4):
-        rss[n] = run_child(work / f"rss{n}x", work / f"shards-{n}x", frozen, args, 1, steps=epoch[n] - 1, warmup=1)
+        # fit trains one step past the timed ones (it ends the last): 1 + (epoch - 2) + 1 steps, one epoch
+        rss[n] = run_child(work / f"rss{n}x", work / f"shards-{n}x", frozen, args, 1, steps=epoch[n] - 2, warmup=1)
         tick()
 
     data = _config(args, frozen).data
@@ -190,7 +191,7 @@ def _results(
     for n in (1, 4):
         results[f"rss_{n}x_main_mb"] = rss[n]["main_rss_mb"]
         results[f"rss_{n}x_worker_mb"] = rss[n]["worker_rss_mb"]
-        results[f"rss_{n}x_steps"] = rss[n]["steps"] + rss[n]["warmup_steps"]
+        results[f"rss_{n}x_steps"] = rss[n]["steps"] + rss[n]["warmup_steps"] + 1  # and the step that ends them
     results["rss_4x_over_1x_main"] = rss[4]["main_rss_mb"] / rss[1]["main_rss_mb"]
     results["rss_4x_over_1x_worker"] = rss[4]["worker_rss_mb"] / rss[1]["worker_rss_mb"]
     return results

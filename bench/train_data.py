@@ -33,14 +33,15 @@ import torch
 import webdataset as wds
 
 from bench.markdown import replace_section
+from shards.contract import builtin_contracts
 from shards.io import MEMBER_ORDER
 from train.data import DataConfig, make_loader
-from train.stages import RAW_MEMBERS
 from train.workers import POOLS, close_pools
 
 SECTION = "bench-train-data"
 TARGET = 1.3  # the loader's ms per sample over the plain loop's, at most
-MEMBERS = tuple(m for m in MEMBER_ORDER if m not in RAW_MEMBERS.values())  # what frozen training decodes
+RAW = {c.raw for c in builtin_contracts().values() if c.raw}  # the built-in extractors' raw inputs
+MEMBERS = tuple(m for m in MEMBER_ORDER if m not in RAW)  # what frozen training decodes
 
 
 def plain_samples(urls: Sequence[str], members: Sequence[str] = MEMBERS) -> Iterator[dict[str, Any]]:

@@ -26,12 +26,14 @@ import torch
 
 from bench.memory import ChildPeaks, own_peak_mib
 from shards import SCHEMA_VERSION, ShardDataset, ShardWriter, build_dataset, feature_set_hash
+from shards.contract import builtin_contracts
 from shards.io import atomic_write_json
-from shards.schema import FEATURE_MEMBERS, MASK_MEMBERS, N_LANDMARKS, SAMPLE_RATE
+from shards.schema import N_LANDMARKS, SAMPLE_RATE
 from shards.stats import RunningStats
 
 AUDIO_FPS, VIDEO_FPS = 50, 25
 ROOT = Path(__file__).resolve().parents[1]
+BUILTIN = builtin_contracts()  # the built-in extractors' records: which member is each modality's feature, mask
 BUNDLED_TEXT, RANDOM_AUDIO = "sentence-transformers/all-MiniLM-L6-v2", "random:wav2vec2-small"
 
 
@@ -109,7 +111,7 @@ def make_sample(key: str, base: int, label: float, shapes: Shapes, fs_hash: str,
     ok = {"status": "ok", "error": None}
     meta = {
         "schema_version": SCHEMA_VERSION, "key": key, "video_id": key.split("__")[0], "clip_id": key.split("__")[1],
-        "split": "train", "feature_set_hash": fs_hash, "modalities": {m: dict(ok) for m in FEATURE_MEMBERS},
+        "split": "train", "feature_set_hash": fs_hash, "modalities": {m: dict(ok) for m in BUILTIN},
         "labels": {"label": label},
     }  # fmt: skip
     return {
@@ -155,9 +157,9 @@ def write_dataset(
             if j in unlabelled:
                 s["meta.json"]["labels"] = {}
             writer.write(s)
-            for m, member in FEATURE_MEMBERS.items():
-                rows = s[member][s[MASK_MEMBERS[m]]] if m in MASK_MEMBERS else s[member]
-                stats.setdefault(member, RunningStats()).update(rows)
+            for c in BUILTIN.values():  # each feature's train statistics, over its valid steps
+                rows = s[c.feature][s[c.mask]] if c.mask else s[c.feature]
+                stats.setdefault(c.feature, RunningStats()).update(rows)
         writer.commit()
         side = {
             "schema_version": SCHEMA_VERSION, "feature_set_hash": fs_hash, "split": "train", "keys": writer.keys,

@@ -54,7 +54,6 @@ from train.inputs import DataError, binary_labels, label_keys, scalar_label
 
 log = logging.getLogger(__name__)
 
-RAW_MEMBERS = {"text": "text_ids.npy", "audio": "audio_wave.npy"}  # the built-in extractors' raw members
 RAW_INPUTS = {"text": "text_ids", "audio": "audio_wave"}  # the inputs the end-to-end encoders take
 GEOM_INPUT = "video_geom"  # ToInputs' video extra inputs (FaceMesh's geometry), joined onto "video" by Normalise
 STD_FLOOR = 1e-6  # a feature whose train std is below this is only centred (divided by 1)

@@ -22,8 +22,8 @@ from shards import (
     feature_set_hash,
     load_dataset_json,
 )
+from shards.contract import builtin_contracts
 from shards.io import atomic_write_json
-from shards.schema import FEATURE_MEMBERS, MASK_MEMBERS
 from shards.stats import RunningStats
 from train.batches import Normalise, collate
 from train.data import DataConfig, make_loader, num_batches, plan_shards
@@ -37,14 +37,14 @@ FEATURE_SET = {
     "modalities": ["text", "audio", "video"],
     "extractors": {"text": {"name": "toy"}, "audio": {"name": "toy"}, "video": {"name": "mediapipe-facemesh"}},
 }
+BUILTIN = builtin_contracts()  # which member is each modality's feature, and its mask
 LAYOUT = {"train": [5, 4, 6, 3, 5, 4], "valid": [3, 2, 4, 1, 3], "test": [5]}
 
 
 def make_sample(key: str, split: str, rng: np.random.Generator, *, label=0.5, failed=()) -> dict:
     tt, ta, tv, n = (int(x) for x in rng.integers(2, 6, size=4))
     mods = {
-        m: {"status": "failed" if m in failed else "ok", "error": "broken" if m in failed else None}
-        for m in FEATURE_MEMBERS
+        m: {"status": "failed" if m in failed else "ok", "error": "broken" if m in failed else None} for m in BUILTIN
     }
     s = {
         "__key__": key,
@@ -90,10 +90,10 @@ def write_shards(root: Path, layout: dict = LAYOUT, special: dict | None = None)
                 )
                 writer.write(s)
                 samples[key] = s
-                for m, member in FEATURE_MEMBERS.items():
-                    if split == "train" and member in s:
-                        rows = s[member][s[MASK_MEMBERS[m]]] if m in MASK_MEMBERS else s[member]
-                        stats.setdefault(member, RunningStats()).update(rows)
+                for c in BUILTIN.values():
+                    if split == "train" and c.feature in s:
+                        rows = s[c.feature][s[c.mask]] if c.mask else s[c.feature]
+                        stats.setdefault(c.feature, RunningStats()).update(rows)
             writer.commit()
             side = {
                 "schema_version": SCHEMA_VERSION, "feature_set_hash": feature_set_hash(FEATURE_SET), "keys": writer.keys,
@@ -184,7 +184,7 @@ def test_normalise_equals_numpy_on_valid_positions(toy) -> None:
     assert stats["text_feat.npy"]["std"][0] < 1e-6  # the constant feature exercises the std floor
     for p, n in zip(plain, normed, strict=True):
         assert p["key"] == n["key"]
-        for m, member in FEATURE_MEMBERS.items():
+        for m, member in ((m, c.feature) for m, c in BUILTIN.items()):
             mean, std = np.array(stats[member]["mean"]), np.array(stats[member]["std"])
             if m == "video":
                 mean, std = np.concatenate([mean, np.zeros(4)]), np.concatenate([std, np.ones(4)])
