@@ -159,18 +159,19 @@ def test_cuda_training_steps_synchronise_only_where_torch_must(
     allocator's pools)."""
     config = make_train_config("mult", overrides=[*FAST, "device=cuda", "amp=bf16", f"mode={mode}"])
     batches = clips(config, bundled_dataset)
-    caught: list[warnings.WarningMessage] = []
-    recording = warnings.catch_warnings(record=True)
+    caught: list[list[warnings.WarningMessage]] = []
+    recording: list[warnings.catch_warnings] = []  # one per opening of the window (none can be entered twice)
 
     def start() -> None:
         torch.cuda.synchronize()
-        caught.append(recording.__enter__())
+        recording.append(warnings.catch_warnings(record=True))
+        caught.append(recording[-1].__enter__())
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
 
     def stop() -> None:
         torch.cuda.set_sync_debug_mode("default")
-        recording.__exit__(None, None, None)
+        recording.pop().__exit__(None, None, None)
 
     StepWindow(monkeypatch, start, stop)
     fit(config, bundled_dataset, tmp_path / "run", source=lambda job, epoch, skip: list(batches))
