@@ -122,7 +122,14 @@ def extract_section() -> list[str]:
         fits = sorted(k for k, e in EXTRACTORS.items() if e.modality == f.name)
         rows.append((f"`extractors.{f.name}`", shown(default), f"registered for {f.name}: {', '.join(fits)}"))
     out += table(rows, ("key", "default", ""))
-    for key, entry in EXTRACTORS.items():
+    modalities = [f.name for f in dataclasses.fields(Extractors)]  # text, audio, video; then the others (asr)
+
+    def place(key: str) -> tuple[int, str]:  # not the registry's insertion order, which tests may change
+        modality = EXTRACTORS[key].modality
+        return (modalities.index(modality) if modality in modalities else len(modalities), key)
+
+    for key in sorted(EXTRACTORS, key=place):
+        entry = EXTRACTORS[key]
         settings = entry.load().Settings
         name = section_name(key)
         out += ["", f"### `{name}`: {entry.name} ({entry.modality}; `{where(settings)}`)", ""]

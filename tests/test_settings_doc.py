@@ -45,6 +45,17 @@ def test_docs_settings_md_is_current(tmp_path: Path, capsys) -> None:
     assert main([str(stale)]) == 0 and main([str(stale), "--check"]) == 0
 
 
+def test_the_page_does_not_follow_the_registrys_insertion_order(monkeypatch) -> None:
+    """An extractor registered again (a test's monkeypatch undone re-inserts it last) keeps its place."""
+    from extract import EXTRACTORS
+
+    before = render()
+    entry = EXTRACTORS["facemesh"]
+    monkeypatch.delitem(EXTRACTORS, "facemesh")
+    monkeypatch.setitem(EXTRACTORS, "facemesh", entry)
+    assert list(EXTRACTORS)[-1] == "facemesh" and render() == before
+
+
 def test_every_setting_is_on_the_page_with_its_default_and_a_description() -> None:
     text = render()
     rows = re.findall(r"^\| `([^`]+)` \| (.*?) \| (.*?) \|", text, flags=re.M)
