@@ -246,6 +246,7 @@ def finish(job: Job, run: Run, parts: Parts) -> dict[str, Any]:
         write_json(job.run_dir / "final.json", final)
         job.log.curves(select_key)
     job.log.close()
+    barrier(job.d)  # every rank leaves together: one tearing its gloo group down while rank 0 still writes aborted
     return final
 
 
