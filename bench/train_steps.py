@@ -227,7 +227,7 @@ def timed_training(
     d = d or Dist(device=torch.device(device))
     timing = ["max_steps", "log_every", "checkpoint_every", "selection", "eval_every"]
     fixed = [f"max_steps={warmup + steps + 1}", f"log_every={10**9}", "checkpoint_every=0", "selection=last"]
-    kept = [o for o in overrides if o.split("=")[0] not in timing]
+    kept = [o for o in overrides if o.split("=")[0].split(".")[-1] not in timing]  # bare or dotted (run.max_steps)
     config = make_train_config(model, overrides=[*kept, *fixed, f"eval_every={10**9}", f"device={d.device}"])
     batches, said = TimedBatches(source), logging.getLogger("train")
     level = said.level
