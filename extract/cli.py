@@ -35,7 +35,8 @@ def add_extract(commands: Commands) -> None:
     p = commands.add(
         "extract",
         help="raw videos + manifest -> WebDataset shards",
-        description="Extract BERT text, wav2vec 2.0 audio and MediaPipe face-landmark features into shards.",
+        description="Extract BERT text, wav2vec 2.0 audio and MediaPipe face-landmark features into shards. Every "
+        "setting, its default and meaning: docs/settings.md.",
         epilog=EXTRACT_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

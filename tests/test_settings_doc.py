@@ -6,6 +6,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 from mmfuse.settings import NOT_A_SETTING
 from mmfuse.settings_doc import field_comments, main, render, settings_of
 
@@ -67,3 +69,12 @@ def test_every_setting_is_on_the_page_with_its_default_and_a_description() -> No
     assert "model.dims" not in keys and "data.pin_memory" not in keys  # filled in, not read from the user
     assert [key for key, (_, note) in keys.items() if not note] == []
     assert "Its preset also sets `lr=0.0001`, `encoder_lr=1e-05`, `warmup_steps=100`, `schedule=linear`." in text
+
+
+@pytest.mark.parametrize("command", ["extract", "train"])
+def test_the_commands_help_points_to_the_page(command: str, capsys) -> None:
+    from mmfuse.cli import main as mmfuse
+
+    with pytest.raises(SystemExit):
+        mmfuse([command, "--help"])
+    assert "every setting, its default and meaning: docs/settings.md" in capsys.readouterr().out.lower()

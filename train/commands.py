@@ -71,7 +71,8 @@ def add_train(commands: Commands) -> None:
         "train",
         help="train a fusion model by streaming shards",
         description="Train a registered fusion model on shards written by `mmfuse extract`, frozen features or "
-        "end to end. Settings: defaults <- the model's preset <- --config <- KEY=VALUE (model.KEY for the model).",
+        "end to end. Settings: defaults <- the model's preset <- --config <- KEY=VALUE (model.KEY for the model); "
+        "every setting, its default and meaning: docs/settings.md.",
         epilog=TRAIN_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
