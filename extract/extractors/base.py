@@ -93,11 +93,6 @@ class Extractor(ABC):
     joined: ClassVar[tuple[str, ...]] = ()  # extra members the model may take after the feature (FaceMesh's geometry)
 
     @classmethod
-    def settings_from(cls, config: Any, section: str) -> Any:
-        """This extractor's ``Settings`` read from an extraction config, its own fields from ``section``."""
-        return read_settings(cls.Settings, config, section)
-
-    @classmethod
     def from_settings(cls, settings: Any) -> Extractor:
         """The extractor for ``settings``; by default its fields are the constructor's keyword arguments."""
         return cls(**asdict(settings))
