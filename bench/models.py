@@ -5,7 +5,10 @@ shards; the checkpoint is selected on the validation split only, then scored onc
 gives mean ± std over seeds of those test metrics, one row per model; the best mean of each column is in bold.
 A second table gives each model's robustness: the area under each modality's Gaussian-noise curve (MultiBench's
 protocol, as ``mmfuse eval --noise-sweep``) of the same checkpoints on the test split, at noise std 0, 0.5, 1 and
-2 × the train-split std (3 extra passes over the test split per modality and run).
+2 × the train-split std (3 extra passes over the test split per modality and run). Beside each model's scores:
+its test MAE (error rate for class labels) as a multiple of the reference model's (``--reference``, late fusion by
+default), paired by seed, and a third table with each method's own mechanism on the test split (the gradient share
+of its terms, its gates, KL or MI terms: ``FusionModel.mechanism_keys``).
 
     mmfuse bench models --shards shards/mosi --seeds 1,2,3,4,5 --runs runs/compare epochs=30
     mmfuse bench models --shards shards/mosi --models late,mult,tcmax --seeds 1,2,3 --json compare.json
@@ -20,6 +23,7 @@ in the error message).
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import math
 import shutil
@@ -54,6 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", type=Path, default=None, help="keep the runs here (default: a temporary directory)")
     p.add_argument("--config", type=Path, default=None, help="YAML file of setting overrides for every model")
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this file")
+    p.add_argument("--reference", default="late", help="model whose test MAE the others are divided by (default late)")
     p.add_argument("--out", type=Path, default=None, help="Markdown file whose bench-models section is replaced")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="settings for every model, e.g. epochs=10")
     p.set_defaults(run=run)
@@ -181,6 +186,12 @@ def make_report(
             "split (bench models reports test metrics of validation-selected checkpoints)"
         )
     summary = {name: summarise([results[name][s]["test"] for s in seeds]) for name in names}
+    reference = args.reference if args.reference in names else None
+    ratio = {}
+    if reference is not None:
+        ratio = {name: summarise([{"ratio": headline_ratio(results[name][s]["test"], results[reference][s]["test"])}
+                                  for s in seeds]).get("ratio") for name in names}  # fmt: skip
+    mechanism = {name: summarise([mechanism_of(name, results[name][s]["test"]) for s in seeds]) for name in names}
     noise = {name: summarise([results[name][s]["noise"]["auc"] for s in seeds]) for name in names}
     metric = results[names[0]][seeds[0]]["noise"]["metric"]
     selected_by = results[names[0]][seeds[0]].get("selected_by", "")
@@ -194,9 +205,38 @@ def make_report(
         "selected_by": selected_by,
         "command": command_line(args),
         "summary": summary,
+        "reference": reference,
+        "headline": headline(results[names[0]][seeds[0]]["test"])[0],
+        "ratio": ratio,
+        "mechanism": mechanism,
         "noise": {"kind": "gaussian", "levels": list(NOISE_LEVELS), "metric": metric, "auc": noise},
         "runs": {name: {str(s): results[name][s] for s in seeds} for name in names},
     }
+
+
+def headline(test: dict[str, Any]) -> tuple[str, float]:
+    """The number the ratio column compares: ("MAE", MAE) for a regression label, else ("error", 1 - accuracy)
+    (the mean over labels for multilabel); ("", NaN) when the metrics have neither."""
+    if isinstance(test.get("mae"), float):
+        return "MAE", test["mae"]
+    for key in ("accuracy", "acc_mean"):
+        if isinstance(test.get(key), float):
+            return "error", 1.0 - test[key]
+    return "", math.nan
+
+
+def headline_ratio(test: dict[str, Any], reference: dict[str, Any]) -> float:
+    """``headline(test)`` over the reference run's (same seed); NaN where the reference's is 0 or undefined."""
+    value, base = headline(test)[1], headline(reference)[1]
+    return value / base if base > 0 else math.nan
+
+
+def mechanism_of(name: str, test: dict[str, Any]) -> dict[str, Any]:
+    """The test metrics of model ``name`` that match its ``mechanism_keys`` (empty for the baselines)."""
+    from fusion import MODELS
+
+    patterns = MODELS[name].mechanism_keys
+    return {k: v for k, v in test.items() if any(fnmatch.fnmatchcase(k, p) for p in patterns)}
 
 
 def summarise(metrics: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -219,6 +259,8 @@ def format_report(report: dict[str, Any]) -> str:
     for c in columns:
         means = [s[c]["mean"] for s in summary.values() if c in s]
         best[c] = min(means) if c in LOWER_IS_BETTER else max(means)
+    reference, ratio = report.get("reference"), report.get("ratio") or {}
+    ratio_column = [f"{report['headline']} × {reference}"] if reference else []
     lines = [
         "## Models on these shards",
         "",
@@ -226,13 +268,21 @@ def format_report(report: dict[str, Any]) -> str:
         "",
         f"Shards `{report['shards']}` (feature set {report['feature_set_hash']}); seeds "
         f"{', '.join(map(str, report['seeds']))}; each run selected by {report['selected_by']}, then scored once "
-        "on the test split. Mean ± std over seeds; the best mean of each column in bold.",
+        "on the test split. Mean ± std over seeds; the best mean of each column in bold"
+        + (
+            f"; {ratio_column[0]}: the test {report['headline']} over {reference}'s, paired by seed."
+            if reference
+            else "."
+        ),
         "",
-        "| model | " + " | ".join(columns) + " |",
-        "|---|" + "---|" * len(columns),
+        "| model | " + " | ".join([*ratio_column, *columns]) + " |",
+        "|---|" + "---|" * (len(ratio_column) + len(columns)),
     ]
     for name, s in summary.items():
         cells = []
+        if reference:
+            r = ratio.get(name)
+            cells.append(f"{r['mean']:.2f} ± {r['std']:.2f}" if r else "")
         for c in columns:
             if c not in s:
                 cells.append("")
@@ -240,7 +290,22 @@ def format_report(report: dict[str, Any]) -> str:
             cell = f"{s[c]['mean']:.4f} ± {s[c]['std']:.4f}"
             cells.append(f"**{cell}**" if s[c]["mean"] == best[c] else cell)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join([*lines, "", *format_noise(report["noise"])])
+    return "\n".join([*lines, "", *format_noise(report["noise"]), "", *format_mechanism(report["mechanism"])])
+
+
+def format_mechanism(mechanism: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    """The mechanism table: per method, each of its mechanism measures on the test split, mean ± std."""
+    lines = [
+        "Mechanisms on the test split: `grad_share/<loss>` is the term's share of the gradient on the first test "
+        "batch, `diag/<key>` the model's own diagnostic averaged over the split (gate rates, KL or MI terms). "
+        "Mean ± std over seeds; models without a mechanism of their own are left out.",
+        "",
+        "| model | measure | mean ± std |",
+        "|---|---|---|",
+    ]
+    for name, measures in mechanism.items():
+        lines += [f"| {name} | {key} | {m['mean']:.4f} ± {m['std']:.4f} |" for key, m in measures.items()]
+    return lines
 
 
 def format_noise(noise: dict[str, Any]) -> list[str]:
@@ -271,5 +336,6 @@ def format_noise(noise: dict[str, Any]) -> list[str]:
 def command_line(args: argparse.Namespace) -> str:
     parts = ["mmfuse bench models", "--shards", str(args.shards), "--seeds", args.seeds]
     parts += ["--models", args.models] if args.models else []
+    parts += ["--reference", args.reference] if args.reference != "late" else []
     parts += ["--config", str(args.config)] if args.config else []
     return " ".join([*parts, *args.overrides])

@@ -147,6 +147,10 @@ class FusionModel(nn.Module):
     # Loss keys that only fit an estimator's own critic (BC-PMJRS's CLUB likelihood): left out of the gradient
     # shares, whose question is what drives the representation and the prediction.
     critic_fit_losses: ClassVar[tuple[str, ...]] = ()
+    # The evaluation metrics that show the method's own mechanism at work (``fnmatch`` patterns over ``fit``'s
+    # metric names: ``grad_share/<loss>``, ``diag/<key>``); ``mmfuse bench models`` prints them beside the scores.
+    # Empty for the baselines, which have no mechanism of their own.
+    mechanism_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: FusionConfig) -> None:
         super().__init__()

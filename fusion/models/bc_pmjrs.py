@@ -155,6 +155,7 @@ class BCPMJRSConfig(FusionConfig):
 
 class BCPMJRS(FusionModel):
     Config = BCPMJRSConfig
+    mechanism_keys = ("grad_share/mi_min", "grad_share/mi_max", "diag/mi/*", "diag/mi_max/infonce")  # both MI terms
     uses_every_parameter = True  # missing modalities are masked, never skipped (FusionModel)
     critic_fit_losses = ("club_fit",)  # trains q only: not part of the gradient shares
 

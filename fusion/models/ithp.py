@@ -126,6 +126,7 @@ def masked_mse(prediction: Tensor, target: Tensor, valid: Tensor | None) -> Tens
 
 class ITHP(FusionModel):
     Config = ITHPConfig
+    mechanism_keys = ("grad_share/kl*", "diag/kl*")  # the bottleneck: its KL terms and their gradient share
     uses_every_parameter = True  # missing modalities are masked, never skipped (FusionModel)
 
     def __init__(self, config: ITHPConfig) -> None:

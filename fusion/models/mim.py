@@ -243,6 +243,9 @@ def _masked_mse(prediction: Tensor, target: Tensor, weight: Tensor) -> Tensor:
 
 class MIM(FusionModel):
     Config = MIMConfig
+    # purification (its terms' gradient shares and the gate rates) and the knowledge-guided terms
+    mechanism_keys = ("grad_share/purified", "grad_share/penalty", "grad_share/intra", "grad_share/inter",
+                      "diag/gate_rate/*")  # fmt: skip
 
     @property
     def uses_every_parameter(self) -> bool:  # type: ignore[override]

@@ -148,6 +148,7 @@ class ConcatMLPCritic(nn.Module):
 
 class TCMax(FusionModel):
     Config = TCMaxConfig
+    mechanism_keys = ("grad_share/product_negative", "diag/tc", "diag/dv_joint")  # the TC term and its bound
     uses_every_parameter = True  # missing modalities are masked, never skipped (FusionModel)
 
     def __init__(self, config: TCMaxConfig) -> None:
