@@ -106,6 +106,7 @@ def default_extractor(modality: str) -> str:
         return DEFAULT_EXTRACTORS.get(modality, "")
 
 
-def registered_as(name: str | None) -> Registered | None:
-    """The registry entry whose extractor has provenance name ``name`` (as dataset.json records it), if any."""
-    return next((e for e in EXTRACTORS.values() if e.name == name), None)
+def registered_as(name: str | None, modality: str | None = None) -> str | None:
+    """The registry key of the extractor with provenance name ``name`` (as dataset.json records it) that fills
+    ``modality`` (any, when None), if one is registered."""
+    return next((k for k, e in EXTRACTORS.items() if e.name == name and modality in (None, e.modality)), None)

@@ -26,7 +26,7 @@ from extract.devices import resolve_device
 from extract.extractors.base import section_name
 from extract.manifest import Clip
 from extract.pipeline import build_extractors, check_device, describe_feature_set
-from extract.registry import EXTRACTORS
+from extract.registry import EXTRACTORS, registered_as
 from shards.contract import ModalityContract
 from shards.dataset import FeatureSetMismatch, feature_set_hash
 from shards.schema import MODALITIES, SAMPLE_RATE, make_key, validate_sample
@@ -89,7 +89,7 @@ def extract_config(
     for m in modalities:
         record, provenance = contracts.get(m), ex.get(m) or {}
         name = record.extractor if record is not None else provenance.get("name")
-        key = next((k for k, e in EXTRACTORS.items() if e.name == name and e.modality == m), None)
+        key = registered_as(name, m)
         if key is not None:  # else the feature-set check names the extractor that differs
             settings[f"extractors.{m}"] = key
             settings.update(recorded_section(key, {**provenance, **(record.settings if record else {})}))

@@ -179,7 +179,9 @@ def test_settings_fields_are_extraction_config_keys():
 
 def test_registry_lookups(monkeypatch):
     assert [extractor_for(m) for m in ("text", "audio", "video")] == ["text", "audio", "facemesh"]
-    assert registered_as("mediapipe-facemesh") is EXTRACTORS["facemesh"] and registered_as("nope") is None
+    assert registered_as("mediapipe-facemesh") == "facemesh" and registered_as("nope") is None
+    assert registered_as("mediapipe-facemesh", "video") == "facemesh"
+    assert registered_as("mediapipe-facemesh", "audio") is None  # a name recorded under another modality
     monkeypatch.setitem(EXTRACTORS, "toy-faces", FACES)
     assert extractor_for("video") == "facemesh"  # several for one modality: the default one
     monkeypatch.delitem(EXTRACTORS, "facemesh")
