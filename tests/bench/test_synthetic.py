@@ -56,3 +56,16 @@ def test_write_section_replaces_only_its_markers(tmp_path) -> None:
     text = path.read_text()
     assert text.count(BEGIN) == 1 and text.count(END) == 1
     assert "keep me" in text and "second" in text and "first" not in text
+
+
+def test_bc_pmjrs_redundancy_is_reported_as_mutual_information() -> None:
+    """The table's redundancy for BC-PMJRS is the validated MI measure (linear-Gaussian and held-out InfoNCE, per
+    pair), not a CLUB reading; on this task only text and video share a factor (s1)."""
+    task = SyntheticTask()
+    data = small_data(task)
+    run = train_one("bc_pmjrs", ("text", "audio", "video"), data, task, seed=0, steps=60, eval_every=30, hidden=16)
+    pairs = ("text-audio", "text-video", "audio-video")
+    assert {f"{kind}/{p}" for kind in ("mi_linear", "mi_infonce") for p in pairs} <= set(run.diagnostics)
+    assert not any(k.startswith(("mi_refit", "mi_running")) for k in run.diagnostics)
+    shared, independent = run.diagnostics["mi_linear/text-video"], run.diagnostics["mi_linear/text-audio"]
+    assert shared > independent + 0.2, run.diagnostics
