@@ -299,10 +299,12 @@ def format_report(report: dict[str, Any]) -> str:
         metrics = ("valid_error", "accuracy", "f1_macro") if classes else ("valid_error", "mae", "corr")
         names = ("valid error ↓", "test accuracy ↑", "test macro F1 ↑") if classes else ("valid MAE ↓", "test MAE ↓",
                                                                                        "test Corr ↑")  # fmt: skip
-        head = ["arm", *names, *claim["columns"]]
+        # the selected step: an arm still improving at the last step was cut short by the run's length
+        head = ["arm", *names, f"best step (of {report['steps']})", *claim["columns"]]
         lines += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
         for label, stats in claim["arms"].items():
-            cells = [label, *(_cell(stats.get(k)) for k in (*metrics, *claim["columns"]))]
+            cells = [label, *(_cell(stats.get(k)) for k in metrics), _cell(stats.get("best_step"), 0)]
+            cells += [_cell(stats.get(k)) for k in claim["columns"]]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -157,6 +157,10 @@ def test_quick_tcmax_claims_run_classification_and_regression_with_the_mechanism
     )
     regression = report["runs"]["tcmax_regression"]["0"]
     assert regression["tcmax"]["grad_share/task"] > 0 and "mae" in regression["tcmax[constant_normaliser]"]
-    assert "| arm | valid error ↓ | test accuracy ↑ | test macro F1 ↑ |" in text
+    assert "| arm | valid error ↓ | test accuracy ↑ | test macro F1 ↑ | best step (of 6) |" in text
+    best = runs["tcmax"]["best_step"]
+    valid = f"| tcmax | {report['claims'][0]['arms']['tcmax']['valid_error']['mean']:.3f} ± "
+    row = next(line for line in text.splitlines() if line.startswith(valid))  # the arm table's row
+    assert best in (3.0, 6.0) and row.split(" | ")[4] == f"{best:.0f} ± 0"  # one seed: std 0
     assert "grad_share/product_negative" in report["claims"][0]["columns"]
     assert "Chosen after a result of this benchmark was seen:" in text
