@@ -74,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
     if unknown or not names:
         given = ", ".join(unknown) or "(none given)"
         raise TrainConfigError(f"--models: unknown {given}; valid: {', '.join(sorted(MODELS))}")
+    if args.reference != "late" and args.reference not in names:
+        raise TrainConfigError(f"--reference {args.reference}: not among the models compared ({', '.join(names)})")
     seeds = parse_seeds(args.seeds)
     dataset = load_dataset_json(args.shards)
     runs_dir = args.runs or Path(tempfile.mkdtemp(prefix="mmfuse-bench-models-"))
@@ -295,6 +297,8 @@ def format_report(report: dict[str, Any]) -> str:
 
 def format_mechanism(mechanism: dict[str, dict[str, dict[str, float]]]) -> list[str]:
     """The mechanism table: per method, each of its mechanism measures on the test split, mean ± std."""
+    if not any(mechanism.values()):
+        return ["Mechanisms: none of these models has a mechanism of its own (baselines only)."]
     lines = [
         "Mechanisms on the test split: `grad_share/<loss>` is the term's share of the gradient on the first test "
         "batch, `diag/<key>` the model's own diagnostic averaged over the split (gate rates, KL or MI terms). "

@@ -71,6 +71,8 @@ def test_models_refuses_unknown_names_and_bad_seeds(bundled_dataset: Path, capsy
     assert "--models: unknown lte; valid: " in err and "tcmax" in err
     assert main([*base, "--seeds", "1,x"]) == 1
     assert "--seeds '1,x': give comma-separated integers" in capsys.readouterr().err
+    assert main([*base, "--models", "early,tcmax", "--reference", "mult"]) == 1
+    assert "--reference mult: not among the models compared (early, tcmax)" in capsys.readouterr().err
 
 
 def test_models_ratio_to_late_and_each_methods_mechanism(bundled_dataset: Path, tmp_path: Path, capsys) -> None:
@@ -109,3 +111,4 @@ def test_models_without_the_reference_have_no_ratio_column(bundled_dataset: Path
     assert main(argv) == 0
     table = capsys.readouterr().out
     assert "| model | mae |" in table and "× late" not in table
+    assert "Mechanisms: none of these models has a mechanism of its own (baselines only)." in table
