@@ -27,7 +27,7 @@ def test_precedence_defaults_preset_file_cli(tmp_path) -> None:
     extra = tmp_path / "mine.yaml"
     extra.write_text("lr: 0.005\nbatch_size: 8\nmodel_settings:\n  hidden: 24\n")
     config = make_train_config("ithp", extra, ["batch_size=4", "model.beta=16", "modalities=text,audio"])
-    assert config.optim.lr == 0.005  # file over preset (1e-4)
+    assert config.optim.lr == 0.005  # file over preset (1e-3)
     assert config.data.batch_size == 4  # command line over file
     assert config.model_settings["hidden"] == 24 and config.model_settings["beta"] == 16
     assert config.model_settings["gamma"] == 32.0  # from the preset
