@@ -49,26 +49,6 @@ def probe_r2(model: Any, m: str, latent: str, data: dict[str, dict[str, Any]], r
     return float(1.0 - residual / ((yt - yt.mean()) ** 2).sum())
 
 
-def redundancy_measures(model: Any, data: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """``mi_linear/a-b`` and ``mi_infonce/a-b`` (nats) between the unimodal representations of each of the model's
-    modality pairs, fitted on the valid split and scored on the test split (``fusion.estimators.redundancy``);
-    empty for a model without ``unimodal``. Eval mode, no gradient; the model's train/eval mode is restored."""
-    import torch
-
-    from fusion.estimators import redundancy
-
-    if not hasattr(model, "unimodal"):
-        return {}
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            (u_fit, has_fit), (u_eval, has_eval) = model.unimodal(data["valid"]), model.unimodal(data["test"])
-    finally:
-        model.train(was_training)
-    return redundancy(u_fit, has_fit, u_eval, has_eval, list(model.pairs))
-
-
 def sign_flip_p(differences: list[float]) -> float:
     """Exact one-sided p-value of a mean as large as observed when each per-seed difference's sign is random."""
     observed = statistics.fmean(differences)

@@ -40,7 +40,6 @@ from bench.claim_stats import (
     noise_areas,
     probe_r2,
     purification_room,
-    redundancy_measures,
     verdict,
 )
 from bench.markdown import replace_section
@@ -185,6 +184,7 @@ def arm_measures(
     (``noise_areas``) and its gradient shares on validation samples."""
     import torch
 
+    from bench.synthetic import redundancy_measures
     from fusion.synthetic import take
 
     out: dict[str, float] = {}

@@ -8,7 +8,7 @@ writes (or replaces) the section between the ``synthetic`` markers of BENCHMARKS
 Each method's own diagnostic is reported on the test set: ITHP's KL and reconstruction terms, TCMax's TC
 estimate, MIM's gate rate on noisy vs clean video steps, BC-PMJRS's redundancy between each pair of its unimodal
 representations as mutual information (the linear-Gaussian estimate and the held-out InfoNCE bound, fitted on the
-validation split and scored on the test split: ``bench.claim_stats.redundancy_measures``) and its MI-max bound.
+validation split and scored on the test split: ``redundancy_measures``) and its MI-max bound.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from typing import Any
 import torch
 
 import fusion
-from bench.claim_stats import redundancy_measures
 from bench.markdown import markers, replace_section
 from fusion import build_model
+from fusion.estimators import redundancy
 from fusion.synthetic import SyntheticTask, take
 from train.metrics import sentiment_metrics
 from train.trainer import clip_grad_norm_per_group
@@ -86,6 +86,22 @@ def method_diagnostics(out: fusion.FusionOutput, batch: dict[str, torch.Tensor])
     """The scalar diagnostics (MIM reports its gate rate on noisy vs clean video steps itself: the batch marks them
     in ``video_noisy``)."""
     return {k: float(v) for k, v in out.diagnostics.items() if v.dim() == 0}
+
+
+def redundancy_measures(model: Any, data: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """``mi_linear/a-b`` and ``mi_infonce/a-b`` (nats) between the unimodal representations of each of the model's
+    modality pairs, fitted on the valid split and scored on the test split (``fusion.estimators.redundancy``);
+    empty for a model without ``unimodal``. Eval mode, no gradient; the model's train/eval mode is restored."""
+    if not hasattr(model, "unimodal"):
+        return {}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            (u_fit, has_fit), (u_eval, has_eval) = model.unimodal(data["valid"]), model.unimodal(data["test"])
+    finally:
+        model.train(was_training)
+    return redundancy(u_fit, has_fit, u_eval, has_eval, list(model.pairs))
 
 
 def validation_error(pred: torch.Tensor, label: torch.Tensor) -> tuple[float, float]:

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from bench.claim_stats import redundancy_measures
 from bench.claim_tasks import LENGTHS, TASKS, make_data
+from bench.synthetic import redundancy_measures
 from fusion import build_model
 from fusion.estimators import heldout_infonce, linear_gaussian_mi, redundancy
 from fusion.estimators.measure import gaussian_mi_bias
