@@ -68,7 +68,7 @@ def test_every_setting_is_on_the_page_with_its_default_and_a_description() -> No
     assert {"extractors.video", "asr.language", "run.selection", "data.label_key", "model.gates"} <= set(keys)
     assert "model.dims" not in keys and "data.pin_memory" not in keys  # filled in, not read from the user
     assert [key for key, (_, note) in keys.items() if not note] == []
-    assert "Its preset also sets `lr=0.0001`, `encoder_lr=1e-05`, `warmup_steps=100`, `schedule=linear`." in text
+    assert "Its preset also sets `lr=0.001`, `encoder_lr=1e-05`, `warmup_steps=100`, `schedule=linear`." in text
 
 
 @pytest.mark.parametrize("command", ["extract", "train"])
